@@ -1,0 +1,116 @@
+"""Online trainer throughput: user-ID-only listwise steps with in-batch
+negatives over a large user table, from decoded samples in memory (the
+trainer's maths) and end to end from TFRecord batch files (decode in a
+background process + training), beside the raw decode rate of the same files.
+
+    python benchmarks/bench_online_trainer.py --users 1000000 --dim 64 --batch 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from freshtower.config import load_settings
+from freshtower.simulator import synthetic_click_samples
+from streams.batches import FeatureSpec, list_batches, read_batch, write_batch
+from trainer.artifacts import full_models_dir, new_estimator, new_model, save_full_model
+from trainer.online import OnlineTrainer
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--samples", type=int, default=400_000)
+    parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sparse_adam"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-online-"))
+    settings = load_settings(
+        data_dir=data_dir,
+        model={"id_dim": args.dim, "output_dim": args.dim},
+        vocabulary={"user_min_count": 1},
+        training={
+            "batch_size": args.batch,
+            "mode": "listwise",
+            "online_optimizer": args.optimizer,
+            "checkpoint_every_seconds": 1e9,
+            "positive_resampling": {"enabled": False},
+        },
+    )
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}")
+    print(f"settings: users={args.users} items={args.items} dim={args.dim} batch={args.batch} samples={args.samples} "
+          f"files={args.files} loss=listwise in-batch + logQ, hard_fraction={settings.training.negatives.hard_fraction}, "
+          f"optimizer={args.optimizer}")
+
+    start_ms = 1_790_000_000_000 - 1_790_000_000_000 % 60_000
+    started = time.perf_counter()
+    model = new_model(settings)
+    model.user_ids.observe([f"u{i}" for i in range(args.users)], day=0)
+    items = [f"i{i}" for i in range(args.items)]
+    model.item_ids.observe(items, day=0)
+    model.catalogue.update(items, {"category": [f"c{i % 20}" for i in range(args.items)]}, day=0)
+    model.sync_tables()
+    estimator = new_estimator(settings)
+    save_full_model(full_models_dir(settings), "2026-09-21", model, estimator, {}, {
+        "data_start_ms": start_ms - 60_000, "data_end_ms": start_ms, "metrics": {}, "lineage": [], "config": settings.as_record()})
+    print(f"setup: full model with {args.users} users x {args.dim} written in {time.perf_counter() - started:.1f} s")
+
+    per_file = args.samples // args.files
+    started = time.perf_counter()
+    for f in range(args.files):
+        samples = synthetic_click_samples(per_file, args.users, args.items, start_ms + f * 60_000, 60_000, seed=f)
+        write_batch(settings.batches_dir, start_ms + f * 60_000, start_ms + (f + 1) * 60_000, samples)
+    refs = list_batches(settings.batches_dir)
+    print(f"setup: {len(refs)} batch files x {per_file} clicks written in {time.perf_counter() - started:.1f} s")
+
+    spec = FeatureSpec.from_model(settings.model)
+    started = time.perf_counter()
+    decoded = [read_batch(r, spec) for r in refs]
+    decode_seconds = time.perf_counter() - started
+    total = sum(len(d) for d in decoded)
+    print(f"decode only (one process): {total / decode_seconds:,.0f} samples/s")
+
+    trainer = OnlineTrainer.start(settings)
+    trainer.learn_batch(refs[0], decoded[0])  # warm-up, not timed
+    started = time.perf_counter()
+    for ref, samples in zip(refs[1:], decoded[1:]):
+        trainer.learn_batch(ref, samples)
+    seconds = time.perf_counter() - started
+    in_memory = sum(len(d) for d in decoded[1:]) / seconds
+    print(f"online trainer, decoded samples in memory: {in_memory:,.0f} samples/s ({seconds:.1f} s)")
+
+    trainer = OnlineTrainer.start(settings)  # fresh fork: position back at the first batch
+    started = time.perf_counter()
+    stats = trainer.run(prefetch=True)
+    seconds = time.perf_counter() - started
+    print(f"online trainer, end to end from files (decode prefetched in a 2nd process): "
+          f"{stats.samples / seconds:,.0f} samples/s ({stats.batches} files, {seconds:.1f} s incl. final checkpoint)")
+    started = time.perf_counter()
+    trainer.checkpoint()
+    print(f"checkpoint of {args.users} rows: {time.perf_counter() - started:.2f} s, "
+          f"{(settings.online_dir / 'checkpoint.pt').stat().st_size / 2**20:.0f} MiB")
+    table_mib = trainer.model.user_tower.id_embedding.numel() * 4 / 2**20
+    print(f"memory: user table {table_mib:.0f} MiB, peak RSS {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The one typed configuration of freshtower.
+
+Loaded once (``load_settings``) from, in rising priority: the defaults below
+(the embedded local run), a TOML file, and ``FRESHTOWER_*`` environment
+variables (nested fields with ``__``: ``FRESHTOWER_TRAINING__MODE=pairwise``).
+Every component receives the resolved object; no module reads the
+environment by itself. The resolved settings are stored in every model
+artifact and release manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Section):
+    """Shapes of the two towers. Changing any of these needs a full retrain."""
+
+    id_dim: int = Field(64, ge=1, description="width of the user and item ID embeddings")
+    categorical_dim: int = Field(16, ge=1, description="width of each categorical feature embedding")
+    hidden_dims: tuple[int, ...] = Field((256,), description="hidden layer widths of each tower's MLP")
+    output_dim: int = Field(64, ge=1, description="width of the L2-normalised tower output")
+    user_categorical: tuple[str, ...] = ("age_bucket", "city", "device")
+    user_numeric: tuple[str, ...] = ("activity_7d", "hour_sin", "hour_cos")
+    item_categorical: tuple[str, ...] = ("category",)
+    temperature: float = Field(0.05, gt=0, description="cosine / temperature gives the logits")
+
+
+class VocabularyConfig(_Section):
+    """Collisionless ID tables (Monolith-style frequency filter and expiry)."""
+
+    user_min_count: int = Field(2, ge=1, description="sightings before a user ID gets its own row")
+    item_min_count: int = Field(1, ge=1, description="sightings before an item ID gets its own row")
+    expiry_days: int = Field(30, ge=1, description="an ID unseen this many days loses its row")
+
+
+class NegativesConfig(_Section):
+    """Where negatives come from. Shown-but-not-clicked is never one of them."""
+
+    easy_source: Literal["in_batch", "catalogue"] = "in_batch"
+    num_negatives: int = Field(4, ge=1, description="negatives per positive when sampled explicitly")
+    hard_fraction: float = Field(0.5, ge=0, le=1, description="share of hard (ranking-dropped) negatives")
+    popularity_exponent: float = Field(0.75, description="catalogue sampler draws items with p ~ clicks**exponent")
+    logq_correction: bool = Field(True, description="subtract log p_i from in-batch logits (training only)")
+    remove_accidental_hits: bool = True
+
+
+class PositiveResamplingConfig(_Section):
+    """Down-sample popular positives, up-sample rare ones: multiplicity
+    (p_ref / p_item) ** exponent, clipped to [min_multiplicity, max_multiplicity]."""
+
+    enabled: bool = True
+    exponent: float = Field(0.5, ge=0)
+    reference_share: float = Field(1e-3, gt=0, description="p_ref: an item with this click share keeps multiplicity 1")
+    min_multiplicity: float = Field(0.1, gt=0)
+    max_multiplicity: float = Field(3.0, gt=0)
+
+
+class FrequencyConfig(_Section):
+    """Streaming item-frequency estimator (Yi et al., RecSys 2019)."""
+
+    buckets: int = Field(1 << 20, ge=16, description="size of each hashed array")
+    hashes: int = Field(2, ge=1, description="independent hash arrays; the estimate takes the max gap")
+    alpha: float = Field(0.01, gt=0, le=1, description="learning rate of the gap estimate")
+
+
+class TrainingConfig(_Section):
+    mode: Literal["pointwise", "pairwise", "listwise"] = "listwise"
+    pairwise_loss: Literal["hinge", "logistic"] = "hinge"
+    margin: float = Field(0.2, description="triplet hinge margin m (cosine units)")
+    pairwise_sigma: float = Field(10.0, gt=0, description="triplet logistic sharpness")
+    batch_size: int = Field(1024, ge=2)
+    full_learning_rate: float = Field(3e-3, gt=0, description="Adam on dense layers, full trainer")
+    full_embedding_learning_rate: float = Field(0.05, gt=0, description="row-sparse optimiser, full trainer")
+    online_learning_rate: float = Field(0.05, gt=0, description="row-sparse optimiser, online trainer")
+    online_optimizer: Literal["rowwise_adagrad", "sparse_adam"] = "rowwise_adagrad"
+    holdout_fraction: float = Field(0.05, ge=0, lt=1, description="last share of the day (event time) held out")
+    shuffle_shards: int = Field(0, ge=0, description="external-shuffle shards; 0 picks from the record count")
+    shuffle_shard_records: int = Field(2_000_000, ge=1000, description="records per shard when picking")
+    checkpoint_every_seconds: float = Field(60.0, ge=0, description="online checkpoint period (wall clock)")
+    seed: int = 0
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    negatives: NegativesConfig = NegativesConfig()
+    positive_resampling: PositiveResamplingConfig = PositiveResamplingConfig()
+
+
+class EvaluationConfig(_Section):
+    ks: tuple[int, ...] = (50, 100, 200)
+
+
+class StreamsConfig(_Section):
+    window_seconds: float = Field(60.0, gt=0, description="batch window width; down to a few seconds")
+    allowed_lateness_seconds: float = Field(10.0, ge=0)
+    join_window_seconds: float = Field(1800.0, gt=0, description="click must come within this of its impression")
+    max_future_seconds: float = Field(300.0, ge=0, description="events further ahead of the watermark are rejected")
+    max_event_bytes: int = Field(256 * 1024, ge=1024)
+    partitions: int = Field(4, ge=1)
+
+
+class TopicsConfig(_Section):
+    impressions: str = "impressions"
+    clicks: str = "clicks"
+    rank_logs: str = "rank-logs"
+    dead_letters: str = "dead-letters"
+    training_batches: str = "training-batches"
+    user_embeddings: str = "user-embeddings"
+
+
+class KafkaConfig(_Section):
+    # Tansu's JoinGroup waits session_timeout/2 before answering; 6 s keeps
+    # a join near 3 s without being fragile under load (see README).
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+
+
+class PublisherConfig(_Section):
+    publish_interval_seconds: float = Field(1800.0, gt=0, description="embedding-delta release period")
+    clock: Literal["wall", "event"] = "wall"
+    keep_releases: int = Field(20, ge=2)
+    max_recall_drop: float = Field(0.02, ge=0, description="refuse a full model whose Recall@50 falls more than this")
+    exact_index_below: int = Field(100_000, ge=1, description="catalogues smaller than this use exact search")
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+
+
+class ServiceConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str | None = Field(None, description="bearer token for state-changing calls; unset refuses them")
+
+
+class Settings(BaseSettings):
+    """Everything configurable, in one place."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FRESHTOWER_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    data_dir: Path = Field(Path("freshtower-data"), description="batches, models, checkpoints, releases")
+    kafka: str | None = Field(None, description="host:port of a real Kafka; unset starts the embedded broker")
+    model: ModelConfig = ModelConfig()
+    vocabulary: VocabularyConfig = VocabularyConfig()
+    frequency: FrequencyConfig = FrequencyConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    streams: StreamsConfig = StreamsConfig()
+    topics: TopicsConfig = TopicsConfig()
+    kafka_client: KafkaConfig = KafkaConfig()
+    publisher: PublisherConfig = PublisherConfig()
+    service: ServiceConfig = ServiceConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _CONFIG_FILE.get("path")
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # Paths derived from data_dir, so that one setting moves everything.
+    @property
+    def batches_dir(self) -> Path:
+        return self.data_dir / "batches"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def online_dir(self) -> Path:
+        return self.data_dir / "online"
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.data_dir / "releases"
+
+    def as_record(self) -> dict:
+        """JSON-ready resolved settings, for artifacts and manifests.
+
+        The admin token is a secret and never leaves the process."""
+        record = self.model_dump(mode="json")
+        record["service"]["admin_token"] = None
+        return record
+
+
+# pydantic-settings reads the TOML path from the class; a tiny holder lets
+# load_settings choose the file per call without touching the environment.
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(config_file: Path | str | None = None, **overrides) -> Settings:
+    """Resolve the settings: overrides > FRESHTOWER_* env > TOML file > defaults."""
+    path = Path(config_file) if config_file is not None else None
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    _CONFIG_FILE["path"] = path
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE["path"] = None
+
+
+def settings_from_record(record: dict) -> Settings:
+    """Rebuild settings stored in an artifact (ignores the current environment)."""
+    return Settings.model_validate(record)
+
+
+__all__ = ["Settings", "load_settings", "settings_from_record"]

@@ -1,0 +1,405 @@
+"""A seeded simulator of a recommender's traffic, for tests, benchmarks and
+the local run.
+
+The world:
+
+- Items belong to one of ``topics`` topics (their ``category`` feature) and
+  have power-law popularity (Zipf exponent ``popularity_exponent``).
+- Users have an interest distribution over topics, concentrated on one or
+  two; their ``age_bucket`` and ``device`` correlate with their main topic,
+  ``city`` does not. Activity is log-normal, so a few users make many
+  requests.
+- Interests drift: each day a share ``drift_share`` of users switches, at a
+  random moment, to a new topic chosen at random. The switch is invisible in
+  the features, so only the user's own clicks reveal it; it persists into
+  the next day.
+- Traffic follows a day/night cycle (peak 20:00 UTC, trough 08:00 UTC).
+- Each request retrieves ``candidates_per_request`` items (half popular,
+  half from the user's current interests); a ranking stage scores them
+  (the teacher score, a noisy click probability), shows the best
+  ``items_per_request`` and drops the rest, which the rank log reports (the
+  hard negatives). The user clicks each shown item with a probability that
+  grows with its topic's weight in the current interest; clicks follow the
+  impression by a few seconds.
+
+It emits the events that go to Kafka (``impressions``, ``clicks``,
+``rank-logs``; JSON-ready dicts, see README) and, for tests, the training
+samples those events join into, without Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from streams.batches import BatchRef, Sample, write_batch
+
+DAY_MS = 86_400_000
+AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55+")
+DEVICES = ("ios", "android", "web")
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    users: int = 2000
+    items: int = 1000
+    topics: int = 20
+    requests_per_day: int = 20000
+    items_per_request: int = 10
+    candidates_per_request: int = 20
+    popularity_exponent: float = 1.0
+    drift_share: float = 0.5  # users whose interest moves, per day
+    cities: int = 30
+    start_day: str = "2026-11-20"  # day 0, UTC
+    click_delay_seconds: float = 20.0  # mean delay from impression to click
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One recommendation request and everything that followed it."""
+
+    request_id: str
+    user: int
+    ts_ms: int
+    shown: np.ndarray  # item indices, in slot order
+    clicked: np.ndarray  # bool per shown item
+    click_ts_ms: np.ndarray  # click time per shown item (meaningful where clicked)
+    dropped: np.ndarray  # item indices the ranking stage dropped
+    shown_scores: np.ndarray
+    dropped_scores: np.ndarray
+
+
+class Simulator:
+    """Deterministic given its config: each day has its own seeded stream."""
+
+    def __init__(self, config: SimulatorConfig = SimulatorConfig()):
+        self.config = config
+        rng = np.random.default_rng([config.seed, 0])
+        c = config
+        self.item_topic = rng.integers(0, c.topics, size=c.items)
+        ranks = rng.permutation(c.items) + 1
+        popularity = 1.0 / ranks.astype(np.float64) ** c.popularity_exponent
+        self.item_popularity = popularity / popularity.sum()
+        self._popular_cdf = np.cumsum(self.item_popularity)
+        # Per topic, a pool of items pre-drawn by (flattened) popularity, so a
+        # request draws its personal candidates with one vectorised index.
+        self._topic_pool = np.zeros((c.topics, 4096), dtype=np.int64)
+        for topic in range(c.topics):
+            items = np.flatnonzero(self.item_topic == topic)
+            if len(items) == 0:
+                items = np.array([rng.integers(0, c.items)])
+            weights = self.item_popularity[items] ** 0.5  # flatter within a topic
+            self._topic_pool[topic] = rng.choice(items, size=4096, p=weights / weights.sum())
+        main_topic = rng.integers(0, c.topics, size=c.users)
+        second_topic = rng.integers(0, c.topics, size=c.users)
+        interest = np.full((c.users, c.topics), 0.02 / c.topics)
+        interest[np.arange(c.users), main_topic] += 0.7
+        interest[np.arange(c.users), second_topic] += 0.28
+        self._initial_interest = interest / interest.sum(axis=1, keepdims=True)
+        self.user_age = np.where(rng.random(c.users) < 0.7, main_topic % len(AGE_BUCKETS), rng.integers(0, len(AGE_BUCKETS), c.users))
+        self.user_device = np.where(rng.random(c.users) < 0.6, main_topic % len(DEVICES), rng.integers(0, len(DEVICES), c.users))
+        self.user_city = rng.integers(0, c.cities, size=c.users)
+        self.user_activity = rng.lognormal(0.0, 1.0, size=c.users)
+        self._activity_cdf = np.cumsum(self.user_activity / self.user_activity.sum())
+        self._interest_by_day: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._requests_by_day: dict[int, list[Request]] = {}
+
+    # --- identities ----------------------------------------------------------
+
+    @staticmethod
+    def user_id(user: int) -> str:
+        return f"u{user}"
+
+    @staticmethod
+    def item_id(item: int) -> str:
+        return f"i{item}"
+
+    def item_category(self, item: int) -> str:
+        return f"c{self.item_topic[item]}"
+
+    def day_start_ms(self, day: int) -> int:
+        start = datetime.combine(date.fromisoformat(self.config.start_day) + timedelta(days=day), datetime.min.time(), tzinfo=timezone.utc)
+        return int(start.timestamp() * 1000)
+
+    def day_name(self, day: int) -> str:
+        return (date.fromisoformat(self.config.start_day) + timedelta(days=day)).isoformat()
+
+    # --- interests -----------------------------------------------------------
+
+    def _day_interests(self, day: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(interest at day start, interest after the switch, switch time ms)."""
+        if day in self._interest_by_day:
+            return self._interest_by_day[day]
+        c = self.config
+        if day == 0:
+            start = self._initial_interest
+        else:
+            previous_start, previous_after, _ = self._day_interests(day - 1)
+            start = previous_after
+        rng = np.random.default_rng([c.seed, 1, day])
+        drifts = rng.random(c.users) < c.drift_share
+        new_topic = rng.integers(0, c.topics, size=c.users)
+        after = start.copy()
+        moved = 0.2 * start[drifts]
+        moved[np.arange(drifts.sum()), new_topic[drifts]] += 0.8
+        after[drifts] = moved
+        switch_ms = np.where(drifts, self.day_start_ms(day) + rng.integers(0, DAY_MS, size=c.users), np.iinfo(np.int64).max)
+        self._interest_by_day[day] = (start, after, switch_ms)
+        return self._interest_by_day[day]
+
+    def interest_at(self, user: int, ts_ms: int, day: int) -> np.ndarray:
+        start, after, switch_ms = self._day_interests(day)
+        return after[user] if ts_ms >= switch_ms[user] else start[user]
+
+    def click_probability(self, interest: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return np.clip(0.4 * interest[self.item_topic[items]] + 0.005, 0.0, 0.9)
+
+    # --- traffic -------------------------------------------------------------
+
+    def _request_times(self, day: int, rng: np.random.Generator) -> np.ndarray:
+        """Request times (ms, sorted) with a day/night cycle, by rejection."""
+        n = self.config.requests_per_day
+        times: list[np.ndarray] = []
+        have = 0
+        while have < n:
+            offsets = rng.random(2 * n) * DAY_MS
+            hours = offsets / 3_600_000
+            rate = (1 + 0.8 * np.cos(2 * math.pi * (hours - 20) / 24)) / 1.8
+            kept = offsets[rng.random(2 * n) < rate]
+            times.append(kept)
+            have += len(kept)
+        offsets = np.sort(np.concatenate(times)[:n])
+        return self.day_start_ms(day) + offsets.astype(np.int64)
+
+    def _candidates(self, interest: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        c = self.config
+        n_popular = c.candidates_per_request // 2
+        popular = np.searchsorted(self._popular_cdf, rng.random(n_popular) * self._popular_cdf[-1])
+        n_personal = c.candidates_per_request - n_popular
+        cdf = np.cumsum(interest)
+        topics = np.minimum(np.searchsorted(cdf, rng.random(n_personal) * cdf[-1]), c.topics - 1)
+        personal = self._topic_pool[topics, rng.integers(0, self._topic_pool.shape[1], n_personal)]
+        candidates = np.unique(np.minimum(np.concatenate([popular, personal]), c.items - 1))
+        return rng.permutation(candidates)
+
+    def requests(self, day: int) -> list[Request]:
+        """Every request of ``day`` (0-based), in time order."""
+        if day not in self._requests_by_day:
+            self._requests_by_day[day] = self._generate_requests(day)
+        return self._requests_by_day[day]
+
+    def _generate_requests(self, day: int) -> list[Request]:
+        c = self.config
+        rng = np.random.default_rng([c.seed, 2, day])
+        times = self._request_times(day, rng)
+        users = np.searchsorted(self._activity_cdf, rng.random(len(times)) * self._activity_cdf[-1])
+        requests = []
+        for n, (ts, user) in enumerate(zip(times.tolist(), users.tolist())):
+            interest = self.interest_at(user, ts, day)
+            candidates = self._candidates(interest, rng)
+            truth = self.click_probability(interest, candidates)
+            scores = np.clip(truth + rng.normal(0, 0.1, len(candidates)), 0.0, 1.0)
+            order = np.argsort(-scores, kind="stable")
+            shown_n = min(c.items_per_request, len(candidates))
+            shown, dropped = candidates[order[:shown_n]], candidates[order[shown_n:]]
+            clicked = rng.random(shown_n) < truth[order[:shown_n]]
+            delays = rng.exponential(c.click_delay_seconds * 1000, shown_n).astype(np.int64) + 500
+            requests.append(
+                Request(
+                    request_id=f"d{day}-r{n}",
+                    user=user,
+                    ts_ms=ts,
+                    shown=shown,
+                    clicked=clicked,
+                    click_ts_ms=ts + delays,
+                    dropped=dropped,
+                    shown_scores=scores[order[:shown_n]],
+                    dropped_scores=scores[order[shown_n:]],
+                )
+            )
+        return requests
+
+    # --- features ------------------------------------------------------------
+
+    def user_features(self, user: int, ts_ms: int) -> dict:
+        hour = (ts_ms % DAY_MS) / 3_600_000
+        return {
+            "categorical": {
+                "age_bucket": AGE_BUCKETS[self.user_age[user]],
+                "city": f"city{self.user_city[user]}",
+                "device": DEVICES[self.user_device[user]],
+            },
+            "numeric": {
+                "activity_7d": round(math.log1p(7 * float(self.user_activity[user])) / 3, 4),
+                "hour_sin": round(math.sin(2 * math.pi * hour / 24), 4),
+                "hour_cos": round(math.cos(2 * math.pi * hour / 24), 4),
+            },
+        }
+
+    # --- outputs: events -----------------------------------------------------
+
+    def events(self, day: int) -> Iterator[tuple[str, dict]]:
+        """(topic, event) pairs of ``day`` in event-time order: rank logs just
+        before their impression, clicks after it."""
+        timed: list[tuple[int, int, str, dict]] = []
+        for request in self.requests(day):
+            ts = request.ts_ms
+            features = self.user_features(request.user, ts)
+            user_id = self.user_id(request.user)
+            candidates = np.concatenate([request.shown, request.dropped])
+            timed.append(
+                (
+                    ts - 50,
+                    0,
+                    "rank-logs",
+                    {
+                        "request_id": request.request_id,
+                        "user_id": user_id,
+                        "ts": ts - 50,
+                        "stage": "rank",
+                        "item_ids": [self.item_id(i) for i in candidates.tolist()],
+                        "scores": [round(float(s), 4) for s in np.concatenate([request.shown_scores, request.dropped_scores])],
+                        "kept": [True] * len(request.shown) + [False] * len(request.dropped),
+                    },
+                )
+            )
+            timed.append(
+                (
+                    ts,
+                    1,
+                    "impressions",
+                    {
+                        "event_id": f"imp-{request.request_id}",
+                        "request_id": request.request_id,
+                        "user_id": user_id,
+                        "ts": ts,
+                        "items": [
+                            {"item_id": self.item_id(i), "position": p, "features": {"category": self.item_category(i)}}
+                            for p, i in enumerate(request.shown.tolist())
+                        ],
+                        "user_features": features,
+                    },
+                )
+            )
+            for p in np.flatnonzero(request.clicked).tolist():
+                item = int(request.shown[p])
+                click_ts = int(request.click_ts_ms[p])
+                timed.append(
+                    (
+                        click_ts,
+                        2,
+                        "clicks",
+                        {
+                            "event_id": f"clk-{request.request_id}-{item}",
+                            "request_id": request.request_id,
+                            "user_id": user_id,
+                            "item_id": self.item_id(item),
+                            "ts": click_ts,
+                        },
+                    )
+                )
+        timed.sort(key=lambda t: (t[0], t[1]))
+        for _, _, topic, event in timed:
+            yield topic, event
+
+    def write_events(self, path: Path | str, days: range | list[int]) -> dict[str, int]:
+        """Write days of events as JSONL (``{"topic": ..., "event": ...}``
+        per line); returns counts per topic."""
+        counts: dict[str, int] = {}
+        with open(path, "w") as handle:
+            for day in days:
+                for topic, event in self.events(day):
+                    handle.write(json.dumps({"topic": topic, "event": event}, separators=(",", ":")) + "\n")
+                    counts[topic] = counts.get(topic, 0) + 1
+        return counts
+
+    # --- outputs: samples and batches (no Kafka) -----------------------------
+
+    def samples(self, day: int) -> list[Sample]:
+        """The training samples the streams join makes of ``day``'s events:
+        one per shown item, label 1 at click time if clicked, else label 0
+        at impression time; hard negatives are the rank-dropped items."""
+        samples = []
+        for request in self.requests(day):
+            features = self.user_features(request.user, request.ts_ms)
+            hard = tuple(self.item_id(i) for i in request.dropped.tolist())
+            user_id = self.user_id(request.user)
+            for p, item in enumerate(request.shown.tolist()):
+                clicked = bool(request.clicked[p])
+                samples.append(
+                    Sample(
+                        user_id=user_id,
+                        item_id=self.item_id(item),
+                        label=int(clicked),
+                        event_time_ms=int(request.click_ts_ms[p]) if clicked else request.ts_ms,
+                        request_id=request.request_id,
+                        position=p,
+                        user_categorical=features["categorical"],
+                        user_numeric=features["numeric"],
+                        item_categorical={"category": self.item_category(item)},
+                        hard_negative_ids=hard,
+                        teacher_score=float(request.shown_scores[p]),
+                    )
+                )
+        return samples
+
+    def write_batches(self, batches_dir: Path | str, day: int, window_seconds: float = 60.0) -> list[BatchRef]:
+        """Cut ``day``'s samples into tumbling event-time windows and write
+        them as batch files (what the streams worker does, minus Kafka)."""
+        window_ms = int(window_seconds * 1000)
+        by_window: dict[int, list[Sample]] = {}
+        for sample in self.samples(day):
+            start = sample.event_time_ms - sample.event_time_ms % window_ms
+            by_window.setdefault(start, []).append(sample)
+        return [write_batch(Path(batches_dir), start, start + window_ms, by_window[start]) for start in sorted(by_window)]
+
+
+def synthetic_click_samples(
+    count: int,
+    users: int,
+    items: int,
+    start_ms: int,
+    span_ms: int,
+    seed: int = 0,
+    hard_negatives: int = 8,
+) -> list[Sample]:
+    """``count`` clicked samples over ``users`` x ``items`` with Zipf-like
+    popularity on both sides, in time order: volume for benchmarks, where
+    the simulator's per-request realism would cost minutes to generate."""
+    rng = np.random.default_rng(seed)
+    user_draws = np.minimum(rng.zipf(1.2, size=count) - 1, users - 1)
+    user_draws = (user_draws * 2654435761 + rng.integers(0, users, size=count) * (rng.random(count) < 0.5)) % users
+    item_draws = np.minimum(rng.zipf(1.3, size=count) - 1, items - 1)
+    hard = rng.integers(0, items, size=(count, hard_negatives))
+    times = start_ms + np.sort(rng.integers(0, span_ms, size=count))
+    categorical = [
+        {"age_bucket": AGE_BUCKETS[a], "city": f"city{c}", "device": DEVICES[d]}
+        for a, c, d in zip(rng.integers(0, len(AGE_BUCKETS), 64), rng.integers(0, 30, 64), rng.integers(0, len(DEVICES), 64))
+    ]
+    numeric = [{"activity_7d": float(a), "hour_sin": 0.5, "hour_cos": 0.5} for a in np.round(rng.random(64), 3)]
+    samples = []
+    for n in range(count):
+        user = int(user_draws[n])
+        item = int(item_draws[n])
+        samples.append(
+            Sample(
+                user_id=f"u{user}",
+                item_id=f"i{item}",
+                label=1,
+                event_time_ms=int(times[n]),
+                request_id=f"s{seed}-r{n}",
+                position=n % 10,
+                user_categorical=categorical[user % 64],
+                user_numeric=numeric[user % 64],
+                item_categorical={"category": f"c{item % 20}"},
+                hard_negative_ids=tuple(f"i{h}" for h in hard[n].tolist()),
+            )
+        )
+    return samples

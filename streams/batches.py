@@ -1,0 +1,641 @@
+"""The training-batch format: TFRecord files of ``tf.train.Example``, one
+record per sample, written by ``streams/`` and read by ``trainer/``.
+
+A batch covers one event-time window (a minute by default) and lives at
+``<batches_dir>/<YYYY-MM-DD>/<HHMMSS>.tfrecord`` (UTC window start), with a
+JSON manifest ``<HHMMSS>.json`` beside it. The manifest is written last, so a
+batch without one is incomplete and ignored. Inside the file, clicked samples
+(label 1) come first in event-time order, then the shown-but-not-clicked
+samples (label 0); the manifest records the byte length of the clicked
+section, so the retrieval trainers read only that prefix.
+
+Record features (keys of the Example):
+
+================== ========== ================================================
+key                type       meaning
+================== ========== ================================================
+user_id            bytes      raw user ID
+item_id            bytes      raw item ID
+label              int64      1 clicked, 0 shown but not clicked
+event_time_ms      int64      click time (label 1) or impression time (label 0),
+                              milliseconds since the Unix epoch, UTC
+request_id         bytes      the recommendation request that showed the item
+position           int64      slot of the item in that request (0-based)
+user_cat/<name>    bytes      user categorical feature (absent: unknown)
+user_num/<name>    float      user continuous feature (absent: 0.0)
+item_cat/<name>    bytes      item categorical feature (absent: unknown)
+hard_negative_ids  bytes list items a ranking stage dropped for this request
+teacher_score      float      optional ranking-model score in [0, 1]
+================== ========== ================================================
+
+The reader checks every record's masked CRC32C (the ``tfrecord`` package
+does not), so a corrupt or truncated file raises ``BatchFormatError`` naming
+the file and the byte offset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import crc32c
+import numpy as np
+from tfrecord import example_pb2
+
+FORMAT_VERSION = 1
+_LENGTH = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+_HEADER_BYTES = 12  # 8-byte length + 4-byte masked CRC of the length
+_FOOTER_BYTES = 4  # masked CRC of the payload
+
+
+class BatchFormatError(ValueError):
+    """A batch file or manifest that cannot be trusted, with where it broke."""
+
+    def __init__(self, path: Path | str, offset: int | None, reason: str):
+        where = f"{path}" if offset is None else f"{path}, byte offset {offset}"
+        super().__init__(f"{where}: {reason}")
+        self.path = Path(path)
+        self.offset = offset
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One training sample: a (user, item) pair that was shown, and maybe clicked."""
+
+    user_id: str
+    item_id: str
+    label: int  # 1 clicked, 0 shown but not clicked
+    event_time_ms: int
+    request_id: str
+    position: int
+    user_categorical: Mapping[str, str] = field(default_factory=dict)
+    user_numeric: Mapping[str, float] = field(default_factory=dict)
+    item_categorical: Mapping[str, str] = field(default_factory=dict)
+    hard_negative_ids: tuple[str, ...] = ()
+    teacher_score: float | None = None
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which side features the reader extracts, in column order."""
+
+    user_categorical: tuple[str, ...] = ()
+    user_numeric: tuple[str, ...] = ()
+    item_categorical: tuple[str, ...] = ()
+
+    @classmethod
+    def from_model(cls, model_config) -> "FeatureSpec":
+        return cls(
+            tuple(model_config.user_categorical),
+            tuple(model_config.user_numeric),
+            tuple(model_config.item_categorical),
+        )
+
+
+@dataclass
+class SampleColumns:
+    """Decoded samples, column by column (N samples)."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    labels: np.ndarray  # (N,) int8
+    event_time_ms: np.ndarray  # (N,) int64, ms since epoch
+    request_ids: list[str]
+    positions: np.ndarray  # (N,) int32
+    user_categorical: dict[str, list[str]]  # name -> N values ("" unknown)
+    user_numeric: np.ndarray  # (N, F) float32, FeatureSpec.user_numeric order
+    item_categorical: dict[str, list[str]]
+    hard_negative_ids: list[tuple[str, ...]]
+    teacher_scores: np.ndarray  # (N,) float32, NaN where absent
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> "SampleColumns":
+        """The samples at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        pick = idx.tolist()
+        return SampleColumns(
+            user_ids=[self.user_ids[i] for i in pick],
+            item_ids=[self.item_ids[i] for i in pick],
+            labels=self.labels[idx],
+            event_time_ms=self.event_time_ms[idx],
+            request_ids=[self.request_ids[i] for i in pick],
+            positions=self.positions[idx],
+            user_categorical={k: [v[i] for i in pick] for k, v in self.user_categorical.items()},
+            user_numeric=self.user_numeric[idx],
+            item_categorical={k: [v[i] for i in pick] for k, v in self.item_categorical.items()},
+            hard_negative_ids=[self.hard_negative_ids[i] for i in pick],
+            teacher_scores=self.teacher_scores[idx],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["SampleColumns"], spec: FeatureSpec) -> "SampleColumns":
+        if not parts:
+            return empty_columns(spec)
+        if len(parts) == 1:
+            return parts[0]
+        return SampleColumns(
+            user_ids=[u for p in parts for u in p.user_ids],
+            item_ids=[u for p in parts for u in p.item_ids],
+            labels=np.concatenate([p.labels for p in parts]),
+            event_time_ms=np.concatenate([p.event_time_ms for p in parts]),
+            request_ids=[u for p in parts for u in p.request_ids],
+            positions=np.concatenate([p.positions for p in parts]),
+            user_categorical={k: [v for p in parts for v in p.user_categorical[k]] for k in spec.user_categorical},
+            user_numeric=np.concatenate([p.user_numeric for p in parts]),
+            item_categorical={k: [v for p in parts for v in p.item_categorical[k]] for k in spec.item_categorical},
+            hard_negative_ids=[h for p in parts for h in p.hard_negative_ids],
+            teacher_scores=np.concatenate([p.teacher_scores for p in parts]),
+        )
+
+
+def empty_columns(spec: FeatureSpec) -> SampleColumns:
+    return SampleColumns(
+        user_ids=[],
+        item_ids=[],
+        labels=np.zeros(0, np.int8),
+        event_time_ms=np.zeros(0, np.int64),
+        request_ids=[],
+        positions=np.zeros(0, np.int32),
+        user_categorical={k: [] for k in spec.user_categorical},
+        user_numeric=np.zeros((0, len(spec.user_numeric)), np.float32),
+        item_categorical={k: [] for k in spec.item_categorical},
+        hard_negative_ids=[],
+        teacher_scores=np.zeros(0, np.float32),
+    )
+
+
+# --- encoding -----------------------------------------------------------------
+
+
+# The protobuf library takes ~40 us to build and serialise one Example in
+# Python, which would cap the streams worker below its target. The Example
+# wire format is small and stable, so samples are encoded directly here;
+# ``tests/streams/test_batches.py`` checks the bytes parse back through
+# protobuf to exactly the library's message. Repeated (key, value) entries,
+# such as a user's features on every item of an impression, are memoised.
+
+
+def _varint(value: int) -> bytes:
+    if 0 <= value < 128:
+        return _SMALL_VARINTS[value]
+    value &= 0xFFFFFFFFFFFFFFFF  # int64 two's complement, as protobuf does
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag byte, length varint, payload."""
+    n = len(payload)
+    return tag + (_SMALL_VARINTS[n] if n < 128 else _varint(n)) + payload
+
+
+_KEY_FIELDS: dict[str, bytes] = {}
+
+
+def _entry(key: str, feature: bytes) -> bytes:
+    """One ``Features.feature`` map entry (key = 1, value = 2), framed as field 1."""
+    key_field = _KEY_FIELDS.get(key)
+    if key_field is None:
+        key_field = _KEY_FIELDS[key] = _field(b"\x0a", key.encode())
+    return _field(b"\x0a", key_field + _field(b"\x12", feature))
+
+
+def _bytes_feature(values) -> bytes:
+    return _field(b"\x0a", b"".join([_field(b"\x0a", v) for v in values]))  # Feature.bytes_list
+
+
+def _float_feature(values) -> bytes:
+    return _field(b"\x12", _field(b"\x0a", struct.pack(f"<{len(values)}f", *values)))  # packed FloatList
+
+
+def _int64_feature(value: int) -> bytes:
+    return _field(b"\x1a", _field(b"\x0a", _varint(int(value))))  # packed Int64List, one value
+
+
+_memo: dict[tuple, bytes] = {}
+_hard_memo: dict[tuple, bytes] = {}
+
+
+def _memo_entry(kind: str, key: str, value) -> bytes:
+    cached = _memo.get((kind, key, value))
+    if cached is None:
+        if kind == "b":
+            cached = _entry(key, _bytes_feature([str(value).encode()]))
+        elif kind == "i":
+            cached = _entry(key, _int64_feature(value))
+        else:
+            cached = _entry(key, _float_feature([float(value)]))
+        if len(_memo) > 200_000:  # bounded: feature values are few, IDs are not memoised
+            _memo.clear()
+        _memo[(kind, key, value)] = cached
+    return cached
+
+
+def encode_sample(sample: Sample) -> bytes:
+    """Serialise one sample as a ``tf.train.Example`` (wire-compatible)."""
+    parts = [
+        _entry("user_id", _bytes_feature([sample.user_id.encode()])),
+        _entry("item_id", _bytes_feature([sample.item_id.encode()])),
+        _memo_entry("i", "label", int(sample.label)),
+        _entry("event_time_ms", _int64_feature(sample.event_time_ms)),
+        _entry("request_id", _bytes_feature([sample.request_id.encode()])),
+        _memo_entry("i", "position", int(sample.position)),
+    ]
+    for name, value in sample.user_categorical.items():
+        parts.append(_memo_entry("b", "user_cat/" + name, value))
+    for name, value in sample.user_numeric.items():
+        parts.append(_memo_entry("f", "user_num/" + name, value))
+    for name, value in sample.item_categorical.items():
+        parts.append(_memo_entry("b", "item_cat/" + name, value))
+    hard = sample.hard_negative_ids
+    if hard:
+        # The items of one request share their hard negatives.
+        cached = _hard_memo.get(hard)
+        if cached is None:
+            if len(_hard_memo) > 50_000:
+                _hard_memo.clear()
+            cached = _hard_memo[hard] = _entry("hard_negative_ids", _bytes_feature([h.encode() for h in hard]))
+        parts.append(cached)
+    if sample.teacher_score is not None:
+        parts.append(_entry("teacher_score", _float_feature([sample.teacher_score])))
+    return _field(b"\x0a", b"".join(parts))  # Example.features
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC32C of ``data``."""
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(payload: bytes) -> bytes:
+    """One TFRecord frame: length, CRC of length, payload, CRC of payload."""
+    length = _LENGTH.pack(len(payload))
+    return length + _CRC.pack(masked_crc32c(length)) + payload + _CRC.pack(masked_crc32c(payload))
+
+
+# --- batch files ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchManifest:
+    """What a batch holds; written beside the file and announced on Kafka."""
+
+    file: str  # file name, relative to the manifest's directory
+    window_start_ms: int
+    window_end_ms: int
+    records: int
+    positives: int
+    shown: int
+    positive_bytes: int  # byte length of the clicked section at the file start
+    total_bytes: int
+    sha256: str
+    min_event_time_ms: int | None
+    max_event_time_ms: int | None
+    late_records: int = 0
+    extras: dict = field(default_factory=dict)  # e.g. frequency-estimator state file
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "format": self.format,
+            "file": self.file,
+            "window_start_ms": self.window_start_ms,
+            "window_end_ms": self.window_end_ms,
+            "records": self.records,
+            "positives": self.positives,
+            "shown": self.shown,
+            "positive_bytes": self.positive_bytes,
+            "total_bytes": self.total_bytes,
+            "sha256": self.sha256,
+            "min_event_time_ms": self.min_event_time_ms,
+            "max_event_time_ms": self.max_event_time_ms,
+            "late_records": self.late_records,
+            "extras": self.extras,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: Path | str = "<manifest>") -> "BatchManifest":
+        try:
+            if data["format"] != FORMAT_VERSION:
+                raise BatchFormatError(where, None, f"unsupported batch format {data['format']!r}")
+            file = str(data["file"])
+            if "/" in file or "\\" in file or file.startswith("."):
+                raise BatchFormatError(where, None, f"manifest names a file outside its directory: {file!r}")
+            return cls(
+                file=file,
+                window_start_ms=int(data["window_start_ms"]),
+                window_end_ms=int(data["window_end_ms"]),
+                records=int(data["records"]),
+                positives=int(data["positives"]),
+                shown=int(data["shown"]),
+                positive_bytes=int(data["positive_bytes"]),
+                total_bytes=int(data["total_bytes"]),
+                sha256=str(data["sha256"]),
+                min_event_time_ms=None if data["min_event_time_ms"] is None else int(data["min_event_time_ms"]),
+                max_event_time_ms=None if data["max_event_time_ms"] is None else int(data["max_event_time_ms"]),
+                late_records=int(data.get("late_records", 0)),
+                extras=dict(data.get("extras", {})),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, BatchFormatError):
+                raise
+            raise BatchFormatError(where, None, f"malformed manifest: {error!r}") from error
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """A complete batch on disk: its manifest and where it lives."""
+
+    manifest_path: Path
+    manifest: BatchManifest
+
+    @property
+    def path(self) -> Path:
+        return self.manifest_path.parent / self.manifest.file
+
+    @property
+    def window_start_ms(self) -> int:
+        return self.manifest.window_start_ms
+
+
+def window_stem(window_start_ms: int) -> tuple[str, str]:
+    """(day directory, file stem) for a window starting at ``window_start_ms`` UTC.
+
+    >>> window_stem(1_700_000_040_000)
+    ('2023-11-14', '221400')
+    """
+    if window_start_ms % 1000:
+        raise ValueError(f"window start {window_start_ms} ms is not on a whole second")
+    start = datetime.fromtimestamp(window_start_ms / 1000, tz=timezone.utc)
+    return start.strftime("%Y-%m-%d"), start.strftime("%H%M%S")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write, fsync and rename into place, so readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_batch(
+    batches_dir: Path,
+    window_start_ms: int,
+    window_end_ms: int,
+    samples: Iterable[Sample],
+    *,
+    late_records: int = 0,
+    extras: Mapping | None = None,
+) -> BatchRef:
+    """Write one window's samples as a batch file plus manifest, atomically.
+
+    The path is a pure function of the window, so writing the same window
+    again (a restarted worker) replaces the batch instead of adding a copy.
+    Clicked samples go first, in event-time order, then the shown ones.
+    """
+    samples = list(samples)
+    positives = sorted((s for s in samples if s.label == 1), key=lambda s: (s.event_time_ms, s.request_id, s.item_id))
+    shown = sorted((s for s in samples if s.label != 1), key=lambda s: (s.event_time_ms, s.request_id, s.item_id))
+    positive_frames = b"".join(frame_record(encode_sample(s)) for s in positives)
+    shown_frames = b"".join(frame_record(encode_sample(s)) for s in shown)
+    data = positive_frames + shown_frames
+
+    day, stem = window_stem(window_start_ms)
+    directory = Path(batches_dir) / day
+    directory.mkdir(parents=True, exist_ok=True)
+    times = [s.event_time_ms for s in samples]
+    manifest = BatchManifest(
+        file=f"{stem}.tfrecord",
+        window_start_ms=int(window_start_ms),
+        window_end_ms=int(window_end_ms),
+        records=len(samples),
+        positives=len(positives),
+        shown=len(shown),
+        positive_bytes=len(positive_frames),
+        total_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        min_event_time_ms=min(times) if times else None,
+        max_event_time_ms=max(times) if times else None,
+        late_records=late_records,
+        extras=dict(extras or {}),
+    )
+    atomic_write_bytes(directory / manifest.file, data)
+    manifest_path = directory / f"{stem}.json"
+    atomic_write_bytes(manifest_path, json.dumps(manifest.to_json(), sort_keys=True).encode())
+    return BatchRef(manifest_path, manifest)
+
+
+def load_manifest(manifest_path: Path | str) -> BatchRef:
+    manifest_path = Path(manifest_path)
+    try:
+        data = json.loads(manifest_path.read_bytes())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BatchFormatError(manifest_path, None, f"unreadable manifest: {error}") from error
+    return BatchRef(manifest_path, BatchManifest.from_json(data, manifest_path))
+
+
+def list_batches(batches_dir: Path | str, day: str | None = None) -> list[BatchRef]:
+    """Complete batches (those with a manifest), in window order.
+
+    ``day`` (``YYYY-MM-DD``) limits the listing to one day's directory.
+    """
+    root = Path(batches_dir)
+    if day is not None:
+        datetime.strptime(day, "%Y-%m-%d")  # a day, not a path
+        directories = [root / day]
+    else:
+        directories = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    refs = []
+    for directory in directories:
+        if not directory.is_dir():
+            continue
+        for manifest_path in sorted(directory.glob("[0-9]*.json")):
+            refs.append(load_manifest(manifest_path))
+    refs.sort(key=lambda r: r.window_start_ms)
+    return refs
+
+
+# --- decoding ------------------------------------------------------------------
+
+
+def iter_record_payloads(path: Path | str, data: bytes | None = None, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield (byte offset, payload) of each record, checking both CRCs.
+
+    ``end`` stops at that byte (the clicked section); it must fall on a
+    record boundary.
+    """
+    if data is None:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise BatchFormatError(path, None, f"cannot read batch file: {error}") from error
+    limit = len(data) if end is None else end
+    if limit > len(data):
+        raise BatchFormatError(path, len(data), f"file is truncated: expected at least {limit} bytes")
+    view = memoryview(data)
+    offset = 0
+    unpack_length, unpack_crc = _LENGTH.unpack_from, _CRC.unpack_from
+    while offset < limit:
+        if offset + _HEADER_BYTES > limit:
+            raise BatchFormatError(path, offset, "truncated record header")
+        length_bytes = view[offset : offset + 8]
+        (length,) = unpack_length(data, offset)
+        (length_crc,) = unpack_crc(data, offset + 8)
+        if masked_crc32c(length_bytes) != length_crc:
+            raise BatchFormatError(path, offset, "record length fails its CRC (corrupt file)")
+        start = offset + _HEADER_BYTES
+        stop = start + length
+        if stop + _FOOTER_BYTES > limit:
+            raise BatchFormatError(path, offset, f"truncated record: {length} bytes announced")
+        payload = view[start:stop]
+        (payload_crc,) = unpack_crc(data, stop)
+        if masked_crc32c(payload) != payload_crc:
+            raise BatchFormatError(path, offset, "record payload fails its CRC (corrupt file)")
+        yield offset, payload
+        offset = stop + _FOOTER_BYTES
+
+
+def _decode_strings(values: list[bytes], path, what: str) -> list[str]:
+    """UTF-8 decode a column in one call (IDs never contain NUL: streams
+    rejects them), falling back to one call per value if one does."""
+    try:
+        joined = b"\x00".join(values).decode()
+    except UnicodeDecodeError as error:
+        raise BatchFormatError(path, None, f"{what} is not UTF-8: {error}") from error
+    decoded = joined.split("\x00") if values else []
+    if len(decoded) != len(values):
+        decoded = [v.decode() for v in values]
+    return decoded
+
+
+def decode_records(path: Path | str, data: bytes, spec: FeatureSpec, end: int | None = None) -> SampleColumns:
+    """Decode the records of one file (up to ``end`` bytes) into columns.
+
+    This is the trainers' hot read path: protobuf field access costs about a
+    microsecond, so the loop touches each field once and keeps raw bytes;
+    strings are decoded a column at a time afterwards.
+    """
+    user_ids: list[bytes] = []
+    item_ids: list[bytes] = []
+    labels: list[int] = []
+    times: list[int] = []
+    request_ids: list[bytes] = []
+    positions: list[int] = []
+    user_cat = [("user_cat/" + n, []) for n in spec.user_categorical]
+    user_num_keys = ["user_num/" + n for n in spec.user_numeric]
+    item_cat = [("item_cat/" + n, []) for n in spec.item_categorical]
+    numeric: list[float] = []
+    hard_flat: list[bytes] = []
+    hard_counts: list[int] = []
+    teacher: list[float] = []
+    parse = example_pb2.Example.FromString
+    nan = float("nan")
+    for offset, payload in iter_record_payloads(path, data, end):
+        try:
+            # A missing key reads as an empty Feature (protobuf map
+            # semantics), so required fields fail on [0] below.
+            feature = parse(payload).features.feature
+            user_ids.append(feature["user_id"].bytes_list.value[0])
+            item_ids.append(feature["item_id"].bytes_list.value[0])
+            labels.append(feature["label"].int64_list.value[0])
+            times.append(feature["event_time_ms"].int64_list.value[0])
+            request_ids.append(feature["request_id"].bytes_list.value[0])
+            positions.append(feature["position"].int64_list.value[0])
+            for key, column in user_cat:
+                value = feature[key].bytes_list.value
+                column.append(value[0] if value else b"")
+            for key in user_num_keys:
+                value = feature[key].float_list.value
+                numeric.append(value[0] if value else 0.0)
+            for key, column in item_cat:
+                value = feature[key].bytes_list.value
+                column.append(value[0] if value else b"")
+            value = feature["hard_negative_ids"].bytes_list.value
+            hard_counts.append(len(value))
+            hard_flat.extend(value)
+            value = feature["teacher_score"].float_list.value
+            teacher.append(value[0] if value else nan)
+        except Exception as error:  # protobuf's DecodeError, IndexError
+            raise BatchFormatError(path, offset, f"record is not a valid training sample: {error!r}") from error
+    n = len(user_ids)
+    hard_strings = _decode_strings(hard_flat, path, "hard_negative_ids")
+    bounds = np.concatenate([[0], np.cumsum(hard_counts)]).tolist() if n else [0]
+    hard = [tuple(hard_strings[bounds[i] : bounds[i + 1]]) for i in range(n)]
+    return SampleColumns(
+        user_ids=_decode_strings(user_ids, path, "user_id"),
+        item_ids=_decode_strings(item_ids, path, "item_id"),
+        labels=np.asarray(labels, dtype=np.int8),
+        event_time_ms=np.asarray(times, dtype=np.int64),
+        request_ids=_decode_strings(request_ids, path, "request_id"),
+        positions=np.asarray(positions, dtype=np.int32),
+        user_categorical={k[len("user_cat/") :]: _decode_strings(c, path, k) for k, c in user_cat},
+        user_numeric=np.asarray(numeric, dtype=np.float32).reshape(n, len(user_num_keys)),
+        item_categorical={k[len("item_cat/") :]: _decode_strings(c, path, k) for k, c in item_cat},
+        hard_negative_ids=hard,
+        teacher_scores=np.asarray(teacher, dtype=np.float32),
+    )
+
+
+def read_batch(ref: BatchRef, spec: FeatureSpec, *, positives_only: bool = True, verify_checksum: bool = False) -> SampleColumns:
+    """Decode one batch; by default only its clicked section.
+
+    ``verify_checksum`` also checks the whole file's SHA-256 against the
+    manifest (the per-record CRCs are always checked).
+    """
+    path = ref.path
+    manifest = ref.manifest
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read() if (verify_checksum or not positives_only) else handle.read(manifest.positive_bytes)
+    except OSError as error:
+        raise BatchFormatError(path, None, f"cannot read batch file: {error}") from error
+    if verify_checksum:
+        if len(data) != manifest.total_bytes:
+            raise BatchFormatError(path, len(data), f"file has {len(data)} bytes, manifest says {manifest.total_bytes}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != manifest.sha256:
+            raise BatchFormatError(path, None, f"SHA-256 {digest} does not match manifest {manifest.sha256}")
+    end = manifest.positive_bytes if positives_only else None
+    if end is not None and len(data) < end:
+        raise BatchFormatError(path, len(data), f"file is truncated: clicked section needs {end} bytes")
+    columns = decode_records(path, data, spec, end)
+    expected = manifest.positives if positives_only else manifest.records
+    if len(columns) != expected:
+        raise BatchFormatError(path, None, f"decoded {len(columns)} records, manifest says {expected}")
+    if positives_only and len(columns) and not np.all(columns.labels == 1):
+        raise BatchFormatError(path, None, "clicked section holds a record whose label is not 1")
+    return columns
+
+
+def iter_batches(refs: Iterable[BatchRef], spec: FeatureSpec, *, positives_only: bool = True) -> Iterator[tuple[BatchRef, SampleColumns]]:
+    """Stream batches one file at a time (a day never has to fit in memory)."""
+    for ref in refs:
+        yield ref, read_batch(ref, spec, positives_only=positives_only)

@@ -1,0 +1,46 @@
+"""Shared fixtures: seeded simulated data, written once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from freshtower.config import Settings, load_settings
+from freshtower.simulator import Simulator, SimulatorConfig
+
+# Small enough to generate in seconds, big enough to learn something:
+# ~3,000 requests a day, ~7,000 clicks a day.
+SMALL_WORLD = SimulatorConfig(users=600, items=300, topics=10, requests_per_day=3000, seed=1)
+TEST_WINDOW_SECONDS = 600.0  # ten-minute batches keep the file count low
+
+
+@pytest.fixture(scope="session")
+def small_simulator() -> Simulator:
+    return Simulator(SMALL_WORLD)
+
+
+@pytest.fixture(scope="session")
+def simulated_batches(tmp_path_factory, small_simulator) -> Path:
+    """Three simulated days of batch files (read-only: copy before writing)."""
+    root = tmp_path_factory.mktemp("simulated") / "batches"
+    for day in range(3):
+        small_simulator.write_batches(root, day, TEST_WINDOW_SECONDS)
+    return root
+
+
+def make_settings(data_dir: Path, **overrides) -> Settings:
+    """Settings for tests: small frequency arrays, no wall-clock checkpoints."""
+    overrides.setdefault("frequency", {"buckets": 1 << 14})
+    training = overrides.setdefault("training", {})
+    training.setdefault("checkpoint_every_seconds", 1e9)
+    return load_settings(data_dir=data_dir, **overrides)
+
+
+@pytest.fixture
+def data_dir_with_batches(tmp_path, simulated_batches) -> Path:
+    """A fresh data directory holding a copy of the simulated batches."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(simulated_batches, data_dir / "batches")
+    return data_dir

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tfrecord import example_pb2
+from tfrecord.reader import tfrecord_loader
+
+from streams.batches import (
+    BatchFormatError,
+    FeatureSpec,
+    Sample,
+    encode_sample,
+    list_batches,
+    load_manifest,
+    read_batch,
+    window_stem,
+    write_batch,
+)
+
+SPEC = FeatureSpec(("age_bucket", "city"), ("activity_7d",), ("category",))
+WINDOW = 1_795_132_800_000  # 2026-11-20 00:00 UTC
+
+
+def sample(n: int, label: int = 1, **changes) -> Sample:
+    fields = dict(
+        user_id=f"u{n % 7}",
+        item_id=f"i{n}",
+        label=label,
+        event_time_ms=WINDOW + 1000 * (50 - n),  # written out of order on purpose
+        request_id=f"r{n // 3}",
+        position=n % 3,
+        user_categorical={"age_bucket": "25-34", "city": f"c{n % 2}"},
+        user_numeric={"activity_7d": n / 10},
+        item_categorical={"category": f"k{n % 4}"},
+        hard_negative_ids=(f"h{n}", f"h{n + 1}"),
+        teacher_score=0.5 if n % 2 else None,
+    )
+    fields.update(changes)
+    return Sample(**fields)
+
+
+def test_encoder_bytes_parse_to_the_protobuf_librarys_message():
+    s = sample(3, event_time_ms=-5)  # a negative int64 needs the 10-byte varint
+    expected = example_pb2.Example()
+    f = expected.features.feature
+    f["user_id"].bytes_list.value.append(b"u3")
+    f["item_id"].bytes_list.value.append(b"i3")
+    f["label"].int64_list.value.append(1)
+    f["event_time_ms"].int64_list.value.append(-5)
+    f["request_id"].bytes_list.value.append(b"r1")
+    f["position"].int64_list.value.append(0)
+    f["user_cat/age_bucket"].bytes_list.value.append(b"25-34")
+    f["user_cat/city"].bytes_list.value.append(b"c1")
+    f["user_num/activity_7d"].float_list.value.append(0.3)
+    f["item_cat/category"].bytes_list.value.append(b"k3")
+    f["hard_negative_ids"].bytes_list.value.extend([b"h3", b"h4"])
+    f["teacher_score"].float_list.value.append(0.5)
+    assert example_pb2.Example.FromString(encode_sample(s)) == expected
+
+
+def test_round_trip_puts_clicks_first_in_event_time_order(tmp_path):
+    samples = [sample(n, label=int(n % 3 == 0)) for n in range(12)]
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, samples)
+    assert ref.path == tmp_path / "2026-11-20" / "000000.tfrecord"
+    assert (ref.manifest.records, ref.manifest.positives, ref.manifest.shown) == (12, 4, 8)
+
+    clicked = read_batch(ref, SPEC)
+    assert clicked.item_ids == ["i9", "i6", "i3", "i0"]  # clicks at 41, 44, 47, 50 s
+    assert np.all(clicked.labels == 1)
+    assert clicked.user_categorical["city"] == ["c1", "c0", "c1", "c0"]
+    np.testing.assert_allclose(clicked.user_numeric[:, 0], [0.9, 0.6, 0.3, 0.0], rtol=1e-6)
+    assert clicked.hard_negative_ids[0] == ("h9", "h10")
+    assert np.isnan(clicked.teacher_scores[1]) and clicked.teacher_scores[0] == 0.5
+
+    everything = read_batch(ref, SPEC, positives_only=False, verify_checksum=True)
+    assert len(everything) == 12
+    assert list(everything.labels) == [1] * 4 + [0] * 8
+    assert sorted(everything.item_ids) == sorted(s.item_id for s in samples)
+
+
+def test_the_tfrecord_package_reads_our_files(tmp_path):
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(5)])
+    records = list(tfrecord_loader(str(ref.path), None))
+    assert sorted(r["item_id"].decode() for r in records) == [f"i{n}" for n in range(5)]
+
+
+def test_missing_side_features_read_as_unknown(tmp_path):
+    bare = sample(1, user_categorical={}, user_numeric={}, item_categorical={}, hard_negative_ids=())
+    columns = read_batch(write_batch(tmp_path, WINDOW, WINDOW + 60_000, [bare]), SPEC)
+    assert columns.user_categorical == {"age_bucket": [""], "city": [""]}
+    assert columns.user_numeric.tolist() == [[0.0]]
+    assert columns.hard_negative_ids == [()]
+
+
+def test_rewriting_a_window_replaces_the_batch(tmp_path):
+    write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(5)])
+    write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(3)])
+    refs = list_batches(tmp_path)
+    assert len(refs) == 1 and refs[0].manifest.records == 3
+    assert sorted(p.name for p in (tmp_path / "2026-11-20").iterdir()) == ["000000.json", "000000.tfrecord"]
+
+
+def test_list_batches_orders_windows_and_ignores_files_without_manifest(tmp_path):
+    for minute in (3, 1, 2):
+        write_batch(tmp_path, WINDOW + minute * 60_000, WINDOW + (minute + 1) * 60_000, [sample(minute)])
+    (tmp_path / "2026-11-20" / "000400.tfrecord").write_bytes(b"half written")
+    assert [r.window_start_ms for r in list_batches(tmp_path)] == [WINDOW + m * 60_000 for m in (1, 2, 3)]
+    assert [r.window_start_ms for r in list_batches(tmp_path, "2026-11-20")] == [WINDOW + m * 60_000 for m in (1, 2, 3)]
+    with pytest.raises(ValueError):
+        list_batches(tmp_path, "../../etc")  # a day, never a path
+
+
+def test_a_flipped_byte_names_the_file_and_offset(tmp_path):
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(4)])
+    data = bytearray(ref.path.read_bytes())
+    first_record = 12 + int.from_bytes(data[:8], "little") + 4  # header + payload + footer
+    data[first_record + 20] ^= 0x01  # inside the second record's payload
+    ref.path.write_bytes(bytes(data))
+    with pytest.raises(BatchFormatError) as caught:
+        read_batch(ref, SPEC)
+    assert caught.value.offset == first_record
+    assert str(ref.path) in str(caught.value) and f"byte offset {first_record}" in str(caught.value)
+
+
+def test_a_truncated_file_is_reported(tmp_path):
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(4)])
+    ref.path.write_bytes(ref.path.read_bytes()[:-7])
+    with pytest.raises(BatchFormatError, match="truncated"):
+        read_batch(ref, SPEC, positives_only=False)
+
+
+def test_checksum_verification_catches_a_swapped_file(tmp_path):
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(4)])
+    other = write_batch(tmp_path / "other", WINDOW, WINDOW + 60_000, [sample(n + 1) for n in range(4)])
+    ref.path.write_bytes(other.path.read_bytes())
+    with pytest.raises(BatchFormatError, match="SHA-256"):
+        read_batch(ref, SPEC, verify_checksum=True)
+
+
+def test_a_manifest_cannot_point_outside_its_directory(tmp_path):
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(1)])
+    manifest = json.loads(ref.manifest_path.read_text())
+    manifest["file"] = "../../secret.tfrecord"
+    ref.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BatchFormatError, match="outside its directory"):
+        load_manifest(ref.manifest_path)
+
+
+def test_a_record_missing_a_required_field_is_reported(tmp_path):
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(1)])
+    payload = example_pb2.Example()
+    payload.features.feature["item_id"].bytes_list.value.append(b"i1")  # no user_id
+    from streams.batches import frame_record
+
+    ref.path.write_bytes(frame_record(payload.SerializeToString()))
+    with pytest.raises(BatchFormatError, match="byte offset 0: record is not a valid training sample"):
+        read_batch(ref, SPEC, positives_only=False)
+
+
+def test_window_stem_rejects_sub_second_windows():
+    assert window_stem(WINDOW + 90_000) == ("2026-11-20", "000130")
+    with pytest.raises(ValueError):
+        window_stem(WINDOW + 1)

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer import losses
+
+A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two unit user vectors
+B = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # their clicked items
+
+
+def test_cosine_logits_divide_by_temperature():
+    # cosines [[1, 0.6], [0, 0.8]] / 0.5
+    assert torch.allclose(losses.cosine_logits(A, B, 0.5), torch.tensor([[2.0, 1.2], [0.0, 1.6]]))
+
+
+def test_in_batch_softmax_matches_hand_value():
+    # row 0: logits [2, 1.2] -> log(1 + e^-0.8) = 0.371101
+    # row 1: logits [0, 1.6] -> log(1 + e^-1.6) = 0.183901; mean 0.277501
+    loss = losses.in_batch_softmax_loss(A, B, 0.5)
+    assert loss.item() == pytest.approx(0.2775007, abs=1e-6)
+
+
+def test_logq_correction_subtracts_log_probability_per_column():
+    # p = [0.5, 0.25]: columns gain +log 2 and +log 4
+    # row 0: [2 + 0.6931, 1.2 + 1.3863] -> log(1 + e^-0.1069) = 0.641147
+    # row 1: [0 + 0.6931, 1.6 + 1.3863] -> log(1 + e^-2.2931) = 0.096172; mean 0.368660
+    loss = losses.in_batch_softmax_loss(A, B, 0.5, item_probabilities=torch.tensor([0.5, 0.25]))
+    assert loss.item() == pytest.approx(0.3686596, abs=1e-6)
+    corrected = losses.sampling_probability_correction(torch.zeros(1, 2), torch.tensor([1.0, 1e-9]))
+    assert corrected[0].tolist() == pytest.approx([0.0, -math.log(1e-6)])  # p is clipped at 1e-6
+
+
+def test_accidental_hits_mask_the_same_item_off_the_diagonal():
+    # both rows clicked item 7: each row's other column is its own positive,
+    # masked, so each row's softmax holds only its diagonal: loss 0
+    loss = losses.in_batch_softmax_loss(A, B, 0.5, item_keys=torch.tensor([7, 7]))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    masked = losses.remove_accidental_hits(torch.zeros(2, 2), torch.tensor([7, 7]), torch.tensor([7, 7]))
+    assert masked[0, 0] == 0 and masked[0, 1] < -1e8 and masked[1, 1] == 0
+
+
+def test_sampled_softmax_with_and_without_mask():
+    pos, neg = torch.tensor([0.5]), torch.tensor([[0.0, -0.5]])
+    # -log(e^0.5 / (e^0.5 + e^0 + e^-0.5)) = log(1 + e^-0.5 + e^-1) = 0.680270
+    assert losses.sampled_softmax_loss(pos, neg, 1.0).item() == pytest.approx(0.6802697, abs=1e-6)
+    # second negative masked: log(1 + e^-0.5) = 0.474077
+    mask = torch.tensor([[True, False]])
+    assert losses.sampled_softmax_loss(pos, neg, 1.0, mask).item() == pytest.approx(0.4740770, abs=1e-6)
+
+
+def test_pointwise_binary_cross_entropy_on_cosines():
+    # positive 0.5 -> softplus(-0.5) = 0.474077; negatives 0 and -0.5 ->
+    # softplus(0) = 0.693147, softplus(-0.5) = 0.474077; mean of 3 = 0.547100
+    loss = losses.pointwise_loss(torch.tensor([0.5]), torch.tensor([[0.0, -0.5]]), 1.0)
+    assert loss.item() == pytest.approx(0.5471004, abs=1e-6)
+
+
+def test_triplet_hinge_loss():
+    # max(0, 0.4 + 0.2 - 0.5) = 0.1, max(0, 0.1 + 0.2 - 0.5) = 0 -> mean 0.05
+    loss = losses.triplet_hinge_loss(torch.tensor([0.5]), torch.tensor([[0.4, 0.1]]), margin=0.2)
+    assert loss.item() == pytest.approx(0.05, abs=1e-6)
+    masked = losses.triplet_hinge_loss(torch.tensor([0.5]), torch.tensor([[0.4, 0.1]]), 0.2, torch.tensor([[True, False]]))
+    assert masked.item() == pytest.approx(0.1, abs=1e-6)
+
+
+def test_triplet_logistic_loss():
+    # log(1 + e^(10 * -0.1)) = 0.313262, log(1 + e^(10 * -0.4)) = 0.018149 -> mean 0.165706
+    loss = losses.triplet_logistic_loss(torch.tensor([0.5]), torch.tensor([[0.4, 0.1]]), sigma=10.0)
+    assert loss.item() == pytest.approx(0.1657058, abs=1e-6)
+
+
+def test_losses_fall_when_the_positive_wins():
+    pos, neg = torch.tensor([0.9]), torch.tensor([[0.1, 0.0]])
+    worse_pos = torch.tensor([0.2])
+    for fn, arg in [
+        (losses.sampled_softmax_loss, 0.1),
+        (losses.pointwise_loss, 0.1),
+        (losses.triplet_hinge_loss, 0.5),
+        (losses.triplet_logistic_loss, 5.0),
+    ]:
+        assert fn(pos, neg, arg) < fn(worse_pos, neg, arg)
+
+
+def test_non_finite_loss_raises_with_location():
+    with pytest.raises(losses.NonFiniteLossError, match="batch 7"):
+        losses.check_finite(torch.tensor(float("nan")), "batch 7")
+    with pytest.raises(losses.NonFiniteLossError):
+        losses.check_finite(torch.tensor(float("inf")), "x")
+    losses.check_finite(torch.tensor(1.0), "fine")

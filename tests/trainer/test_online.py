@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from streams.batches import list_batches, read_batch
+from tests.conftest import make_settings
+from trainer.full import train_full
+from trainer.online import MissingModelError, OnlineTrainer
+
+DAY0, DAY1 = "2026-11-20", "2026-11-21"
+
+
+@pytest.fixture(scope="module")
+def day0_model_dir(tmp_path_factory, simulated_batches):
+    """A data directory with the simulated batches and a day-0 full model."""
+    data_dir = tmp_path_factory.mktemp("online") / "data"
+    shutil.copytree(simulated_batches, data_dir / "batches")
+    train_full(make_settings(data_dir), DAY0)
+    return data_dir
+
+
+@pytest.fixture
+def data_dir(tmp_path, day0_model_dir):
+    copy = tmp_path / "data"
+    shutil.copytree(day0_model_dir, copy)
+    return copy
+
+
+def test_only_user_id_rows_in_the_batch_change(data_dir):
+    trainer = OnlineTrainer.start(make_settings(data_dir))
+    model = trainer.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    table_before = model.user_tower.id_embedding.detach().clone()
+    ref = trainer.pending()[0]
+    trainer.learn_batch(ref)
+
+    for name, param in model.named_parameters():
+        if name != "user_tower.id_embedding":
+            assert torch.equal(param, before[name]), f"{name} changed"  # bit-identical
+    batch_users = set(read_batch(ref, trainer.spec).user_ids)
+    rows_in_batch = set(model.user_ids.lookup(sorted(batch_users)).tolist()) - {0}
+    table = model.user_tower.id_embedding.detach()
+    old_rows = table_before.shape[0]
+    changed = set(torch.nonzero((table[:old_rows] != table_before).any(dim=1)).flatten().tolist())
+    assert changed and changed <= rows_in_batch
+    assert torch.equal(table[0], table_before[0])  # the cold-start row never moves online
+
+
+def test_restart_resumes_without_repeating_or_skipping_a_batch(data_dir, tmp_path):
+    other = tmp_path / "uninterrupted"
+    shutil.copytree(data_dir, other)
+    straight = OnlineTrainer.start(make_settings(other))
+    straight.run(max_batches=10, prefetch=False)
+
+    settings = make_settings(data_dir)
+    first = OnlineTrainer.start(settings)
+    first.run(max_batches=4, prefetch=False)  # checkpoints on the way out
+    resumed = OnlineTrainer.start(settings)
+    assert resumed.next_window_ms == first.next_window_ms and resumed.step == first.step
+    resumed.run(max_batches=6, prefetch=False)
+    assert resumed.stats.batches == 6
+    assert resumed.next_window_ms == straight.next_window_ms
+    assert torch.equal(resumed.model.user_tower.id_embedding[: len(resumed.model.user_ids)],
+                       straight.model.user_tower.id_embedding[: len(straight.model.user_ids)])
+    with pytest.raises(ValueError, match="twice"):
+        resumed.learn_batch(list_batches(settings.batches_dir)[0])
+
+
+def test_rows_changed_since_a_step_are_tracked_with_their_event_time(data_dir):
+    trainer = OnlineTrainer.start(make_settings(data_dir))
+    first, second = trainer.pending()[:2]
+    trainer.learn_batch(first)
+    step_after_first = trainer.step
+    trainer.learn_batch(second)
+    changed = np.flatnonzero(trainer.row_updated_step > step_after_first)
+    second_users = set(read_batch(second, trainer.spec).user_ids)
+    assert changed.size and {trainer.model.user_ids.id_of(r) for r in changed} <= second_users
+    assert np.all(trainer.row_event_time_ms[changed] >= second.window_start_ms)
+    assert np.all(trainer.row_event_time_ms[changed] <= second.manifest.max_event_time_ms)
+
+
+def test_a_new_full_model_is_rebased_onto_and_caught_up_from(data_dir):
+    settings = make_settings(data_dir)
+    trainer = OnlineTrainer.start(settings)
+    assert trainer.base.version == f"{DAY0}.1"
+    trainer.run(max_batches=30, prefetch=False)
+    newer = train_full(settings, DAY1).ref
+    assert trainer.rebase_if_newer()
+    assert trainer.base.version == newer.version
+    assert trainer.next_window_ms == newer.data_end_ms  # catches up from where the model's data ended
+    assert trainer.pending()[0].window_start_ms == newer.data_end_ms
+    assert not trainer.rebase_if_newer()
+    # A restart now resumes on the new base, not the old checkpoint.
+    assert OnlineTrainer.start(settings).base.version == newer.version
+
+
+def test_starting_without_a_full_model_says_what_to_do(tmp_path):
+    with pytest.raises(MissingModelError, match="freshtower train full"):
+        OnlineTrainer.start(make_settings(tmp_path))
+
+
+def test_background_decoding_gives_the_same_result(data_dir, tmp_path):
+    other = tmp_path / "inline"
+    shutil.copytree(data_dir, other)
+    background = OnlineTrainer.start(make_settings(data_dir))
+    background.run(max_batches=5, prefetch=True)
+    inline = OnlineTrainer.start(make_settings(other))
+    inline.run(max_batches=5, prefetch=False)
+    assert torch.equal(background.model.user_tower.id_embedding, inline.model.user_tower.id_embedding)

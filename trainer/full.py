@@ -1,0 +1,268 @@
+"""The daily full trainer: all of one day's batches, shuffled globally, one
+epoch, every parameter, warm-started from the previous full model.
+
+Steps (``train_full``):
+
+1. Warm start from the newest full model of an earlier day (random init
+   only with ``from_scratch`` or when none exists), expire IDs and items
+   unseen for ``expiry_days``.
+2. Time split: the trailing batches holding ``holdout_fraction`` of the
+   day's clicks are the holdout; the model learns from the rest, and its
+   ``data_end_ms`` is the holdout's start, so the online trainer that forks
+   from it learns the holdout period too.
+3. Pass 1, in time order, one file at a time: fill the catalogue (clicked
+   and shown records), count ID sightings, update the item-frequency
+   estimator, and scatter the clicked samples at random over shard files
+   (an external shuffle: memory holds one shard, never the day).
+4. Pass 2: shards in random order, each permuted, cut into minibatches,
+   learnt once.
+5. Evaluate on the holdout (exact and Faiss), write the versioned artifact.
+
+A NaN or infinite loss raises ``NonFiniteLossError`` and nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from freshtower.config import Settings
+from streams.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
+from trainer.artifacts import (
+    ArtifactError,
+    FullModelRef,
+    full_models_dir,
+    load_full_model,
+    new_estimator,
+    new_model,
+    previous_full_model,
+    save_full_model,
+)
+from trainer.evaluation import evaluate, holdout_from_samples
+from trainer.learner import Learner, event_day
+from trainer.retrieval import IndexSettings
+from trainer.samplers import clicked_only
+from trainer.sparse_optim import reset_rows
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class NoBatchesError(FileNotFoundError):
+    """The day has no complete batches to train on."""
+
+
+@dataclass
+class FullTrainingResult:
+    ref: FullModelRef
+    samples: int  # positives learnt (after re-sampling)
+    train_seconds: float
+    metrics: dict
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def split_holdout(refs: list[BatchRef], fraction: float) -> tuple[list[BatchRef], list[BatchRef]]:
+    """(training, holdout): the holdout is the trailing batches that hold
+    about ``fraction`` of the clicks (at least one batch when fraction > 0
+    and there are two or more batches)."""
+    if fraction <= 0 or len(refs) < 2:
+        return list(refs), []
+    total = sum(r.manifest.positives for r in refs)
+    wanted = fraction * total
+    held = 0
+    cut = len(refs)
+    while cut > 1 and held < wanted:
+        cut -= 1
+        held += refs[cut].manifest.positives
+    return refs[:cut], refs[cut:]
+
+
+def _optimizer_state(learner: Learner) -> dict:
+    tables = []
+    for table, vocab in learner.model.table_vocabularies():
+        state = learner.table_optimizer.state.get(table, {})
+        total = state.get("sum")
+        tables.append(None if total is None else total[: len(vocab)].clone())
+    return {"dense": learner.dense_optimizer.state_dict(), "tables": tables}
+
+
+def _restore_optimizer_state(learner: Learner, saved: dict) -> None:
+    if not saved:
+        return
+    learner.dense_optimizer.load_state_dict(saved["dense"])
+    for (table, _), total in zip(learner.model.table_vocabularies(), saved["tables"]):
+        if total is not None:
+            padded = torch.zeros(table.shape[0], dtype=total.dtype)
+            padded[: len(total)] = total
+            learner.table_optimizer.state[table]["sum"] = padded
+
+
+def _expire(learner: Learner, today: int, expiry_days: int) -> dict[str, int]:
+    model = learner.model
+    freed = {}
+    for table, vocab in [(model.user_tower.id_embedding, model.user_ids), (model.item_tower.id_embedding, model.item_ids)]:
+        rows = vocab.expire(today)
+        reset_rows(table, torch.from_numpy(rows), learner.optimizers)
+        freed[id(vocab)] = len(rows)
+    before = len(model.catalogue)
+    model.catalogue = model.catalogue.compact(today, expiry_days)
+    return {"users": freed[id(model.user_ids)], "items": freed[id(model.item_ids)], "catalogue": before - len(model.catalogue)}
+
+
+def train_full(
+    settings: Settings,
+    day: str,
+    *,
+    from_scratch: bool = False,
+    progress: ProgressCallback | None = None,
+) -> FullTrainingResult:
+    """Train the full model for ``day`` (YYYY-MM-DD) and write a new version."""
+    date.fromisoformat(day)
+    refs = list_batches(settings.batches_dir, day)
+    if not refs:
+        raise NoBatchesError(f"no complete batches for {day} under {settings.batches_dir / day}")
+    models_dir = full_models_dir(settings)
+    spec = FeatureSpec.from_model(settings.model)
+    training = settings.training
+    if training.threads:
+        torch.set_num_threads(training.threads)
+
+    parent = None if from_scratch else previous_full_model(models_dir, day)
+    if parent is None:
+        log.info("full training %s from random init (%s)", day, "requested" if from_scratch else "no earlier full model")
+        model, estimator, saved_optimizer = new_model(settings), new_estimator(settings), {}
+    else:
+        loaded = load_full_model(parent)
+        if loaded.settings.model != settings.model:
+            raise ArtifactError(
+                f"model shape changed since {parent.version} ({parent.path}); retrain with --from-scratch"
+            )
+        model, estimator, saved_optimizer = loaded.model, loaded.estimator, loaded.optimizer_state
+        log.info("full training %s warm-started from %s", day, parent.version)
+
+    seed = training.seed + date.fromisoformat(day).toordinal()
+    learner = Learner(model, training, estimator, trainable="all", seed=seed)
+    learner.update_frequencies = False  # pass 1 follows the day in time order
+    if parent is not None:
+        _restore_optimizer_state(learner, saved_optimizer)
+    today = date.fromisoformat(day).toordinal() - date(1970, 1, 1).toordinal()
+    expired = _expire(learner, today, settings.vocabulary.expiry_days)
+
+    train_refs, holdout_refs = split_holdout(refs, training.holdout_fraction)
+    total_positives = sum(r.manifest.positives for r in train_refs)
+    shards = training.shuffle_shards or max(1, math.ceil(total_positives / training.shuffle_shard_records))
+    rng = np.random.default_rng(seed)
+    scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-", dir=_scratch_root(settings)))
+    try:
+        # Pass 1: time order.
+        shard_files = [open(scratch / f"shard-{s:04d}.pkl", "wb") for s in range(shards)]
+        try:
+            for n, ref in enumerate(train_refs):
+                records = read_batch(ref, spec, positives_only=False)
+                file_day = event_day(ref.window_start_ms)
+                model.catalogue.update(records.item_ids, records.item_categorical, file_day)
+                positives = clicked_only(records)
+                learner.observe(positives, file_day)
+                estimator.update(positives.item_ids)
+                assignment = rng.integers(0, shards, size=len(positives))
+                for s in range(shards):
+                    chosen = np.flatnonzero(assignment == s)
+                    if len(chosen):
+                        pickle.dump(positives.take(chosen), shard_files[s], protocol=pickle.HIGHEST_PROTOCOL)
+                if progress:
+                    progress("read", n + 1, len(train_refs))
+        finally:
+            for handle in shard_files:
+                handle.close()
+
+        # Pass 2: shuffled, one epoch.
+        samples = 0
+        losses_seen: list[float] = []
+        started = time.perf_counter()
+        done = 0
+        for s in rng.permutation(shards).tolist():
+            shard = _load_shard(scratch / f"shard-{s:04d}.pkl", spec)
+            order = rng.permutation(len(shard))
+            for start in range(0, len(order), training.batch_size):
+                minibatch = shard.take(order[start : start + training.batch_size])
+                result = learner.learn(minibatch, where=f"{day} shard {s} minibatch {start // training.batch_size}", observe=False)
+                samples += result.samples
+                losses_seen.append(result.loss)
+                done += len(minibatch)
+                if progress:
+                    progress("train", done, total_positives)
+        train_seconds = time.perf_counter() - started
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    model.eval()
+    holdout_samples = SampleColumns.concat([read_batch(r, spec) for r in holdout_refs], spec)
+    metrics = evaluate(model, holdout_from_samples(holdout_samples), settings.evaluation.ks, IndexSettings.from_publisher(settings.publisher))
+    metrics.update(
+        {
+            "train_samples": samples,
+            "train_seconds": train_seconds,
+            "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
+            "mean_loss": float(np.mean(losses_seen)) if losses_seen else None,
+            "final_loss": float(np.mean(losses_seen[-20:])) if losses_seen else None,
+            "expired": expired,
+            "users": model.user_ids.admitted,
+            "items": len(model.catalogue),
+        }
+    )
+    lineage = [
+        {"file": str(r.path.relative_to(settings.batches_dir)), "sha256": r.manifest.sha256, "positives": r.manifest.positives, "role": role}
+        for role, group in (("train", train_refs), ("holdout", holdout_refs))
+        for r in group
+    ]
+    data_end_ms = holdout_refs[0].window_start_ms if holdout_refs else refs[-1].manifest.window_end_ms
+    ref = save_full_model(
+        models_dir,
+        day,
+        model,
+        estimator,
+        _optimizer_state(learner),
+        {
+            "parent": parent.version if parent else None,
+            "from_scratch": parent is None,
+            "data_start_ms": refs[0].window_start_ms,
+            "data_end_ms": data_end_ms,
+            "holdout_end_ms": refs[-1].manifest.window_end_ms,
+            "metrics": metrics,
+            "lineage": lineage,
+            "config": settings.as_record(),
+        },
+    )
+    return FullTrainingResult(ref, samples, train_seconds, metrics)
+
+
+def _scratch_root(settings: Settings) -> Path:
+    root = settings.data_dir / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _load_shard(path: Path, spec: FeatureSpec) -> SampleColumns:
+    parts = []
+    with open(path, "rb") as handle:
+        while True:
+            try:
+                parts.append(pickle.load(handle))
+            except EOFError:
+                break
+    return SampleColumns.concat(parts, spec)

@@ -1,0 +1,297 @@
+"""The learning contract both trainers share: ``Learner.learn(samples)``
+takes one minibatch of clicked samples, in the order given, and updates the
+model; ``user_vectors`` and ``item_vectors`` are the model's.
+
+- ``trainable="all"`` (daily full trainer): every table and dense layer
+  learns; item vectors come from the item tower with gradients.
+- ``trainable="user_ids"`` (online trainer): only the user ID embedding
+  rows present in the minibatch change (row-sparse optimiser, default row
+  excluded); the MLPs, the item tower and every other table are frozen, and
+  item vectors come from a cache computed once by the frozen item tower.
+
+Negatives per training mode (see ``TrainingConfig``):
+
+- listwise + ``in_batch``: softmax over the batch's positives with the logQ
+  correction and accidental-hit removal; with hard negatives the loss is
+  ``(1 - h) * in_batch + h * softmax(positive, hard negatives)`` where
+  ``h = hard_fraction`` (the 50/50 easy/hard mix as equal loss weight).
+- every other combination draws ``num_negatives`` explicit negatives per
+  positive, ``round(n * hard_fraction)`` of them hard (topped up with easy
+  ones), easy ones from the catalogue (p ~ clicks^0.75) or from the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from streams.batches import SampleColumns
+from trainer import losses
+from trainer.frequency import FrequencyEstimator, item_fingerprints
+from trainer.model import TwoTowerModel
+from trainer.samplers import (
+    CatalogueSampler,
+    clicked_only,
+    hard_negative_matrix,
+    in_batch_negatives,
+    mix_negatives,
+    popularity_weights,
+    positive_multiplicity,
+)
+from trainer.sparse_optim import RowWiseAdagrad
+from trainer.vocabulary import DEFAULT_ROW
+
+MS_PER_DAY = 86_400_000
+_HARD_WIDTH = 8  # hard negatives kept per row in the in-batch listwise mix
+_SAMPLER_REFRESH_STEPS = 50  # rebuild the popularity sampler this often
+
+
+def event_day(event_time_ms: int) -> int:
+    """Days since the epoch (UTC) of an event time in milliseconds."""
+    return int(event_time_ms) // MS_PER_DAY
+
+
+@dataclass
+class LearnResult:
+    loss: float
+    samples: int  # positives learnt from (after re-sampling)
+    updated_user_rows: np.ndarray  # rows of the user ID table that changed
+    max_event_time_ms: int | None
+
+
+class Learner:
+    def __init__(
+        self,
+        model: TwoTowerModel,
+        training,
+        estimator: FrequencyEstimator,
+        *,
+        trainable: Literal["all", "user_ids"],
+        seed: int = 0,
+    ):
+        self.model = model
+        self.training = training
+        self.negatives = training.negatives
+        self.estimator = estimator
+        self.trainable = trainable
+        self.rng = np.random.default_rng(seed)
+        self.update_frequencies = True
+        self.steps = 0
+        self._sampler: CatalogueSampler | None = None
+        self._sampler_step = -1
+        self._sampler_size = -1
+        if trainable == "all":
+            model.requires_grad_(True)
+            tables = [t for t, _ in model.table_vocabularies()]
+            dense = model.user_tower.dense_parameters() + model.item_tower.dense_parameters()
+            self.table_optimizer: torch.optim.Optimizer = RowWiseAdagrad(tables, lr=training.full_embedding_learning_rate)
+            self.dense_optimizer: torch.optim.Optimizer | None = torch.optim.Adam(dense, lr=training.full_learning_rate)
+            self._item_cache_store: torch.Tensor | None = None
+            self._item_cache_size = 0
+        elif trainable == "user_ids":
+            model.requires_grad_(False)
+            table = model.user_tower.id_embedding
+            table.requires_grad_(True)
+            if training.online_optimizer == "sparse_adam":
+                self.table_optimizer = torch.optim.SparseAdam([table], lr=training.online_learning_rate)
+            else:
+                self.table_optimizer = RowWiseAdagrad([table], lr=training.online_learning_rate)
+            self.dense_optimizer = None
+            self._item_cache_store = model.catalogue_vectors()  # (capacity, D), frozen item tower
+            self._item_cache_size = len(self._item_cache_store)
+        else:
+            raise ValueError(f"trainable must be 'all' or 'user_ids', got {trainable!r}")
+
+    @property
+    def item_cache(self) -> torch.Tensor | None:
+        """(N, D) frozen item vectors of the catalogue (online only)."""
+        if self._item_cache_store is None:
+            return None
+        return self._item_cache_store[: self._item_cache_size]
+
+    def _cache_items(self, vectors: torch.Tensor) -> None:
+        """Append vectors of new catalogue items, doubling capacity as needed."""
+        store, size = self._item_cache_store, self._item_cache_size
+        needed = size + len(vectors)
+        if needed > len(store):
+            grown = store.new_zeros((max(needed, 2 * len(store)), store.shape[1]))
+            grown[:size] = store[:size]
+            store = self._item_cache_store = grown
+        store[size:needed] = vectors
+        self._item_cache_size = needed
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.table_optimizer, self.dense_optimizer) if o is not None]
+
+    # --- the contract ----------------------------------------------------------
+
+    def user_vectors(self, user_ids, categorical, numeric) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.user_vectors(self.model.user_inputs(user_ids, categorical, numeric))
+
+    def item_vectors(self, catalogue_indices: np.ndarray) -> torch.Tensor:
+        if self.item_cache is not None:
+            return self.item_cache[torch.as_tensor(catalogue_indices, dtype=torch.long)]
+        with torch.no_grad():
+            return self.model.item_vectors(self.model.catalogue_inputs(catalogue_indices))
+
+    def learn(self, samples: SampleColumns, where: str = "minibatch", observe: bool = True) -> LearnResult:
+        """One optimisation step on the clicked samples of ``samples``.
+
+        ``observe`` counts the samples' IDs as sightings (admitting new rows)
+        and adds their items to the catalogue; the full trainer does that in
+        its first, time-ordered pass and passes False. ``where`` names the
+        step in errors (file, minibatch number).
+        """
+        positives = clicked_only(samples)
+        if len(positives) == 0:
+            return LearnResult(0.0, 0, np.zeros(0, np.int64), None)
+        model = self.model
+        if observe:
+            self.observe(positives, event_day(int(positives.event_time_ms.max())))
+        fingerprints = item_fingerprints(positives.item_ids)
+        if self.update_frequencies:
+            self.estimator.update(positives.item_ids, fingerprints)
+        positive_probabilities = self.estimator.probability(fingerprints=fingerprints)
+        if self.training.positive_resampling.enabled:
+            positives, positive_probabilities = self._resample(positives, positive_probabilities)
+            if len(positives) == 0:
+                return LearnResult(0.0, 0, np.zeros(0, np.int64), None)
+
+        user_inputs = model.user_inputs(positives.user_ids, positives.user_categorical, positives.user_numeric)
+        positive_items = model.catalogue.indices(positives.item_ids)  # all known: observe added them
+        user_vectors = model.user_tower(user_inputs, sparse=True)  # (B, D)
+        loss = self._loss(positives, user_vectors, positive_items, positive_probabilities)
+        losses.check_finite(loss, where)
+
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        updated = self._updated_user_rows(user_inputs.id_rows)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.steps += 1
+        return LearnResult(float(loss.detach()), len(positives), updated, int(positives.event_time_ms.max()))
+
+    # --- pieces ----------------------------------------------------------------
+
+    def observe(self, positives: SampleColumns, day: int) -> None:
+        """Count sightings, admit new IDs, grow the tables and the catalogue."""
+        model = self.model
+        if self.trainable == "all":
+            new_rows = model.observe_users(positives.user_ids, positives.user_categorical, day)
+            new_rows.update(model.observe_items(positives.item_ids, positives.item_categorical, day))
+        else:
+            # Online, only user ID rows learn: new users get rows, unseen
+            # feature values and items keep reading the default rows.
+            new_rows = {id(model.user_tower.id_embedding): model.user_ids.observe(positives.user_ids, day)}
+        added = model.catalogue.update(positives.item_ids, positives.item_categorical, day)
+        model.sync_tables(new_rows, self.optimizers)
+        if self.item_cache is not None and len(added):
+            with torch.no_grad():
+                fresh = model.item_vectors(model.catalogue_inputs(added))  # (A, D)
+            self._cache_items(fresh)
+
+    def _resample(self, positives: SampleColumns, probabilities: np.ndarray) -> tuple[SampleColumns, np.ndarray]:
+        cfg = self.training.positive_resampling
+        repeats = positive_multiplicity(
+            probabilities, self.rng, cfg.exponent, cfg.reference_share, cfg.min_multiplicity, cfg.max_multiplicity
+        )
+        if np.all(repeats == 1):
+            return positives, probabilities
+        order = np.repeat(np.arange(len(positives)), repeats)
+        return positives.take(order), probabilities[order]
+
+    def _catalogue_sampler(self) -> CatalogueSampler:
+        size = len(self.model.catalogue)
+        stale = self.steps - self._sampler_step >= _SAMPLER_REFRESH_STEPS
+        if self._sampler is None or stale or size != self._sampler_size:
+            probabilities = self.estimator.probability(self.model.catalogue.ids)
+            self._sampler = CatalogueSampler(popularity_weights(probabilities, self.negatives.popularity_exponent))
+            self._sampler_step, self._sampler_size = self.steps, size
+        return self._sampler
+
+    def _hard_negatives(self, positives: SampleColumns, positive_items: np.ndarray, width: int) -> np.ndarray:
+        return hard_negative_matrix(positives.hard_negative_ids, positive_items, self.model.catalogue.indices, width, self.rng)
+
+    def _vectors_for(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Vectors of the unique catalogue indices in ``indices`` (-1 ignored)
+        and, for each entry of ``indices``, its row in them."""
+        flat = indices.reshape(-1)
+        unique, inverse = np.unique(np.where(flat >= 0, flat, 0), return_inverse=True)
+        if self.item_cache is not None:
+            vectors = self.item_cache[torch.from_numpy(unique)]
+        else:
+            vectors = self.model.item_vectors(self.model.catalogue_inputs(unique))  # learns the item tower
+        return vectors, inverse.reshape(indices.shape)
+
+    def _loss(self, positives, user_vectors, positive_items, positive_probabilities) -> torch.Tensor:
+        cfg, neg = self.training, self.negatives
+        temperature = self.model.temperature
+        b = len(positives)
+        if cfg.mode == "listwise" and neg.easy_source == "in_batch":
+            hard = self._hard_negatives(positives, positive_items, _HARD_WIDTH) if neg.hard_fraction > 0 else np.full((b, 0), -1)
+            vectors, rows = self._vectors_for(np.concatenate([positive_items[:, None], hard], axis=1))
+            positive_vectors = vectors[torch.from_numpy(rows[:, 0])]  # (B, D)
+            easy = losses.in_batch_softmax_loss(
+                user_vectors,
+                positive_vectors,
+                temperature,
+                torch.from_numpy(positive_probabilities).float() if neg.logq_correction else None,
+                torch.from_numpy(positive_items) if neg.remove_accidental_hits else None,
+            )
+            mask = torch.from_numpy(hard >= 0)  # (B, H)
+            has_hard = mask.any(dim=1)
+            if not bool(has_hard.any()):
+                return easy
+            hard_vectors = vectors[torch.from_numpy(rows[:, 1:])]  # (B, H, D)
+            positive_cos = (user_vectors * positive_vectors).sum(-1)  # (B,)
+            hard_cos = torch.einsum("bd,bhd->bh", user_vectors, hard_vectors)  # (B, H)
+            hard_loss = losses.sampled_softmax_loss(positive_cos[has_hard], hard_cos[has_hard], temperature, mask[has_hard])
+            return (1 - neg.hard_fraction) * easy + neg.hard_fraction * hard_loss
+
+        n = neg.num_negatives
+        hard = self._hard_negatives(positives, positive_items, n) if neg.hard_fraction > 0 else np.full((b, 0), -1)
+        if neg.easy_source == "catalogue":
+            easy = self._catalogue_sampler().sample((b, n), self.rng)
+        else:
+            positions = in_batch_negatives(positive_items, n, self.rng)
+            easy = np.where(positions >= 0, positive_items[np.maximum(positions, 0)], -1)
+        negatives = mix_negatives(hard, easy, n, neg.hard_fraction)  # (B, n)
+        mask = torch.from_numpy((negatives >= 0) & (negatives != positive_items[:, None]))
+        vectors, rows = self._vectors_for(np.concatenate([positive_items[:, None], negatives], axis=1))
+        positive_vectors = vectors[torch.from_numpy(rows[:, 0])]  # (B, D)
+        negative_vectors = vectors[torch.from_numpy(rows[:, 1:])]  # (B, n, D)
+        positive_cos = (user_vectors * positive_vectors).sum(-1)  # (B,)
+        negative_cos = torch.einsum("bd,bnd->bn", user_vectors, negative_vectors)  # (B, n)
+        if cfg.mode == "listwise":
+            return losses.sampled_softmax_loss(positive_cos, negative_cos, temperature, mask)
+        if cfg.mode == "pointwise":
+            return losses.pointwise_loss(positive_cos, negative_cos, temperature, mask)
+        if cfg.pairwise_loss == "hinge":
+            return losses.triplet_hinge_loss(positive_cos, negative_cos, cfg.margin, mask)
+        return losses.triplet_logistic_loss(positive_cos, negative_cos, cfg.pairwise_sigma, mask)
+
+    def _updated_user_rows(self, id_rows: torch.Tensor) -> np.ndarray:
+        """Rows whose gradient will be applied; online, the default row is
+        dropped from the gradient so it never moves."""
+        table = self.model.user_tower.id_embedding
+        grad = table.grad
+        if grad is None:
+            return np.zeros(0, np.int64)
+        grad = grad.coalesce()
+        rows = grad.indices()[0]
+        if self.trainable == "user_ids":
+            keep = rows != DEFAULT_ROW
+            rows = rows[keep]
+            table.grad = torch.sparse_coo_tensor(
+                rows.unsqueeze(0), grad.values()[keep], table.shape, is_coalesced=True, check_invariants=False
+            )
+        return rows.numpy().copy()
+
+
+__all__ = ["Learner", "LearnResult", "event_day"]

@@ -1,0 +1,332 @@
+"""The online trainer: follows the stream of batches in event-time order,
+one pass, and updates only the user ID embedding rows present in each
+batch (see ``Learner`` with ``trainable="user_ids"``).
+
+- It forks from the newest full model and trains every batch whose window
+  starts at or after that model's ``data_end_ms``.
+- When a newer full model appears it re-bases: it forks again from that
+  model and catches up on the batches since its data ended.
+- It records, per user row, the step that last changed it and the newest
+  event time it learnt from, so a publisher can take "the rows changed
+  since step S" and their freshness from any checkpoint.
+- Checkpoints are atomic (write, fsync, rename) and hold the table, the
+  optimiser rows, the vocabulary, the catalogue, the frequency estimator
+  and the position in the batch stream (``next_window_ms``): a restart
+  resumes after the last checkpointed batch, so no batch's effect is
+  applied twice and none is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from freshtower.config import Settings
+from streams.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
+from trainer.artifacts import (
+    ArtifactError,
+    LoadedModel,
+    _to_arrays,
+    _to_tensors,
+    full_models_dir,
+    latest_full_model,
+    load_full_model,
+)
+from trainer.catalogue import ItemCatalogue
+from trainer.frequency import FrequencyEstimator
+from trainer.learner import Learner
+from trainer.vocabulary import IdVocabulary
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class MissingModelError(FileNotFoundError):
+    """The online trainer needs a full model to fork from."""
+
+
+@dataclass
+class BatchReport:
+    window_start_ms: int
+    samples: int
+    seconds: float
+    mean_loss: float | None
+
+
+@dataclass
+class OnlineStats:
+    batches: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    rebases: int = 0
+    checkpoints: int = 0
+    recent: list[BatchReport] = field(default_factory=list)
+
+
+def checkpoint_path(settings: Settings) -> Path:
+    return settings.online_dir / CHECKPOINT_NAME
+
+
+class OnlineTrainer:
+    """User-ID-only online learning over batch files."""
+
+    def __init__(self, settings: Settings, base: LoadedModel):
+        self.settings = settings
+        self.spec = FeatureSpec.from_model(settings.model)
+        self.stats = OnlineStats()
+        self._fork(base)
+        self._last_checkpoint = time.monotonic()
+
+    # --- forking and re-basing --------------------------------------------------
+
+    def _fork(self, base: LoadedModel) -> None:
+        if base.settings.model != self.settings.model:
+            raise ArtifactError(f"full model {base.ref.version} was trained with another model shape than configured")
+        self.base = base.ref
+        self.model = base.model
+        self.model.eval()
+        self.learner = Learner(self.model, self.settings.training, base.estimator, trainable="user_ids", seed=self.settings.training.seed)
+        self.next_window_ms = base.ref.data_end_ms
+        rows = self.model.user_tower.id_embedding.shape[0]
+        # The full model's rows count as published with it (step 0).
+        self.step = 0
+        self.row_updated_step = np.zeros(rows, dtype=np.int64)
+        self.row_event_time_ms = np.zeros(rows, dtype=np.int64)
+        self.newest_event_time_ms = int(base.ref.data_end_ms)
+
+    def rebase_if_newer(self) -> bool:
+        """Fork from the newest full model if it is not our base; True if so."""
+        latest = latest_full_model(full_models_dir(self.settings))
+        if latest is None or latest.version == self.base.version:
+            return False
+        log.info("re-basing online trainer from %s onto %s", self.base.version, latest.version)
+        self._fork(load_full_model(latest))
+        self.stats.rebases += 1
+        self.checkpoint()
+        return True
+
+    # --- training ----------------------------------------------------------------
+
+    def pending(self) -> list[BatchRef]:
+        """Complete batches not trained yet, in window order."""
+        return [r for r in list_batches(self.settings.batches_dir) if r.window_start_ms >= self.next_window_ms]
+
+    def learn_batch(self, ref: BatchRef, samples: SampleColumns | None = None) -> BatchReport:
+        """Train one batch file in event-time order, one pass."""
+        if ref.window_start_ms < self.next_window_ms:
+            raise ValueError(f"batch {ref.path} starts before the stream position {self.next_window_ms}; refusing to train it twice")
+        if samples is None:
+            samples = read_batch(ref, self.spec)
+        started = time.perf_counter()
+        batch_size = self.settings.training.batch_size
+        losses: list[float] = []
+        trained = 0
+        for start in range(0, len(samples), batch_size):
+            minibatch = samples.take(np.arange(start, min(start + batch_size, len(samples))))
+            result = self.learner.learn(minibatch, where=f"{ref.path} minibatch {start // batch_size}")
+            if result.samples == 0:
+                continue
+            self.step += 1
+            self._track_rows(result.updated_user_rows, result.max_event_time_ms)
+            losses.append(result.loss)
+            trained += result.samples
+        seconds = time.perf_counter() - started
+        self.next_window_ms = ref.window_start_ms + 1
+        if ref.manifest.max_event_time_ms is not None:
+            self.newest_event_time_ms = max(self.newest_event_time_ms, ref.manifest.max_event_time_ms)
+        report = BatchReport(ref.window_start_ms, trained, seconds, float(np.mean(losses)) if losses else None)
+        self.stats.batches += 1
+        self.stats.samples += trained
+        self.stats.train_seconds += seconds
+        self.stats.recent = (self.stats.recent + [report])[-100:]
+        return report
+
+    def _track_rows(self, rows: np.ndarray, event_time_ms: int | None) -> None:
+        needed = self.model.user_tower.id_embedding.shape[0]
+        if len(self.row_updated_step) < needed:
+            self.row_updated_step = np.concatenate([self.row_updated_step, np.zeros(needed - len(self.row_updated_step), np.int64)])
+            self.row_event_time_ms = np.concatenate([self.row_event_time_ms, np.zeros(needed - len(self.row_event_time_ms), np.int64)])
+        if len(rows):
+            self.row_updated_step[rows] = self.step
+            if event_time_ms is not None:
+                np.maximum.at(self.row_event_time_ms, rows, event_time_ms)
+
+    def run(
+        self,
+        *,
+        follow: bool = False,
+        poll_seconds: float = 1.0,
+        max_batches: int | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        prefetch: bool = True,
+    ) -> OnlineStats:
+        """Train pending batches; with ``follow``, keep polling for new ones
+        (and new full models) until ``should_stop()``."""
+        reader = BatchPrefetcher(self.spec, enabled=prefetch)
+        trained = 0
+        try:
+            while not should_stop():
+                self.rebase_if_newer()
+                pending = self.pending()
+                if max_batches is not None:
+                    pending = pending[: max_batches - trained]
+                for ref, samples in reader.read(pending):
+                    report = self.learn_batch(ref, samples)
+                    trained += 1
+                    if on_batch:
+                        on_batch(report)
+                    self._maybe_checkpoint()
+                    if should_stop() or (max_batches is not None and trained >= max_batches):
+                        break
+                if not follow or (max_batches is not None and trained >= max_batches):
+                    break
+                if not pending:
+                    time.sleep(poll_seconds)
+        finally:
+            reader.close()
+            self.checkpoint()
+        return self.stats
+
+    # --- checkpoints --------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        period = self.settings.training.checkpoint_every_seconds
+        if time.monotonic() - self._last_checkpoint >= period:
+            self.checkpoint()
+
+    def checkpoint(self) -> Path:
+        """Write the trainer's state atomically; returns the path."""
+        table = self.model.user_tower.id_embedding
+        rows = len(self.model.user_ids)
+        optimizer_state = {
+            key: value[:rows].clone() if torch.is_tensor(value) and value.dim() >= 1 else value
+            for key, value in self.learner.table_optimizer.state.get(table, {}).items()
+        }
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "base_version": self.base.version,
+            "next_window_ms": int(self.next_window_ms),
+            "step": int(self.step),
+            "newest_event_time_ms": int(self.newest_event_time_ms),
+            "user_table": table.detach()[:rows].clone(),
+            "user_ids": self.model.user_ids.state_dict(),
+            "optimizer": optimizer_state,
+            "row_updated_step": torch.from_numpy(self.row_updated_step[:rows].copy()),
+            "row_event_time_ms": torch.from_numpy(self.row_event_time_ms[:rows].copy()),
+            "estimator": _to_tensors(self.learner.estimator.state_dict()),
+            "catalogue": self.model.catalogue.state_dict(),
+            "learner_steps": int(self.learner.steps),
+            "rng_state": self.learner.rng.bit_generator.state,
+            "written_at": time.time(),
+        }
+        path = checkpoint_path(self.settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._last_checkpoint = time.monotonic()
+        self.stats.checkpoints += 1
+        return path
+
+    def _restore(self, payload: dict) -> None:
+        model = self.model
+        model.user_ids = IdVocabulary.from_state_dict(payload["user_ids"])
+        model.catalogue = ItemCatalogue.from_state_dict(payload["catalogue"])
+        table = model.user_tower.id_embedding
+        table.data = payload["user_table"].clone()
+        optimizer = self.learner.table_optimizer
+        optimizer.state[table] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in payload["optimizer"].items()}
+        self.learner.estimator = FrequencyEstimator.from_state_dict(_to_arrays(payload["estimator"]))
+        self.learner._item_cache_store = model.catalogue_vectors()
+        self.learner._item_cache_size = len(self.learner._item_cache_store)
+        self.next_window_ms = int(payload["next_window_ms"])
+        self.step = int(payload["step"])
+        self.newest_event_time_ms = int(payload["newest_event_time_ms"])
+        self.row_updated_step = payload["row_updated_step"].numpy().copy()
+        self.row_event_time_ms = payload["row_event_time_ms"].numpy().copy()
+        self.learner.steps = int(payload["learner_steps"])
+        self.learner.rng.bit_generator.state = payload["rng_state"]
+
+    @classmethod
+    def start(cls, settings: Settings) -> "OnlineTrainer":
+        """Resume from the checkpoint if it is based on the newest full model,
+        else fork from the newest full model."""
+        latest = latest_full_model(full_models_dir(settings))
+        if latest is None:
+            raise MissingModelError(
+                f"no full model under {full_models_dir(settings)}: run `freshtower train full --day YYYY-MM-DD` first"
+            )
+        path = checkpoint_path(settings)
+        payload = load_checkpoint(path) if path.is_file() else None
+        if payload is not None and payload["base_version"] != latest.version:
+            log.info("checkpoint is based on %s, newest full model is %s: re-basing", payload["base_version"], latest.version)
+            payload = None
+        trainer = cls(settings, load_full_model(latest))
+        if payload is not None:
+            trainer._restore(payload)
+            log.info("resumed online trainer at window %d (step %d)", trainer.next_window_ms, trainer.step)
+        return trainer
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read an online checkpoint (tensors, lists and dicts only)."""
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as error:
+        raise ArtifactError(f"{path}: cannot load online checkpoint: {error}") from error
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
+    return payload
+
+
+def _decode(ref: BatchRef, spec: FeatureSpec) -> SampleColumns:
+    return read_batch(ref, spec)
+
+
+class BatchPrefetcher:
+    """Decodes the next batch files in a background process while the
+    trainer learns the current one (protobuf decoding costs about as much
+    CPU as the training step, and the machine has two cores)."""
+
+    def __init__(self, spec: FeatureSpec, enabled: bool = True, depth: int = 2):
+        self.spec = spec
+        self.depth = depth
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) if enabled else None
+
+    def read(self, refs: Iterable[BatchRef]):
+        refs = list(refs)
+        if self._pool is None:
+            for ref in refs:
+                yield ref, read_batch(ref, self.spec)
+            return
+        queue: list[tuple[BatchRef, Future]] = []
+        for ref in refs:
+            queue.append((ref, self._pool.submit(_decode, ref, self.spec)))
+            if len(queue) > self.depth:
+                done_ref, future = queue.pop(0)
+                yield done_ref, future.result()
+        for done_ref, future in queue:
+            yield done_ref, future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)

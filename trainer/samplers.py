@@ -1,0 +1,179 @@
+"""Positive and negative sampling for retrieval training.
+
+- Positives are clicked records only (``clicked_only``): shown-but-not-
+  clicked records are ranking-model negatives and never enter a retrieval
+  loss, as positives or as negatives.
+- Easy negatives: items drawn from the whole catalogue with probability
+  proportional to ``clicks ** 0.75`` (``CatalogueSampler``), or the other
+  items of the batch (``in_batch_negatives``).
+- Hard negatives: items a ranking stage dropped for the request
+  (``hard_negative_matrix``, from the records' ``hard_negative_ids``).
+- ``mix_negatives`` combines them (default 50% easy, 50% hard).
+- ``positive_multiplicity`` down-samples popular positives and up-samples
+  rare ones.
+
+Every function takes its random generator; nothing reads a global seed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from streams.batches import SampleColumns
+
+
+def clicked_only(columns: SampleColumns) -> SampleColumns:
+    """The clicked records of ``columns``: the only retrieval positives."""
+    clicked = np.flatnonzero(columns.labels == 1)
+    if len(clicked) == len(columns):
+        return columns
+    return columns.take(clicked)
+
+
+def popularity_weights(click_probabilities: np.ndarray, exponent: float = 0.75, floor: float = 1e-9) -> np.ndarray:
+    """Unnormalised sampling weights ``max(p, floor) ** exponent``.
+
+    The floor keeps never-clicked items reachable.
+    """
+    return np.maximum(np.asarray(click_probabilities, dtype=np.float64), floor) ** exponent
+
+
+class CatalogueSampler:
+    """Draws catalogue indices with probability proportional to ``weights``.
+
+    >>> sampler = CatalogueSampler(np.array([0.0, 1.0, 3.0]))
+    >>> draws = sampler.sample(4000, np.random.default_rng(0))
+    >>> sorted(set(draws.tolist())), bool(abs(np.mean(draws == 2) - 0.75) < 0.03)
+    ([1, 2], True)
+    """
+
+    def __init__(self, weights: np.ndarray):
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.ndim != 1 or len(weights) == 0:
+            raise ValueError("catalogue sampler needs a non-empty 1-d weight vector")
+        if np.any(weights < 0) or not np.all(np.isfinite(weights)):
+            raise ValueError("catalogue sampler weights must be finite and non-negative")
+        total = weights.sum()
+        if total <= 0:
+            raise ValueError("catalogue sampler weights sum to zero")
+        self.probabilities = weights / total
+        self._cumulative = np.cumsum(self.probabilities)
+        self._cumulative[-1] = 1.0
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def sample(self, count: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """Indices (int64) drawn with replacement, of shape ``count``."""
+        uniform = rng.random(count)
+        return np.searchsorted(self._cumulative, uniform, side="right").astype(np.int64)
+
+
+def in_batch_negatives(positive_keys: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, count) batch positions to use as negatives for each row: other rows
+    of the batch, never the row itself, drawn uniformly. A position whose
+    item equals the row's own positive is replaced by -1 (no negative).
+    """
+    b = len(positive_keys)
+    if b < 2:
+        return np.full((b, count), -1, dtype=np.int64)
+    offsets = rng.integers(1, b, size=(b, count))  # never 0: never the row itself
+    positions = (np.arange(b)[:, None] + offsets) % b
+    same_item = positive_keys[positions] == positive_keys[:, None]
+    positions[same_item] = -1
+    return positions
+
+
+def hard_negative_matrix(
+    hard_negative_ids: Sequence[Sequence[str]],
+    positive_items: np.ndarray,
+    catalogue_indices,
+    width: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """(B, width) catalogue indices of hard negatives per row, left-packed
+    and -1 padded.
+
+    Takes up to ``width`` of each record's ranking-dropped items, chosen at
+    random, skipping the row's own positive (``positive_items``, catalogue
+    indices) and items outside the catalogue. ``catalogue_indices`` maps a
+    list of IDs to indices (-1 unknown). Vectorised: one lookup per call.
+
+    >>> index = {"a": 0, "b": 1, "c": 2}
+    >>> lookup = lambda ids: np.array([index.get(i, -1) for i in ids])
+    >>> hard_negative_matrix([("a", "b", "zz"), ()], np.array([1, 0]), lookup, 2, np.random.default_rng(0)).tolist()
+    [[0, -1], [-1, -1]]
+    """
+    b = len(hard_negative_ids)
+    matrix = np.full((b, width), -1, dtype=np.int64)
+    if width == 0 or b == 0:
+        return matrix
+    counts = np.fromiter((len(c) for c in hard_negative_ids), dtype=np.int64, count=b)
+    if counts.sum() == 0:
+        return matrix
+    indices = catalogue_indices([h for candidates in hard_negative_ids for h in candidates])
+    rows = np.repeat(np.arange(b), counts)
+    valid = (indices >= 0) & (indices != positive_items[rows])
+    rows, indices = rows[valid], indices[valid]
+    if np.any(np.bincount(rows, minlength=b) > width):
+        # Random order within each row (rows stay grouped: the key's integer
+        # part is the row), then each row keeps its first `width`.
+        order = np.argsort(rows + rng.random(len(rows)), kind="stable")
+        rows, indices = rows[order], indices[order]
+    starts = np.searchsorted(rows, np.arange(b))
+    rank = np.arange(len(rows)) - starts[rows]
+    keep = rank < width
+    matrix[rows[keep], rank[keep]] = indices[keep]
+    return matrix
+
+
+def mix_negatives(
+    hard: np.ndarray,
+    easy: np.ndarray,
+    count: int,
+    hard_fraction: float,
+) -> np.ndarray:
+    """(B, count) negatives: ``round(count * hard_fraction)`` hard slots
+    first, filled from ``hard`` (left-packed, -1 padded) and topped up with
+    easy ones when a row has too few; the remaining slots are easy.
+
+    ``easy`` must have at least ``count`` columns.
+
+    >>> hard = np.array([[7, 8, -1], [-1, -1, -1]])
+    >>> easy = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    >>> mix_negatives(hard, easy, count=4, hard_fraction=0.5).tolist()
+    [[7, 8, 1, 2], [5, 6, 7, 8]]
+    """
+    b = easy.shape[0]
+    if easy.shape[1] < count:
+        raise ValueError(f"need at least {count} easy candidates per row, got {easy.shape[1]}")
+    n_hard = min(int(round(count * hard_fraction)), hard.shape[1])
+    taken = np.minimum((hard >= 0).sum(axis=1), n_hard)[:, None]  # (B, 1) hard slots used per row
+    columns = np.arange(count)[None, :]  # (1, count)
+    rows = np.arange(b)[:, None]
+    from_hard = hard[rows, np.minimum(columns, max(hard.shape[1] - 1, 0))] if hard.shape[1] else np.zeros((b, count), np.int64)
+    from_easy = easy[rows, np.maximum(columns - taken, 0)]
+    return np.where(columns < taken, from_hard, from_easy).astype(np.int64)
+
+
+def positive_multiplicity(
+    click_probabilities: np.ndarray,
+    rng: np.random.Generator,
+    exponent: float,
+    reference_share: float,
+    min_multiplicity: float,
+    max_multiplicity: float,
+) -> np.ndarray:
+    """How many times to use each positive: 0, 1, 2, ...
+
+    The expected multiplicity is ``(reference_share / p) ** exponent`` clipped
+    to [min, max]: an item clicked more often than the reference share is
+    down-sampled, a rarer one up-sampled. Stochastic rounding keeps the
+    expectation exact.
+    """
+    p = np.maximum(np.asarray(click_probabilities, dtype=np.float64), 1e-12)
+    expected = np.clip((reference_share / p) ** exponent, min_multiplicity, max_multiplicity)
+    whole = np.floor(expected)
+    return (whole + (rng.random(len(p)) < expected - whole)).astype(np.int64)
