@@ -121,6 +121,33 @@ def train_online_command(
     )
 
 
+@app.command("broker")
+def broker_command(ctx: typer.Context) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1 until Ctrl-C.
+
+    In-memory storage: stopping it loses every topic (batches, checkpoints
+    and releases live on disk and are not affected)."""
+    import time
+
+    from streams.broker import LocalBroker
+
+    settings = _settings(ctx)
+    if settings.kafka:
+        console.print(f"[red]FRESHTOWER_KAFKA is set ({settings.kafka}): use that broker, not the embedded one[/red]")
+        raise typer.Exit(2)
+    broker = LocalBroker(port=settings.broker_port).start()
+    console.print(f"broker listening on {broker.bootstrap} (Ctrl-C stops it)")
+    stopping = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+    try:
+        while not stopping["now"] and broker.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+
+
 @app.command("simulate")
 def simulate_command(
     ctx: typer.Context,

@@ -155,6 +155,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("freshtower-data"), description="batches, models, checkpoints, releases")
     kafka: str | None = Field(None, description="host:port of a real Kafka; unset starts the embedded broker")
+    broker_port: int = Field(9092, ge=1, le=65535, description="port of the embedded broker on 127.0.0.1")
     model: ModelConfig = ModelConfig()
     vocabulary: VocabularyConfig = VocabularyConfig()
     frequency: FrequencyConfig = FrequencyConfig()
@@ -180,6 +181,11 @@ class Settings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Where every Kafka client connects: the real Kafka if set, else the embedded broker."""
+        return self.kafka or f"127.0.0.1:{self.broker_port}"
 
     # Paths derived from data_dir, so that one setting moves everything.
     @property

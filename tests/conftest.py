@@ -44,3 +44,18 @@ def data_dir_with_batches(tmp_path, simulated_batches) -> Path:
     data_dir = tmp_path / "data"
     shutil.copytree(simulated_batches, data_dir / "batches")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """A real Kafka-protocol broker (Tansu) on a free loopback port, for the
+    whole session; stopped at the end."""
+    from streams.broker import LocalBroker, resolve_binary
+
+    home = tmp_path_factory.mktemp("broker-home")
+    broker = LocalBroker(binary=resolve_binary(home), log_path=home / "broker.log")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
