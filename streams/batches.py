@@ -48,6 +48,10 @@ import crc32c
 import numpy as np
 from tfrecord import example_pb2
 
+from streams import example_parser
+from streams.fingerprints import PAD, fingerprint_ranges, fingerprint_strings
+from streams.example_parser import Unsupported
+
 FORMAT_VERSION = 1
 _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
@@ -102,7 +106,13 @@ class FeatureSpec:
 
 @dataclass
 class SampleColumns:
-    """Decoded samples, column by column (N samples)."""
+    """Decoded samples, column by column (N samples).
+
+    Hard negatives are ragged: row i's are
+    ``hard_negative_flat[hard_negative_offsets[i]:hard_negative_offsets[i + 1]]``.
+    64-bit fingerprints of the IDs (``streams.fingerprints``), which the
+    trainers' lookups use, are computed on first use and kept.
+    """
 
     user_ids: list[str]
     item_ids: list[str]
@@ -113,16 +123,47 @@ class SampleColumns:
     user_categorical: dict[str, list[str]]  # name -> N values ("" unknown)
     user_numeric: np.ndarray  # (N, F) float32, FeatureSpec.user_numeric order
     item_categorical: dict[str, list[str]]
-    hard_negative_ids: list[tuple[str, ...]]
+    hard_negative_flat: list[str]  # every row's hard negatives, row after row
+    hard_negative_offsets: np.ndarray  # (N + 1,) int64
     teacher_scores: np.ndarray  # (N,) float32, NaN where absent
+    user_fingerprints: np.ndarray | None = None  # (N,) uint64
+    item_fingerprints: np.ndarray | None = None  # (N,) uint64
+    hard_negative_fingerprints: np.ndarray | None = None  # (len(flat),) uint64
 
     def __len__(self) -> int:
         return len(self.user_ids)
+
+    @property
+    def hard_negative_ids(self) -> list[tuple[str, ...]]:
+        """Row by row, as tuples (convenient, not for hot paths)."""
+        bounds = self.hard_negative_offsets.tolist()
+        return [tuple(self.hard_negative_flat[bounds[i] : bounds[i + 1]]) for i in range(len(self))]
+
+    def user_id_fingerprints(self) -> np.ndarray:
+        if self.user_fingerprints is None:
+            self.user_fingerprints = fingerprint_strings(self.user_ids)
+        return self.user_fingerprints
+
+    def item_id_fingerprints(self) -> np.ndarray:
+        if self.item_fingerprints is None:
+            self.item_fingerprints = fingerprint_strings(self.item_ids)
+        return self.item_fingerprints
+
+    def hard_negative_id_fingerprints(self) -> np.ndarray:
+        if self.hard_negative_fingerprints is None:
+            self.hard_negative_fingerprints = fingerprint_strings(self.hard_negative_flat)
+        return self.hard_negative_fingerprints
 
     def take(self, indices: Sequence[int] | np.ndarray) -> "SampleColumns":
         """The samples at ``indices``, in that order."""
         idx = np.asarray(indices, dtype=np.int64)
         pick = idx.tolist()
+        starts = self.hard_negative_offsets[idx]
+        counts = self.hard_negative_offsets[idx + 1] - starts
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        flat = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])  # source position of each
+        fingerprints = lambda column: None if column is None else column[idx]  # noqa: E731
         return SampleColumns(
             user_ids=[self.user_ids[i] for i in pick],
             item_ids=[self.item_ids[i] for i in pick],
@@ -133,8 +174,12 @@ class SampleColumns:
             user_categorical={k: [v[i] for i in pick] for k, v in self.user_categorical.items()},
             user_numeric=self.user_numeric[idx],
             item_categorical={k: [v[i] for i in pick] for k, v in self.item_categorical.items()},
-            hard_negative_ids=[self.hard_negative_ids[i] for i in pick],
+            hard_negative_flat=[self.hard_negative_flat[i] for i in flat.tolist()],
+            hard_negative_offsets=offsets,
             teacher_scores=self.teacher_scores[idx],
+            user_fingerprints=fingerprints(self.user_fingerprints),
+            item_fingerprints=fingerprints(self.item_fingerprints),
+            hard_negative_fingerprints=None if self.hard_negative_fingerprints is None else self.hard_negative_fingerprints[flat],
         )
 
     @staticmethod
@@ -143,6 +188,16 @@ class SampleColumns:
             return empty_columns(spec)
         if len(parts) == 1:
             return parts[0]
+        offsets = [np.zeros(1, np.int64)]
+        shift = 0
+        for p in parts:
+            offsets.append(p.hard_negative_offsets[1:] + shift)
+            shift += int(p.hard_negative_offsets[-1])
+
+        def joined(name: str):
+            columns = [getattr(p, name) for p in parts]
+            return None if any(c is None for c in columns) else np.concatenate(columns)
+
         return SampleColumns(
             user_ids=[u for p in parts for u in p.user_ids],
             item_ids=[u for p in parts for u in p.item_ids],
@@ -153,8 +208,12 @@ class SampleColumns:
             user_categorical={k: [v for p in parts for v in p.user_categorical[k]] for k in spec.user_categorical},
             user_numeric=np.concatenate([p.user_numeric for p in parts]),
             item_categorical={k: [v for p in parts for v in p.item_categorical[k]] for k in spec.item_categorical},
-            hard_negative_ids=[h for p in parts for h in p.hard_negative_ids],
+            hard_negative_flat=[h for p in parts for h in p.hard_negative_flat],
+            hard_negative_offsets=np.concatenate(offsets),
             teacher_scores=np.concatenate([p.teacher_scores for p in parts]),
+            user_fingerprints=joined("user_fingerprints"),
+            item_fingerprints=joined("item_fingerprints"),
+            hard_negative_fingerprints=joined("hard_negative_fingerprints"),
         )
 
 
@@ -169,7 +228,8 @@ def empty_columns(spec: FeatureSpec) -> SampleColumns:
         user_categorical={k: [] for k in spec.user_categorical},
         user_numeric=np.zeros((0, len(spec.user_numeric)), np.float32),
         item_categorical={k: [] for k in spec.item_categorical},
-        hard_negative_ids=[],
+        hard_negative_flat=[],
+        hard_negative_offsets=np.zeros(1, np.int64),
         teacher_scores=np.zeros(0, np.float32),
     )
 
@@ -486,41 +546,45 @@ def list_batches(batches_dir: Path | str, day: str | None = None) -> list[BatchR
 # --- decoding ------------------------------------------------------------------
 
 
-def iter_record_payloads(path: Path | str, data: bytes | None = None, end: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """Yield (byte offset, payload) of each record, checking both CRCs.
+def record_frames(path: Path | str, data: bytes, end: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frame offset, payload start, payload length) of each record up to
+    ``end`` bytes, checking both masked CRC32Cs of every record."""
+    limit = len(data) if end is None else end
+    if limit > len(data):
+        raise BatchFormatError(path, len(data), f"file is truncated: expected at least {limit} bytes")
+    offsets: list[int] = []
+    lengths: list[int] = []
+    view = memoryview(data)
+    offset = 0
+    unpack_length, unpack_crc, crc = _LENGTH.unpack_from, _CRC.unpack_from, masked_crc32c
+    while offset < limit:
+        if offset + _HEADER_BYTES > limit:
+            raise BatchFormatError(path, offset, "truncated record header")
+        (length,) = unpack_length(data, offset)
+        if crc(view[offset : offset + 8]) != unpack_crc(data, offset + 8)[0]:
+            raise BatchFormatError(path, offset, "record length fails its CRC (corrupt file)")
+        stop = offset + _HEADER_BYTES + length
+        if stop + _FOOTER_BYTES > limit:
+            raise BatchFormatError(path, offset, f"truncated record: {length} bytes announced")
+        if crc(view[offset + _HEADER_BYTES : stop]) != unpack_crc(data, stop)[0]:
+            raise BatchFormatError(path, offset, "record payload fails its CRC (corrupt file)")
+        offsets.append(offset)
+        lengths.append(length)
+        offset = stop + _FOOTER_BYTES
+    frame_offsets = np.asarray(offsets, dtype=np.int64)
+    return frame_offsets, frame_offsets + _HEADER_BYTES, np.asarray(lengths, dtype=np.int64)
 
-    ``end`` stops at that byte (the clicked section); it must fall on a
-    record boundary.
-    """
+
+def iter_record_payloads(path: Path | str, data: bytes | None = None, end: int | None = None) -> Iterator[tuple[int, memoryview]]:
+    """Yield (byte offset, payload) of each record, CRCs checked."""
     if data is None:
         try:
             data = Path(path).read_bytes()
         except OSError as error:
             raise BatchFormatError(path, None, f"cannot read batch file: {error}") from error
-    limit = len(data) if end is None else end
-    if limit > len(data):
-        raise BatchFormatError(path, len(data), f"file is truncated: expected at least {limit} bytes")
     view = memoryview(data)
-    offset = 0
-    unpack_length, unpack_crc = _LENGTH.unpack_from, _CRC.unpack_from
-    while offset < limit:
-        if offset + _HEADER_BYTES > limit:
-            raise BatchFormatError(path, offset, "truncated record header")
-        length_bytes = view[offset : offset + 8]
-        (length,) = unpack_length(data, offset)
-        (length_crc,) = unpack_crc(data, offset + 8)
-        if masked_crc32c(length_bytes) != length_crc:
-            raise BatchFormatError(path, offset, "record length fails its CRC (corrupt file)")
-        start = offset + _HEADER_BYTES
-        stop = start + length
-        if stop + _FOOTER_BYTES > limit:
-            raise BatchFormatError(path, offset, f"truncated record: {length} bytes announced")
-        payload = view[start:stop]
-        (payload_crc,) = unpack_crc(data, stop)
-        if masked_crc32c(payload) != payload_crc:
-            raise BatchFormatError(path, offset, "record payload fails its CRC (corrupt file)")
-        yield offset, payload
-        offset = stop + _FOOTER_BYTES
+    for offset, start, length in zip(*(a.tolist() for a in record_frames(path, data, end))):
+        yield offset, view[start : start + length]
 
 
 def _decode_strings(values: list[bytes], path, what: str) -> list[str]:
@@ -539,10 +603,91 @@ def _decode_strings(values: list[bytes], path, what: str) -> list[str]:
 def decode_records(path: Path | str, data: bytes, spec: FeatureSpec, end: int | None = None) -> SampleColumns:
     """Decode the records of one file (up to ``end`` bytes) into columns.
 
-    This is the trainers' hot read path: protobuf field access costs about a
-    microsecond, so the loop touches each field once and keeps raw bytes;
-    strings are decoded a column at a time afterwards.
+    This is the trainers' hot read path. All records are parsed at once with
+    numpy (``streams/example_parser.py``); records in an encoding that
+    parser does not cover go through the protobuf library instead, which
+    also produces the error (with its byte offset) for a malformed record.
     """
+    frames = record_frames(path, data, end)
+    try:
+        return _decode_vectorised(data, frames, spec)
+    except Unsupported:
+        return _decode_with_protobuf(path, data, spec, frames)
+
+
+_REQUIRED_STRINGS = (b"user_id", b"item_id", b"request_id")
+_REQUIRED_INTS = (b"label", b"event_time_ms", b"position")
+
+
+def _decode_vectorised(data: bytes, frames, spec: FeatureSpec) -> SampleColumns:
+    _, starts, lengths = frames
+    n = len(starts)
+    if n == 0:
+        return empty_columns(spec)
+    buf = np.frombuffer(data + b"\x00" * PAD, dtype=np.uint8)  # fingerprints read 8-byte words
+    user_cat = [("user_cat/" + name).encode() for name in spec.user_categorical]
+    user_num = [("user_num/" + name).encode() for name in spec.user_numeric]
+    item_cat = [("item_cat/" + name).encode() for name in spec.item_categorical]
+    keys = [*_REQUIRED_STRINGS, *_REQUIRED_INTS, *user_cat, *user_num, *item_cat, b"hard_negative_ids", b"teacher_score"]
+    found = example_parser.locate_features(buf, starts, starts + lengths, keys)
+
+    def ranges(key: bytes, required: bool):
+        records, value_start, value_end = example_parser.bytes_values(buf, found[key], key, first_only=True)
+        if required and len(records) != n:
+            raise Unsupported(f"a record lacks {key!r}")  # the protobuf path reports which
+        return records, value_start, value_end
+
+    def strings(key: bytes, required: bool) -> list[str]:
+        records, value_start, value_end = ranges(key, required)
+        values = example_parser.gather_strings(buf, value_start, value_end)
+        if len(records) == n:
+            return values
+        column = [""] * n
+        for record, value in zip(records.tolist(), values):
+            column[record] = value
+        return column
+
+    def identifiers(key: bytes) -> tuple[list[str], np.ndarray]:
+        _, value_start, value_end = ranges(key, True)
+        return example_parser.gather_strings(buf, value_start, value_end), fingerprint_ranges(buf, value_start, value_end)
+
+    def integers(key: bytes) -> np.ndarray:
+        values, present = example_parser.int64_first(buf, found[key], key)
+        if not present.all():
+            raise Unsupported(f"a record lacks {key!r}")
+        return values
+
+    numeric = np.zeros((n, len(user_num)), dtype=np.float32)
+    for j, key in enumerate(user_num):
+        numeric[:, j], _ = example_parser.float_first(buf, found[key], key)  # absent: 0.0
+    teacher, has_teacher = example_parser.float_first(buf, found[b"teacher_score"], b"teacher_score")
+    teacher[~has_teacher] = np.nan
+    records, value_start, value_end = example_parser.bytes_values(buf, found[b"hard_negative_ids"], b"hard_negative_ids", first_only=False)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(records, minlength=n), out=offsets[1:])
+    user_ids, user_fingerprints = identifiers(b"user_id")
+    item_ids, item_fingerprints = identifiers(b"item_id")
+    return SampleColumns(
+        user_ids=user_ids,
+        item_ids=item_ids,
+        labels=integers(b"label").astype(np.int8),
+        event_time_ms=integers(b"event_time_ms"),
+        request_ids=strings(b"request_id", True),
+        positions=integers(b"position").astype(np.int32),
+        user_categorical={name: strings(key, False) for name, key in zip(spec.user_categorical, user_cat)},
+        user_numeric=numeric,
+        item_categorical={name: strings(key, False) for name, key in zip(spec.item_categorical, item_cat)},
+        hard_negative_flat=example_parser.gather_strings(buf, value_start, value_end),
+        hard_negative_offsets=offsets,
+        teacher_scores=teacher,
+        user_fingerprints=user_fingerprints,
+        item_fingerprints=item_fingerprints,
+        hard_negative_fingerprints=fingerprint_ranges(buf, value_start, value_end),
+    )
+
+
+def _decode_with_protobuf(path: Path | str, data: bytes, spec: FeatureSpec, frames) -> SampleColumns:
+    """The reference decoder: one ``Example.FromString`` per record."""
     user_ids: list[bytes] = []
     item_ids: list[bytes] = []
     labels: list[int] = []
@@ -558,7 +703,9 @@ def decode_records(path: Path | str, data: bytes, spec: FeatureSpec, end: int | 
     teacher: list[float] = []
     parse = example_pb2.Example.FromString
     nan = float("nan")
-    for offset, payload in iter_record_payloads(path, data, end):
+    view = memoryview(data)
+    for offset, start, length in zip(*(a.tolist() for a in frames)):
+        payload = view[start : start + length]
         try:
             # A missing key reads as an empty Feature (protobuf map
             # semantics), so required fields fail on [0] below.
@@ -586,9 +733,8 @@ def decode_records(path: Path | str, data: bytes, spec: FeatureSpec, end: int | 
         except Exception as error:  # protobuf's DecodeError, IndexError
             raise BatchFormatError(path, offset, f"record is not a valid training sample: {error!r}") from error
     n = len(user_ids)
-    hard_strings = _decode_strings(hard_flat, path, "hard_negative_ids")
-    bounds = np.concatenate([[0], np.cumsum(hard_counts)]).tolist() if n else [0]
-    hard = [tuple(hard_strings[bounds[i] : bounds[i + 1]]) for i in range(n)]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.asarray(hard_counts, dtype=np.int64), out=offsets[1:])
     return SampleColumns(
         user_ids=_decode_strings(user_ids, path, "user_id"),
         item_ids=_decode_strings(item_ids, path, "item_id"),
@@ -599,7 +745,8 @@ def decode_records(path: Path | str, data: bytes, spec: FeatureSpec, end: int | 
         user_categorical={k[len("user_cat/") :]: _decode_strings(c, path, k) for k, c in user_cat},
         user_numeric=np.asarray(numeric, dtype=np.float32).reshape(n, len(user_num_keys)),
         item_categorical={k[len("item_cat/") :]: _decode_strings(c, path, k) for k, c in item_cat},
-        hard_negative_ids=hard,
+        hard_negative_flat=_decode_strings(hard_flat, path, "hard_negative_ids"),
+        hard_negative_offsets=offsets,
         teacher_scores=np.asarray(teacher, dtype=np.float32),
     )
 

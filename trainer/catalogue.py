@@ -11,10 +11,15 @@ new catalogue).
 
 from __future__ import annotations
 
-from itertools import repeat
+import logging
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from streams.fingerprints import fingerprint_strings
+from trainer.fingerprint_table import FingerprintTable
+
+log = logging.getLogger(__name__)
 
 
 class ItemCatalogue:
@@ -31,6 +36,7 @@ class ItemCatalogue:
         self.categorical_names = tuple(categorical_names)
         self.ids: list[str] = []
         self._index: dict[str, int] = {}
+        self._by_fingerprint = FingerprintTable()  # hot-path lookups (see trainer/vocabulary.py)
         self._features: list[tuple[str, ...]] = []
         self._last_seen = np.zeros(16, dtype=np.int32)
         self._incomplete: set[int] = set()  # items with an unknown ("") feature value
@@ -41,24 +47,40 @@ class ItemCatalogue:
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._index
 
-    def indices(self, item_ids: Sequence[str]) -> np.ndarray:
+    def indices(self, item_ids: Sequence[str], fingerprints: np.ndarray | None = None) -> np.ndarray:
         """Dense index per item (int64), -1 for items not in the catalogue."""
-        return np.fromiter(map(self._index.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
+        if fingerprints is None:
+            fingerprints = fingerprint_strings(item_ids)
+        return self._by_fingerprint.get(fingerprints)
+
+    def indices_of_fingerprints(self, fingerprints: np.ndarray) -> np.ndarray:
+        return self._by_fingerprint.get(fingerprints)
+
+    def _index_new(self, fingerprints: np.ndarray, indices: np.ndarray) -> None:
+        clash = self._by_fingerprint.get(fingerprints) >= 0
+        if clash.any():
+            log.warning("64-bit fingerprint collision among items %s", [self.ids[i] for i in indices[clash].tolist()])
+            fingerprints, indices = fingerprints[~clash], indices[~clash]
+        self._by_fingerprint.put(fingerprints, indices)
 
     def update(
         self,
         item_ids: Sequence[str],
         categorical: Mapping[str, Sequence[str]] | None = None,
         day: int = 0,
+        fingerprints: np.ndarray | None = None,
     ) -> np.ndarray:
         """Add unseen items, fill in unknown features of known ones, mark
         them seen on ``day``. Returns the indices of the items added.
 
-        Known items with complete features cost one dict lookup: this runs
+        Known items with complete features cost one table probe: this runs
         on every training minibatch."""
         columns = [categorical.get(name) if categorical else None for name in self.categorical_names]
-        indices = self.indices(item_ids)
+        if fingerprints is None:
+            fingerprints = fingerprint_strings(item_ids)
+        indices = self._by_fingerprint.get(fingerprints)
         added: list[int] = []
+        added_fingerprints: list[int] = []
         for position in np.flatnonzero(indices < 0).tolist():
             item_id = item_ids[position]
             if not item_id:
@@ -73,7 +95,10 @@ class ItemCatalogue:
                 if "" in values:
                     self._incomplete.add(index)
                 added.append(index)
+                added_fingerprints.append(int(fingerprints[position]))
             indices[position] = index
+        if added:
+            self._index_new(np.asarray(added_fingerprints, dtype=np.uint64), np.asarray(added, dtype=np.int64))
         if self._incomplete and any(c is not None for c in columns):
             for position in np.flatnonzero(np.isin(indices, list(self._incomplete))).tolist():
                 index = int(indices[position])
@@ -130,4 +155,6 @@ class ItemCatalogue:
         catalogue._last_seen = np.zeros(max(16, len(catalogue.ids)), dtype=np.int32)
         catalogue._last_seen[: len(catalogue.ids)] = np.asarray(state["last_seen"], dtype=np.int32)
         catalogue._incomplete = {i for i, f in enumerate(catalogue._features) if "" in f}
+        catalogue._by_fingerprint = FingerprintTable(2 * len(catalogue.ids))
+        catalogue._index_new(fingerprint_strings(catalogue.ids), np.arange(len(catalogue.ids), dtype=np.int64))
         return catalogue

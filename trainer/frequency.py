@@ -22,20 +22,15 @@ Pure numpy: no clocks, files or Kafka; the step counter is the only time.
 
 from __future__ import annotations
 
-import zlib
 from typing import Sequence
 
 import numpy as np
 
+from streams.fingerprints import fingerprint_strings
+
 # Multiply-shift hashing, one (odd multiplier, offset) pair per array.
 _HASH_A = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5)
 _HASH_B = (0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1)
-
-
-def item_fingerprints(item_ids: Sequence[str]) -> np.ndarray:
-    """Stable 32-bit fingerprints of raw item IDs (CRC32 of their UTF-8)."""
-    crc = zlib.crc32
-    return np.fromiter((crc(i.encode()) for i in item_ids), dtype=np.uint64, count=len(item_ids))
 
 
 class FrequencyEstimator:
@@ -61,12 +56,15 @@ class FrequencyEstimator:
         self.sightings = np.zeros((hashes, buckets), dtype=np.int64)  # n, for debiasing
 
     def _buckets(self, fingerprints: np.ndarray) -> np.ndarray:
-        """(hashes, n) bucket of each fingerprint in each array."""
+        """(hashes, n) bucket of each 64-bit ID fingerprint
+        (``streams.fingerprints``) in each array."""
         rows = []
-        for h in range(self.hashes):
-            # uint64 multiplication wraps around, which is what mixes the bits.
-            mixed = ((fingerprints + np.uint64(_HASH_B[h])) * np.uint64(_HASH_A[h])) >> np.uint64(29)
-            rows.append((mixed % np.uint64(self.buckets)).astype(np.int64))
+        fingerprints = np.asarray(fingerprints, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for h in range(self.hashes):
+                # uint64 multiplication wraps around, which is what mixes the bits.
+                mixed = ((fingerprints + np.uint64(_HASH_B[h])) * np.uint64(_HASH_A[h])) >> np.uint64(29)
+                rows.append((mixed % np.uint64(self.buckets)).astype(np.int64))
         return np.stack(rows)
 
     def update(self, item_ids: Sequence[str], fingerprints: np.ndarray | None = None) -> None:
@@ -79,7 +77,7 @@ class FrequencyEstimator:
         if n == 0:
             return
         if fingerprints is None:
-            fingerprints = item_fingerprints(item_ids)
+            fingerprints = fingerprint_strings(item_ids)
         steps = np.arange(self.step + 1, self.step + n + 1, dtype=np.int64)
         keep = 1.0 - self.alpha
         for h, bucket in enumerate(self._buckets(fingerprints)):
@@ -104,16 +102,19 @@ class FrequencyEstimator:
         self.step += n
 
     def expected_gap(self, item_ids: Sequence[str] | None = None, fingerprints: np.ndarray | None = None) -> np.ndarray:
-        """Debiased gap estimate per item (steps); 0 where never seen."""
+        """Debiased gap estimate per item (steps); 0 where never seen.
+
+        An item is never-seen if any of its cells is (collisions can only
+        fill cells, never empty them), as in a count-min sketch."""
         if fingerprints is None:
-            fingerprints = item_fingerprints(item_ids or [])
+            fingerprints = fingerprint_strings(item_ids or [])
         buckets = self._buckets(fingerprints)
         rows = np.arange(self.hashes)[:, None]
         gap = self.gap[rows, buckets]
         seen = self.sightings[rows, buckets]
         with np.errstate(divide="ignore", invalid="ignore"):
             debiased = np.where(seen > 0, gap / (1.0 - (1.0 - self.alpha) ** seen), 0.0)
-        return debiased.max(axis=0)
+        return np.where((seen > 0).all(axis=0), debiased.max(axis=0), 0.0)
 
     def probability(self, item_ids: Sequence[str] | None = None, fingerprints: np.ndarray | None = None) -> np.ndarray:
         """Estimated share of the stream per item, ``1 / gap``; 0 where never seen."""

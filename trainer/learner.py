@@ -30,7 +30,7 @@ import torch
 
 from streams.batches import SampleColumns
 from trainer import losses
-from trainer.frequency import FrequencyEstimator, item_fingerprints
+from trainer.frequency import FrequencyEstimator
 from trainer.model import TwoTowerModel
 from trainer.samplers import (
     CatalogueSampler,
@@ -153,17 +153,19 @@ class Learner:
         model = self.model
         if observe:
             self.observe(positives, event_day(int(positives.event_time_ms.max())))
-        fingerprints = item_fingerprints(positives.item_ids)
+        item_fingerprints = positives.item_id_fingerprints()
         if self.update_frequencies:
-            self.estimator.update(positives.item_ids, fingerprints)
-        positive_probabilities = self.estimator.probability(fingerprints=fingerprints)
+            self.estimator.update(positives.item_ids, item_fingerprints)
+        positive_probabilities = self.estimator.probability(fingerprints=item_fingerprints)
         if self.training.positive_resampling.enabled:
             positives, positive_probabilities = self._resample(positives, positive_probabilities)
             if len(positives) == 0:
                 return LearnResult(0.0, 0, np.zeros(0, np.int64), None)
 
-        user_inputs = model.user_inputs(positives.user_ids, positives.user_categorical, positives.user_numeric)
-        positive_items = model.catalogue.indices(positives.item_ids)  # all known: observe added them
+        user_inputs = model.user_inputs(
+            positives.user_ids, positives.user_categorical, positives.user_numeric, positives.user_id_fingerprints()
+        )
+        positive_items = model.catalogue.indices(positives.item_ids, positives.item_id_fingerprints())  # observe added them
         user_vectors = model.user_tower(user_inputs, sparse=True)  # (B, D)
         loss = self._loss(positives, user_vectors, positive_items, positive_probabilities)
         losses.check_finite(loss, where)
@@ -182,14 +184,15 @@ class Learner:
     def observe(self, positives: SampleColumns, day: int) -> None:
         """Count sightings, admit new IDs, grow the tables and the catalogue."""
         model = self.model
+        users, items = positives.user_id_fingerprints(), positives.item_id_fingerprints()
         if self.trainable == "all":
-            new_rows = model.observe_users(positives.user_ids, positives.user_categorical, day)
-            new_rows.update(model.observe_items(positives.item_ids, positives.item_categorical, day))
+            new_rows = model.observe_users(positives.user_ids, positives.user_categorical, day, users)
+            new_rows.update(model.observe_items(positives.item_ids, positives.item_categorical, day, items))
         else:
             # Online, only user ID rows learn: new users get rows, unseen
             # feature values and items keep reading the default rows.
-            new_rows = {id(model.user_tower.id_embedding): model.user_ids.observe(positives.user_ids, day)}
-        added = model.catalogue.update(positives.item_ids, positives.item_categorical, day)
+            new_rows = {id(model.user_tower.id_embedding): model.user_ids.observe(positives.user_ids, day, users)}
+        added = model.catalogue.update(positives.item_ids, positives.item_categorical, day, items)
         model.sync_tables(new_rows, self.optimizers)
         if self.item_cache is not None and len(added):
             with torch.no_grad():
@@ -216,7 +219,8 @@ class Learner:
         return self._sampler
 
     def _hard_negatives(self, positives: SampleColumns, positive_items: np.ndarray, width: int) -> np.ndarray:
-        return hard_negative_matrix(positives.hard_negative_ids, positive_items, self.model.catalogue.indices, width, self.rng)
+        candidates = self.model.catalogue.indices_of_fingerprints(positives.hard_negative_id_fingerprints())
+        return hard_negative_matrix(positives.hard_negative_offsets, candidates, positive_items, width, self.rng)
 
     def _vectors_for(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Vectors of the unique catalogue indices in ``indices`` (-1 ignored)

@@ -140,15 +140,19 @@ class TwoTowerModel(nn.Module):
             if rows is not None and len(rows):
                 reset_rows(table, torch.as_tensor(rows, dtype=torch.long), optimizers)
 
-    def observe_users(self, user_ids: Sequence[str], categorical: Mapping[str, Sequence[str]], day: int) -> dict[int, np.ndarray]:
+    def observe_users(
+        self, user_ids: Sequence[str], categorical: Mapping[str, Sequence[str]], day: int, fingerprints: np.ndarray | None = None
+    ) -> dict[int, np.ndarray]:
         """Count sightings of users and their feature values; new rows by table."""
-        new = {id(self.user_tower.id_embedding): self.user_ids.observe(user_ids, day)}
+        new = {id(self.user_tower.id_embedding): self.user_ids.observe(user_ids, day, fingerprints)}
         for table, name in zip(self.user_tower.categorical_embeddings, self.user_categorical):
             new[id(table)] = self.user_values[name].observe(categorical[name], day)
         return new
 
-    def observe_items(self, item_ids: Sequence[str], categorical: Mapping[str, Sequence[str]], day: int) -> dict[int, np.ndarray]:
-        new = {id(self.item_tower.id_embedding): self.item_ids.observe(item_ids, day)}
+    def observe_items(
+        self, item_ids: Sequence[str], categorical: Mapping[str, Sequence[str]], day: int, fingerprints: np.ndarray | None = None
+    ) -> dict[int, np.ndarray]:
+        new = {id(self.item_tower.id_embedding): self.item_ids.observe(item_ids, day, fingerprints)}
         for table, name in zip(self.item_tower.categorical_embeddings, self.item_categorical):
             new[id(table)] = self.item_values[name].observe(categorical[name], day)
         return new
@@ -160,15 +164,17 @@ class TwoTowerModel(nn.Module):
         user_ids: Sequence[str],
         categorical: Mapping[str, Sequence[str]],
         numeric: np.ndarray | torch.Tensor,
+        fingerprints: np.ndarray | None = None,
     ) -> TowerInputs:
-        """Raw user fields -> rows; unknown IDs and values read row 0."""
+        """Raw user fields -> rows; unknown IDs and values read row 0.
+        ``fingerprints`` of the user IDs save recomputing them."""
         n = len(user_ids)
         categorical_rows = np.zeros((n, len(self.user_categorical)), dtype=np.int64)
         for j, name in enumerate(self.user_categorical):
             if name in categorical:
                 categorical_rows[:, j] = self.user_values[name].lookup(categorical[name])
         return TowerInputs(
-            torch.from_numpy(self.user_ids.lookup(user_ids)),
+            torch.from_numpy(self.user_ids.lookup(user_ids, fingerprints)),
             torch.from_numpy(categorical_rows),
             torch.as_tensor(numeric, dtype=torch.float32).reshape(n, len(self.user_numeric)),
         )

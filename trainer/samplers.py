@@ -7,7 +7,7 @@
   proportional to ``clicks ** 0.75`` (``CatalogueSampler``), or the other
   items of the batch (``in_batch_negatives``).
 - Hard negatives: items a ranking stage dropped for the request
-  (``hard_negative_matrix``, from the records' ``hard_negative_ids``).
+  (``hard_negative_matrix``, from the records' hard negative IDs).
 - ``mix_negatives`` combines them (default 50% easy, 50% hard).
 - ``positive_multiplicity`` down-samples popular positives and up-samples
   rare ones.
@@ -87,36 +87,30 @@ def in_batch_negatives(positive_keys: np.ndarray, count: int, rng: np.random.Gen
 
 
 def hard_negative_matrix(
-    hard_negative_ids: Sequence[Sequence[str]],
+    offsets: np.ndarray,
+    candidates: np.ndarray,
     positive_items: np.ndarray,
-    catalogue_indices,
     width: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """(B, width) catalogue indices of hard negatives per row, left-packed
     and -1 padded.
 
-    Takes up to ``width`` of each record's ranking-dropped items, chosen at
-    random, skipping the row's own positive (``positive_items``, catalogue
-    indices) and items outside the catalogue. ``catalogue_indices`` maps a
-    list of IDs to indices (-1 unknown). Vectorised: one lookup per call.
+    Row i's ranking-dropped items are ``candidates[offsets[i]:offsets[i+1]]``
+    (catalogue indices, -1 for items outside the catalogue). Takes up to
+    ``width`` of them at random, skipping the row's own positive
+    (``positive_items``) and unknown items. Vectorised.
 
-    >>> index = {"a": 0, "b": 1, "c": 2}
-    >>> lookup = lambda ids: np.array([index.get(i, -1) for i in ids])
-    >>> hard_negative_matrix([("a", "b", "zz"), ()], np.array([1, 0]), lookup, 2, np.random.default_rng(0)).tolist()
+    >>> hard_negative_matrix(np.array([0, 3, 3]), np.array([0, 1, -1]), np.array([1, 0]), 2, np.random.default_rng(0)).tolist()
     [[0, -1], [-1, -1]]
     """
-    b = len(hard_negative_ids)
+    b = len(offsets) - 1
     matrix = np.full((b, width), -1, dtype=np.int64)
-    if width == 0 or b == 0:
+    if width == 0 or b == 0 or len(candidates) == 0:
         return matrix
-    counts = np.fromiter((len(c) for c in hard_negative_ids), dtype=np.int64, count=b)
-    if counts.sum() == 0:
-        return matrix
-    indices = catalogue_indices([h for candidates in hard_negative_ids for h in candidates])
-    rows = np.repeat(np.arange(b), counts)
-    valid = (indices >= 0) & (indices != positive_items[rows])
-    rows, indices = rows[valid], indices[valid]
+    rows = np.repeat(np.arange(b), np.diff(offsets))
+    valid = (candidates >= 0) & (candidates != positive_items[rows])
+    rows, indices = rows[valid], candidates[valid]
     if np.any(np.bincount(rows, minlength=b) > width):
         # Random order within each row (rows stay grouped: the key's integer
         # part is the row), then each row keeps its first `width`.

@@ -1,14 +1,20 @@
 """Collisionless ID vocabularies: raw string ID -> embedding row.
 
 As in Monolith, a table grows as new IDs arrive instead of hashing them into
-a fixed number of buckets (no two IDs ever share a learned row), with two
-guards on its size:
+a fixed number of buckets, with two guards on its size:
 
 - a frequency filter: an ID gets its own row only after ``min_count``
   sightings; until then it reads the shared default row 0 (the cold-start
   embedding);
 - expiry: an ID unseen for ``expiry_days`` days loses its row, which is
   reused by a later ID.
+
+Hot-path lookups go through the ID's 64-bit fingerprint
+(``streams.fingerprints``) in a numpy hash table: Monolith likewise keys its
+tables by 64-bit feature IDs. Two IDs would share a row only if their
+fingerprints collided (probability about n^2 / 2^65: 3e-8 for a million
+IDs); the exact ID -> row dict is kept beside the table, detects such a
+collision when the second ID would be admitted, and logs it.
 
 A sighting is whatever the caller says it is; the trainers count training
 samples (clicks). The vocabulary holds no tensors: the model grows its
@@ -18,12 +24,16 @@ tables to ``len(vocabulary)`` rows and initialises the rows that
 
 from __future__ import annotations
 
-from itertools import repeat
-from typing import Iterable, Sequence
+import logging
+from typing import Sequence
 
 import numpy as np
 
+from streams.fingerprints import fingerprint_strings
+from trainer.fingerprint_table import FingerprintTable
+
 DEFAULT_ROW = 0
+log = logging.getLogger(__name__)
 
 
 class IdVocabulary:
@@ -42,10 +52,12 @@ class IdVocabulary:
         self.min_count = min_count
         self.expiry_days = expiry_days
         self._rows: dict[str, int] = {}
+        self._by_fingerprint = FingerprintTable()
         self._row_ids: list[str | None] = [None]  # row -> ID; row 0 is the default row
         self._last_seen = np.zeros(16, dtype=np.int32)  # row -> last day seen
         self._free_rows: list[int] = []
         self._pending: dict[str, list[int]] = {}  # not yet admitted: ID -> [sightings, last day]
+        self.collisions = 0
 
     def __len__(self) -> int:
         """Rows in use, including the default row and freed rows awaiting reuse."""
@@ -65,25 +77,37 @@ class IdVocabulary:
     def id_of(self, row: int) -> str | None:
         return self._row_ids[row]
 
-    def lookup(self, raw_ids: Sequence[str]) -> np.ndarray:
-        """Rows of ``raw_ids`` (int64); unknown or not-yet-admitted IDs read row 0."""
-        return np.fromiter(map(self._rows.get, raw_ids, repeat(DEFAULT_ROW)), dtype=np.int64, count=len(raw_ids))
+    def lookup(self, raw_ids: Sequence[str], fingerprints: np.ndarray | None = None) -> np.ndarray:
+        """Rows of ``raw_ids`` (int64); unknown or not-yet-admitted IDs read row 0.
+        Pass the IDs' ``fingerprints`` if they are at hand."""
+        if fingerprints is None:
+            fingerprints = fingerprint_strings(raw_ids)
+        rows = self._by_fingerprint.get(fingerprints)
+        rows[rows < 0] = DEFAULT_ROW
+        return rows
 
-    def observe(self, raw_ids: Iterable[str], day: int) -> np.ndarray:
+    def observe(self, raw_ids: Sequence[str], day: int, fingerprints: np.ndarray | None = None) -> np.ndarray:
         """Count one sighting of each ID on ``day`` (days since the epoch);
         return the rows newly assigned (to be initialised by the caller).
 
         Empty IDs are ignored: they stand for "unknown" and stay on row 0.
+        Known IDs cost a table probe; only unknown ones touch Python dicts.
         """
-        rows = self._rows
+        if fingerprints is None:
+            fingerprints = fingerprint_strings(raw_ids)
+        rows = self._by_fingerprint.get(fingerprints)
+        known = rows[rows >= 0]
+        if len(known):
+            self._last_seen[known] = day
         new_rows: list[int] = []
-        touched: list[int] = []
-        for raw_id in raw_ids:
-            row = rows.get(raw_id)
-            if row is not None:
-                touched.append(row)
-                continue
+        new_fingerprints: list[int] = []
+        for position in np.flatnonzero(rows < 0).tolist():
+            raw_id = raw_ids[position]
             if not raw_id:
+                continue
+            row = self._rows.get(raw_id)  # admitted earlier in this call
+            if row is not None:
+                self._last_seen[row] = day
                 continue
             pending = self._pending.get(raw_id)
             count = 1 if pending is None else pending[0] + 1
@@ -97,11 +121,26 @@ class IdVocabulary:
             if pending is not None:
                 del self._pending[raw_id]
             row = self._assign(raw_id)
+            self._last_seen[row] = day
             new_rows.append(row)
-            touched.append(row)
-        if touched:
-            self._last_seen[np.asarray(touched, dtype=np.int64)] = day
+            new_fingerprints.append(int(fingerprints[position]))
+        if new_rows:
+            self._index_new(np.asarray(new_fingerprints, dtype=np.uint64), np.asarray(new_rows, dtype=np.int64))
         return np.asarray(new_rows, dtype=np.int64)
+
+    def _index_new(self, fingerprints: np.ndarray, rows: np.ndarray) -> None:
+        clash = self._by_fingerprint.get(fingerprints) >= 0
+        unique, first = np.unique(fingerprints, return_index=True)
+        if clash.any() or len(unique) < len(fingerprints):
+            # Two distinct IDs with one fingerprint: the later one keeps its
+            # row for the record, but lookups keep finding the first.
+            self.collisions += int(clash.sum()) + len(fingerprints) - len(unique)
+            log.warning("64-bit fingerprint collision among IDs %s", [self._row_ids[r] for r in rows[clash].tolist()])
+            keep = np.zeros(len(fingerprints), dtype=bool)
+            keep[first] = True
+            keep &= ~clash
+            fingerprints, rows = fingerprints[keep], rows[keep]
+        self._by_fingerprint.put(fingerprints, rows)
 
     def _assign(self, raw_id: str) -> int:
         if self._free_rows:
@@ -138,7 +177,15 @@ class IdVocabulary:
             self._free_rows.append(row)
             freed.append(row)
         self._pending = {k: v for k, v in self._pending.items() if v[1] >= cutoff}
+        if freed:
+            self._reindex()
         return np.asarray(freed, dtype=np.int64)
+
+    def _reindex(self) -> None:
+        ids = list(self._rows.keys())
+        self._by_fingerprint = FingerprintTable(2 * len(ids))
+        if ids:
+            self._index_new(fingerprint_strings(ids), np.fromiter(self._rows.values(), dtype=np.int64, count=len(ids)))
 
     def row_ids(self) -> list[str | None]:
         """Row -> ID (None for the default row and free rows)."""
@@ -170,4 +217,5 @@ class IdVocabulary:
         vocab._last_seen = np.zeros(max(16, len(row_ids)), dtype=np.int32)
         vocab._last_seen[: len(last_seen)] = last_seen
         vocab._pending = {k: [int(v[0]), int(v[1])] for k, v in zip(state["pending_ids"], state["pending"])}
+        vocab._reindex()
         return vocab

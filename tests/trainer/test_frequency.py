@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.frequency import FrequencyEstimator, item_fingerprints
+from streams.fingerprints import fingerprint_strings
+from trainer.frequency import FrequencyEstimator
 
 
 def sequential_reference(estimator: FrequencyEstimator, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -11,7 +12,7 @@ def sequential_reference(estimator: FrequencyEstimator, item_ids: list[str]) -> 
     vectorised update)."""
     last = estimator.last_step.copy()
     gap = estimator.gap.copy()
-    buckets = estimator._buckets(item_fingerprints(item_ids))
+    buckets = estimator._buckets(fingerprint_strings(item_ids))
     step = estimator.step
     for n in range(len(item_ids)):
         step += 1

@@ -42,10 +42,10 @@ def test_in_batch_negatives_are_other_rows_and_never_the_same_item():
 
 
 def test_hard_negative_matrix_skips_the_positive_and_unknown_items():
-    index = {"a": 0, "b": 1, "c": 2, "d": 3}
-    lookup = lambda ids: np.array([index.get(i, -1) for i in ids], dtype=np.int64)  # noqa: E731
-    hard = [("a", "b", "zz", "c"), ("d",), ()]
-    matrix = hard_negative_matrix(hard, np.array([1, 3, 0]), lookup, width=2, rng=np.random.default_rng(0))
+    # rows' dropped items: [a, b, zz, c], [d], [] with a..d = catalogue 0..3, zz unknown
+    offsets = np.array([0, 4, 5, 5])
+    candidates = np.array([0, 1, -1, 2, 3])
+    matrix = hard_negative_matrix(offsets, candidates, np.array([1, 3, 0]), width=2, rng=np.random.default_rng(0))
     assert matrix.shape == (3, 2)
     assert set(matrix[0].tolist()) == {0, 2}  # "b" is row 0's positive, "zz" unknown
     assert matrix[1].tolist() == [-1, -1]  # its only hard negative is its positive
@@ -81,7 +81,8 @@ def columns(user_ids, item_ids, labels, hard) -> SampleColumns:
         user_categorical={"age_bucket": ["a"] * n, "city": ["c"] * n, "device": ["d"] * n},
         user_numeric=np.zeros((n, 3), np.float32),
         item_categorical={"category": ["k"] * n},
-        hard_negative_ids=list(hard),
+        hard_negative_flat=[h for row in hard for h in row],
+        hard_negative_offsets=np.concatenate([[0], np.cumsum([len(row) for row in hard])]).astype(np.int64),
         teacher_scores=np.full(n, np.nan, np.float32),
     )
 
