@@ -17,7 +17,6 @@ Every function takes its random generator; nothing reads a global seed.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 
