@@ -121,6 +121,39 @@ def train_online_command(
     )
 
 
+@train_app.command("daily")
+def train_daily_command(
+    ctx: typer.Context,
+    once: bool = typer.Option(False, "--once", help="Train the days that are due now, then exit."),
+    poll_seconds: float = typer.Option(5.0, "--poll-seconds"),
+) -> None:
+    """Run the daily full training whenever a day is complete (wall clock in
+    production, event time with FRESHTOWER_TRAINING__FULL_CLOCK=event)."""
+    from trainer.full import train_full
+    from trainer.losses import NonFiniteLossError
+    from trainer.schedule import DailyScheduler
+
+    settings = _settings(ctx)
+    scheduler = DailyScheduler(settings)
+    stopping = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.update(now=True))
+
+    def train(day: str) -> None:
+        try:
+            result = train_full(settings, day)
+        except NonFiniteLossError as error:
+            console.print(f"[red]full training for {day} stopped:[/red] {error}")
+            raise typer.Exit(1)
+        recall = result.metrics.get("exact", {}).get("recall@50", float("nan"))
+        console.print(f"full model {result.ref.version}: {result.samples:,} samples, holdout Recall@50 {recall:.4f}")
+
+    if once:
+        scheduler.run_once(train)
+    else:
+        scheduler.run(train, should_stop=lambda: stopping["now"], poll_seconds=poll_seconds)
+
+
 @app.command("broker")
 def broker_command(ctx: typer.Context) -> None:
     """Run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1 until Ctrl-C.

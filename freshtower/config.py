@@ -91,8 +91,12 @@ class TrainingConfig(_Section):
     shuffle_shards: int = Field(0, ge=0, description="external-shuffle shards; 0 picks from the record count")
     shuffle_shard_records: int = Field(2_000_000, ge=1000, description="records per shard when picking")
     checkpoint_every_seconds: float = Field(60.0, ge=0, description="online checkpoint period (wall clock)")
+    full_clock: Literal["wall", "event"] = Field("wall", description="daily full training on the wall clock, or on event time (replays)")
+    full_delay_seconds: float = Field(
+        900.0, ge=0, description="train day D once D+1 00:00 UTC plus this has passed (late events, lateness window)"
+    )
     seed: int = 0
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0: all cores, but one left to the online trainer's decoder")
     negatives: NegativesConfig = NegativesConfig()
     positive_resampling: PositiveResamplingConfig = PositiveResamplingConfig()
 

@@ -176,6 +176,8 @@ class OnlineTrainer:
         (and new full models) until ``should_stop()``."""
         reader = BatchPrefetcher(self.spec, enabled=prefetch)
         trained = 0
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(self._torch_threads(prefetch))
         try:
             while not should_stop():
                 self.rebase_if_newer()
@@ -197,7 +199,19 @@ class OnlineTrainer:
         finally:
             reader.close()
             self.checkpoint()
+            torch.set_num_threads(threads_before)
         return self.stats
+
+    def _torch_threads(self, prefetch: bool) -> int:
+        """The configured count, else every core but the decoder's: torch's
+        thread pool waits for all its threads at each op, so sharing a core
+        with the decode process (or the streams worker) makes steps several
+        times slower (measured: 1.8k vs 11.7k samples/s, full trainer, two
+        threads vs one on a busy 2-core machine)."""
+        if self.settings.training.threads:
+            return self.settings.training.threads
+        cores = os.cpu_count() or 1
+        return max(1, cores - 1) if prefetch else cores
 
     # --- checkpoints --------------------------------------------------------------
 

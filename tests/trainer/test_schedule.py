@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from datetime import date
+
+from tests.conftest import make_settings
+from trainer.schedule import MS_PER_DAY, DailyScheduler, day_start_ms, days_due
+
+D1, D2, D3 = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)
+
+
+def test_a_day_is_due_once_it_ended_plus_the_delay():
+    now = day_start_ms(D3) + 600_000  # 00:10 on day 3
+    assert days_due([D1, D2, D3], [], now, delay_ms=900_000) == [D1]  # day 2 waits for 00:15
+    assert days_due([D1, D2, D3], [], now, delay_ms=0) == [D1, D2]
+    assert days_due([D1, D2, D3], [D1], now, delay_ms=0) == [D2]  # trained days are not repeated
+
+
+def test_event_time_scheduling_trains_each_completed_day_once(data_dir_with_batches):
+    settings = make_settings(data_dir_with_batches, training={"full_clock": "event", "full_delay_seconds": 0})
+    scheduler = DailyScheduler(settings)
+    trained: list[str] = []
+    scheduler.run_once(trained.append)
+    # Batches of days 0-2 exist, the last ending at or just past midnight
+    # of day 3 (late clicks): event time has passed the end of day 2.
+    assert trained == ["2026-11-20", "2026-11-21", "2026-11-22"]
+
+
+def test_wall_clock_scheduling_uses_the_clock(data_dir_with_batches):
+    settings = make_settings(data_dir_with_batches, training={"full_clock": "wall", "full_delay_seconds": 900})
+    scheduler = DailyScheduler(settings, clock=lambda: day_start_ms(D2) + 60_000)
+    assert scheduler.due() == []  # 00:01: yesterday not yet due
+    scheduler = DailyScheduler(settings, clock=lambda: day_start_ms(D2) + MS_PER_DAY // 24)
+    assert [d.isoformat() for d in scheduler.due()] == ["2026-11-20"]

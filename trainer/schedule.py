@@ -1,0 +1,84 @@
+"""When to run the daily full training.
+
+Production runs on the wall clock: shortly after midnight (UTC) plus
+``full_delay_seconds``, train yesterday. Replays run on event time: once
+the stream's batches have passed midnight plus the delay, that day is
+complete and is trained at once, so a day of replay takes minutes.
+
+``days_due`` is the pure rule; ``DailyScheduler`` is the thin loop around
+it that ``freshtower train daily`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Callable, Iterable
+
+from freshtower.config import Settings
+from streams.batches import list_batches
+from trainer.artifacts import full_models_dir, list_full_models
+
+log = logging.getLogger(__name__)
+MS_PER_DAY = 86_400_000
+
+
+def day_of(ms: int) -> date:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).date()
+
+
+def day_start_ms(day: date) -> int:
+    return int(datetime.combine(day, datetime.min.time(), tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def days_due(batch_days: Iterable[date], trained_days: Iterable[date], now_ms: int, delay_ms: int) -> list[date]:
+    """Days that have batches, are not trained yet, and whose end plus the
+    delay has passed ``now_ms`` (wall or event time), oldest first.
+
+    >>> d = date(2026, 11, 20)
+    >>> days_due([d], [], day_start_ms(d) + MS_PER_DAY + 5, delay_ms=10)
+    []
+    >>> days_due([d], [], day_start_ms(d) + MS_PER_DAY + 10, delay_ms=10)
+    [datetime.date(2026, 11, 20)]
+    """
+    trained = set(trained_days)
+    return sorted(d for d in set(batch_days) if d not in trained and day_start_ms(d) + MS_PER_DAY + delay_ms <= now_ms)
+
+
+@dataclass
+class DailyScheduler:
+    """Trains each completed day once, in order."""
+
+    settings: Settings
+    clock: Callable[[], int] = field(default=lambda: int(time.time() * 1000))  # wall clock, ms
+
+    def event_time_now(self) -> int:
+        """Event time: the end of the newest batch window on disk."""
+        refs = list_batches(self.settings.batches_dir)
+        return refs[-1].manifest.window_end_ms if refs else 0
+
+    def due(self) -> list[date]:
+        refs = list_batches(self.settings.batches_dir)
+        batch_days = {day_of(r.window_start_ms) for r in refs}
+        trained = {date.fromisoformat(r.day) for r in list_full_models(full_models_dir(self.settings))}
+        now = self.event_time_now() if self.settings.training.full_clock == "event" else self.clock()
+        delay = int(self.settings.training.full_delay_seconds * 1000)
+        return days_due(batch_days, trained, now, delay)
+
+    def run_once(self, train: Callable[[str], object]) -> list[str]:
+        done = []
+        for day in self.due():
+            log.info("daily full training for %s", day.isoformat())
+            train(day.isoformat())
+            done.append(day.isoformat())
+        return done
+
+    def run(self, train: Callable[[str], object], should_stop: Callable[[], bool], poll_seconds: float = 5.0) -> None:
+        while not should_stop():
+            self.run_once(train)
+            deadline = time.monotonic() + poll_seconds
+            while time.monotonic() < deadline and not should_stop():
+                time.sleep(min(0.2, poll_seconds))
+
