@@ -90,13 +90,14 @@ def train_online_command(
     follow: bool = typer.Option(False, "--follow", help="Keep polling for new batches and full models until interrupted."),
     max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Stop after this many batches."),
     poll_seconds: float = typer.Option(1.0, "--poll-seconds", help="How often to look for new batches with --follow."),
+    partition: str = typer.Option("0/1", "--partition", help="k/n: learn only the users whose ID fingerprint is k mod n (scale-out)."),
 ) -> None:
     """Follow the batches in event-time order, updating only user ID embeddings."""
-    from trainer.online import MissingModelError, OnlineTrainer
+    from trainer.online import MissingModelError, OnlineTrainer, Partition
 
     settings = _settings(ctx)
     try:
-        trainer = OnlineTrainer.start(settings)
+        trainer = OnlineTrainer.start(settings, Partition.parse(partition))
     except MissingModelError as error:
         console.print(f"[red]online trainer cannot start:[/red] {error}")
         raise typer.Exit(1)

@@ -91,6 +91,9 @@ class TrainingConfig(_Section):
     shuffle_shards: int = Field(0, ge=0, description="external-shuffle shards; 0 picks from the record count")
     shuffle_shard_records: int = Field(2_000_000, ge=1000, description="records per shard when picking")
     checkpoint_every_seconds: float = Field(60.0, ge=0, description="online checkpoint period (wall clock)")
+    online_lookback_seconds: float = Field(
+        3600.0, ge=0, description="a batch file landing this late after newer ones is still trained (several streams workers)"
+    )
     full_clock: Literal["wall", "event"] = Field("wall", description="daily full training on the wall clock, or on event time (replays)")
     full_delay_seconds: float = Field(
         900.0, ge=0, description="train day D once D+1 00:00 UTC plus this has passed (late events, lateness window)"

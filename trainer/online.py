@@ -11,9 +11,18 @@ batch (see ``Learner`` with ``trainable="user_ids"``).
   since step S" and their freshness from any checkpoint.
 - Checkpoints are atomic (write, fsync, rename) and hold the table, the
   optimiser rows, the vocabulary, the catalogue, the frequency estimator
-  and the position in the batch stream (``next_window_ms``): a restart
-  resumes after the last checkpointed batch, so no batch's effect is
-  applied twice and none is skipped.
+  and the position in the batch stream: a restart resumes after the last
+  checkpointed batch, so no batch's effect is applied twice and none is
+  skipped.
+- The position is a frontier (``next_window_ms``: every batch of an
+  earlier window is done) plus the names of the batches trained within
+  ``online_lookback_seconds`` behind the newest one. Several streams
+  workers each write their own file for a window, not always at the same
+  moment; a file that lands late within the lookback is still trained,
+  once.
+- Scale-out: with ``partition=(k, n)`` a trainer learns only the users whose
+  ID fingerprint is k modulo n, and keeps its own checkpoint; n trainers
+  together cover every user once.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
@@ -74,15 +84,44 @@ class OnlineStats:
     recent: list[BatchReport] = field(default_factory=list)
 
 
-def checkpoint_path(settings: Settings) -> Path:
-    return settings.online_dir / CHECKPOINT_NAME
+@dataclass(frozen=True)
+class Partition:
+    """This trainer's share of the users: fingerprint % count == index."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"partition {self.index} of {self.count} does not exist")
+
+    @classmethod
+    def parse(cls, text: str) -> "Partition":
+        """``"k/n"`` (k counted from 0)."""
+        index, _, count = text.partition("/")
+        return cls(int(index), int(count))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def checkpoint_path(settings: Settings, partition: Partition = Partition()) -> Path:
+    if partition.count == 1:
+        return settings.online_dir / CHECKPOINT_NAME
+    return settings.online_dir / f"checkpoint-{partition.index}-of-{partition.count}.pt"
+
+
+def batch_key(ref: BatchRef) -> str:
+    """A batch's name in the stream position: day directory / file stem."""
+    return f"{ref.manifest_path.parent.name}/{ref.manifest_path.stem}"
 
 
 class OnlineTrainer:
     """User-ID-only online learning over batch files."""
 
-    def __init__(self, settings: Settings, base: LoadedModel):
+    def __init__(self, settings: Settings, base: LoadedModel, partition: Partition = Partition()):
         self.settings = settings
+        self.partition = partition
         self.spec = FeatureSpec.from_model(settings.model)
         self.stats = OnlineStats()
         self._fork(base)
@@ -97,7 +136,9 @@ class OnlineTrainer:
         self.model = base.model
         self.model.eval()
         self.learner = Learner(self.model, self.settings.training, base.estimator, trainable="user_ids", seed=self.settings.training.seed)
-        self.next_window_ms = base.ref.data_end_ms
+        self.next_window_ms = base.ref.data_end_ms  # frontier: earlier windows are done
+        self.trained_recent: set[str] = set()  # batches trained at or after the frontier
+        self._newest_window_ms = base.ref.data_end_ms
         rows = self.model.user_tower.id_embedding.shape[0]
         # The full model's rows count as published with it (step 0).
         self.step = 0
@@ -120,14 +161,26 @@ class OnlineTrainer:
 
     def pending(self) -> list[BatchRef]:
         """Complete batches not trained yet, in window order."""
-        return [r for r in list_batches(self.settings.batches_dir) if r.window_start_ms >= self.next_window_ms]
+        return [
+            r
+            for r in list_batches(self.settings.batches_dir)
+            if r.window_start_ms >= self.next_window_ms and batch_key(r) not in self.trained_recent
+        ]
+
+    def _mine(self, samples: SampleColumns) -> SampleColumns:
+        if self.partition.count == 1:
+            return samples
+        owner = samples.user_id_fingerprints() % np.uint64(self.partition.count)
+        return samples.take(np.flatnonzero(owner == np.uint64(self.partition.index)))
 
     def learn_batch(self, ref: BatchRef, samples: SampleColumns | None = None) -> BatchReport:
         """Train one batch file in event-time order, one pass."""
-        if ref.window_start_ms < self.next_window_ms:
-            raise ValueError(f"batch {ref.path} starts before the stream position {self.next_window_ms}; refusing to train it twice")
+        key = batch_key(ref)
+        if ref.window_start_ms < self.next_window_ms or key in self.trained_recent:
+            raise ValueError(f"batch {ref.path} is behind the stream position or trained already; refusing to train it twice")
         if samples is None:
             samples = read_batch(ref, self.spec)
+        samples = self._mine(samples)
         started = time.perf_counter()
         batch_size = self.settings.training.batch_size
         losses: list[float] = []
@@ -142,7 +195,7 @@ class OnlineTrainer:
             losses.append(result.loss)
             trained += result.samples
         seconds = time.perf_counter() - started
-        self.next_window_ms = ref.window_start_ms + 1
+        self._advance(key, ref.window_start_ms)
         if ref.manifest.max_event_time_ms is not None:
             self.newest_event_time_ms = max(self.newest_event_time_ms, ref.manifest.max_event_time_ms)
         report = BatchReport(ref.window_start_ms, trained, seconds, float(np.mean(losses)) if losses else None)
@@ -151,6 +204,19 @@ class OnlineTrainer:
         self.stats.train_seconds += seconds
         self.stats.recent = (self.stats.recent + [report])[-100:]
         return report
+
+    def _advance(self, key: str, window_start_ms: int) -> None:
+        self.trained_recent.add(key)
+        self._newest_window_ms = max(self._newest_window_ms, window_start_ms)
+        frontier = self._newest_window_ms - int(self.settings.training.online_lookback_seconds * 1000)
+        if frontier > self.next_window_ms:
+            self.next_window_ms = frontier
+            self.trained_recent = {k for k in self.trained_recent if self._window_of(k) >= frontier}
+
+    @staticmethod
+    def _window_of(key: str) -> int:
+        day, stem = key.split("/")
+        return int(datetime.strptime(f"{day} {stem}", "%Y-%m-%d %H%M%S").replace(tzinfo=timezone.utc).timestamp() * 1000)
 
     def _track_rows(self, rows: np.ndarray, event_time_ms: int | None) -> None:
         needed = self.model.user_tower.id_embedding.shape[0]
@@ -232,6 +298,9 @@ class OnlineTrainer:
             "format": CHECKPOINT_FORMAT,
             "base_version": self.base.version,
             "next_window_ms": int(self.next_window_ms),
+            "trained_recent": sorted(self.trained_recent),
+            "newest_window_ms": int(self._newest_window_ms),
+            "partition": [self.partition.index, self.partition.count],
             "step": int(self.step),
             "newest_event_time_ms": int(self.newest_event_time_ms),
             "user_table": table.detach()[:rows].clone(),
@@ -245,7 +314,7 @@ class OnlineTrainer:
             "rng_state": self.learner.rng.bit_generator.state,
             "written_at": time.time(),
         }
-        path = checkpoint_path(self.settings)
+        path = checkpoint_path(self.settings, self.partition)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(payload, tmp)
@@ -272,7 +341,11 @@ class OnlineTrainer:
         self.learner.estimator = FrequencyEstimator.from_state_dict(_to_arrays(payload["estimator"]))
         self.learner._item_cache_store = model.catalogue_vectors()
         self.learner._item_cache_size = len(self.learner._item_cache_store)
+        if tuple(payload["partition"]) != (self.partition.index, self.partition.count):
+            raise ArtifactError(f"checkpoint belongs to partition {payload['partition']}, not {self.partition}")
         self.next_window_ms = int(payload["next_window_ms"])
+        self.trained_recent = set(payload["trained_recent"])
+        self._newest_window_ms = int(payload["newest_window_ms"])
         self.step = int(payload["step"])
         self.newest_event_time_ms = int(payload["newest_event_time_ms"])
         self.row_updated_step = payload["row_updated_step"].numpy().copy()
@@ -281,7 +354,7 @@ class OnlineTrainer:
         self.learner.rng.bit_generator.state = payload["rng_state"]
 
     @classmethod
-    def start(cls, settings: Settings) -> "OnlineTrainer":
+    def start(cls, settings: Settings, partition: Partition = Partition()) -> "OnlineTrainer":
         """Resume from the checkpoint if it is based on the newest full model,
         else fork from the newest full model."""
         latest = latest_full_model(full_models_dir(settings))
@@ -289,12 +362,12 @@ class OnlineTrainer:
             raise MissingModelError(
                 f"no full model under {full_models_dir(settings)}: run `freshtower train full --day YYYY-MM-DD` first"
             )
-        path = checkpoint_path(settings)
+        path = checkpoint_path(settings, partition)
         payload = load_checkpoint(path) if path.is_file() else None
         if payload is not None and payload["base_version"] != latest.version:
             log.info("checkpoint is based on %s, newest full model is %s: re-basing", payload["base_version"], latest.version)
             payload = None
-        trainer = cls(settings, load_full_model(latest))
+        trainer = cls(settings, load_full_model(latest), partition)
         if payload is not None:
             trainer._restore(payload)
             log.info("resumed online trainer at window %d (step %d)", trainer.next_window_ms, trainer.step)

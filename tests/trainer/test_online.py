@@ -111,3 +111,59 @@ def test_background_decoding_gives_the_same_result(data_dir, tmp_path):
     inline = OnlineTrainer.start(make_settings(other))
     inline.run(max_batches=5, prefetch=False)
     assert torch.equal(background.model.user_tower.id_embedding, inline.model.user_tower.id_embedding)
+
+
+def test_several_files_per_window_and_late_files_are_each_trained_once(data_dir):
+    import json
+
+    settings = make_settings(data_dir)
+    trainer = OnlineTrainer.start(settings)
+    first, second, third = trainer.pending()[:3]
+    trainer.learn_batch(first)
+    trainer.learn_batch(third)  # a newer window first...
+    assert trainer.pending()[0].window_start_ms == second.window_start_ms  # ...the older one stays pending
+    # A second streams worker's file for the first window lands late.
+    stem = first.manifest_path.stem + "-w1"
+    first.path.with_name(stem + ".tfrecord").write_bytes(first.path.read_bytes())
+    manifest = json.loads(first.manifest_path.read_text())
+    manifest["file"] = stem + ".tfrecord"
+    first.manifest_path.with_name(stem + ".json").write_text(json.dumps(manifest))
+    pending = trainer.pending()
+    assert [r.manifest_path.stem for r in pending[:2]] == [stem, second.manifest_path.stem]
+    trainer.learn_batch(pending[0])
+    trainer.learn_batch(second)
+    with pytest.raises(ValueError, match="twice"):
+        trainer.learn_batch(first)
+    trainer.checkpoint()
+    resumed = OnlineTrainer.start(settings)
+    assert resumed.trained_recent == trainer.trained_recent
+    assert batch_keys(resumed.pending()) == batch_keys(trainer.pending())
+
+
+def batch_keys(refs):
+    from trainer.online import batch_key
+
+    return [batch_key(r) for r in refs]
+
+
+def test_partitioned_trainers_split_the_users(data_dir):
+    from trainer.online import Partition, checkpoint_path
+
+    settings = make_settings(data_dir, training={"positive_resampling": {"enabled": False}})
+    halves = [OnlineTrainer.start(settings, Partition(k, 2)) for k in range(2)]
+    ref = halves[0].pending()[0]
+    changed = []
+    for trainer in halves:
+        before = trainer.model.user_tower.id_embedding.detach().clone()
+        trainer.learn_batch(ref)
+        after = trainer.model.user_tower.id_embedding.detach()[: before.shape[0]]
+        rows = torch.nonzero((after != before).any(dim=1)).flatten().tolist()
+        changed.append({trainer.model.user_ids.id_of(r) for r in rows})
+        trainer.checkpoint()
+        assert checkpoint_path(settings, trainer.partition).is_file()
+    assert changed[0] and changed[1] and not changed[0] & changed[1]
+    whole = OnlineTrainer.start(settings)
+    whole.learn_batch(ref)
+    assert whole.stats.samples == halves[0].stats.samples + halves[1].stats.samples
+    with pytest.raises(ValueError):
+        Partition(2, 2)
