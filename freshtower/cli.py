@@ -54,12 +54,19 @@ def train_full_command(
     ctx: typer.Context,
     day: str = typer.Option(..., "--day", help="The day to train on, YYYY-MM-DD (UTC), usually yesterday."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Random init instead of warm-starting from the previous full model."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel processes (torch.distributed, gloo on 127.0.0.1)."),
 ) -> None:
     """Train the daily full model: the day's batches shuffled, one epoch, warm start."""
-    from trainer.full import NoBatchesError, train_full
+    from trainer.full import NoBatchesError, train_full, train_full_parallel
     from trainer.losses import NonFiniteLossError
 
     settings = _settings(ctx)
+    if workers > 1:
+        ref = train_full_parallel(settings, day, workers, from_scratch=from_scratch)
+        metrics = ref.manifest["metrics"]
+        console.print(f"wrote full model [bold]{ref.version}[/bold] with {workers} workers; holdout {metrics.get('exact')}")
+        print(json.dumps({"version": ref.version, "path": str(ref.path), "metrics": metrics}, default=str))
+        return
     with _progress() as progress:
         tasks: dict[str, int] = {}
 

@@ -43,6 +43,7 @@ from trainer.artifacts import (
     ArtifactError,
     FullModelRef,
     full_models_dir,
+    latest_full_model,
     load_full_model,
     new_estimator,
     new_model,
@@ -130,8 +131,13 @@ def train_full(
     *,
     from_scratch: bool = False,
     progress: ProgressCallback | None = None,
-) -> FullTrainingResult:
-    """Train the full model for ``day`` (YYYY-MM-DD) and write a new version."""
+    collective=None,
+) -> FullTrainingResult | None:
+    """Train the full model for ``day`` (YYYY-MM-DD) and write a new version.
+
+    With a ``collective`` (``trainer.distributed``), this is one worker of a
+    data-parallel run: it trains its share of the shards, and only worker 0
+    evaluates and writes (the others return None)."""
     date.fromisoformat(day)
     refs = list_batches(settings.batches_dir, day)
     if not refs:
@@ -156,7 +162,12 @@ def train_full(
         log.info("full training %s warm-started from %s", day, parent.version)
 
     seed = training.seed + date.fromisoformat(day).toordinal()
-    learner = Learner(model, training, estimator, trainable="all", seed=seed)
+    rank, world = (collective.rank, collective.world) if collective else (0, 1)
+    main = rank == 0
+    if not main:
+        progress = None
+    learner = Learner(model, training, estimator, trainable="all", seed=seed + rank)
+    learner.collective = collective
     learner.update_frequencies = False  # pass 1 follows the day in time order
     if parent is not None:
         _restore_optimizer_state(learner, saved_optimizer)
@@ -166,11 +177,13 @@ def train_full(
     train_refs, holdout_refs = split_holdout(refs, training.holdout_fraction)
     total_positives = sum(r.manifest.positives for r in train_refs)
     shards = training.shuffle_shards or max(1, math.ceil(total_positives / training.shuffle_shard_records))
-    rng = np.random.default_rng(seed)
-    scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-", dir=_scratch_root(settings)))
+    rng = np.random.default_rng(seed)  # the same on every worker: same shard assignment
+    mine = [s for s in range(shards) if s % world == rank]
+    shard_sizes = np.zeros(shards, dtype=np.int64)
+    scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-", dir=_scratch_root(settings)))
     try:
         # Pass 1: time order.
-        shard_files = [open(scratch / f"shard-{s:04d}.pkl", "wb") for s in range(shards)]
+        shard_files = {s: open(scratch / f"shard-{s:04d}.pkl", "wb") for s in mine}
         try:
             for n, ref in enumerate(train_refs):
                 records = read_batch(ref, spec, positives_only=False)
@@ -180,35 +193,51 @@ def train_full(
                 learner.observe(positives, file_day)
                 estimator.update(positives.item_ids)
                 assignment = rng.integers(0, shards, size=len(positives))
-                for s in range(shards):
+                shard_sizes += np.bincount(assignment, minlength=shards)
+                for s in mine:
                     chosen = np.flatnonzero(assignment == s)
                     if len(chosen):
                         pickle.dump(positives.take(chosen), shard_files[s], protocol=pickle.HIGHEST_PROTOCOL)
                 if progress:
                     progress("read", n + 1, len(train_refs))
         finally:
-            for handle in shard_files:
+            for handle in shard_files.values():
                 handle.close()
 
-        # Pass 2: shuffled, one epoch.
+        # Pass 2: shuffled, one epoch. Data-parallel workers split the shards
+        # and the global batch; every step is a collective, so a worker that
+        # runs out of data keeps exchanging gradients until the others finish.
+        batch_size = max(1, training.batch_size // world)
+        order_of_shards = [s for s in rng.permutation(shards).tolist() if s in shard_files]
+        steps = int(sum(-(-int(shard_sizes[s]) // batch_size) for s in order_of_shards))
+        total_steps = collective.all_reduce_max(steps) if collective else steps
         samples = 0
         losses_seen: list[float] = []
         started = time.perf_counter()
         done = 0
-        for s in rng.permutation(shards).tolist():
+        for s in order_of_shards:
             shard = _load_shard(scratch / f"shard-{s:04d}.pkl", spec)
             order = rng.permutation(len(shard))
-            for start in range(0, len(order), training.batch_size):
-                minibatch = shard.take(order[start : start + training.batch_size])
-                result = learner.learn(minibatch, where=f"{day} shard {s} minibatch {start // training.batch_size}", observe=False)
+            for start in range(0, len(order), batch_size):
+                minibatch = shard.take(order[start : start + batch_size])
+                result = learner.learn(minibatch, where=f"{day} shard {s} minibatch {start // batch_size}", observe=False)
                 samples += result.samples
                 losses_seen.append(result.loss)
                 done += len(minibatch)
                 if progress:
-                    progress("train", done, total_positives)
+                    progress("train", done * world, total_positives)
+        for extra in range(total_steps - steps):
+            learner.sync_only_step(where=f"{day} worker {rank} idle step {extra}")
         train_seconds = time.perf_counter() - started
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if collective:
+        samples = int(collective.all_reduce_sum(samples))
+        # The workers applied the same updates, so their replicas must be
+        # bit-identical; if not, the run is wrong and nothing is written.
+        collective.check_identical(model.parameters(), f"full training of {day}")
+    if not main:
+        return None
 
     model.eval()
     holdout_samples = SampleColumns.concat([read_batch(r, spec) for r in holdout_refs], spec)
@@ -221,6 +250,7 @@ def train_full(
             "mean_loss": float(np.mean(losses_seen)) if losses_seen else None,
             "final_loss": float(np.mean(losses_seen[-20:])) if losses_seen else None,
             "expired": expired,
+            "workers": world,
             "users": model.user_ids.admitted,
             "items": len(model.catalogue),
         }
@@ -249,6 +279,23 @@ def train_full(
         },
     )
     return FullTrainingResult(ref, samples, train_seconds, metrics)
+
+
+def _parallel_worker(collective, settings: Settings, day: str, from_scratch: bool) -> None:
+    train_full(settings, day, from_scratch=from_scratch, collective=collective)
+
+
+def train_full_parallel(settings: Settings, day: str, workers: int, *, from_scratch: bool = False) -> FullModelRef:
+    """Data-parallel full training in ``workers`` processes (gloo on
+    127.0.0.1); returns the version worker 0 wrote."""
+    from trainer.distributed import launch
+
+    before = latest_full_model(full_models_dir(settings))
+    launch(workers, _parallel_worker, settings, day, from_scratch)
+    after = latest_full_model(full_models_dir(settings))
+    if after is None or (before is not None and after.version == before.version):
+        raise RuntimeError(f"data-parallel full training of {day} wrote no model")
+    return after
 
 
 def _scratch_root(settings: Settings) -> Path:

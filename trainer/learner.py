@@ -79,6 +79,7 @@ class Learner:
         self.trainable = trainable
         self.rng = np.random.default_rng(seed)
         self.update_frequencies = True
+        self.collective = None  # a trainer.distributed.Collective in data-parallel full training
         self.steps = 0
         self._sampler: CatalogueSampler | None = None
         self._sampler_step = -1
@@ -148,28 +149,23 @@ class Learner:
         step in errors (file, minibatch number).
         """
         positives = clicked_only(samples)
+        probabilities = None
+        if len(positives):
+            if observe:
+                self.observe(positives, event_day(int(positives.event_time_ms.max())))
+            item_fingerprints = positives.item_id_fingerprints()
+            if self.update_frequencies:
+                self.estimator.update(positives.item_ids, item_fingerprints)
+            probabilities = self.estimator.probability(fingerprints=item_fingerprints)
+            if self.training.positive_resampling.enabled:
+                positives, probabilities = self._resample(positives, probabilities)
+        if self.collective is not None:
+            return self._learn_parallel(positives if len(positives) else None, probabilities, where)
         if len(positives) == 0:
             return LearnResult(0.0, 0, np.zeros(0, np.int64), None)
-        model = self.model
-        if observe:
-            self.observe(positives, event_day(int(positives.event_time_ms.max())))
-        item_fingerprints = positives.item_id_fingerprints()
-        if self.update_frequencies:
-            self.estimator.update(positives.item_ids, item_fingerprints)
-        positive_probabilities = self.estimator.probability(fingerprints=item_fingerprints)
-        if self.training.positive_resampling.enabled:
-            positives, positive_probabilities = self._resample(positives, positive_probabilities)
-            if len(positives) == 0:
-                return LearnResult(0.0, 0, np.zeros(0, np.int64), None)
 
-        user_inputs = model.user_inputs(
-            positives.user_ids, positives.user_categorical, positives.user_numeric, positives.user_id_fingerprints()
-        )
-        positive_items = model.catalogue.indices(positives.item_ids, positives.item_id_fingerprints())  # observe added them
-        user_vectors = model.user_tower(user_inputs, sparse=True)  # (B, D)
-        loss = self._loss(positives, user_vectors, positive_items, positive_probabilities)
+        user_inputs, user_vectors, loss = self._forward(positives, probabilities)
         losses.check_finite(loss, where)
-
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,6 +174,62 @@ class Learner:
             optimizer.step()
         self.steps += 1
         return LearnResult(float(loss.detach()), len(positives), updated, int(positives.event_time_ms.max()))
+
+    def _forward(self, positives: SampleColumns, probabilities: np.ndarray):
+        model = self.model
+        user_inputs = model.user_inputs(
+            positives.user_ids, positives.user_categorical, positives.user_numeric, positives.user_id_fingerprints()
+        )
+        positive_items = model.catalogue.indices(positives.item_ids, positives.item_id_fingerprints())  # observe added them
+        user_vectors = model.user_tower(user_inputs, sparse=True)  # (B, D)
+        return user_inputs, user_vectors, self._loss(positives, user_vectors, positive_items, probabilities)
+
+    def _learn_parallel(self, positives: SampleColumns | None, probabilities, where: str) -> LearnResult:
+        """One data-parallel step. Every worker runs the same collectives in
+        the same order, with or without data: the global sample count, the
+        in-batch candidates (listwise), backward, the gradient sum, the loss."""
+        collective = self.collective
+        local = 0 if positives is None else len(positives)
+        total = collective.all_reduce_sum(local)
+        if total == 0:
+            return LearnResult(0.0, 0, np.zeros(0, np.int64), None)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if local:
+            user_inputs, _, loss = self._forward(positives, probabilities)
+            scaled = loss * (local / total)  # this worker's share of the global mean
+        else:
+            user_inputs, scaled = None, self._idle_loss()
+        scaled.backward()
+        model = self.model
+        collective.sum_gradients(
+            model.user_tower.dense_parameters() + model.item_tower.dense_parameters(), [t for t, _ in model.table_vocabularies()]
+        )
+        global_loss = collective.all_reduce_sum(float(scaled.detach()))
+        losses.check_finite(torch.tensor(global_loss), f"{where} (any worker)")
+        updated = self._updated_user_rows(user_inputs.id_rows) if user_inputs is not None else np.zeros(0, np.int64)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.steps += 1
+        if positives is None:
+            return LearnResult(global_loss, 0, updated, None)
+        return LearnResult(global_loss, local, updated, int(positives.event_time_ms.max()))
+
+    def _idle_loss(self) -> torch.Tensor:
+        """A zero loss that takes part in the same collectives as a real one."""
+        if self.training.mode == "listwise" and self.negatives.easy_source == "in_batch":
+            gathered, _, _ = self.collective.gather_rows(torch.zeros((0, self.model.config.output_dim), requires_grad=True))
+            if self.negatives.logq_correction:
+                self.collective.gather_rows(torch.zeros(0, dtype=torch.float32))
+            if self.negatives.remove_accidental_hits:
+                self.collective.gather_rows(torch.zeros(0, dtype=torch.int64))
+            return gathered.sum() * 0.0
+        return torch.zeros((), requires_grad=True)
+
+    def sync_only_step(self, where: str = "minibatch") -> None:
+        """Data-parallel training, a worker with no data left for this step:
+        take part in the step and apply the others' update."""
+        self._learn_parallel(None, None, where)
 
     # --- pieces ----------------------------------------------------------------
 
@@ -241,13 +293,18 @@ class Learner:
             hard = self._hard_negatives(positives, positive_items, _HARD_WIDTH) if neg.hard_fraction > 0 else np.full((b, 0), -1)
             vectors, rows = self._vectors_for(np.concatenate([positive_items[:, None], hard], axis=1))
             positive_vectors = vectors[torch.from_numpy(rows[:, 0])]  # (B, D)
-            easy = losses.in_batch_softmax_loss(
-                user_vectors,
-                positive_vectors,
-                temperature,
-                torch.from_numpy(positive_probabilities).float() if neg.logq_correction else None,
-                torch.from_numpy(positive_items) if neg.remove_accidental_hits else None,
-            )
+            probabilities = torch.from_numpy(positive_probabilities).float() if neg.logq_correction else None
+            keys = torch.from_numpy(positive_items) if neg.remove_accidental_hits else None
+            if self.collective is None:
+                easy = losses.in_batch_softmax_loss(user_vectors, positive_vectors, temperature, probabilities, keys)
+            else:  # negatives from every worker's batch, as one process would have them
+                candidates, mask, offset = self.collective.gather_rows(positive_vectors)  # (W * B_max, D)
+                all_probabilities = self.collective.gather_rows(probabilities)[0] if probabilities is not None else None
+                all_keys = self.collective.gather_rows(keys)[0] if keys is not None else None
+                targets = offset + torch.arange(b)
+                easy = losses.in_batch_softmax_loss(
+                    user_vectors, candidates, temperature, all_probabilities, all_keys, targets, keys, mask
+                )
             mask = torch.from_numpy(hard >= 0)  # (B, H)
             has_hard = mask.any(dim=1)
             if not bool(has_hard.any()):

@@ -33,14 +33,22 @@ def sampling_probability_correction(logits: torch.Tensor, item_probabilities: to
     return logits - torch.log(item_probabilities.clamp(1e-6, 1.0)).unsqueeze(0)
 
 
-def remove_accidental_hits(logits: torch.Tensor, positive_keys: torch.Tensor, candidate_keys: torch.Tensor) -> torch.Tensor:
+def remove_accidental_hits(
+    logits: torch.Tensor,
+    positive_keys: torch.Tensor,
+    candidate_keys: torch.Tensor,
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mask candidates that are the row's own positive item, except the
-    positive's own column (the diagonal for in-batch softmax).
+    row's target column (by default column i for row i: in-batch softmax).
 
     (B, N) logits, (B,) positive item keys, (N,) candidate item keys.
     """
     same = positive_keys.unsqueeze(1) == candidate_keys.unsqueeze(0)  # (B, N)
-    same.fill_diagonal_(False)
+    if targets is None:
+        same.fill_diagonal_(False)
+    else:
+        same[torch.arange(len(targets)), targets] = False
     return logits.masked_fill(same, _MASKED)
 
 
@@ -50,19 +58,31 @@ def in_batch_softmax_loss(
     temperature: float,
     item_probabilities: torch.Tensor | None = None,
     item_keys: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    positive_keys: torch.Tensor | None = None,
+    candidate_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Listwise loss with in-batch negatives: row i's positive is item i, the
-    other B-1 items of the batch are its negatives.
+    other items of the batch are its negatives.
 
-    (B, D) users, (B, D) their clicked items; ``item_probabilities`` (B,)
-    turns on the logQ correction; ``item_keys`` (B,) removes accidental hits.
+    (B, D) users, (N, D) candidate items (N = B: the rows' clicked items);
+    ``item_probabilities`` (N,) turns on the logQ correction; ``item_keys``
+    (N,) removes accidental hits. Data-parallel training passes the items of
+    every worker's batch: ``targets`` (B,) then gives each row's own column,
+    ``positive_keys`` (B,) its item key and ``candidate_mask`` (N,) the real
+    (not padding) columns.
     """
-    logits = cosine_logits(user_vectors, item_vectors, temperature)  # (B, B)
+    logits = cosine_logits(user_vectors, item_vectors, temperature)  # (B, N)
     if item_probabilities is not None:
         logits = sampling_probability_correction(logits, item_probabilities)
-    if item_keys is not None and len(torch.unique(item_keys)) < len(item_keys):
-        logits = remove_accidental_hits(logits, item_keys, item_keys)  # only if an item repeats
-    targets = torch.arange(logits.shape[0], device=logits.device)
+    if item_keys is not None:
+        row_keys = item_keys if positive_keys is None else positive_keys
+        if targets is not None or len(torch.unique(item_keys)) < len(item_keys):  # only if an item repeats
+            logits = remove_accidental_hits(logits, row_keys, item_keys, targets)
+    if candidate_mask is not None:
+        logits = logits.masked_fill(~candidate_mask.unsqueeze(0), _MASKED)
+    if targets is None:
+        targets = torch.arange(logits.shape[0], device=logits.device)
     return F.cross_entropy(logits, targets)
 
 

@@ -90,3 +90,19 @@ def test_non_finite_loss_raises_with_location():
     with pytest.raises(losses.NonFiniteLossError):
         losses.check_finite(torch.tensor(float("inf")), "x")
     losses.check_finite(torch.tensor(1.0), "fine")
+
+
+def test_in_batch_softmax_over_a_wider_candidate_set_with_padding():
+    # Columns [pad, item 0, item 1, pad]: rows 0 and 1 target columns 1 and 2;
+    # the padding columns are masked, so the value is the plain 0.277501.
+    candidates = torch.cat([torch.zeros(1, 2), B, torch.zeros(1, 2)])
+    loss = losses.in_batch_softmax_loss(
+        A,
+        candidates,
+        0.5,
+        item_keys=torch.tensor([-1, 3, 4, -1]),
+        targets=torch.tensor([1, 2]),
+        positive_keys=torch.tensor([3, 4]),
+        candidate_mask=torch.tensor([False, True, True, False]),
+    )
+    assert loss.item() == pytest.approx(0.2775007, abs=1e-6)
