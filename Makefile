@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# MovieLens-100k for the experiment: data only, never imported (its
+	# terms forbid redistribution, so it is installed, not committed).
+	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
 	touch $(STAMP)
 
 setup: $(STAMP)
