@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -103,11 +104,6 @@ def train_online_command(
     from trainer.online import MissingModelError, OnlineTrainer, Partition
 
     settings = _settings(ctx)
-    try:
-        trainer = OnlineTrainer.start(settings, Partition.parse(partition))
-    except MissingModelError as error:
-        console.print(f"[red]online trainer cannot start:[/red] {error}")
-        raise typer.Exit(1)
     stopping = {"now": False}
 
     def stop(*_):
@@ -115,6 +111,23 @@ def train_online_command(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    waiting_said = False
+    while True:
+        try:
+            trainer = OnlineTrainer.start(settings, Partition.parse(partition))
+            break
+        except MissingModelError as error:
+            if not follow:
+                console.print(f"[red]online trainer cannot start:[/red] {error}")
+                raise typer.Exit(1)
+            # Following a fresh pipeline: the first full model comes when
+            # the first day is complete.
+            if not waiting_said:
+                console.print("waiting for the first full model ...")
+                waiting_said = True
+            if stopping["now"]:
+                return
+            time.sleep(poll_seconds)
 
     def on_batch(report) -> None:
         logging.getLogger("freshtower.online").info(
@@ -168,8 +181,6 @@ def broker_command(ctx: typer.Context) -> None:
 
     In-memory storage: stopping it loses every topic (batches, checkpoints
     and releases live on disk and are not affected)."""
-    import time
-
     from streams.broker import LocalBroker
 
     settings = _settings(ctx)
