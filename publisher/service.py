@@ -197,7 +197,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def swap_to(version: str) -> None:
         """Load ``version`` (off the event loop) and swap; raises ReleaseError."""
-        state = await asyncio.to_thread(load_state, store, version, holder.state)
+        state = await asyncio.to_thread(load_state, store, version, holder.state, config.hnsw_ef_search)
         holder.state = state  # the hot swap: one reference assignment
         metrics.swapped(state)
         log.info("serving release %s (chain %s)", state.version, " -> ".join(state.chain))
@@ -362,7 +362,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, str(error)) from error
         async with holder.swap_lock:
             try:
-                state = await asyncio.to_thread(load_state, store, version, holder.state)
+                state = await asyncio.to_thread(load_state, store, version, holder.state, config.hnsw_ef_search)
                 previous = await asyncio.to_thread(store.activate, version, by=f"admin@{request.client.host if request.client else '?'}")
             except ReleaseError as error:
                 metrics.refused.inc()

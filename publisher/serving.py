@@ -59,13 +59,15 @@ def _freeze(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _load_full(release: Release) -> ServingState:
+def _load_full(release: Release, ef_search: int | None = None) -> ServingState:
     where = f"release {release.version}"
     tower = ServingUserTower.load(release.file("user_tower.pt"))
     user_ids = json.loads(release.file("user_ids.json").read_text())
     table = np.load(release.file("user_embeddings.npy"))
     item_ids = json.loads(release.file("item_ids.json").read_text())
     index = FaissRetriever.load(release.file("index.faiss"))
+    if ef_search is not None:
+        index.set_ef_search(ef_search)  # HNSW only; exact indexes ignore it
     if table.shape != (len(user_ids), tower.id_dim):
         raise ReleaseError(f"{where}: user_embeddings {table.shape} does not fit {len(user_ids)} IDs x {tower.id_dim}")
     if len(index) != len(item_ids) or index.index.d != tower.output_dim:
@@ -131,9 +133,10 @@ def _apply_delta(state: ServingState, release: Release, *, copy: bool) -> Servin
     )
 
 
-def load_state(store: ReleaseStore, version: str, current: ServingState | None = None) -> ServingState:
+def load_state(store: ReleaseStore, version: str, current: ServingState | None = None, ef_search: int | None = None) -> ServingState:
     """Verify and load what serving ``version`` needs. Raises ``ReleaseError``
-    (naming the release and file) if anything is missing or corrupt."""
+    (naming the release and file) if anything is missing or corrupt.
+    ``ef_search`` overrides the HNSW efSearch stored in the index."""
     release = store.get(version)
     if current is not None and release.kind == "embeddings" and release.parent == current.version:
         store.verify(version)
@@ -142,7 +145,7 @@ def load_state(store: ReleaseStore, version: str, current: ServingState | None =
     for link in chain:
         store.verify(link.version)
     try:
-        state = _load_full(chain[0])
+        state = _load_full(chain[0], ef_search)
     except (OSError, ValueError, RuntimeError) as error:
         if isinstance(error, ReleaseError):
             raise

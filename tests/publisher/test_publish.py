@@ -94,6 +94,17 @@ def test_full_release_then_embeddings_releases_of_the_rows_changed_since(data_di
         assert publisher.publish_full_if_new().status == "skipped"
 
 
+def test_catalogues_above_the_threshold_get_an_hnsw_index_checked_against_exact_search(data_dir):
+    settings = publisher_settings(data_dir, publisher={"exact_index_below": 100, "hnsw_m": 8, "hnsw_ef_search": 200})
+    with Publisher(settings) as publisher:
+        outcome = publisher.publish_full_if_new(now_s=0.0)
+        index = publisher.store.get(outcome.version).manifest["index"]
+    assert index["kind"] == "hnsw" and index["settings"]["hnsw_m"] == 8
+    assert 0.9 <= index["recall_at_100_vs_exact"] <= 1.0 and index["check_queries"] == 200
+    state = load_state(publisher.store, outcome.version, ef_search=150)
+    assert state.index.index.hnsw.efSearch == 150
+
+
 def test_event_clock_releases_when_event_time_has_moved_an_interval(data_dir):
     # Ten-minute batches, a 30-minute interval on the event clock.
     settings = publisher_settings(data_dir, publisher={"clock": "event", "publish_interval_seconds": 1800.0})
