@@ -220,7 +220,9 @@ def publish_command(
     config = settings.publisher
     topic = None
     if config.kafka_enabled and not no_kafka:
-        topic = EmbeddingTopic(settings.bootstrap_servers, settings.topics.user_embeddings, config.topic_partitions, config.topic_replication)
+        topic = EmbeddingTopic(
+            settings.bootstrap_servers, settings.topics.user_embeddings, config.topic_partitions, config.topic_replication
+        )
     stopping = {"now": False}
     if not once:
         signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
@@ -239,7 +241,8 @@ def publish_command(
                 for outcome in publisher.tick():
                     report(outcome)
             else:
-                console.print(f"publishing to {settings.releases_dir} every {config.publish_interval_seconds:g} s ({config.clock} clock); Ctrl-C stops")
+                every = f"every {config.publish_interval_seconds:g} s ({config.clock} clock)"
+                console.print(f"publishing to {settings.releases_dir} {every}; Ctrl-C stops")
                 publisher.run(should_stop=lambda: stopping["now"], max_releases=max_releases, report=report)
     except ReleaseError as error:
         console.print(f"[red]publisher stopped:[/red] {error}")

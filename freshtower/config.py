@@ -151,7 +151,8 @@ class ServiceConfig(_Section):
     # --- publisher/service.py (issue 4) ---
     poll_seconds: float = Field(2.0, gt=0, description="how often the service reads the active-release pointer")
     max_k: int = Field(1000, ge=1, description="largest k a recall request may ask for")
-    torch_threads: int = Field(1, ge=0, description="torch threads in `freshtower serve` (one-row towers gain nothing from more); 0 keeps torch's default")
+    # one-row user towers gain nothing from more threads
+    torch_threads: int = Field(1, ge=0, description="torch threads in `freshtower serve`; 0 keeps torch's default")
     hnsw_ef_search: int | None = Field(None, ge=1, description="override the efSearch stored in a release's HNSW index (speed vs recall)")
 
 

@@ -7,7 +7,7 @@ active release and reports the reason.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -83,14 +83,14 @@ class EmbeddingTopic:
         from kafka.admin import KafkaAdminClient, NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, client_id="freshtower-publisher-admin", request_timeout_ms=10_000)
+        admin = KafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers, client_id="freshtower-publisher-admin", request_timeout_ms=10_000
+        )
         try:
             if self.topic in admin.list_topics():
                 return
             try:
-                admin.create_topics(
-                    [NewTopic(self.topic, self.partitions, self.replication, topic_configs={"cleanup.policy": "compact"})]
-                )
+                admin.create_topics([NewTopic(self.topic, self.partitions, self.replication, topic_configs={"cleanup.policy": "compact"})])
             except TopicAlreadyExistsError:
                 pass
         finally:
@@ -132,7 +132,9 @@ class EmbeddingTopic:
             producer.send(self.topic, key=user_id.encode(), value=value).add_errback(failures.append)
         producer.flush(timeout=timeout_s)
         if failures:
-            raise TopicError(f"{len(failures)} of {len(user_ids)} rows of release {release} were not acknowledged by {self.topic}: {failures[0]!r}")
+            raise TopicError(
+                f"{len(failures)} of {len(user_ids)} rows of release {release} were not acknowledged by {self.topic}: {failures[0]!r}"
+            )
         return len(user_ids)
 
     def close(self) -> None:

@@ -33,8 +33,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -179,7 +180,7 @@ class Publisher:
         self.refused_models: dict[str, str] = {}  # full model version -> why (not retried by this process)
         self._lock = None
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         self._lock = self.store.publisher_lock()
         self._lock.__enter__()
         removed = self.store.clean_incomplete()
@@ -209,7 +210,14 @@ class Publisher:
         period = min(self.config.poll_seconds, self.config.publish_interval_seconds)
         published = 0
         while not should_stop():
-            for outcome in self.tick():
+            try:
+                outcomes = self.tick()
+            except (ReleaseError, ArtifactError, OSError) as error:
+                # e.g. a checkpoint or model being replaced, a full disk: keep the
+                # active release, say why, try again next period
+                log.error("publisher tick failed, the active release stays: %s", error)
+                outcomes = []
+            for outcome in outcomes:
                 if report:
                     report(outcome)
                 published += outcome.status == "published"
@@ -337,7 +345,9 @@ class Publisher:
             last_event_ms=int(active.manifest["checkpoint_event_time_ms"]),
         )
         if not (due or force):
-            return PublishOutcome("embeddings", "skipped", f"not due ({self.config.clock} clock, every {self.config.publish_interval_seconds:g} s)")
+            return PublishOutcome(
+                "embeddings", "skipped", f"not due ({self.config.clock} clock, every {self.config.publish_interval_seconds:g} s)"
+            )
         return self.publish_delta(active, checkpoint, now_s=now_s, activate=activate)
 
     def publish_delta(self, active: Release, checkpoint: dict, *, now_s: float | None = None, activate: bool = True) -> PublishOutcome:
@@ -360,7 +370,9 @@ class Publisher:
             check_shape("user_embeddings", vectors, len(rows), id_dim)
             check_unique("user_ids", user_ids)
         except ReleaseRefused as error:
-            log.warning("refused embeddings release from %s (step %d): %s; the active release stays", checkpoint_path(self.settings), step, error)
+            log.warning(
+                "refused embeddings release from %s (step %d): %s; the active release stays", checkpoint_path(self.settings), step, error
+            )
             return PublishOutcome("embeddings", "refused", str(error), seconds=time.perf_counter() - started)
 
         version = self.store.next_version("embeddings")
@@ -434,7 +446,12 @@ class Publisher:
         note = self.store.read_note(KAFKA_NOTE) or {}
         sent_through = int(note.get("sent_through_sequence", 0))
         sent = 0
-        for release in self.store.chain(active.version):
+        try:
+            chain = self.store.chain(active.version)
+        except ReleaseError as error:
+            log.warning("not sending to topic %s: %s", self.topic.topic, error)
+            return 0
+        for release in chain:
             if release.sequence <= sent_through:
                 continue
             user_ids = json.loads(release.file("user_ids.json").read_text())

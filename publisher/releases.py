@@ -39,10 +39,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 RELEASE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -210,7 +211,9 @@ class ReleaseStore:
             except ReleaseNotFound as error:
                 raise ReleaseError(f"release {version} needs {parent}, which is gone: {error}") from error
             if release.model_version != chain[-1].model_version:
-                raise ReleaseError(f"release {chain[-1].version} (model {chain[-1].model_version}) sits on {parent} (model {release.model_version})")
+                raise ReleaseError(
+                    f"release {chain[-1].version} (model {chain[-1].model_version}) sits on {parent} (model {release.model_version})"
+                )
             chain.append(release)
         return chain[::-1]
 

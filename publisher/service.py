@@ -152,7 +152,9 @@ class ServiceMetrics:
         self.cold_start = Counter("freshtower_recall_cold_start", "recall requests served with the cold-start embedding", registry=r)
         self.swaps = Counter("freshtower_release_swaps", "serving state swaps", registry=r)
         self.refused = Counter("freshtower_release_refused", "releases refused (checksum, missing file, bad shape)", registry=r)
-        self.release = Gauge("freshtower_release_info", "the release being served (value 1)", ["version", "full_version", "model_version"], registry=r)
+        self.release = Gauge(
+            "freshtower_release_info", "the release being served (value 1)", ["version", "full_version", "model_version"], registry=r
+        )
 
         def newest_click() -> float:
             return math.nan if holder.state is None else holder.state.newest_click_event_time_ms / 1000
@@ -251,7 +253,9 @@ def create_app(settings: Settings) -> FastAPI:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
         if request.url.path == "/v1/recall":
             metrics.requests.labels("bad_request").inc()
-        return JSONResponse(status_code=422, content={"detail": f"malformed request: {problems}", "errors": jsonable_encoder(error.errors())})
+        return JSONResponse(
+            status_code=422, content={"detail": f"malformed request: {problems}", "errors": jsonable_encoder(error.errors())}
+        )
 
     bearer = HTTPBearer(auto_error=False, description="the configured service.admin_token")
 
@@ -260,7 +264,9 @@ def create_app(settings: Settings) -> FastAPI:
         if not token:
             raise HTTPException(403, "release activation is disabled: no admin token is configured (service.admin_token)")
         if credentials is None:
-            raise HTTPException(401, "this call needs the admin token: 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401, "this call needs the admin token: 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+            )
         if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
             raise HTTPException(401, "wrong admin token", headers={"WWW-Authenticate": "Bearer"})
 
@@ -270,7 +276,11 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(503, f"no release loaded yet (store {store.root}, pointer {store.active_version()})")
         return state
 
-    @app.post("/v1/recall", response_model=RecallResponse, responses={422: {"description": "malformed request"}, 503: {"description": "no release"}})
+    @app.post(
+        "/v1/recall",
+        response_model=RecallResponse,
+        responses={422: {"description": "malformed request"}, 503: {"description": "no release"}},
+    )
     def recall_endpoint(body: RecallRequest) -> RecallResponse:
         """Top-k items for a user, computed now from the latest published ID embedding and the request's features."""
         started = time.perf_counter()
@@ -348,8 +358,12 @@ def create_app(settings: Settings) -> FastAPI:
         "/v1/releases/{version}/activate",
         response_model=ActivateResponse,
         dependencies=[Depends(require_admin)],
-        responses={401: {"description": "no or wrong admin token"}, 403: {"description": "no admin token configured"},
-                   404: {"description": "no such release"}, 409: {"description": "the release fails its checks"}},
+        responses={
+            401: {"description": "no or wrong admin token"},
+            403: {"description": "no admin token configured"},
+            404: {"description": "no such release"},
+            409: {"description": "the release fails its checks"},
+        },
     )
     async def activate_endpoint(version: str, request: Request) -> ActivateResponse:
         """Serve ``version`` from now on (rollback): verified and loaded first, then the pointer moves."""
@@ -408,7 +422,7 @@ class ServiceThread:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "ServiceThread":
+    def __enter__(self) -> ServiceThread:
         self.thread.start()
         deadline = time.monotonic() + self.timeout
         while not self.server.started:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -99,7 +99,9 @@ def _apply_delta(state: ServingState, release: Release, *, copy: bool) -> Servin
     vectors = np.load(release.file("user_embeddings.npy"))
     event_times = np.load(release.file("row_event_time_ms.npy"))
     if vectors.shape != (len(user_ids), state.tower.id_dim) or event_times.shape != (len(user_ids),):
-        raise ReleaseError(f"{where}: {vectors.shape} embeddings, {event_times.shape} event times for {len(user_ids)} IDs x {state.tower.id_dim}")
+        raise ReleaseError(
+            f"{where}: {vectors.shape} embeddings, {event_times.shape} event times for {len(user_ids)} IDs x {state.tower.id_dim}"
+        )
     user_rows = dict(state.user_rows) if copy else state.user_rows
     new_ids = [u for u in user_ids if u not in user_rows]
     old_rows = len(state.id_table)

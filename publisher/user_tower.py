@@ -13,8 +13,8 @@ trainer would compute (a test checks it against ``TwoTowerModel``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -67,7 +67,9 @@ class ServingUserTower:
         self.categorical = tuple(state["categorical"])
         self.numeric = tuple(state["numeric"])
         self.values = {n: IdVocabulary.from_state_dict(state["values"][n]) for n in self.categorical}
-        tower = Tower(self.id_dim, len(self.categorical), int(state["categorical_dim"]), len(self.numeric), state["hidden_dims"], self.output_dim)
+        tower = Tower(
+            self.id_dim, len(self.categorical), int(state["categorical_dim"]), len(self.numeric), state["hidden_dims"], self.output_dim
+        )
         with torch.no_grad():
             for name, parameter, table in zip(self.categorical, tower.categorical_embeddings, state["categorical_tables"]):
                 if table.shape[1:] != parameter.shape[1:] or table.shape[0] != len(self.values[name]):
@@ -82,7 +84,7 @@ class ServingUserTower:
         self.tower = tower
 
     @classmethod
-    def load(cls, path: Path) -> "ServingUserTower":
+    def load(cls, path: Path) -> ServingUserTower:
         try:
             state = torch.load(path, weights_only=True)
         except Exception as error:
@@ -96,7 +98,8 @@ class ServingUserTower:
         unknown = sorted(set(features) - set(self.categorical) - set(self.numeric))
         if unknown:
             raise FeatureError(
-                f"unknown user feature(s) {unknown}; this release knows categorical {list(self.categorical)} and numeric {list(self.numeric)}"
+                f"unknown user feature(s) {unknown}; "
+                f"this release knows categorical {list(self.categorical)} and numeric {list(self.numeric)}"
             )
         categorical = {}
         for name in self.categorical:
@@ -120,7 +123,9 @@ class ServingUserTower:
         rows = np.zeros((batch, len(self.categorical)), dtype=np.int64)
         for j, name in enumerate(self.categorical):
             rows[:, j] = self.values[name].lookup(categorical[name])  # unknown values read row 0
-        inputs = TowerInputs(torch.zeros(batch, dtype=torch.long), torch.from_numpy(rows), torch.from_numpy(np.asarray(numeric, np.float32)))
+        inputs = TowerInputs(
+            torch.zeros(batch, dtype=torch.long), torch.from_numpy(rows), torch.from_numpy(np.asarray(numeric, np.float32))
+        )
         # np.array copies: serving's ID table is read-only and torch wants writable memory
         vectors = self.tower.from_id_vectors(torch.from_numpy(np.array(id_vectors, dtype=np.float32)), inputs)  # (B, D)
         return vectors.numpy()

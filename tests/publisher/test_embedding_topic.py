@@ -34,7 +34,9 @@ def read_topic(bootstrap: str, topic: str, partitions: int, expected: int, timeo
 @pytest.mark.slow
 def test_released_rows_reach_the_compacted_topic_keyed_by_user_id(data_dir, kafka_broker):
     topic_name = f"user-embeddings-{uuid.uuid4().hex[:8]}"
-    settings = publisher_settings(data_dir, kafka=kafka_broker.bootstrap, topics={"user_embeddings": topic_name}, publisher={"kafka_enabled": True})
+    settings = publisher_settings(
+        data_dir, kafka=kafka_broker.bootstrap, topics={"user_embeddings": topic_name}, publisher={"kafka_enabled": True}
+    )
     OnlineTrainer.start(settings).run(max_batches=3, prefetch=False)
     topic = EmbeddingTopic(settings.bootstrap_servers, topic_name, partitions=2)
     with Publisher(settings, topic=topic) as publisher:

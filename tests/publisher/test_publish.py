@@ -131,7 +131,9 @@ def test_full_models_with_nan_or_a_recall_drop_beyond_the_margin_are_refused(dat
         outcome = publisher.publish_full_if_new()
         assert outcome.status == status, outcome
         if status == "refused":
-            expected = "user_tower.mlp.0.weight has 1 NaN/infinite" if poison else f"recall@50 {active_recall - recall_drop:.4f} is 0.1000 below"
+            expected = (
+                "user_tower.mlp.0.weight has 1 NaN/infinite" if poison else f"recall@50 {active_recall - recall_drop:.4f} is 0.1000 below"
+            )
             assert expected in outcome.reason
             assert publisher.store.active_version() == first.version
             assert publisher.publish_full_if_new().status == "skipped"  # not retried by this process

@@ -7,7 +7,9 @@ import pytest
 from publisher.releases import ActiveChanged, ReleaseError, ReleaseNotFound, ReleaseStore, parse_version
 
 
-def make_release(store: ReleaseStore, kind: str, parent: str | None = None, model_version: str = "2026-11-20.1", payload: bytes = b"rows") -> str:
+def make_release(
+    store: ReleaseStore, kind: str, parent: str | None = None, model_version: str = "2026-11-20.1", payload: bytes = b"rows"
+) -> str:
     version = store.next_version(kind)
     staging = store.staging_dir(version)
     (staging / "user_embeddings.npy").write_bytes(payload)
@@ -15,7 +17,9 @@ def make_release(store: ReleaseStore, kind: str, parent: str | None = None, mode
     return version
 
 
-@pytest.mark.parametrize("bad", ["", "1-full", "00000001-FULL", "00000001-full/../x", "../00000001-full", "00000001-full\n", "00000001-delta", "0000000a-full"])
+@pytest.mark.parametrize(
+    "bad", ["", "1-full", "00000001-FULL", "00000001-full/../x", "../00000001-full", "00000001-full\n", "00000001-delta", "0000000a-full"]
+)
 def test_malformed_versions_are_rejected_before_touching_a_path(tmp_path, bad):
     store = ReleaseStore(tmp_path)
     with pytest.raises(ValueError, match="not a release version"):
@@ -124,10 +128,8 @@ def test_cleanup_removes_staging_and_never_activated_releases_only(tmp_path):
 
 def test_only_one_publisher_at_a_time(tmp_path):
     store = ReleaseStore(tmp_path)
-    with store.publisher_lock():
-        with pytest.raises(ReleaseError, match="another publisher holds"):
-            with ReleaseStore(tmp_path).publisher_lock():
-                pass
+    with store.publisher_lock(), pytest.raises(ReleaseError, match="another publisher holds"), ReleaseStore(tmp_path).publisher_lock():
+        pass
     with store.publisher_lock():  # released on exit
         pass
 

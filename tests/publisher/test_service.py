@@ -73,7 +73,12 @@ def test_round_trip_checkpoint_publish_serve_recall_follows_new_clicks(data_dir)
         assert count >= 3
         request = request_for(clicks, max(i for i, u in enumerate(clicks.user_ids) if u == user))
         before = http.post("/v1/recall", json=request).json()
-        assert before["releases"] == {"active": first.version, "full": "00000001-full", "embeddings": first.version, "model_version": "2026-11-20.1"}
+        assert before["releases"] == {
+            "active": first.version,
+            "full": "00000001-full",
+            "embeddings": first.version,
+            "model_version": "2026-11-20.1",
+        }
 
         trainer = train_online(settings, 6)  # resumes from the checkpoint and learns those clicks
         second = publisher.publish_delta_if_due(now_s=1e6)
@@ -86,13 +91,19 @@ def test_round_trip_checkpoint_publish_serve_recall_follows_new_clicks(data_dir)
     assert not after["cold_start"]
     assert after["freshness"]["user_embedding_event_time_ms"] >= upcoming[0].window_start_ms
     assert after["freshness"]["newest_click_event_time_ms"] > before["freshness"]["newest_click_event_time_ms"]
-    assert after["freshness"]["newest_click_event_time_ms"] == ReleaseStore(settings.releases_dir).get(second.version).manifest["newest_click_event_time_ms"]
+    assert (
+        after["freshness"]["newest_click_event_time_ms"]
+        == ReleaseStore(settings.releases_dir).get(second.version).manifest["newest_click_event_time_ms"]
+    )
     # What the service returned is what exact search over the online trainer's own model returns.
     model = trainer.model
     released_items = [i["item_id"] for i in after["items"]]
-    catalogue = model.catalogue_vectors().numpy()[: 300]
-    inputs = model.user_inputs([user], {k: [v] for k, v in request["user_features"].items() if isinstance(v, str)},
-                               np.array([[request["user_features"][n] for n in ("activity_7d", "hour_sin", "hour_cos")]], np.float32))
+    catalogue = model.catalogue_vectors().numpy()[:300]
+    inputs = model.user_inputs(
+        [user],
+        {k: [v] for k, v in request["user_features"].items() if isinstance(v, str)},
+        np.array([[request["user_features"][n] for n in ("activity_7d", "hour_sin", "hour_cos")]], np.float32),
+    )
     scores, indices = ExactRetriever(catalogue).search(model.user_vectors(inputs).detach().numpy(), 20)
     assert released_items == [model.catalogue.ids[j] for j in indices[0]]
     np.testing.assert_allclose([i["score"] for i in after["items"]], scores[0], atol=1e-5)
@@ -155,7 +166,7 @@ def test_hot_swaps_under_concurrent_requests_fail_no_request(published):
 
 
 def test_rollback_needs_the_admin_token_and_serves_the_older_release(published):
-    settings, trainer, full, first = published
+    settings, _, full, first = published
     with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
         wait_until_serving(http, first)
         url = f"/v1/releases/{full}/activate"
@@ -194,7 +205,7 @@ def test_activation_is_refused_entirely_without_a_configured_token(published):
 
 
 def test_a_release_that_fails_its_checksum_is_refused_and_the_current_one_stays(published):
-    settings, _, full, first = published
+    settings, _, _, first = published
     store = ReleaseStore(settings.releases_dir)
     with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
         wait_until_serving(http, first)
@@ -275,5 +286,12 @@ def test_embedding_endpoint_metrics_and_openapi(published):
         assert f'freshtower_release_info{{full_version="{full}",model_version="2026-11-20.1",version="{first}"}} 1.0' in metrics
 
         schema = http.get("/openapi.json").json()
-        assert {"/v1/recall", "/v1/users/{user_id}/embedding", "/v1/releases", "/v1/releases/{version}/activate", "/healthz", "/metrics"} <= set(schema["paths"])
+        assert {
+            "/v1/recall",
+            "/v1/users/{user_id}/embedding",
+            "/v1/releases",
+            "/v1/releases/{version}/activate",
+            "/healthz",
+            "/metrics",
+        } <= set(schema["paths"])
         assert http.get("/docs").status_code == 200

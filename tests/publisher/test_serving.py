@@ -68,7 +68,9 @@ def test_recall_returns_what_exact_search_over_the_online_model_returns(publishe
     for i in known:
         features = features_of(samples, i)
         result = recall(state, samples.user_ids[i], features, 20)
-        inputs = model.user_inputs([samples.user_ids[i]], {k: [v] for k, v in features.items() if isinstance(v, str)}, samples.user_numeric[i : i + 1])
+        inputs = model.user_inputs(
+            [samples.user_ids[i]], {k: [v] for k, v in features.items() if isinstance(v, str)}, samples.user_numeric[i : i + 1]
+        )
         scores, indices = oracle.search(model.user_vectors(inputs).detach().numpy(), 20)
         assert result.item_ids == [state.item_ids[j] for j in indices[0]]
         np.testing.assert_allclose(result.scores, scores[0], atol=1e-5)
@@ -106,7 +108,7 @@ def test_applying_a_delta_to_the_served_state_equals_loading_the_chain(published
 
 
 def test_a_release_whose_file_no_longer_matches_its_checksum_is_refused(published, tmp_path):
-    settings, _, store, full, delta, _ = published
+    _, _, store, full, delta, _ = published
     copy = ReleaseStore(tmp_path / "releases")
     shutil.copytree(store.root, copy.root)
     path = copy.get(full).file("index.faiss")
