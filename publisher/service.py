@@ -213,7 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
                 return
             try:
                 await swap_to(version)
-            except ReleaseError as error:
+            except (ReleaseError, OSError, ValueError) as error:
                 holder.refused[version] = str(error)
                 metrics.refused.inc()
                 log.error("refused release %s, still serving %s: %s", version, holder.state and holder.state.version, error)
@@ -229,7 +229,10 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         holder.swap_lock = asyncio.Lock()  # bound to the loop that serves
-        await refresh()  # load the active release before accepting requests
+        try:
+            await refresh()  # load the active release before accepting requests
+        except Exception:  # start anyway (503 until a release loads); the watcher retries
+            log.exception("no release loaded at start from %s", store.root)
         watcher = asyncio.create_task(watch())
         try:
             yield
@@ -270,10 +273,17 @@ def create_app(settings: Settings) -> FastAPI:
         if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
             raise HTTPException(401, "wrong admin token", headers={"WWW-Authenticate": "Bearer"})
 
+    def pointer() -> str | None:
+        """What ACTIVE names, or why it cannot be read (for messages)."""
+        try:
+            return store.active_version()
+        except ReleaseError as error:
+            return f"unreadable: {error}"
+
     def current() -> ServingState:
         state = holder.state
         if state is None:
-            raise HTTPException(503, f"no release loaded yet (store {store.root}, pointer {store.active_version()})")
+            raise HTTPException(503, f"no release loaded yet (store {store.root}, pointer {pointer()})")
         return state
 
     @app.post(
@@ -334,7 +344,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/releases", response_model=ReleasesResponse)
     def releases_endpoint() -> ReleasesResponse:
         """Every release in the store, newest last."""
-        active = store.active_version()
+        active = pointer()
         serving = holder.state.version if holder.state is not None else None
         summaries = []
         for release in store.list():
@@ -391,7 +401,7 @@ def create_app(settings: Settings) -> FastAPI:
     def healthz() -> JSONResponse:
         """200 while a release is served, 503 before."""
         state = holder.state
-        body = {"status": "ok" if state else "no release", "serving": state and state.version, "active": store.active_version()}
+        body = {"status": "ok" if state else "no release", "serving": state and state.version, "active": pointer()}
         if state is not None and body["active"] in holder.refused:
             body["status"] = "degraded"
             body["refused"] = holder.refused[body["active"]]

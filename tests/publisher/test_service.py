@@ -295,3 +295,13 @@ def test_embedding_endpoint_metrics_and_openapi(published):
             "/metrics",
         } <= set(schema["paths"])
         assert http.get("/docs").status_code == 200
+
+
+def test_a_garbage_pointer_leaves_the_service_up_and_unavailable(tmp_path):
+    settings = publisher_settings(tmp_path)
+    settings.releases_dir.mkdir(parents=True)
+    (settings.releases_dir / "ACTIVE").write_text("../../etc/passwd\n")
+    with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+        assert http.get("/healthz").status_code == 503
+        response = http.post("/v1/recall", json={"user_id": "u1"})
+        assert response.status_code == 503 and "no release loaded yet" in response.json()["detail"]
