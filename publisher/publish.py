@@ -11,7 +11,9 @@ Each tick (``Publisher.tick``, every ``publisher.poll_seconds``):
    ``clock = "event"`` for replays; at once after a full release): the user
    ID rows that changed since the active release (``rows_to_publish``), read
    from the online trainer's checkpoint (one atomic file, so one consistent
-   state), with the newest click event time each row learnt from.
+   state; one per user partition when the trainer is scaled out,
+   ``online_checkpoints``), with the newest click event time each row
+   learnt from.
 3. Released rows go to the compacted ``user-embeddings`` topic
    (``embedding_topic.py``), after the release is active; ``kafka.json``
    remembers how far that got, so a failure is retried next tick.
@@ -32,9 +34,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -46,7 +50,7 @@ from publisher.embedding_topic import EmbeddingTopic
 from publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
 from publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
 from trainer.artifacts import ArtifactError, FullModelRef, LoadedModel, full_models_dir, latest_full_model, load_full_model
-from trainer.online import checkpoint_path, load_checkpoint
+from trainer.online import load_checkpoint
 from trainer.retrieval import ExactRetriever, FaissRetriever, IndexSettings, build_index, recall_against_exact
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,24 @@ def rows_to_publish(row_updated_step: np.ndarray, row_ids: list[str], since_step
     """
     candidates = np.arange(len(row_ids)) if resync else np.flatnonzero(row_updated_step > since_step)
     return np.asarray([r for r in candidates.tolist() if r != 0 and row_ids[r]], dtype=np.int64)
+
+
+_CHECKPOINT = re.compile(r"^checkpoint(-[0-9]+-of-([0-9]+))?\.pt$")
+
+
+def online_checkpoints(online_dir: Path) -> dict[str, Path]:
+    """The online trainers' checkpoints by file name: ``checkpoint.pt``, or,
+    when the trainer is scaled out over user partitions, one
+    ``checkpoint-<k>-of-<n>.pt`` per partition (those of the largest n win;
+    a single checkpoint left from before scaling out is then ignored).
+    Partitions own disjoint users, so their rows are simply put together."""
+    if not online_dir.is_dir():
+        return {}
+    found = {p.name: p for p in online_dir.iterdir() if _CHECKPOINT.fullmatch(p.name)}
+    counts = {int(m.group(2)) for name in found if (m := _CHECKPOINT.fullmatch(name)).group(2)}
+    if counts:
+        return {name: path for name, path in sorted(found.items()) if name.endswith(f"-of-{max(counts)}.pt")}
+    return found
 
 
 @dataclass
@@ -285,7 +307,7 @@ class Publisher:
             "full_version": version,
             "model_version": inputs.model_version,
             "created_at": time.time() if now_s is None else now_s,
-            "online_step": 0,  # the full model's rows are the online trainer's step 0
+            "online_steps": {},  # the full model's rows are every online trainer's step 0
             "checkpoint_event_time_ms": inputs.data_end_ms,
             "event_time": {"start_ms": inputs.data_start_ms, "end_ms": inputs.data_end_ms},
             # The full model learnt from events before data_end_ms: an upper bound.
@@ -321,19 +343,27 @@ class Publisher:
         active = self.store.active()
         if active is None:
             return PublishOutcome("embeddings", "skipped", "no active release: a full release comes first")
-        path = checkpoint_path(self.settings)
-        if not path.is_file():
-            return PublishOutcome("embeddings", "skipped", f"no online checkpoint at {path}")
-        try:
-            checkpoint = load_checkpoint(path)
-        except ArtifactError as error:
-            return PublishOutcome("embeddings", "refused", str(error))
-        base = checkpoint["base_version"]
-        if base != active.model_version:
+        paths = online_checkpoints(self.settings.online_dir)
+        if not paths:
+            return PublishOutcome("embeddings", "skipped", f"no online checkpoint under {self.settings.online_dir}")
+        checkpoints, elsewhere = {}, []
+        for name, path in paths.items():
+            try:
+                checkpoint = load_checkpoint(path)
+            except ArtifactError as error:
+                return PublishOutcome("embeddings", "refused", str(error))
+            if checkpoint["base_version"] == active.model_version:
+                checkpoints[name] = checkpoint
+            else:
+                elsewhere.append(f"{name} follows full model {checkpoint['base_version']}")
+        if elsewhere:
+            # Rows trained on another full model live in another embedding space.
+            log.warning("not publishing from %s: the active release %s serves %s", elsewhere, active.version, active.model_version)
+        if not checkpoints:
             return PublishOutcome(
                 "embeddings",
                 "skipped",
-                f"the online checkpoint follows full model {base}, the active release {active.version} serves {active.model_version}; "
+                f"{'; '.join(elsewhere)}, the active release {active.version} serves {active.model_version}; "
                 "no embeddings release until they match",
             )
         due = active.kind == "full" or delta_due(
@@ -341,38 +371,51 @@ class Publisher:
             self.config.publish_interval_seconds,
             now_s=now_s,
             last_release_s=float(active.manifest["created_at"]),
-            newest_event_ms=int(checkpoint["newest_event_time_ms"]),
+            newest_event_ms=max(int(c["newest_event_time_ms"]) for c in checkpoints.values()),
             last_event_ms=int(active.manifest["checkpoint_event_time_ms"]),
         )
         if not (due or force):
             return PublishOutcome(
                 "embeddings", "skipped", f"not due ({self.config.clock} clock, every {self.config.publish_interval_seconds:g} s)"
             )
-        return self.publish_delta(active, checkpoint, now_s=now_s, activate=activate)
+        return self.publish_delta(active, checkpoints, now_s=now_s, activate=activate)
 
-    def publish_delta(self, active: Release, checkpoint: dict, *, now_s: float | None = None, activate: bool = True) -> PublishOutcome:
-        """An embeddings release on top of ``active`` from an online checkpoint."""
+    def publish_delta(
+        self, active: Release, checkpoints: dict[str, dict], *, now_s: float | None = None, activate: bool = True
+    ) -> PublishOutcome:
+        """An embeddings release on top of ``active`` from the online checkpoints
+        (file name -> checkpoint; one per user partition when scaled out)."""
         started = time.perf_counter()
-        since = int(active.manifest["online_step"])
-        step = int(checkpoint["step"])
-        resync = step < since  # the trainer restarted from its base: send every row
-        row_ids = ["" if r is None else r for r in checkpoint["user_ids"]["row_ids"]]
-        rows = rows_to_publish(checkpoint["row_updated_step"].numpy(), row_ids, since, resync)
-        if not len(rows):
-            return PublishOutcome("embeddings", "skipped", f"no user rows changed since step {since} (checkpoint step {step})")
-        index = torch.from_numpy(rows)
-        vectors = checkpoint["user_table"][index].numpy().astype(np.float32)  # (n, id_dim)
-        event_times = checkpoint["row_event_time_ms"][index].numpy().astype(np.int64)  # (n,) ms
-        user_ids = [row_ids[r] for r in rows.tolist()]
+        steps = dict(active.manifest["online_steps"])  # checkpoint name -> step already released
+        parts, resync, read = [], [], {}
+        for name, checkpoint in sorted(checkpoints.items()):
+            since, step = int(steps.get(name, 0)), int(checkpoint["step"])
+            if step < since:  # that trainer restarted from its base: send every row
+                resync.append(name)
+            row_ids = ["" if r is None else r for r in checkpoint["user_ids"]["row_ids"]]
+            rows = rows_to_publish(checkpoint["row_updated_step"].numpy(), row_ids, since, step < since)
+            index = torch.from_numpy(rows)
+            parts.append(
+                (
+                    [row_ids[r] for r in rows.tolist()],
+                    checkpoint["user_table"][index].numpy().astype(np.float32),  # (n, id_dim)
+                    checkpoint["row_event_time_ms"][index].numpy().astype(np.int64),  # (n,) ms
+                )
+            )
+            steps[name] = step
+            read[name] = {"step": step, "since": since, "rows": len(rows), "written_at": checkpoint.get("written_at")}
+        user_ids = [u for ids, _, _ in parts for u in ids]
+        if not user_ids:
+            return PublishOutcome("embeddings", "skipped", f"no user rows changed since the active release ({read})")
+        vectors = np.concatenate([v for _, v, _ in parts])  # (n, id_dim)
+        event_times = np.concatenate([t for _, _, t in parts])  # (n,)
         id_dim = int(active.manifest["dims"]["id_dim"])
         try:
             check_finite({"user_embeddings": vectors})
-            check_shape("user_embeddings", vectors, len(rows), id_dim)
-            check_unique("user_ids", user_ids)
+            check_shape("user_embeddings", vectors, len(user_ids), id_dim)
+            check_unique("user_ids", user_ids)  # partitions own disjoint users
         except ReleaseRefused as error:
-            log.warning(
-                "refused embeddings release from %s (step %d): %s; the active release stays", checkpoint_path(self.settings), step, error
-            )
+            log.warning("refused embeddings release from %s: %s; the active release stays", sorted(checkpoints), error)
             return PublishOutcome("embeddings", "refused", str(error), seconds=time.perf_counter() - started)
 
         version = self.store.next_version("embeddings")
@@ -387,18 +430,18 @@ class Publisher:
             "full_version": active.manifest["full_version"],
             "model_version": active.model_version,
             "created_at": time.time() if now_s is None else now_s,
-            "online_step": step,
+            "online_steps": steps,
+            "checkpoints": read,
             "resync": resync,
-            "checkpoint_written_at": checkpoint.get("written_at"),
-            "checkpoint_event_time_ms": int(checkpoint["newest_event_time_ms"]),
+            "checkpoint_event_time_ms": max(int(c["newest_event_time_ms"]) for c in checkpoints.values()),
             "event_time": {"start_ms": int(learnt.min()) if len(learnt) else None, "end_ms": int(learnt.max()) if len(learnt) else None},
             "newest_click_event_time_ms": max(int(active.manifest["newest_click_event_time_ms"]), int(learnt.max()) if len(learnt) else 0),
             "newest_click_is_bound": bool(active.manifest["newest_click_is_bound"]) and not len(learnt),
-            "rows": {"user_embeddings": len(rows)},
+            "rows": {"user_embeddings": len(user_ids)},
             "dims": {"id_dim": id_dim, "output_dim": int(active.manifest["dims"]["output_dim"])},
             "config": self.settings.as_record(),
         }
-        return self._seal_and_activate(staging, version, manifest, "embeddings", active, activate, len(rows), started)
+        return self._seal_and_activate(staging, version, manifest, "embeddings", active, activate, len(user_ids), started)
 
     # --- shared steps ----------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from publisher.publish import Publisher
+from publisher.publish import Publisher, online_checkpoints
 from publisher.releases import ReleaseStore
 from publisher.serving import load_state
 from tests.publisher.conftest import DAY1, publisher_settings
@@ -72,7 +72,7 @@ def test_full_release_then_embeddings_releases_of_the_rows_changed_since(data_di
             np.testing.assert_array_equal(rows[user_id], checkpoint["user_table"][row_ids.index(user_id)].numpy())
         times = np.load(delta_release.file("row_event_time_ms.npy"))
         assert delta_release.manifest["newest_click_event_time_ms"] == int(times.max())
-        assert delta_release.manifest["online_step"] == trainer.step
+        assert delta_release.manifest["online_steps"] == {"checkpoint.pt": trainer.step}
 
         # More training: the next delta holds only the rows changed after the first one's step.
         first_step = trainer.step
@@ -89,7 +89,7 @@ def test_full_release_then_embeddings_releases_of_the_rows_changed_since(data_di
 
         # Nothing new: nothing to publish, whatever the clock says.
         outcome = publisher.publish_delta_if_due(now_s=10_000.0)
-        assert outcome.status == "skipped" and "no user rows changed" in outcome.reason
+        assert outcome.status == "skipped" and "no user rows changed since the active release" in outcome.reason
         # The full model is not released twice.
         assert publisher.publish_full_if_new().status == "skipped"
 
@@ -174,7 +174,7 @@ KILLED_PUBLISHER = textwrap.dedent(
     """
     import os, signal, sys
     from tests.publisher.conftest import publisher_settings
-    from publisher.publish import Publisher
+    from publisher.publish import Publisher, online_checkpoints
 
     data_dir, kill_at = sys.argv[1], sys.argv[2]
 
@@ -227,3 +227,47 @@ def test_a_publisher_killed_mid_release_leaves_the_previous_release_active_and_i
         train_online(settings, 1)  # re-bases onto the new full model
         delta = publisher.publish_delta_if_due(now_s=1e9)
         assert delta.status == "published" and store.active_version() == delta.version
+
+
+def split_checkpoint(checkpoint: dict, owner: np.ndarray, partition: int) -> dict:
+    """The checkpoint one of two user-partitioned trainers would hold: rows
+    it does not own look untouched (step 0), as in a trainer that never saw them."""
+    part = dict(checkpoint)
+    steps = checkpoint["row_updated_step"].clone()
+    steps[torch.from_numpy(owner != partition)] = 0
+    part["row_updated_step"] = steps
+    return part
+
+
+def test_checkpoints_of_user_partitions_are_released_together_each_from_its_own_step(data_dir):
+    settings = publisher_settings(data_dir)
+    train_online(settings, 3)
+    single = checkpoint_path(settings)
+    checkpoint = load_checkpoint(single)
+    rows = len(checkpoint["user_ids"]["row_ids"])
+    owner = np.arange(rows) % 2  # user partition of each row
+    for k in (0, 1):
+        torch.save(split_checkpoint(checkpoint, owner, k), settings.online_dir / f"checkpoint-{k}-of-2.pt")
+    # the single checkpoint left from before scaling out is ignored: were it read, its rows would clash
+    assert sorted(online_checkpoints(settings.online_dir)) == ["checkpoint-0-of-2.pt", "checkpoint-1-of-2.pt"]
+    with Publisher(settings) as publisher:
+        full, delta = publisher.tick(now_s=0.0)
+        assert delta.status == "published", delta
+        release = publisher.store.get(delta.version)
+        row_ids = checkpoint["user_ids"]["row_ids"]
+        changed = {row_ids[r] for r in np.flatnonzero(checkpoint["row_updated_step"].numpy() > 0)}
+        assert set(release_rows(release)) == changed  # the union of both partitions
+        step = int(checkpoint["step"])
+        assert release.manifest["online_steps"] == {"checkpoint-0-of-2.pt": step, "checkpoint-1-of-2.pt": step}
+
+        # Partition 1 trains on (one more step, two of its rows); partition 0 does not move.
+        moved = load_checkpoint(settings.online_dir / "checkpoint-1-of-2.pt")
+        mine = np.flatnonzero((owner == 1) & (np.arange(rows) > 0))[:2]
+        moved["step"] = step + 1
+        moved["row_updated_step"][torch.from_numpy(mine)] = step + 1
+        moved["user_table"][torch.from_numpy(mine)] += 0.5
+        torch.save(moved, settings.online_dir / "checkpoint-1-of-2.pt")
+        second = publisher.publish_delta_if_due(now_s=1e6)
+        assert second.status == "published" and second.rows == 2
+        assert set(release_rows(publisher.store.get(second.version))) == {row_ids[r] for r in mine}
+        assert publisher.store.get(second.version).manifest["online_steps"]["checkpoint-1-of-2.pt"] == step + 1
