@@ -255,6 +255,77 @@ def run_command(
         raise typer.Exit(1)
 
 
+@app.command("publish")
+def publish_command(
+    ctx: typer.Context,
+    once: bool = typer.Option(False, "--once", help="One tick (full release if due, embeddings release if due), then exit."),
+    no_kafka: bool = typer.Option(False, "--no-kafka", help="Do not send rows to the user-embeddings topic."),
+    max_releases: Optional[int] = typer.Option(None, "--max-releases", help="Stop after publishing this many releases."),
+) -> None:
+    """Publish releases: a full release after each full training, the changed
+    user ID embeddings every publisher.publish_interval_seconds."""
+    from publisher.embedding_topic import EmbeddingTopic
+    from publisher.publish import Publisher
+    from publisher.releases import ReleaseError
+
+    settings = _settings(ctx)
+    config = settings.publisher
+    topic = None
+    if config.kafka_enabled and not no_kafka:
+        topic = EmbeddingTopic(
+            settings.bootstrap_servers, settings.topics.user_embeddings, config.topic_partitions, config.topic_replication
+        )
+    stopping = {"now": False}
+    if not once:
+        signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+        signal.signal(signal.SIGINT, lambda *_: stopping.update(now=True))
+    outcomes = []
+
+    def report(outcome) -> None:
+        outcomes.append(outcome)
+        colour = {"published": "green", "refused": "red", "skipped": "dim"}[outcome.status]
+        what = f" {outcome.version} ({outcome.rows:,} user rows, {outcome.seconds:.2f} s)" if outcome.version else ""
+        console.print(f"[{colour}]{outcome.kind} {outcome.status}[/{colour}]{what}: {outcome.reason}")
+
+    try:
+        with Publisher(settings, topic=topic) as publisher:
+            if once:
+                for outcome in publisher.tick():
+                    report(outcome)
+            else:
+                every = f"every {config.publish_interval_seconds:g} s ({config.clock} clock)"
+                console.print(f"publishing to {settings.releases_dir} {every}; Ctrl-C stops")
+                publisher.run(should_stop=lambda: stopping["now"], max_releases=max_releases, report=report)
+    except ReleaseError as error:
+        console.print(f"[red]publisher stopped:[/red] {error}")
+        raise typer.Exit(1)
+    if once:
+        print(json.dumps([o.__dict__ for o in outcomes]))
+        if any(o.status == "refused" for o in outcomes):
+            raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve_command(
+    ctx: typer.Context,
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address (default service.host, 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default service.port)."),
+) -> None:
+    """Run the recall service (OpenAPI docs at /docs); it follows the active release without restarts."""
+    import torch
+    import uvicorn
+
+    from publisher.service import create_app
+
+    settings = _settings(ctx)
+    if settings.service.torch_threads:
+        torch.set_num_threads(settings.service.torch_threads)
+    host = host or settings.service.host
+    port = port or settings.service.port
+    console.print(f"recall service on http://{host}:{port} (docs at /docs), releases from {settings.releases_dir}")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

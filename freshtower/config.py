@@ -142,12 +142,25 @@ class PublisherConfig(_Section):
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
+    # --- publisher/ (issue 4) ---
+    poll_seconds: float = Field(10.0, gt=0, description="how often `freshtower publish` looks for a new full model or a due delta")
+    index_check_queries: int = Field(200, ge=1, description="item vectors used as queries to check the index against exact search")
+    min_index_recall: float = Field(0.9, ge=0, le=1, description="refuse a full release whose index recall@100 vs exact is below this")
+    kafka_enabled: bool = Field(True, description="also send released user embeddings to topics.user_embeddings")
+    topic_partitions: int = Field(4, ge=1, description="partitions of the compacted user-embeddings topic")
+    topic_replication: int = Field(1, ge=1, description="replication factor of that topic (1 on the embedded broker)")
 
 
 class ServiceConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = Field(None, description="bearer token for state-changing calls; unset refuses them")
+    # --- publisher/service.py (issue 4) ---
+    poll_seconds: float = Field(2.0, gt=0, description="how often the service reads the active-release pointer")
+    max_k: int = Field(1000, ge=1, description="largest k a recall request may ask for")
+    # one-row user towers gain nothing from more threads
+    torch_threads: int = Field(1, ge=0, description="torch threads in `freshtower serve`; 0 keeps torch's default")
+    hnsw_ef_search: int | None = Field(None, ge=1, description="override the efSearch stored in a release's HNSW index (speed vs recall)")
 
 
 class Settings(BaseSettings):

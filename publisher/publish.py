@@ -1,0 +1,518 @@
+"""``freshtower publish``: the trainers' output -> releases.
+
+Each tick (``Publisher.tick``, every ``publisher.poll_seconds``):
+
+1. **Full release**, when ``models/full/LATEST`` names a full model that
+   was never released: user tower (``user_tower.pt``), all user ID
+   embeddings, item vectors and the Faiss index built from them (exact
+   below ``exact_index_below`` items, HNSW above; ``trainer/retrieval.py``).
+2. **Embeddings release**, when one is due (``delta_due``: every
+   ``publish_interval_seconds`` of wall time, or of event time with
+   ``clock = "event"`` for replays; at once after a full release): the user
+   ID rows that changed since the active release (``rows_to_publish``), read
+   from the online trainer's checkpoint (one atomic file, so one consistent
+   state; one per user partition when the trainer is scaled out,
+   ``online_checkpoints``), with the newest click event time each row
+   learnt from.
+3. Released rows go to the compacted ``user-embeddings`` topic
+   (``embedding_topic.py``), after the release is active; ``kafka.json``
+   remembers how far that got, so a failure is retried next tick.
+
+Checks before anything becomes active (``checks.py``): no NaN/inf, the
+right shapes, a full model's holdout Recall@50 no more than
+``max_recall_drop`` below the active full release's, and the new index's
+recall@100 against exact search at least ``min_index_recall``. A refused
+release is reported with its reason; the active one stays.
+
+Deltas build on the *active* release: after a rollback the next delta
+carries every row changed since the release rolled back to. A rolled-back
+full model is not released again; an online checkpoint that follows
+another full model than the active one publishes nothing until they match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from freshtower.config import Settings
+from publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique
+from publisher.embedding_topic import EmbeddingTopic
+from publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
+from publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
+from trainer.artifacts import ArtifactError, FullModelRef, LoadedModel, full_models_dir, latest_full_model, load_full_model
+from trainer.online import load_checkpoint
+from trainer.retrieval import ExactRetriever, FaissRetriever, IndexSettings, build_index, recall_against_exact
+
+log = logging.getLogger(__name__)
+
+INDEX_CHECK_K = 100
+KAFKA_NOTE = "kafka.json"
+RECALL_METRIC = "recall@50"
+
+StageCallback = Callable[[str, str], None]  # (stage, detail): "file" name, "sealed" version, ...
+
+
+@dataclass
+class PublishOutcome:
+    kind: Literal["full", "embeddings"]
+    status: Literal["published", "refused", "skipped"]
+    reason: str
+    version: str | None = None
+    rows: int = 0
+    seconds: float = 0.0
+
+
+# --- pure pieces ---------------------------------------------------------------------
+
+
+def delta_due(clock: str, interval_s: float, *, now_s: float, last_release_s: float, newest_event_ms: int, last_event_ms: int) -> bool:
+    """Is an embeddings release due? Wall clock: ``interval_s`` seconds since
+    the active release was created. Event clock (replays): the checkpoint's
+    newest event time is ``interval_s`` past the one the active release saw.
+
+    >>> delta_due("wall", 1800, now_s=2000.0, last_release_s=100.0, newest_event_ms=0, last_event_ms=0)
+    True
+    >>> delta_due("event", 60, now_s=0.0, last_release_s=0.0, newest_event_ms=119_000, last_event_ms=60_000)
+    False
+    """
+    if clock == "wall":
+        return now_s - last_release_s >= interval_s
+    if clock == "event":
+        return newest_event_ms - last_event_ms >= interval_s * 1000
+    raise ValueError(f"publisher.clock must be 'wall' or 'event', got {clock!r}")
+
+
+def rows_to_publish(row_updated_step: np.ndarray, row_ids: list[str], since_step: int, resync: bool = False) -> np.ndarray:
+    """Rows to put in an embeddings release: changed after ``since_step``
+    (every row on a resync), never the shared default row 0 nor a free row.
+
+    >>> rows_to_publish(np.array([0, 5, 2, 7, 9]), ["", "u1", "u2", "", "u4"], since_step=2).tolist()
+    [1, 4]
+    """
+    candidates = np.arange(len(row_ids)) if resync else np.flatnonzero(row_updated_step > since_step)
+    return np.asarray([r for r in candidates.tolist() if r != 0 and row_ids[r]], dtype=np.int64)
+
+
+_CHECKPOINT = re.compile(r"^checkpoint(-[0-9]+-of-([0-9]+))?\.pt$")
+
+
+def online_checkpoints(online_dir: Path) -> dict[str, Path]:
+    """The online trainers' checkpoints by file name: ``checkpoint.pt``, or,
+    when the trainer is scaled out over user partitions, one
+    ``checkpoint-<k>-of-<n>.pt`` per partition (those of the largest n win;
+    a single checkpoint left from before scaling out is then ignored).
+    Partitions own disjoint users, so their rows are simply put together."""
+    if not online_dir.is_dir():
+        return {}
+    found = {p.name: p for p in online_dir.iterdir() if _CHECKPOINT.fullmatch(p.name)}
+    counts = {int(m.group(2)) for name in found if (m := _CHECKPOINT.fullmatch(name)).group(2)}
+    if counts:
+        return {name: path for name, path in sorted(found.items()) if name.endswith(f"-of-{max(counts)}.pt")}
+    return found
+
+
+@dataclass
+class FullReleaseInputs:
+    """What a full release is built from (``full_release_inputs`` reads a model)."""
+
+    model_version: str
+    tower: dict  # export_user_tower(...)
+    user_ids: list[str]  # row -> ID; "" for the default row 0 and free rows
+    user_table: np.ndarray  # (R, id_dim) float32
+    item_ids: list[str]
+    item_vectors: np.ndarray  # (N, output_dim) float32, unit length
+    holdout_recall: float | None
+    data_start_ms: int
+    data_end_ms: int
+    model: dict = field(default_factory=dict)  # summary of the model manifest
+
+
+def full_release_inputs(loaded: LoadedModel) -> FullReleaseInputs:
+    model, manifest = loaded.model, loaded.ref.manifest
+    rows = len(model.user_ids)
+    metrics = manifest.get("metrics", {})
+    return FullReleaseInputs(
+        model_version=loaded.ref.version,
+        tower=export_user_tower(model),
+        user_ids=["" if r is None else r for r in model.user_ids.row_ids()],
+        user_table=model.user_tower.id_embedding.detach()[:rows].numpy().astype(np.float32),
+        item_ids=list(model.catalogue.ids),
+        item_vectors=model.catalogue_vectors().numpy().astype(np.float32),
+        holdout_recall=metrics.get("exact", {}).get(RECALL_METRIC),
+        data_start_ms=int(manifest["data_start_ms"]),
+        data_end_ms=int(manifest["data_end_ms"]),
+        model={k: manifest.get(k) for k in ("version", "day", "parent", "created_at")} | {"metrics": metrics},
+    )
+
+
+def check_full_inputs(inputs: FullReleaseInputs) -> None:
+    """NaN/inf, shapes and duplicate IDs of a full release's arrays."""
+    id_dim, output_dim = int(inputs.tower["id_dim"]), int(inputs.tower["output_dim"])
+    check_shape("user_embeddings", inputs.user_table, len(inputs.user_ids), id_dim)
+    check_shape("item_vectors", inputs.item_vectors, len(inputs.item_ids), output_dim)
+    if not inputs.item_ids:
+        raise ReleaseRefused("the catalogue is empty: nothing to retrieve")
+    check_finite({**{f"user_tower.{k}": v for k, v in exported_tensors(inputs.tower).items()}, "user_embeddings": inputs.user_table})
+    check_finite({"item_vectors": inputs.item_vectors})
+    check_unique("user_ids", [u for u in inputs.user_ids if u])
+    check_unique("item_ids", inputs.item_ids)
+
+
+def index_recall(index: FaissRetriever, item_vectors: np.ndarray, queries: np.ndarray, k: int = INDEX_CHECK_K) -> float:
+    """Recall@k of ``index`` against the exact oracle for ``queries``."""
+    k = min(k, len(item_vectors))
+    _, approximate = index.search(queries, k)
+    _, exact = ExactRetriever(item_vectors, chunk=16).search(queries, k)  # 16 x N score blocks: bounded memory at 1M items
+    return recall_against_exact(approximate, exact)
+
+
+def check_queries(inputs: FullReleaseInputs, count: int, seed: int = 0) -> np.ndarray:
+    """User vectors of a seeded sample of users (features unknown): queries
+    from the region serving searches, for the index check."""
+    tower = ServingUserTower(inputs.tower)
+    rows = np.random.default_rng(seed).integers(0, len(inputs.user_table), size=count)
+    unknown = {name: [""] * count for name in tower.categorical}
+    return tower.vectors(inputs.user_table[rows], unknown, np.zeros((count, len(tower.numeric)), np.float32))
+
+
+# --- the publisher ---------------------------------------------------------------------
+
+
+class Publisher:
+    """Publishes releases into ``settings.releases_dir``. Use as a context
+    manager: it holds the store's publisher lock and clears what a killed
+    predecessor left half-done."""
+
+    def __init__(self, settings: Settings, *, topic: EmbeddingTopic | None = None, on_stage: StageCallback | None = None):
+        self.settings = settings
+        self.config = settings.publisher
+        self.store = ReleaseStore(settings.releases_dir)
+        self.topic = topic
+        self.on_stage = on_stage or (lambda stage, detail: None)
+        self.refused_models: dict[str, str] = {}  # full model version -> why (not retried by this process)
+        self._lock = None
+
+    def __enter__(self) -> Publisher:
+        self._lock = self.store.publisher_lock()
+        self._lock.__enter__()
+        removed = self.store.clean_incomplete()
+        if removed:
+            log.warning("removed what an interrupted publisher left: %s", removed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.topic is not None:
+            self.topic.close()
+        if self._lock is not None:
+            self._lock.__exit__(*exc)
+            self._lock = None
+
+    # --- one tick ---------------------------------------------------------------
+
+    def tick(self, now_s: float | None = None) -> list[PublishOutcome]:
+        """Full release if a new full model is there, then a delta if due,
+        then the topic. ``now_s`` is wall time (seconds), passed in for tests."""
+        now_s = time.time() if now_s is None else now_s
+        outcomes = [self.publish_full_if_new(now_s), self.publish_delta_if_due(now_s)]
+        self.send_pending_to_topic()
+        return outcomes
+
+    def run(self, *, should_stop: Callable[[], bool] = lambda: False, max_releases: int | None = None, report=None) -> int:
+        """Tick until ``should_stop()`` (or ``max_releases`` published)."""
+        period = min(self.config.poll_seconds, self.config.publish_interval_seconds)
+        published = 0
+        while not should_stop():
+            try:
+                outcomes = self.tick()
+            except (ReleaseError, ArtifactError, OSError) as error:
+                # e.g. a checkpoint or model being replaced, a full disk: keep the
+                # active release, say why, try again next period
+                log.error("publisher tick failed, the active release stays: %s", error)
+                outcomes = []
+            for outcome in outcomes:
+                if report:
+                    report(outcome)
+                published += outcome.status == "published"
+            if max_releases is not None and published >= max_releases:
+                break
+            deadline = time.monotonic() + period
+            while not should_stop() and time.monotonic() < deadline:
+                time.sleep(min(0.2, period))
+        return published
+
+    # --- full releases ---------------------------------------------------------------
+
+    def publish_full_if_new(self, now_s: float | None = None) -> PublishOutcome:
+        latest = latest_full_model(full_models_dir(self.settings))
+        if latest is None:
+            return PublishOutcome("full", "skipped", f"no full model under {full_models_dir(self.settings)} yet")
+        released = [e["version"] for e in self.store.activations() if e.get("kind") == "full" and e.get("model_version") == latest.version]
+        if released:
+            return PublishOutcome("full", "skipped", f"full model {latest.version} was released as {released[0]}")
+        if latest.version in self.refused_models:
+            return PublishOutcome("full", "skipped", f"full model {latest.version} was refused: {self.refused_models[latest.version]}")
+        return self.publish_full(latest, now_s=now_s)
+
+    def publish_full(self, ref: FullModelRef, *, now_s: float | None = None, activate: bool = True) -> PublishOutcome:
+        started = time.perf_counter()
+        try:
+            inputs = full_release_inputs(load_full_model(ref))
+        except (ArtifactError, OSError, KeyError, ValueError) as error:
+            return self._refuse_full(ref.version, f"cannot read full model {ref.version} at {ref.path}: {error}", started)
+        return self.publish_full_inputs(inputs, now_s=now_s, activate=activate, started=started)
+
+    def publish_full_inputs(
+        self, inputs: FullReleaseInputs, *, now_s: float | None = None, activate: bool = True, started: float | None = None
+    ) -> PublishOutcome:
+        """Check, index, write, seal and (by default) activate a full release.
+        ``now_s``: wall time recorded as its creation time (default: now)."""
+        started = time.perf_counter() if started is None else started
+        active = self.store.active()
+        active_full = self._chain_root(active)
+        try:
+            check_full_inputs(inputs)
+            active_recall = None if active_full is None else active_full.manifest["checks"].get("holdout_recall_at_50")
+            check_recall_drop(inputs.holdout_recall, active_recall, self.config.max_recall_drop)
+            self.on_stage("index", f"{len(inputs.item_ids)} items")
+            index_started = time.perf_counter()
+            index = build_index(inputs.item_vectors, IndexSettings.from_publisher(self.config))
+            index_seconds = time.perf_counter() - index_started
+            queries = check_queries(inputs, self.config.index_check_queries, self.settings.training.seed)
+            recall = index_recall(index, inputs.item_vectors, queries)
+            check_index_recall(recall, self.config.min_index_recall, INDEX_CHECK_K)
+        except ReleaseRefused as error:
+            return self._refuse_full(inputs.model_version, str(error), started)
+
+        version = self.store.next_version("full")
+        staging = self.store.staging_dir(version)
+        self._write(staging, "user_tower.pt", lambda p: torch.save(inputs.tower, p))
+        self._write(staging, "user_embeddings.npy", lambda p: np.save(p, inputs.user_table))
+        self._write(staging, "user_ids.json", lambda p: p.write_text(json.dumps(inputs.user_ids)))
+        self._write(staging, "item_vectors.npy", lambda p: np.save(p, inputs.item_vectors))
+        self._write(staging, "item_ids.json", lambda p: p.write_text(json.dumps(inputs.item_ids)))
+        self._write(staging, "index.faiss", index.save)
+        manifest = {
+            "kind": "full",
+            "parent": None if active is None else active.version,
+            "full_version": version,
+            "model_version": inputs.model_version,
+            "created_at": time.time() if now_s is None else now_s,
+            "online_steps": {},  # the full model's rows are every online trainer's step 0
+            "checkpoint_event_time_ms": inputs.data_end_ms,
+            "event_time": {"start_ms": inputs.data_start_ms, "end_ms": inputs.data_end_ms},
+            # The full model learnt from events before data_end_ms: an upper bound.
+            "newest_click_event_time_ms": inputs.data_end_ms - 1,
+            "newest_click_is_bound": True,
+            "rows": {"user_embeddings": len(inputs.user_ids), "items": len(inputs.item_ids)},
+            "dims": {"id_dim": int(inputs.tower["id_dim"]), "output_dim": int(inputs.tower["output_dim"])},
+            "index": {
+                "kind": index.kind,
+                "settings": asdict(IndexSettings.from_publisher(self.config)),
+                "build_seconds": index_seconds,
+                f"recall_at_{INDEX_CHECK_K}_vs_exact": recall,
+                "check_queries": len(queries),
+            },
+            "checks": {
+                "holdout_recall_at_50": inputs.holdout_recall,
+                "active_holdout_recall_at_50": active_recall,
+                "max_recall_drop": self.config.max_recall_drop,
+            },
+            "model": inputs.model,
+            "config": self.settings.as_record(),
+        }
+        return self._seal_and_activate(staging, version, manifest, "full", active, activate, len(inputs.user_ids), started)
+
+    def _refuse_full(self, model_version: str, reason: str, started: float) -> PublishOutcome:
+        self.refused_models[model_version] = reason
+        log.warning("refused full model %s: %s; the active release stays", model_version, reason)
+        return PublishOutcome("full", "refused", reason, seconds=time.perf_counter() - started)
+
+    # --- embeddings releases ---------------------------------------------------------
+
+    def publish_delta_if_due(self, now_s: float, *, force: bool = False, activate: bool = True) -> PublishOutcome:
+        active = self.store.active()
+        if active is None:
+            return PublishOutcome("embeddings", "skipped", "no active release: a full release comes first")
+        paths = online_checkpoints(self.settings.online_dir)
+        if not paths:
+            return PublishOutcome("embeddings", "skipped", f"no online checkpoint under {self.settings.online_dir}")
+        checkpoints, elsewhere = {}, []
+        for name, path in paths.items():
+            try:
+                checkpoint = load_checkpoint(path)
+            except ArtifactError as error:
+                return PublishOutcome("embeddings", "refused", str(error))
+            if checkpoint["base_version"] == active.model_version:
+                checkpoints[name] = checkpoint
+            else:
+                elsewhere.append(f"{name} follows full model {checkpoint['base_version']}")
+        if elsewhere:
+            # Rows trained on another full model live in another embedding space.
+            log.warning("not publishing from %s: the active release %s serves %s", elsewhere, active.version, active.model_version)
+        if not checkpoints:
+            return PublishOutcome(
+                "embeddings",
+                "skipped",
+                f"{'; '.join(elsewhere)}, the active release {active.version} serves {active.model_version}; "
+                "no embeddings release until they match",
+            )
+        due = active.kind == "full" or delta_due(
+            self.config.clock,
+            self.config.publish_interval_seconds,
+            now_s=now_s,
+            last_release_s=float(active.manifest["created_at"]),
+            newest_event_ms=max(int(c["newest_event_time_ms"]) for c in checkpoints.values()),
+            last_event_ms=int(active.manifest["checkpoint_event_time_ms"]),
+        )
+        if not (due or force):
+            return PublishOutcome(
+                "embeddings", "skipped", f"not due ({self.config.clock} clock, every {self.config.publish_interval_seconds:g} s)"
+            )
+        return self.publish_delta(active, checkpoints, now_s=now_s, activate=activate)
+
+    def publish_delta(
+        self, active: Release, checkpoints: dict[str, dict], *, now_s: float | None = None, activate: bool = True
+    ) -> PublishOutcome:
+        """An embeddings release on top of ``active`` from the online checkpoints
+        (file name -> checkpoint; one per user partition when scaled out)."""
+        started = time.perf_counter()
+        steps = dict(active.manifest["online_steps"])  # checkpoint name -> step already released
+        parts, resync, read = [], [], {}
+        for name, checkpoint in sorted(checkpoints.items()):
+            since, step = int(steps.get(name, 0)), int(checkpoint["step"])
+            if step < since:  # that trainer restarted from its base: send every row
+                resync.append(name)
+            row_ids = ["" if r is None else r for r in checkpoint["user_ids"]["row_ids"]]
+            rows = rows_to_publish(checkpoint["row_updated_step"].numpy(), row_ids, since, step < since)
+            index = torch.from_numpy(rows)
+            parts.append(
+                (
+                    [row_ids[r] for r in rows.tolist()],
+                    checkpoint["user_table"][index].numpy().astype(np.float32),  # (n, id_dim)
+                    checkpoint["row_event_time_ms"][index].numpy().astype(np.int64),  # (n,) ms
+                )
+            )
+            steps[name] = step
+            read[name] = {"step": step, "since": since, "rows": len(rows), "written_at": checkpoint.get("written_at")}
+        user_ids = [u for ids, _, _ in parts for u in ids]
+        if not user_ids:
+            return PublishOutcome("embeddings", "skipped", f"no user rows changed since the active release ({read})")
+        vectors = np.concatenate([v for _, v, _ in parts])  # (n, id_dim)
+        event_times = np.concatenate([t for _, _, t in parts])  # (n,)
+        id_dim = int(active.manifest["dims"]["id_dim"])
+        try:
+            check_finite({"user_embeddings": vectors})
+            check_shape("user_embeddings", vectors, len(user_ids), id_dim)
+            check_unique("user_ids", user_ids)  # partitions own disjoint users
+        except ReleaseRefused as error:
+            log.warning("refused embeddings release from %s: %s; the active release stays", sorted(checkpoints), error)
+            return PublishOutcome("embeddings", "refused", str(error), seconds=time.perf_counter() - started)
+
+        version = self.store.next_version("embeddings")
+        staging = self.store.staging_dir(version)
+        self._write(staging, "user_embeddings.npy", lambda p: np.save(p, vectors))
+        self._write(staging, "user_ids.json", lambda p: p.write_text(json.dumps(user_ids)))
+        self._write(staging, "row_event_time_ms.npy", lambda p: np.save(p, event_times))
+        learnt = event_times[event_times > 0]
+        manifest = {
+            "kind": "embeddings",
+            "parent": active.version,
+            "full_version": active.manifest["full_version"],
+            "model_version": active.model_version,
+            "created_at": time.time() if now_s is None else now_s,
+            "online_steps": steps,
+            "checkpoints": read,
+            "resync": resync,
+            "checkpoint_event_time_ms": max(int(c["newest_event_time_ms"]) for c in checkpoints.values()),
+            "event_time": {"start_ms": int(learnt.min()) if len(learnt) else None, "end_ms": int(learnt.max()) if len(learnt) else None},
+            "newest_click_event_time_ms": max(int(active.manifest["newest_click_event_time_ms"]), int(learnt.max()) if len(learnt) else 0),
+            "newest_click_is_bound": bool(active.manifest["newest_click_is_bound"]) and not len(learnt),
+            "rows": {"user_embeddings": len(user_ids)},
+            "dims": {"id_dim": id_dim, "output_dim": int(active.manifest["dims"]["output_dim"])},
+            "config": self.settings.as_record(),
+        }
+        return self._seal_and_activate(staging, version, manifest, "embeddings", active, activate, len(user_ids), started)
+
+    # --- shared steps ----------------------------------------------------------------
+
+    def _write(self, staging, name: str, write: Callable) -> None:
+        write(staging / name)
+        self.on_stage("file", name)
+
+    def _seal_and_activate(self, staging, version, manifest, kind, active, activate, rows, started) -> PublishOutcome:
+        release = self.store.seal(staging, version, manifest)
+        self.on_stage("sealed", version)
+        if activate:
+            try:
+                # Deltas are built on the active release: refuse if it moved meanwhile.
+                expected = active.version if (kind == "embeddings" and active is not None) else ...
+                self.store.activate(version, by="publisher", expected_active=expected)
+            except ActiveChanged as error:
+                self.store.discard(version)
+                return PublishOutcome(kind, "skipped", f"{error}; will rebuild on the new active release next tick")
+            self.on_stage("activated", version)
+            removed = self.store.retain(self.config.keep_releases)
+            if removed:
+                log.info("retention removed %s", removed)
+        seconds = time.perf_counter() - started
+        log.info("published %s release %s (%d user rows) in %.2f s", kind, version, rows, seconds)
+        return PublishOutcome(kind, "published", "active" if activate else "sealed, not activated", release.version, rows, seconds)
+
+    def _chain_root(self, release: Release | None) -> Release | None:
+        if release is None:
+            return None
+        try:
+            return self.store.chain(release.version)[0]
+        except ReleaseError as error:
+            log.warning("active release %s has a broken chain: %s", release.version, error)
+            return None
+
+    # --- the user-embeddings topic ---------------------------------------------------
+
+    def send_pending_to_topic(self) -> int:
+        """Send the active chain's releases that have not gone to the topic yet."""
+        if self.topic is None:
+            return 0
+        active = self.store.active()
+        if active is None:
+            return 0
+        note = self.store.read_note(KAFKA_NOTE) or {}
+        sent_through = int(note.get("sent_through_sequence", 0))
+        sent = 0
+        try:
+            chain = self.store.chain(active.version)
+        except ReleaseError as error:
+            log.warning("not sending to topic %s: %s", self.topic.topic, error)
+            return 0
+        for release in chain:
+            if release.sequence <= sent_through:
+                continue
+            user_ids = json.loads(release.file("user_ids.json").read_text())
+            vectors = np.load(release.file("user_embeddings.npy"))
+            event_times = np.load(release.file("row_event_time_ms.npy")) if release.kind == "embeddings" else None
+            keep = [i for i, u in enumerate(user_ids) if u]
+            try:
+                self.topic.send_rows(
+                    [user_ids[i] for i in keep],
+                    vectors[keep],
+                    None if event_times is None else event_times[keep],
+                    release=release.version,
+                    model_version=release.model_version,
+                    kind=release.kind,
+                )
+            except Exception as error:  # a broker outage must not stop releases
+                log.warning("could not send release %s to topic %s (retrying next tick): %s", release.version, self.topic.topic, error)
+                break
+            self.store.write_note(KAFKA_NOTE, {"sent_through_sequence": release.sequence, "sent_through": release.version})
+            sent += len(keep)
+        return sent

@@ -1,0 +1,181 @@
+"""What the recall service serves: one immutable ``ServingState`` per
+active release, and the recall computation over it.
+
+A state is a full release (user tower, ID table, item IDs, Faiss index)
+with the chain of embeddings releases after it applied on top. The
+service swaps the whole object when the active release changes; a request
+reads the reference once, so it never sees half of a swap. The arrays are
+marked read-only: a state is never changed after it is built.
+
+Loading checks every file against its manifest's SHA-256 first
+(``ReleaseStore.verify``); a release that fails is refused and the current
+state stays. Moving to a child of the current release (the usual case, a
+new embeddings release) applies only that release's rows to a copy;
+anything else (a rollback, a restart) loads the chain from its full
+release.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from publisher.releases import Release, ReleaseError, ReleaseStore
+from publisher.user_tower import ServingUserTower
+from trainer.retrieval import FaissRetriever
+
+
+@dataclass(frozen=True)
+class ServingState:
+    version: str  # the release being served (the active one when loaded)
+    full_version: str  # the full release at the root of its chain
+    model_version: str  # the full-model artifact behind the towers
+    chain: tuple[str, ...]
+    tower: ServingUserTower
+    user_rows: Mapping[str, int]  # user ID -> row of id_table (not mutated after build)
+    id_table: np.ndarray  # (R, id_dim) float32; row 0 is the cold-start embedding
+    row_event_time_ms: np.ndarray  # (R,) int64: newest click each row learnt from; 0 = as the full model left it
+    index: FaissRetriever
+    item_ids: tuple[str, ...]
+    newest_click_event_time_ms: int  # the newest click any embedding here learnt from
+    newest_click_is_bound: bool  # True while only the full model's data bound it
+    loaded_at: float  # wall time, seconds
+
+
+@dataclass(frozen=True)
+class RecallResult:
+    item_ids: list[str]
+    scores: list[float]  # cosine
+    cold_start: bool  # the user has no published row: the default row 0 was used
+    user_event_time_ms: int | None  # newest click the user's own row learnt from (None: not learnt online)
+
+
+def _freeze(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+def _load_full(release: Release, ef_search: int | None = None) -> ServingState:
+    where = f"release {release.version}"
+    tower = ServingUserTower.load(release.file("user_tower.pt"))
+    user_ids = json.loads(release.file("user_ids.json").read_text())
+    table = np.load(release.file("user_embeddings.npy"))
+    item_ids = json.loads(release.file("item_ids.json").read_text())
+    index = FaissRetriever.load(release.file("index.faiss"))
+    if ef_search is not None:
+        index.set_ef_search(ef_search)  # HNSW only; exact indexes ignore it
+    if table.shape != (len(user_ids), tower.id_dim):
+        raise ReleaseError(f"{where}: user_embeddings {table.shape} does not fit {len(user_ids)} IDs x {tower.id_dim}")
+    if len(index) != len(item_ids) or index.index.d != tower.output_dim:
+        raise ReleaseError(f"{where}: index holds {len(index)} x {index.index.d}, expected {len(item_ids)} x {tower.output_dim}")
+    return ServingState(
+        version=release.version,
+        full_version=release.version,
+        model_version=release.model_version,
+        chain=(release.version,),
+        tower=tower,
+        user_rows={u: r for r, u in enumerate(user_ids) if u and r != 0},
+        id_table=table.astype(np.float32, copy=False),
+        row_event_time_ms=np.zeros(len(user_ids), dtype=np.int64),
+        index=index,
+        item_ids=tuple(item_ids),
+        newest_click_event_time_ms=int(release.manifest["newest_click_event_time_ms"]),
+        newest_click_is_bound=bool(release.manifest["newest_click_is_bound"]),
+        loaded_at=time.time(),
+    )
+
+
+def _apply_delta(state: ServingState, release: Release, *, copy: bool) -> ServingState:
+    """``state`` with ``release``'s rows on top; ``copy`` leaves ``state``
+    untouched (it may be serving requests right now)."""
+    where = f"release {release.version}"
+    if release.kind != "embeddings" or release.parent != state.version or release.model_version != state.model_version:
+        raise ReleaseError(f"{where} ({release.kind}, parent {release.parent}) does not apply to {state.version}")
+    user_ids = json.loads(release.file("user_ids.json").read_text())
+    vectors = np.load(release.file("user_embeddings.npy"))
+    event_times = np.load(release.file("row_event_time_ms.npy"))
+    if vectors.shape != (len(user_ids), state.tower.id_dim) or event_times.shape != (len(user_ids),):
+        raise ReleaseError(
+            f"{where}: {vectors.shape} embeddings, {event_times.shape} event times for {len(user_ids)} IDs x {state.tower.id_dim}"
+        )
+    user_rows = dict(state.user_rows) if copy else state.user_rows
+    new_ids = [u for u in user_ids if u not in user_rows]
+    old_rows = len(state.id_table)
+    for offset, user_id in enumerate(new_ids):
+        user_rows[user_id] = old_rows + offset
+    if copy or new_ids:
+        table = np.empty((old_rows + len(new_ids), state.tower.id_dim), dtype=np.float32)  # (R', id_dim)
+        table[:old_rows] = state.id_table
+        times = np.zeros(old_rows + len(new_ids), dtype=np.int64)
+        times[:old_rows] = state.row_event_time_ms
+    else:  # a private state being built: write in place
+        table, times = state.id_table, state.row_event_time_ms
+    rows = np.fromiter((user_rows[u] for u in user_ids), dtype=np.int64, count=len(user_ids))
+    table[rows] = vectors
+    times[rows] = event_times
+    learnt = int(event_times.max()) if len(event_times) else 0
+    return ServingState(
+        version=release.version,
+        full_version=state.full_version,
+        model_version=state.model_version,
+        chain=state.chain + (release.version,),
+        tower=state.tower,
+        user_rows=user_rows,
+        id_table=_freeze(table) if copy else table,
+        row_event_time_ms=_freeze(times) if copy else times,
+        index=state.index,
+        item_ids=state.item_ids,
+        newest_click_event_time_ms=max(state.newest_click_event_time_ms, int(release.manifest["newest_click_event_time_ms"]), learnt),
+        newest_click_is_bound=state.newest_click_is_bound and learnt <= 0,
+        loaded_at=time.time(),
+    )
+
+
+def load_state(store: ReleaseStore, version: str, current: ServingState | None = None, ef_search: int | None = None) -> ServingState:
+    """Verify and load what serving ``version`` needs. Raises ``ReleaseError``
+    (naming the release and file) if anything is missing or corrupt.
+    ``ef_search`` overrides the HNSW efSearch stored in the index."""
+    release = store.get(version)
+    if current is not None and release.kind == "embeddings" and release.parent == current.version:
+        store.verify(version)
+        return _apply_delta(current, release, copy=True)
+    chain = store.chain(version)
+    for link in chain:
+        store.verify(link.version)
+    try:
+        state = _load_full(chain[0], ef_search)
+    except (OSError, ValueError, RuntimeError) as error:
+        if isinstance(error, ReleaseError):
+            raise
+        raise ReleaseError(f"release {chain[0].version}: cannot load: {error}") from error
+    for link in chain[1:]:
+        state = _apply_delta(state, link, copy=False)  # a private state: no copies needed
+    _freeze(state.id_table)
+    _freeze(state.row_event_time_ms)
+    return state
+
+
+def recall(state: ServingState, user_id: str, features: Mapping[str, object], k: int) -> RecallResult:
+    """Top-k items by cosine for one user: the user vector from their latest
+    published ID row (row 0 if they have none) and ``features``, then the
+    release's index. Raises ``FeatureError`` for features that do not fit."""
+    categorical, numeric = state.tower.parse_features(features)
+    row = state.user_rows.get(user_id)
+    cold_start = row is None
+    row = 0 if cold_start else row
+    user_vector = state.tower.vectors(
+        state.id_table[row : row + 1], {name: [value] for name, value in categorical.items()}, numeric[None, :]
+    )  # (1, D)
+    scores, indices = state.index.search(user_vector, min(k, len(state.item_ids)))
+    found = indices[0] >= 0
+    event_time = int(state.row_event_time_ms[row]) if not cold_start else 0
+    return RecallResult(
+        item_ids=[state.item_ids[i] for i in indices[0][found].tolist()],
+        scores=[float(s) for s in scores[0][found].tolist()],
+        cold_start=cold_start,
+        user_event_time_ms=event_time or None,
+    )
