@@ -134,6 +134,7 @@ class FullReleaseInputs:
     holdout_recall: float | None
     data_start_ms: int
     data_end_ms: int
+    newest_click_ms: int | None = None  # recorded by the full trainer; None for older artifacts
     model: dict = field(default_factory=dict)  # summary of the model manifest
 
 
@@ -151,6 +152,7 @@ def full_release_inputs(loaded: LoadedModel) -> FullReleaseInputs:
         holdout_recall=metrics.get("exact", {}).get(RECALL_METRIC),
         data_start_ms=int(manifest["data_start_ms"]),
         data_end_ms=int(manifest["data_end_ms"]),
+        newest_click_ms=manifest.get("newest_click_event_time_ms"),
         model={k: manifest.get(k) for k in ("version", "day", "parent", "created_at")} | {"metrics": metrics},
     )
 
@@ -310,9 +312,10 @@ class Publisher:
             "online_steps": {},  # the full model's rows are every online trainer's step 0
             "checkpoint_event_time_ms": inputs.data_end_ms,
             "event_time": {"start_ms": inputs.data_start_ms, "end_ms": inputs.data_end_ms},
-            # The full model learnt from events before data_end_ms: an upper bound.
-            "newest_click_event_time_ms": inputs.data_end_ms - 1,
-            "newest_click_is_bound": True,
+            # The newest click the full model learnt from, as its trainer
+            # recorded it; older artifacts only bound it by data_end_ms.
+            "newest_click_event_time_ms": inputs.newest_click_ms if inputs.newest_click_ms else inputs.data_end_ms - 1,
+            "newest_click_is_bound": not inputs.newest_click_ms,
             "rows": {"user_embeddings": len(inputs.user_ids), "items": len(inputs.item_ids)},
             "dims": {"id_dim": int(inputs.tower["id_dim"]), "output_dim": int(inputs.tower["output_dim"])},
             "index": {

@@ -180,6 +180,7 @@ def train_full(
     rng = np.random.default_rng(seed)  # the same on every worker: same shard assignment
     mine = [s for s in range(shards) if s % world == rank]
     shard_sizes = np.zeros(shards, dtype=np.int64)
+    newest_click_ms = 0
     scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-", dir=_scratch_root(settings)))
     try:
         # Pass 1: time order.
@@ -190,6 +191,8 @@ def train_full(
                 file_day = event_day(ref.window_start_ms)
                 model.catalogue.update(records.item_ids, records.item_categorical, file_day)
                 positives = clicked_only(records)
+                if len(positives):
+                    newest_click_ms = max(newest_click_ms, int(positives.event_time_ms.max()))
                 learner.observe(positives, file_day)
                 estimator.update(positives.item_ids)
                 assignment = rng.integers(0, shards, size=len(positives))
@@ -272,6 +275,7 @@ def train_full(
             "from_scratch": parent is None,
             "data_start_ms": refs[0].window_start_ms,
             "data_end_ms": data_end_ms,
+            "newest_click_event_time_ms": newest_click_ms or None,  # freshness of a full release
             "holdout_end_ms": refs[-1].manifest.window_end_ms,
             "metrics": metrics,
             "lineage": lineage,

@@ -184,7 +184,14 @@ def test_rollback_needs_the_admin_token_and_serves_the_older_release(published):
         assert ReleaseStore(settings.releases_dir).active_version() == full
         recall = http.post("/v1/recall", json={"user_id": "nobody"}).json()
         assert recall["releases"] == {"active": full, "full": full, "embeddings": None, "model_version": "2026-11-20.1"}
-        assert recall["freshness"]["is_upper_bound"]
+        # Only the full model stands behind it: its newest training click,
+        # which the full trainer records (exact, not the data-end bound).
+        from trainer.artifacts import full_models_dir, read_manifest
+
+        model = read_manifest(full_models_dir(settings) / "2026-11-20.1").manifest
+        assert not recall["freshness"]["is_upper_bound"]
+        assert recall["freshness"]["newest_click_event_time_ms"] == model["newest_click_event_time_ms"]
+        assert model["newest_click_event_time_ms"] < model["data_end_ms"]
         listing = http.get("/v1/releases").json()
         assert listing["active"] == listing["serving"] == full
         assert [(r["version"], r["active"]) for r in listing["releases"]] == [(full, True), (first, False)]
