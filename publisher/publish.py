@@ -49,7 +49,17 @@ from publisher.checks import ReleaseRefused, check_finite, check_index_recall, c
 from publisher.embedding_topic import EmbeddingTopic
 from publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
 from publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
-from trainer.artifacts import ArtifactError, FullModelRef, LoadedModel, full_models_dir, latest_full_model, load_full_model
+from trainer.artifacts import (
+    ArtifactError,
+    FullModelRef,
+    LoadedModel,
+    full_models_dir,
+    is_refused,
+    latest_full_model,
+    load_full_model,
+    mark_refused,
+    read_manifest,
+)
 from trainer.online import load_checkpoint
 from trainer.retrieval import ExactRetriever, FaissRetriever, IndexSettings, build_index, recall_against_exact
 
@@ -261,8 +271,9 @@ class Publisher:
         released = [e["version"] for e in self.store.activations() if e.get("kind") == "full" and e.get("model_version") == latest.version]
         if released:
             return PublishOutcome("full", "skipped", f"full model {latest.version} was released as {released[0]}")
-        if latest.version in self.refused_models:
-            return PublishOutcome("full", "skipped", f"full model {latest.version} was refused: {self.refused_models[latest.version]}")
+        if latest.version in self.refused_models or is_refused(latest):
+            reason = self.refused_models.get(latest.version, "see its REFUSED.json")
+            return PublishOutcome("full", "skipped", f"full model {latest.version} was refused: {reason}")
         return self.publish_full(latest, now_s=now_s)
 
     def publish_full(self, ref: FullModelRef, *, now_s: float | None = None, activate: bool = True) -> PublishOutcome:
@@ -337,6 +348,9 @@ class Publisher:
 
     def _refuse_full(self, model_version: str, reason: str, started: float) -> PublishOutcome:
         self.refused_models[model_version] = reason
+        model_dir = full_models_dir(self.settings) / model_version
+        if (model_dir / "manifest.json").is_file():
+            mark_refused(read_manifest(model_dir), reason)  # the online trainer keeps following the served model
         log.warning("refused full model %s: %s; the active release stays", model_version, reason)
         return PublishOutcome("full", "refused", reason, seconds=time.perf_counter() - started)
 

@@ -127,9 +127,35 @@ def latest_full_model(models_dir: Path) -> FullModelRef | None:
     return read_manifest(path)
 
 
+REFUSED_NOTE = "REFUSED.json"
+
+
+def mark_refused(ref: FullModelRef, reason: str) -> None:
+    """Record that the publisher refused to serve this model (e.g. its
+    holdout recall dropped): the online trainer will not follow it and no
+    later day warm-starts from it."""
+    note = {"version": ref.version, "reason": reason, "at": time.time()}
+    atomic_write_bytes(ref.path / REFUSED_NOTE, json.dumps(note).encode())
+
+
+def is_refused(ref: FullModelRef) -> bool:
+    return (ref.path / REFUSED_NOTE).is_file()
+
+
+def servable_full_model(models_dir: Path) -> FullModelRef | None:
+    """The newest full model the publisher has not refused (what serving
+    can run, so what the online trainer follows)."""
+    latest = latest_full_model(models_dir)
+    if latest is None or not is_refused(latest):
+        return latest
+    candidates = [r for r in list_full_models(models_dir) if not is_refused(r)]
+    return candidates[-1] if candidates else None
+
+
 def previous_full_model(models_dir: Path, before_day: str) -> FullModelRef | None:
-    """The newest model trained on a day before ``before_day`` (warm start)."""
-    candidates = [r for r in list_full_models(models_dir) if r.day < before_day]
+    """The newest model trained on a day before ``before_day`` that was not
+    refused (warm start)."""
+    candidates = [r for r in list_full_models(models_dir) if r.day < before_day and not is_refused(r)]
     return candidates[-1] if candidates else None
 
 

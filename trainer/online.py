@@ -4,7 +4,7 @@ batch (see ``Learner`` with ``trainable="user_ids"``).
 
 - It forks from the newest full model and trains every batch whose window
   starts at or after that model's ``data_end_ms``.
-- When a newer full model appears it re-bases: it forks again from that
+- When a newer full model appears (one the publisher has not refused) it re-bases: it forks again from that
   model and catches up on the batches since its data ended.
 - It records, per user row, the step that last changed it and the newest
   event time it learnt from, so a publisher can take "the rows changed
@@ -48,8 +48,8 @@ from trainer.artifacts import (
     _to_arrays,
     _to_tensors,
     full_models_dir,
-    latest_full_model,
     load_full_model,
+    servable_full_model,
 )
 from trainer.catalogue import ItemCatalogue
 from trainer.frequency import FrequencyEstimator
@@ -148,7 +148,7 @@ class OnlineTrainer:
 
     def rebase_if_newer(self) -> bool:
         """Fork from the newest full model if it is not our base; True if so."""
-        latest = latest_full_model(full_models_dir(self.settings))
+        latest = servable_full_model(full_models_dir(self.settings))
         if latest is None or latest.version == self.base.version:
             return False
         log.info("re-basing online trainer from %s onto %s", self.base.version, latest.version)
@@ -357,7 +357,7 @@ class OnlineTrainer:
     def start(cls, settings: Settings, partition: Partition = Partition()) -> "OnlineTrainer":
         """Resume from the checkpoint if it is based on the newest full model,
         else fork from the newest full model."""
-        latest = latest_full_model(full_models_dir(settings))
+        latest = servable_full_model(full_models_dir(settings))
         if latest is None:
             raise MissingModelError(
                 f"no full model under {full_models_dir(settings)}: run `freshtower train full --day YYYY-MM-DD` first"

@@ -141,17 +141,23 @@ def test_full_models_with_nan_or_a_recall_drop_beyond_the_margin_are_refused(dat
             assert publisher.store.active_version() == outcome.version
 
 
-def test_embeddings_wait_while_the_online_trainer_follows_a_refused_full_model(data_dir):
+def test_the_online_trainer_keeps_following_the_served_model_when_a_newer_one_is_refused(data_dir):
+    from trainer.artifacts import full_models_dir, is_refused, latest_full_model
+    from trainer.online import OnlineTrainer
+
     settings = publisher_settings(data_dir)
     with Publisher(settings) as publisher:
         publisher.tick(now_s=0.0)
-        active = publisher.store.active_version()
+        served_model = publisher.store.active().model_version
         copy_full_model(settings, DAY1, recall_at_50=0.0)
         assert publisher.publish_full_if_new().status == "refused"
-        train_online(settings, 2)  # re-bases onto the refused model
-        outcome = publisher.publish_delta_if_due(now_s=1e6)
-        assert outcome.status == "skipped" and "follows full model 2026-11-21.1" in outcome.reason
-        assert publisher.store.active_version() == active
+        refused = latest_full_model(full_models_dir(settings))
+        assert refused.version != served_model and is_refused(refused)
+        train_online(settings, 2)  # does not re-base onto the refused model...
+        assert OnlineTrainer.start(settings).base.version == served_model
+        outcome = publisher.publish_delta_if_due(now_s=1e6)  # ...so embeddings keep flowing
+        assert outcome.status == "published", outcome
+        assert Publisher(settings).publish_full_if_new().status == "skipped"  # a new process does not retry it either
 
 
 def test_rows_with_nan_are_refused_and_the_active_release_stays(data_dir):
