@@ -1,0 +1,327 @@
+"""The streams worker: a Faust app that joins impressions, clicks and rank
+logs into minute batches (``freshtower streams``).
+
+Reads top-down like Faust's examples: app -> topics -> tables -> agent ->
+timer -> pages, all built by ``create_app(settings)`` (nothing happens at
+import). The agent is a thin ``async for`` over micro-batches
+(``stream.take_events``) that hands raw messages to the pure join
+(``streams/join.py``) and writes what it returns; ``StreamProcessor`` is
+that shell.
+
+Delivery is at-least-once with idempotent, deterministic sinks (the
+embedded broker cannot run Faust's exactly-once mode):
+
+1. An event's effect on a request's state, and the event ID that
+   deduplicates it, is one changelog message (table ``join-requests``).
+   Faust flushes the changelog before it commits offsets, so committed
+   offsets never run ahead of the state.
+2. A closed window is written (fsync + atomic rename, deterministic path),
+   THEN announced on ``training-batches``, and only then are offsets
+   committed and the window marked closed in table ``join-progress``. A
+   crash in between rewrites the same window after the restart.
+3. Requests whose label-0 window closed are deleted only after a commit
+   that covers all events processed before the close, so a replay can
+   never re-create them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import faust
+import orjson
+
+from freshtower.config import Settings
+from streams.dead_letters import encode_dead_letter
+from streams.faust_transport import Transport
+from streams.join import JoinCore, JoinSettings, RawEvent, StepResult
+from streams.metrics import StreamMetrics
+from streams.sink import BatchSink
+from streams.topics import input_topics
+from trainer.frequency import FrequencyEstimator
+
+log = logging.getLogger("freshtower.streams")
+
+PROGRESS_KEY = "progress"
+PROGRESS_PARTITION = 0  # the single progress record lives in changelog partition 0
+
+
+class StreamsApp(faust.App):
+    """Faust's App with the transport of ``streams/faust_transport.py``."""
+
+    def _new_transport(self):
+        return Transport(self.conf.broker_consumer, self)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class StreamProcessor:
+    """The shell around ``JoinCore``: Faust messages in; dead letters,
+    changelog writes, batch files and announcements out."""
+
+    def __init__(self, settings: Settings, app: faust.App, requests, progress, dead_letters, announcements):
+        self.settings = settings
+        self.app = app
+        self.requests = requests
+        self.progress = progress
+        self.dead_letters = dead_letters
+        self.announcements = announcements
+        self.join_settings = JoinSettings.from_config(settings.streams)
+        self.kinds = input_topics(settings)
+        self.input_topic_names = set(self.kinds)
+        self.processed: dict[str, int] = {}  # "topic/partition" -> next offset processed
+        self.metrics = StreamMetrics()
+        self.lock = asyncio.Lock()
+        self.core: JoinCore | None = None
+        self.sink: BatchSink | None = None
+        self.needs_rebuild = True
+        self.pending_commit = False  # windows closed: commit, then finalize
+        self.last_batch_end = time.monotonic()
+        self.last_idle_tick: float | None = None
+        self.last_log = time.monotonic()
+
+    # --- recovery ---------------------------------------------------------------
+
+    async def on_recovered(self) -> None:
+        """Table recovery finished (start or rebalance): rebuild lazily."""
+        self.needs_rebuild = True
+        self.processed.clear()  # offsets restart from the committed ones
+
+    def _state_mapping(self):
+        store = self.requests.data
+        # The memory store keeps a plain dict: the join mutates its values in
+        # place and writes them to the changelog itself.
+        return store.data if isinstance(getattr(store, "data", None), dict) else store
+
+    def _ensure_core(self) -> None:
+        if not self.needs_rebuild:
+            return
+        progress = dict(self.progress.data.get(PROGRESS_KEY) or {})
+        self.core = JoinCore(self.join_settings, self._state_mapping(), progress)
+        f = self.settings.frequency
+        self.sink = BatchSink.open(
+            self.settings.batches_dir,
+            self.settings.streams.app_id,
+            lambda: FrequencyEstimator(f.buckets, f.hashes, f.alpha),
+            progress,
+            self.core.open_from_ms,
+        )
+        self.pending_commit = self.core.pending_finalization > 0
+        self.needs_rebuild = False
+        log.info(
+            "join state ready: %d open requests, open_from_ms=%s, watermark_ms=%s, frequency step %d",
+            self.core.open_requests,
+            self.core.open_from_ms,
+            self.core.watermark_ms,
+            self.sink.estimator.step,
+        )
+
+    # --- the agent's and the timer's work ------------------------------------------
+
+    async def on_events(self, events) -> None:
+        async with self.lock:
+            self._ensure_core()
+            # The previous micro-batch is acked by now (take_events acks after
+            # the agent body), so a commit here covers everything processed
+            # before the last window close.
+            await self._commit_and_finalize()
+            kinds = self.kinds
+            raw = [
+                RawEvent(kinds[m.topic], m.topic, m.partition, m.offset, m.key, m.value)
+                for m in (event.message for event in events)
+            ]
+            processed = self.processed
+            for event in raw:
+                processed[f"{event.topic}/{event.partition}"] = event.offset + 1
+            assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, processed)
+            result = self.core.process(raw, _wall_ms(), assigned, caught_up)
+            await self._emit(result)
+            self.last_batch_end = time.monotonic()
+            self.last_idle_tick = None
+
+    async def on_tick(self) -> None:
+        """Every second: report; when the sources are idle, commit and
+        finalize, and let the watermark follow the clock."""
+        if self.app.rebalancing or self.needs_rebuild or self.core is None:
+            return
+        now = time.monotonic()
+        s = self.settings.streams
+        async with self.lock:
+            # Idle = nothing processed for a while AND every input partition
+            # read to its end; a slow worker is not an idle source.
+            assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, self.processed)
+            idle = now - self.last_batch_end >= s.idle_seconds and assigned <= caught_up
+            if not idle:
+                self.last_idle_tick = None
+            if idle:
+                await self._commit_and_finalize()
+                if self.last_idle_tick is None:
+                    self.last_idle_tick = now  # the idle clock starts now
+                elif s.idle_advance_rate > 0 and self.core.watermark_ms is not None:
+                    step_ms = int((now - self.last_idle_tick) * s.idle_advance_rate * 1000)
+                    # Event time may run ahead of the clock in a replay, never past it.
+                    target = min(self.core.watermark_ms + step_ms, _wall_ms())
+                    if step_ms > 0 and target > self.core.watermark_ms:
+                        self.last_idle_tick = now
+                        await self._emit(self.core.advance(target))
+            summary = self.metrics.update(self.core.counters, self.core.watermark_ms, self.core.open_requests, _wall_ms())
+        if now - self.last_log >= s.log_every_seconds:
+            self.last_log = now
+            log.info(
+                "events_in=%d events_per_second=%.0f records_out=%d records_per_second=%.0f join_hit_rate=%.4f "
+                "late=%d duplicates=%d dead_letters=%d batches=%d watermark_lag_seconds=%s open_requests=%d",
+                summary["events_in"],
+                summary["events_per_second"],
+                summary["records_out"],
+                summary["records_per_second"],
+                summary["join_hit_rate"],
+                summary["late_records"],
+                summary["duplicates"],
+                summary["dead_letters"],
+                summary["batches"],
+                summary["watermark_lag_seconds"],
+                summary["open_requests"],
+            )
+
+    def stats(self) -> dict:
+        if self.core is None:
+            return {"ready": False}
+        summary = self.metrics.update(self.core.counters, self.core.watermark_ms, self.core.open_requests, _wall_ms())
+        return {"ready": True, "open_from_ms": self.core.open_from_ms, **summary}
+
+    # --- output -------------------------------------------------------------------
+
+    async def _emit(self, result: StepResult) -> None:
+        keep_bytes = self.settings.streams.max_event_bytes
+        for letter in result.dead_letters:
+            await self.dead_letters.send(key=letter.key, value=encode_dead_letter(letter, keep_bytes))
+        await self._write_changelog()
+        if result.closed_to_ms is None:
+            return
+        for window in result.closed:
+            announcement = self.sink.write(window)  # durable before it is announced
+            await self.announcements.send(key=announcement["window_start"].encode(), value=_json_bytes(announcement))
+            log.debug("wrote batch %s: %d records (%d clicked), %d late", announcement["path"], window.samples.__len__(), announcement["positives"], window.late_records)
+        self.sink.remove_stale(result.closed_from_ms, result.closed_to_ms)
+        self.pending_commit = True
+
+    async def _write_changelog(self) -> None:
+        """One changelog message per changed request (the table's JSON
+        encoding, produced directly: Faust's per-message send_soon path
+        costs more than the join itself). Faust's commit flushes them."""
+        core = self.core
+        send = self.app.producer.send
+        topic = self.requests.changelog_topic.get_topic_name()
+        state = core.requests
+        dumps = orjson.dumps
+        for request_id, partition in core.dirty.items():
+            await send(topic, dumps(request_id), dumps(state[request_id]), partition, None, None)
+        for request_id, partition in core.deleted.items():
+            await send(topic, dumps(request_id), None, partition, None, None)  # tombstone: recovery deletes the key
+        core.dirty.clear()
+        core.deleted.clear()
+
+    async def _commit_and_finalize(self) -> None:
+        if not self.pending_commit:
+            return
+        consumer = self.app.consumer
+        # Two calls: if a periodic commit is running, the first only waits
+        # for it, and it may have started before our last acks.
+        await consumer.commit()
+        await consumer.commit()
+        self.core.finalize()
+        await self._write_changelog()
+        progress = {**self.core.progress(), "frequency_window_ms": self.sink.progress.frequency_window_ms, "frequency_step": self.sink.progress.frequency_step}
+        self.progress.data[PROGRESS_KEY] = progress
+        topic = self.progress.changelog_topic.get_topic_name()
+        await self.app.producer.send(topic, orjson.dumps(PROGRESS_KEY), orjson.dumps(progress), PROGRESS_PARTITION, None, None)
+        self.pending_commit = False
+
+
+def _json_bytes(value) -> bytes:
+    return orjson.dumps(value)
+
+
+def _broker_url(bootstrap: str) -> str:
+    return ";".join(f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip())
+
+
+def create_app(settings: Settings) -> tuple[faust.App, StreamProcessor]:
+    """The Faust app of the streams worker, and its processor (for stats)."""
+    s = settings.streams
+    k = settings.kafka_client
+    t = settings.topics
+
+    app = StreamsApp(
+        s.app_id,
+        broker=_broker_url(settings.bootstrap_servers),
+        store="memory://",  # the state lives in memory; its changelog topic makes it durable
+        datadir=str(Path(settings.data_dir) / "streams"),
+        topic_partitions=s.partitions,
+        topic_replication_factor=1,
+        processing_guarantee="at_least_once",  # exactly_once needs a transactional producer Tansu lacks
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=k.session_timeout_ms / 1000,
+        broker_heartbeat_interval=k.heartbeat_interval_ms / 1000,
+        broker_rebalance_timeout=k.rebalance_timeout_ms / 1000,
+        broker_commit_interval=s.commit_interval_seconds,
+        table_standby_replicas=0,
+        stream_buffer_maxsize=max(4096, 2 * s.micro_batch_size),
+        web_enabled=s.web_port != 0,
+        web_port=s.web_port or 6066,
+        web_bind="127.0.0.1",
+        web_host="127.0.0.1",
+        worker_redirect_stdouts=False,
+    )
+
+    source = app.topic(t.impressions, t.clicks, t.rank_logs, key_serializer="raw", value_serializer="raw", partitions=s.partitions)
+    dead_letters = app.topic(t.dead_letters, key_serializer="raw", value_serializer="raw", partitions=1)
+    announcements = app.topic(t.training_batches, key_serializer="raw", value_serializer="raw", partitions=1)
+
+    # Keys and values are JSON (Faust's default codec, orjson underneath).
+    requests = app.Table("join-requests", partitions=s.partitions, help="request_id -> join state")
+    progress = app.Table("join-progress", partitions=s.partitions, help="the window cut and watermark")
+
+    processor = StreamProcessor(settings, app, requests, progress, dead_letters, announcements)
+    requests.on_recover(processor.on_recovered)
+
+    @app.agent(source, name="join-events")
+    async def join_events(stream):
+        async for events in stream.take_events(s.micro_batch_size, within=s.micro_batch_seconds):
+            await processor.on_events(events)
+
+    @app.timer(interval=1.0, name="watermark-clock")
+    async def watermark_clock():
+        await processor.on_tick()
+
+    @app.page("/metrics")
+    async def metrics(web, request):
+        return web.bytes(processor.metrics.exposition(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/stats")
+    async def stats(web, request):
+        return web.json(processor.stats())
+
+    return app, processor
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    """Run the worker until SIGTERM / Ctrl-C (Faust handles both)."""
+    import mode.loop
+
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    if settings.streams.event_loop == "uvloop":
+        mode.loop.use("uvloop")
+    from streams.topics import ensure_topics
+
+    ensure_topics(settings)
+    (Path(settings.data_dir) / "streams").mkdir(parents=True, exist_ok=True)
+    app, _ = create_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel, redirect_stdouts=False, quiet=True)
+    worker.execute_from_commandline()
