@@ -234,12 +234,16 @@ class StreamProcessor:
         # for it, and it may have started before our last acks.
         await consumer.commit()
         await consumer.commit()
-        self.core.finalize()
-        await self._write_changelog()
         progress = {**self.core.progress(), "frequency_window_ms": self.sink.progress.frequency_window_ms, "frequency_step": self.sink.progress.frequency_step}
         self.progress.data[PROGRESS_KEY] = progress
         topic = self.progress.changelog_topic.get_topic_name()
         await self.app.producer.send(topic, orjson.dumps(PROGRESS_KEY), orjson.dumps(progress), PROGRESS_PARTITION, None, None)
+        # The progress must be durable before any deletion is: a restart that
+        # saw a request deleted but its window still open would rewrite the
+        # window without it.
+        await self.app.producer.flush()
+        self.core.finalize()
+        await self._write_changelog()
         self.pending_commit = False
 
 
