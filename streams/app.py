@@ -80,6 +80,8 @@ class StreamProcessor:
         self.core: JoinCore | None = None
         self.sink: BatchSink | None = None
         self.needs_rebuild = True
+        self.recovered = False  # tables recovered at least once
+        self.recovered_open_requests: int | None = None
         self.pending_commit = False  # windows closed: commit, then finalize
         self.last_batch_end = time.monotonic()
         self.last_idle_tick: float | None = None
@@ -90,6 +92,7 @@ class StreamProcessor:
     async def on_recovered(self) -> None:
         """Table recovery finished (start or rebalance): rebuild lazily."""
         self.needs_rebuild = True
+        self.recovered = True
         self.processed.clear()  # offsets restart from the committed ones
 
     def _state_mapping(self):
@@ -113,6 +116,7 @@ class StreamProcessor:
         )
         self.pending_commit = self.core.pending_finalization > 0
         self.needs_rebuild = False
+        self.recovered_open_requests = self.core.open_requests
         log.info(
             "join state ready: %d open requests, open_from_ms=%s, watermark_ms=%s, frequency step %d",
             self.core.open_requests,
@@ -147,11 +151,12 @@ class StreamProcessor:
     async def on_tick(self) -> None:
         """Every second: report; when the sources are idle, commit and
         finalize, and let the watermark follow the clock."""
-        if self.app.rebalancing or self.needs_rebuild or self.core is None:
+        if self.app.rebalancing or not self.recovered:
             return
         now = time.monotonic()
         s = self.settings.streams
         async with self.lock:
+            self._ensure_core()
             # Idle = nothing processed for a while AND every input partition
             # read to its end; a slow worker is not an idle source.
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, self.processed)
@@ -192,7 +197,13 @@ class StreamProcessor:
         if self.core is None:
             return {"ready": False}
         summary = self.metrics.update(self.core.counters, self.core.watermark_ms, self.core.open_requests, _wall_ms())
-        return {"ready": True, "open_from_ms": self.core.open_from_ms, **summary}
+        return {
+            "ready": True,
+            "open_from_ms": self.core.open_from_ms,
+            "recovered_open_requests": self.recovered_open_requests,
+            "pending_finalization": self.core.pending_finalization,
+            **summary,
+        }
 
     # --- output -------------------------------------------------------------------
 

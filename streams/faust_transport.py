@@ -118,13 +118,19 @@ class Consumer(faust_aiokafka.Consumer):
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
                 batch = []
+                previous: dict = {}  # last offset taken per partition in this batch
                 async for tp, message in getmany(timeout=1.0):
                     offset = message.offset
-                    read_offset = get_read_offset(tp)
+                    read_offset = previous.get(tp)
+                    if read_offset is None:
+                        read_offset = get_read_offset(tp)
                     if read_offset is None or offset >= read_offset:
+                        # A real gap in the log (Faust treats its offsets as acked),
+                        # not merely the next message of this batch.
                         if read_offset and offset - read_offset > 1 and acks_enabled_for(message.topic):
                             await self._add_gap(tp, read_offset + 1, offset)
                         batch.append((tp, message))
+                        previous[tp] = offset
                 unset_flag(CONSUMER_FETCHING)
                 commit_every = self._commit_every
                 if commit_every is not None and self._n_acked >= commit_every:

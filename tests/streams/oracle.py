@@ -14,6 +14,7 @@ from streams.batches import FeatureSpec, Sample, list_batches, read_batch
 from streams.events import CLICK, IMPRESSION, RANK_LOG
 from streams.join import RawEvent
 
+T0 = 1_795_132_800_000  # 2026-11-20 00:00:00 UTC, the simulator's day 0
 KINDS = {"impressions": IMPRESSION, "clicks": CLICK, "rank-logs": RANK_LOG}
 SPEC = FeatureSpec(("age_bucket", "city", "device"), ("activity_7d", "hour_sin", "hour_cos"), ("category",))
 

@@ -11,9 +11,8 @@ import pytest
 from freshtower.simulator import Simulator, SimulatorConfig
 from streams.events import CLICK, IMPRESSION, RANK_LOG
 from streams.join import JoinCore, JoinSettings, RawEvent
-from tests.streams.oracle import assert_samples_match, expected_samples, raw_events
+from tests.streams.oracle import T0, assert_samples_match, expected_samples, raw_events
 
-T0 = 1_795_132_800_000  # 2026-11-20 00:00:00 UTC
 SECOND = 1000
 SETTINGS = JoinSettings(window_ms=60 * SECOND, lateness_ms=10 * SECOND, join_window_ms=300 * SECOND, max_future_ms=300 * SECOND)
 WORLD = SimulatorConfig(users=300, items=200, topics=8, requests_per_day=1500, seed=5)
