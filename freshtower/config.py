@@ -112,8 +112,7 @@ class StreamsConfig(_Section):
     max_id_length: int = Field(256, ge=1, description="longest accepted ID or feature value (characters)")
     max_items_per_event: int = Field(1000, ge=1, description="most items in one impression or rank log")
     app_id: str = Field("freshtower-streams", description="Faust app ID: consumer group and changelog-topic prefix")
-    micro_batch_size: int = Field(2000, ge=1, description="events the agent takes at once (Faust stream.take)")
-    micro_batch_seconds: float = Field(0.5, gt=0, description="... or fewer, after this long")
+    micro_batch_size: int = Field(2000, ge=1, description="most events the agent processes at once (a fetched batch is split)")
     commit_interval_seconds: float = Field(2.8, gt=0, description="Faust's periodic offset commit (state is in the changelog first)")
     idle_seconds: float = Field(10.0, gt=0, description="no event for this long (wall clock): the watermark follows the clock")
     idle_advance_rate: float = Field(

@@ -37,7 +37,7 @@ import orjson
 from freshtower.config import Settings
 from streams.dead_letters import encode_dead_letter
 from streams.faust_transport import Transport
-from streams.join import JoinCore, JoinSettings, RawEvent, StepResult
+from streams.join import JoinCore, JoinSettings, StepResult
 from streams.metrics import StreamMetrics
 from streams.sink import BatchSink
 from streams.topics import input_topics
@@ -50,10 +50,17 @@ PROGRESS_PARTITION = 0  # the single progress record lives in changelog partitio
 
 
 class StreamsApp(faust.App):
-    """Faust's App with the transport of ``streams/faust_transport.py``."""
+    """Faust's App with the transport of ``streams/faust_transport.py`` and
+    without Faust's own per-event statistics (its Monitor sensor costs a
+    few microseconds an event; ``streams/metrics.py`` reports instead)."""
 
     def _new_transport(self):
         return Transport(self.conf.broker_consumer, self)
+
+    def on_init_dependencies(self):
+        dependencies = super().on_init_dependencies()
+        self.sensors.remove(self.monitor)
+        return dependencies
 
 
 def _wall_ms() -> int:
@@ -74,7 +81,7 @@ class StreamProcessor:
         self.join_settings = JoinSettings.from_config(settings.streams)
         self.kinds = input_topics(settings)
         self.input_topic_names = set(self.kinds)
-        self.processed: dict[str, int] = {}  # "topic/partition" -> next offset processed
+        self.processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset processed
         self.metrics = StreamMetrics()
         self.lock = asyncio.Lock()
         self.core: JoinCore | None = None
@@ -86,6 +93,10 @@ class StreamProcessor:
         self.last_batch_end = time.monotonic()
         self.last_idle_tick: float | None = None
         self.last_log = time.monotonic()
+        self.busy_seconds = 0.0  # time spent in the agent (benchmarks: events_in / busy_seconds)
+        self.micro_batches = 0
+        self.first_batch_at: float | None = None  # wall clock: start of the first batch, end of the last
+        self.last_batch_at: float | None = None
 
     # --- recovery ---------------------------------------------------------------
 
@@ -105,7 +116,7 @@ class StreamProcessor:
         if not self.needs_rebuild:
             return
         progress = dict(self.progress.data.get(PROGRESS_KEY) or {})
-        self.core = JoinCore(self.join_settings, self._state_mapping(), progress)
+        self.core = JoinCore(self.join_settings, self._state_mapping(), progress, self.kinds)
         f = self.settings.frequency
         self.sink = BatchSink.open(
             self.settings.batches_dir,
@@ -127,26 +138,41 @@ class StreamProcessor:
 
     # --- the agent's and the timer's work ------------------------------------------
 
-    async def on_events(self, events) -> None:
+    async def on_events(self, messages) -> None:
+        """A fetched batch of input messages (Faust's ConsumerMessage:
+        topic, partition, offset, key, value), in micro-batches; each
+        acked once its effects are delivered."""
+        size = self.settings.streams.micro_batch_size
+        for start in range(0, len(messages), size):
+            await self._process(messages[start : start + size])
+
+    async def _process(self, messages) -> None:
         async with self.lock:
+            started = time.monotonic()
             self._ensure_core()
-            # The previous micro-batch is acked by now (take_events acks after
-            # the agent body), so a commit here covers everything processed
-            # before the last window close.
+            # The previous micro-batch is acked by now, so a commit here
+            # covers everything processed before the last window close.
             await self._commit_and_finalize()
-            kinds = self.kinds
-            raw = [
-                RawEvent(kinds[m.topic], m.topic, m.partition, m.offset, m.key, m.value)
-                for m in (event.message for event in events)
-            ]
             processed = self.processed
-            for event in raw:
-                processed[f"{event.topic}/{event.partition}"] = event.offset + 1
+            for m in messages:
+                processed[m.topic, m.partition] = m.offset + 1
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, processed)
-            result = self.core.process(raw, _wall_ms(), assigned, caught_up)
-            await self._emit(result)
+            result = self.core.process(messages, _wall_ms(), assigned, caught_up)
+            # Acked = may be committed, so only once its changelog records,
+            # dead letters and announcements are on the broker (a failed
+            # delivery raises here and stops the worker, unacked).
+            await asyncio.gather(*await self._emit(result))
+            ack = self.app.consumer.ack
+            for message in messages:
+                ack(message)
             self.last_batch_end = time.monotonic()
+            self.busy_seconds += self.last_batch_end - started
+            self.micro_batches += 1
+            self.last_batch_at = time.time()
+            if self.first_batch_at is None:
+                self.first_batch_at = self.last_batch_at - (self.last_batch_end - started)
             self.last_idle_tick = None
+        await asyncio.sleep(0)  # let the web endpoint, timers and heartbeats run between micro-batches
 
     async def on_tick(self) -> None:
         """Every second: report; when the sources are idle, commit and
@@ -173,7 +199,7 @@ class StreamProcessor:
                     target = min(self.core.watermark_ms + step_ms, _wall_ms())
                     if step_ms > 0 and target > self.core.watermark_ms:
                         self.last_idle_tick = now
-                        await self._emit(self.core.advance(target))
+                        await asyncio.gather(*await self._emit(self.core.advance(target)))
             summary = self.metrics.update(self.core.counters, self.core.watermark_ms, self.core.open_requests, _wall_ms())
         if now - self.last_log >= s.log_every_seconds:
             self.last_log = now
@@ -202,40 +228,63 @@ class StreamProcessor:
             "open_from_ms": self.core.open_from_ms,
             "recovered_open_requests": self.recovered_open_requests,
             "pending_finalization": self.core.pending_finalization,
+            "busy_seconds": round(self.busy_seconds, 3),
+            "micro_batches": self.micro_batches,
+            "first_batch_at": self.first_batch_at,
+            "last_batch_at": self.last_batch_at,
             **summary,
         }
 
     # --- output -------------------------------------------------------------------
 
-    async def _emit(self, result: StepResult) -> None:
+    async def _emit(self, result: StepResult) -> list:
+        """Send what ``result`` holds; return the delivery futures, which
+        must all succeed before the events behind them are acked."""
         keep_bytes = self.settings.streams.max_event_bytes
+        pending = []
         for letter in result.dead_letters:
-            await self.dead_letters.send(key=letter.key, value=encode_dead_letter(letter, keep_bytes))
-        await self._write_changelog()
+            pending.append(await self.dead_letters.send(key=letter.key, value=encode_dead_letter(letter, keep_bytes)))
+        pending += await self._write_changelog()
         if result.closed_to_ms is None:
-            return
+            return pending
         for window in result.closed:
             announcement = self.sink.write(window)  # durable before it is announced
-            await self.announcements.send(key=announcement["window_start"].encode(), value=_json_bytes(announcement))
-            log.debug("wrote batch %s: %d records (%d clicked), %d late", announcement["path"], window.samples.__len__(), announcement["positives"], window.late_records)
+            pending.append(await self.announcements.send(key=announcement["window_start"].encode(), value=_json_bytes(announcement)))
+            log.debug("wrote batch %s: %d records (%d clicked), %d late", announcement["path"], len(window.samples), announcement["positives"], window.late_records)
         self.sink.remove_stale(result.closed_from_ms, result.closed_to_ms)
         self.pending_commit = True
+        return pending
 
-    async def _write_changelog(self) -> None:
-        """One changelog message per changed request (the table's JSON
-        encoding, produced directly: Faust's per-message send_soon path
-        costs more than the join itself). Faust's commit flushes them."""
+    async def _write_changelog(self) -> list:
+        """The changed requests as changelog records (the table's JSON
+        encoding), one producer batch per partition: Faust's per-message
+        send path costs more than the join itself. Returns the batches'
+        delivery futures."""
         core = self.core
-        send = self.app.producer.send
+        if not core.dirty and not core.deleted:
+            return []
+        producer = _aiokafka_producer(self.app)
         topic = self.requests.changelog_topic.get_topic_name()
         state = core.requests
         dumps = orjson.dumps
+        by_partition: dict[int, list] = {}
         for request_id, partition in core.dirty.items():
-            await send(topic, dumps(request_id), dumps(state[request_id]), partition, None, None)
+            by_partition.setdefault(partition, []).append((dumps(request_id), dumps(state[request_id])))
         for request_id, partition in core.deleted.items():
-            await send(topic, dumps(request_id), None, partition, None, None)  # tombstone: recovery deletes the key
+            by_partition.setdefault(partition, []).append((dumps(request_id), None))  # tombstone: recovery deletes the key
         core.dirty.clear()
         core.deleted.clear()
+        futures = []
+        for partition, records in by_partition.items():
+            batch = producer.create_batch()
+            for key, value in records:
+                if batch.append(timestamp=None, key=key, value=value) is None:  # full
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    if batch.append(timestamp=None, key=key, value=value) is None:
+                        raise ValueError(f"join state of {key!r} does not fit a producer batch ({len(value or b''):,} bytes)")
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
 
     async def _commit_and_finalize(self) -> None:
         if not self.pending_commit:
@@ -254,8 +303,15 @@ class StreamProcessor:
         # window without it.
         await self.app.producer.flush()
         self.core.finalize()
-        await self._write_changelog()
+        await asyncio.gather(*await self._write_changelog())
         self.pending_commit = False
+
+
+def _aiokafka_producer(app: faust.App):
+    """The aiokafka producer inside Faust's (the one Faust flushes before
+    it commits offsets), for batch sends; a private Faust attribute, read
+    in this one place."""
+    return app.producer._ensure_producer()
 
 
 def _json_bytes(value) -> bytes:
@@ -292,6 +348,7 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamProcessor]:
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
         worker_redirect_stdouts=False,
+        producer_max_batch_size=512 * 1024,  # changelog records go out a partition-batch at a time
     )
 
     source = app.topic(t.impressions, t.clicks, t.rank_logs, key_serializer="raw", value_serializer="raw", partitions=s.partitions)
@@ -305,10 +362,26 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamProcessor]:
     processor = StreamProcessor(settings, app, requests, progress, dead_letters, announcements)
     requests.on_recover(processor.on_recovered)
 
-    @app.agent(source, name="join-events")
-    async def join_events(stream):
-        async for events in stream.take_events(s.micro_batch_size, within=s.micro_batch_seconds):
-            await processor.on_events(events)
+    # Fetched batches of the input topics reach the agent whole (see
+    # streams/faust_transport.py): one Faust event per batch, not per message.
+    fetched = app.channel(maxsize=4)
+    app.topics.add(source)  # subscribe and enable acks, although no agent reads the topic itself
+    app.direct_topics = frozenset(source.topics)
+
+    async def hand_over(messages):
+        await fetched.send(value=messages)
+
+    app.direct_handler = hand_over
+
+    @app.agent(fetched, name="join-events")
+    async def join_events(batches):
+        async for messages in batches:
+            try:
+                await processor.on_events(messages)
+            except Exception as error:  # unacked events are read again after a restart
+                log.exception("join failed; stopping the worker")
+                await app.crash(error)
+                raise
 
     @app.timer(interval=1.0, name="watermark-clock")
     async def watermark_clock():

@@ -76,8 +76,8 @@ class Consumer(faust_aiokafka.Consumer):
             log.error("could not confirm end offsets from fetch responses (%r); using ListOffsets answers %s", error, reported)
             return reported
 
-    def input_partitions(self, topics: set[str], processed: dict[str, int]) -> tuple[set[str], set[str]]:
-        """(assigned, caught up) partitions of ``topics`` as "topic/partition".
+    def input_partitions(self, topics: set[str], processed: dict[tuple[str, int], int]) -> tuple[set, set]:
+        """(assigned, caught up) partitions of ``topics`` as (topic, partition).
 
         Caught up = processed (``processed``: next offset per partition, kept
         by the caller) or committed up to the high watermark of the last
@@ -89,7 +89,7 @@ class Consumer(faust_aiokafka.Consumer):
         for tp in self.assignment():
             if tp.topic not in topics:
                 continue
-            name = f"{tp.topic}/{tp.partition}"
+            name = (tp.topic, tp.partition)
             assigned.add(name)
             highwater = self.highwater(tp)
             if highwater is None:
@@ -109,10 +109,19 @@ class Consumer(faust_aiokafka.Consumer):
         set_flag = self.diag.set_flag
         unset_flag = self.diag.unset_flag
 
+        direct_topics = getattr(self.app, "direct_topics", frozenset())
+        direct_handler = getattr(self.app, "direct_handler", None)
+
         async def deliver(batch: list) -> None:
+            direct = []
             for tp, message in batch:
-                await callback(message)
+                if message.topic in direct_topics:
+                    direct.append(message)
+                else:
+                    await callback(message)
                 set_read_offset(tp, message.offset)
+            if direct:
+                await direct_handler(direct)
 
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):

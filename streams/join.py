@@ -36,7 +36,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import MutableMapping
+from typing import Mapping, MutableMapping
 
 from streams.batches import Sample
 from streams.events import CLICK, IMPRESSION, RANK_LOG, Click, Impression, InvalidEvent, Limits, RankLog, parse_event
@@ -69,14 +69,18 @@ class JoinSettings:
 
 @dataclass(frozen=True, slots=True)
 class RawEvent:
-    """One Kafka message as it arrived."""
+    """One Kafka message as it arrived (Faust's messages have the same
+    attributes and are passed as they are)."""
 
-    kind: str  # events.IMPRESSION, CLICK or RANK_LOG
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+
+
+# Topic -> event kind with the default topic names (the worker passes its own).
+DEFAULT_KINDS = {"impressions": IMPRESSION, "clicks": CLICK, "rank-logs": RANK_LOG}
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,16 +129,17 @@ class JoinCore:
     partition) for the caller to write to the changelog.
     """
 
-    def __init__(self, settings: JoinSettings, requests: MutableMapping[str, dict], progress: dict | None = None):
+    def __init__(self, settings: JoinSettings, requests: MutableMapping[str, dict], progress: dict | None = None, kinds: Mapping[str, str] = DEFAULT_KINDS):
         self.settings = settings
         self.requests = requests
+        self.kinds = dict(kinds)  # topic -> events.IMPRESSION, CLICK or RANK_LOG
         progress = progress or {}
         self.open_from_ms: int | None = progress.get("open_from_ms")
         self.watermark_ms: int | None = progress.get("watermark_ms")
-        # Largest event time per input partition ("topic/partition"): the
+        # Largest event time per input partition (topic, partition): the
         # watermark is their minimum, so a partition read ahead of the
         # others cannot close windows the others still feed.
-        self.partition_time: dict[str, int] = {}
+        self.partition_time: dict[tuple[str, int], int] = {}
         self.counters: Counter[str] = Counter()
         self.dirty: dict[str, int] = {}
         self.deleted: dict[str, int] = {}
@@ -174,43 +179,49 @@ class JoinCore:
 
     # --- the stream -------------------------------------------------------------
 
-    def process(self, events: list[RawEvent], now_ms: int, partitions: set[str] | None = None, idle: set[str] = frozenset()) -> StepResult:
-        """Apply a micro-batch in order; then move the watermark, close the
-        windows it has passed and expire waiting clicks.
+    def process(self, messages, now_ms: int, partitions: set[tuple[str, int]] | None = None, idle: set[tuple[str, int]] = frozenset()) -> StepResult:
+        """Apply a micro-batch of messages (``RawEvent`` or Faust's: topic,
+        partition, offset, key, value) in order; then move the watermark,
+        close the windows it has passed and expire waiting clicks.
 
-        ``partitions``: the input partitions (``"topic/partition"``) this
-        worker reads (default: those seen so far); ``idle``: those read to
-        their end, which do not hold the watermark back.
+        ``partitions``: the input partitions (topic, partition) this worker
+        reads (default: those seen so far); ``idle``: those read to their
+        end, which do not hold the watermark back.
         """
         result = StepResult()
         dead = result.dead_letters
         limits = self.settings.limits
         counters = self.counters
         partition_time = self.partition_time
-        for raw in events:
-            counters["events_in." + raw.kind] += 1
+        kinds = self.kinds
+        seen = Counter()
+        for message in messages:
+            kind = kinds[message.topic]
+            seen[kind] += 1
             try:
-                event = parse_event(raw.kind, raw.key, raw.value, limits)
+                event = parse_event(kind, message.key, message.value, limits)
                 self._check_time(event.ts, now_ms)
-                if raw.kind == CLICK:
-                    self._on_click(event, raw, dead)
-                elif raw.kind == IMPRESSION:
-                    self._on_impression(event, raw.partition, dead)
+                if kind == CLICK:
+                    self._on_click(event, message, dead)
+                elif kind == IMPRESSION:
+                    self._on_impression(event, message.partition, dead)
                 else:
-                    self._on_rank_log(event, raw.partition)
+                    self._on_rank_log(event, message.partition)
             except InvalidEvent as error:
-                dead.append(DeadLetter(error.code, error.message, raw.topic, raw.partition, raw.offset, raw.key, raw.value))
+                dead.append(DeadLetter(error.code, error.message, message.topic, message.partition, message.offset, message.key, message.value))
                 counters["dead_letters." + error.code] += 1
                 continue
             # Valid events (duplicates included) move their partition's time.
-            source = f"{raw.topic}/{raw.partition}"
+            source = (message.topic, message.partition)
             if event.ts > partition_time.get(source, -1):
                 partition_time[source] = event.ts
+        for kind, n in seen.items():
+            counters["events_in." + kind] += n
         self._update_watermark(partitions, idle)
         self._after_time_moved(result)
         return result
 
-    def _update_watermark(self, partitions: set[str] | None, idle: set[str]) -> None:
+    def _update_watermark(self, partitions: set[tuple[str, int]] | None, idle: set[tuple[str, int]]) -> None:
         """Watermark = min over active partitions of their largest event
         time; partitions read to their end are left out (when all are, the
         max over all: nothing is pending anywhere). Never moves back."""
@@ -305,7 +316,7 @@ class JoinCore:
         state["impression"] = {
             "event_id": event.event_id,
             "ts": event.ts,
-            "items": [[i.item_id, i.position, i.features] for i in event.items],
+            "items": {i.item_id: [i.position, i.features] for i in event.items},  # in slot order
             "user_categorical": event.user_features.categorical,
             "user_numeric": event.user_features.numeric,
         }
@@ -316,14 +327,13 @@ class JoinCore:
         self.dirty[request_id] = state["partition"]
         pending, state["pending_clicks"] = state["pending_clicks"], []
         for event_id, item_id, ts, offset, topic, click_partition, raw in pending:
-            click = Click(event_id, request_id, state["user"], item_id, ts)
             try:
-                self._join(state, request_id, click)
+                self._join(state, request_id, event_id, state["user"], item_id, ts)
             except InvalidEvent as error:
                 dead.append(DeadLetter(error.code, error.message, topic, click_partition, offset, state["user"].encode(), raw.encode()))
                 self.counters["dead_letters." + error.code] += 1
 
-    def _on_click(self, event: Click, raw: RawEvent, dead: list) -> None:
+    def _on_click(self, event: Click, raw, dead: list) -> None:
         request_id = event.request_id
         state = self.requests.get(request_id)
         if state is None:
@@ -338,10 +348,10 @@ class JoinCore:
             # Waits for its impression; the raw value is kept for the dead letter.
             state["pending_clicks"].append([event.event_id, event.item_id, event.ts, raw.offset, raw.topic, raw.partition, raw.value.decode()])
             self.counters["clicks_waiting"] += 1
-            self._push_expiry(request_id, state)
+            heapq.heappush(self._expiry, (event.ts + self.settings.join_window_ms, request_id))
             self.dirty[request_id] = state["partition"]
             return
-        self._join(state, request_id, event)
+        self._join(state, request_id, event.event_id, event.user_id, event.item_id, event.ts)
 
     def _seen_click(self, state: dict, event_id: str) -> bool:
         if event_id in state["ignored_event_ids"]:
@@ -354,28 +364,28 @@ class JoinCore:
                 return True
         return False
 
-    def _join(self, state: dict, request_id: str, click: Click) -> None:
+    def _join(self, state: dict, request_id: str, event_id: str, user_id: str, item_id: str, ts: int) -> None:
         """Join a click to the impression in ``state`` (raises on a misfit)."""
         impression = state["impression"]
         if self._is_finalized(state):
-            raise InvalidEvent("click_after_finalization", f"click {click.event_id!r}: request {request_id!r} was already written out (its join window closed)")
-        if click.user_id != state["user"]:
-            raise InvalidEvent("user_mismatch", f"click {click.event_id!r}: user {click.user_id!r}, but request {request_id!r} belongs to {state['user']!r}")
-        delay = click.ts - impression["ts"]
+            raise InvalidEvent("click_after_finalization", f"click {event_id!r}: request {request_id!r} was already written out (its join window closed)")
+        if user_id != state["user"]:
+            raise InvalidEvent("user_mismatch", f"click {event_id!r}: user {user_id!r}, but request {request_id!r} belongs to {state['user']!r}")
+        delay = ts - impression["ts"]
         if not 0 <= delay <= self.settings.join_window_ms:
             raise InvalidEvent(
                 "click_outside_join_window",
-                f"click {click.event_id!r}: {delay / 1000:,.1f} s after its impression (join window {self.settings.join_window_ms / 1000:,.0f} s)",
+                f"click {event_id!r}: {delay / 1000:,.1f} s after its impression (join window {self.settings.join_window_ms / 1000:,.0f} s)",
             )
-        if not any(item[0] == click.item_id for item in impression["items"]):
-            raise InvalidEvent("click_item_not_shown", f"click {click.event_id!r}: item {click.item_id!r} was not shown in request {request_id!r}")
+        if item_id not in impression["items"]:
+            raise InvalidEvent("click_item_not_shown", f"click {event_id!r}: item {item_id!r} was not shown in request {request_id!r}")
         clicks = state["clicks"]
-        if click.item_id in clicks:
-            state["ignored_event_ids"].append(click.event_id)
+        if item_id in clicks:
+            state["ignored_event_ids"].append(event_id)
             self.counters["duplicates.click_pair"] += 1
         else:
-            window, late = assign_window(click.ts, self.settings.window_ms, self.open_from_ms)
-            clicks[click.item_id] = [click.ts, click.event_id, window, late]
+            window, late = assign_window(ts, self.settings.window_ms, self.open_from_ms)
+            clicks[item_id] = [ts, event_id, window, late]
             self._window_requests.setdefault(window, set()).add(request_id)
             self.counters["joined_clicks"] += 1
         self.dirty[request_id] = state["partition"]
@@ -398,14 +408,12 @@ class JoinCore:
             self.counters["rank_logs_after_finalization"] += 1
             return
         rank["stages"].append(event.stage)
+        rank["scores"].update(zip(event.item_ids, event.scores))  # the last stage to score an item wins
+        dropped = [item_id for item_id, kept in zip(event.item_ids, event.kept) if not kept]
         hard = rank["hard"]
-        scores = rank["scores"]
-        for item_id, score, kept in zip(event.item_ids, event.scores, event.kept):
-            scores[item_id] = score
-            if not kept and item_id not in hard:
-                hard.append(item_id)
+        hard.extend([item_id for item_id in dropped if item_id not in hard] if hard else dropped)
         if state["impression"] is None:
-            self._push_expiry(request_id, state)
+            heapq.heappush(self._expiry, (rank["ts"] + self.settings.join_window_ms, request_id))
         self.dirty[request_id] = state["partition"]
 
     # --- time -------------------------------------------------------------------
@@ -472,7 +480,7 @@ class JoinCore:
         for request_id in sorted(self._window_requests.pop(window)):
             state = self.requests[request_id]
             impression = state["impression"]
-            items = {item_id: (position, features) for item_id, position, features in impression["items"]}
+            items = impression["items"]
             rank = state["rank"]
             hard = tuple(rank["hard"]) if rank else ()
             scores = rank["scores"] if rank else {}

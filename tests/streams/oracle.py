@@ -11,11 +11,9 @@ import msgspec
 
 from freshtower.simulator import Simulator
 from streams.batches import FeatureSpec, Sample, list_batches, read_batch
-from streams.events import CLICK, IMPRESSION, RANK_LOG
 from streams.join import RawEvent
 
 T0 = 1_795_132_800_000  # 2026-11-20 00:00:00 UTC, the simulator's day 0
-KINDS = {"impressions": IMPRESSION, "clicks": CLICK, "rank-logs": RANK_LOG}
 SPEC = FeatureSpec(("age_bucket", "city", "device"), ("activity_7d", "hour_sin", "hour_cos"), ("category",))
 
 
@@ -27,7 +25,7 @@ def raw_events(simulator: Simulator, days, partitions: int = 4) -> list[RawEvent
     for day in days:
         for topic, event in simulator.events(day):
             partition = zlib.crc32(event["user_id"].encode()) % partitions
-            out.append(RawEvent(KINDS[topic], topic, partition, offsets[topic, partition], event["user_id"].encode(), msgspec.json.encode(event)))
+            out.append(RawEvent(topic, partition, offsets[topic, partition], event["user_id"].encode(), msgspec.json.encode(event)))
             offsets[topic, partition] += 1
     return out
 

@@ -9,7 +9,6 @@ import orjson
 import pytest
 
 from freshtower.simulator import Simulator, SimulatorConfig
-from streams.events import CLICK, IMPRESSION, RANK_LOG
 from streams.join import JoinCore, JoinSettings, RawEvent
 from tests.streams.oracle import T0, assert_samples_match, expected_samples, raw_events
 
@@ -24,10 +23,10 @@ class Events:
     def __init__(self):
         self.offsets = itertools.count()
 
-    def raw(self, kind, topic, event, partition=0, key=None) -> RawEvent:
+    def raw(self, topic, event, partition=0, key=None) -> RawEvent:
         value = event if isinstance(event, bytes) else msgspec.json.encode(event)
         key = key if key is not None else (event["user_id"].encode() if isinstance(event, dict) else b"u1")
-        return RawEvent(kind, topic, partition, next(self.offsets), key, value)
+        return RawEvent(topic, partition, next(self.offsets), key, value)
 
     def impression(self, ts, request="r1", user="u1", items=("a", "b", "c"), event_id=None, **kw):
         event = {
@@ -38,15 +37,15 @@ class Events:
             "items": [{"item_id": i, "position": p, "features": {"category": "c1"}} for p, i in enumerate(items)],
             "user_features": {"categorical": {"city": "x"}, "numeric": {"activity_7d": 0.5}},
         }
-        return self.raw(IMPRESSION, "impressions", event, **kw)
+        return self.raw("impressions", event, **kw)
 
     def click(self, ts, item="a", request="r1", user="u1", event_id=None, **kw):
         event = {"event_id": event_id or f"clk-{request}-{item}", "request_id": request, "user_id": user, "item_id": item, "ts": ts}
-        return self.raw(CLICK, "clicks", event, **kw)
+        return self.raw("clicks", event, **kw)
 
     def rank(self, ts, request="r1", user="u1", stage="rank", items=("a", "b", "c", "d"), scores=(0.9, 0.8, 0.7, 0.1), kept=(True, True, True, False), **kw):
         event = {"request_id": request, "user_id": user, "ts": ts, "stage": stage, "item_ids": list(items), "scores": list(scores), "kept": list(kept)}
-        return self.raw(RANK_LOG, "rank-logs", event, **kw)
+        return self.raw("rank-logs", event, **kw)
 
 
 def run(core: JoinCore, batches, now_ms=T0):
@@ -55,7 +54,7 @@ def run(core: JoinCore, batches, now_ms=T0):
     window, dead letters)."""
     windows, dead = {}, []
     for batch in batches:
-        seen = core.partition_time.keys() | {f"{e.topic}/{e.partition}" for e in batch}
+        seen = core.partition_time.keys() | {(e.topic, e.partition) for e in batch}
         result = core.process(batch, now_ms, partitions=seen, idle=seen)
         dead += result.dead_letters
         for w in result.closed:
@@ -116,7 +115,7 @@ def test_partitions_read_unevenly_still_join_exactly_and_on_time(world):
         del queues[tp][:take]
         if not queues[tp]:
             del queues[tp]
-    partitions = {f"{e.topic}/{e.partition}" for e in events}
+    partitions = {(e.topic, e.partition) for e in events}
     core = JoinCore(JoinSettings(), {})
     windows, dead = {}, []
     for i in range(0, len(order), 300):
@@ -234,12 +233,12 @@ def test_invalid_events_are_dead_lettered_and_the_batch_goes_on():
     ev = Events()
     core = JoinCore(SETTINGS, {})
     bad = [
-        ev.raw(CLICK, "clicks", b"{not json"),
-        ev.raw(CLICK, "clicks", {"event_id": "c", "request_id": "r1", "user_id": "u1", "ts": 5}),
-        ev.raw(IMPRESSION, "impressions", {"event_id": "i", "request_id": "r9", "user_id": "u1", "ts": "5", "items": []}),
-        ev.raw(CLICK, "clicks", {"event_id": "c", "request_id": "r1", "user_id": "u1", "item_id": "a", "ts": -1}),
-        ev.raw(CLICK, "clicks", {"event_id": "", "request_id": "r1", "user_id": "u1", "item_id": "a", "ts": 5}),
-        ev.raw(CLICK, "clicks", b"{" + b" " * 300_000 + b"}"),
+        ev.raw("clicks", b"{not json"),
+        ev.raw("clicks", {"event_id": "c", "request_id": "r1", "user_id": "u1", "ts": 5}),
+        ev.raw("impressions", {"event_id": "i", "request_id": "r9", "user_id": "u1", "ts": "5", "items": []}),
+        ev.raw("clicks", {"event_id": "c", "request_id": "r1", "user_id": "u1", "item_id": "a", "ts": -1}),
+        ev.raw("clicks", {"event_id": "", "request_id": "r1", "user_id": "u1", "item_id": "a", "ts": 5}),
+        ev.raw("clicks", b"{" + b" " * 300_000 + b"}"),
     ]
     good = [ev.impression(T0), ev.click(T0 + SECOND)]
     result = core.process(bad[:3] + good + bad[3:], T0)
@@ -360,7 +359,7 @@ def test_crashes_anywhere_lose_and_duplicate_nothing(world, seed):
 
 def test_the_state_is_json_and_survives_a_round_trip(world):
     simulator, events, expected = world
-    partitions = {f"{e.topic}/{e.partition}" for e in events}
+    partitions = {(e.topic, e.partition) for e in events}
     core = JoinCore(JoinSettings(), {})
     core.process(events[:3000], T0 + 86_400_000, partitions)
     restored = JoinCore(JoinSettings(), orjson.loads(orjson.dumps(core.requests)), copy.deepcopy(core.progress()))
