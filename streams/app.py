@@ -3,25 +3,33 @@ logs into minute batches (``freshtower streams``).
 
 Reads top-down like Faust's examples: app -> topics -> tables -> agent ->
 timer -> pages, all built by ``create_app(settings)`` (nothing happens at
-import). The agent is a thin ``async for`` over micro-batches
-(``stream.take_events``) that hands raw messages to the pure join
-(``streams/join.py``) and writes what it returns; ``StreamProcessor`` is
-that shell.
+import). The agent is a thin ``async for`` over micro-batches that hands
+raw messages to the pure join (``streams/join.py``) and writes what it
+returns; ``StreamProcessor`` is that shell.
+
+Micro-batches: the input topics' fetched batches reach the agent whole,
+one Faust event per batch (``streams/faust_transport.py``), because
+Faust's per-message path (conductor, channel queue, stream iteration,
+sensors) costs more than the join itself. Faust still runs the consumer
+group, offsets and commits, the tables and their changelogs, recovery,
+the timer and the web endpoint; the agent acks each message itself.
 
 Delivery is at-least-once with idempotent, deterministic sinks (the
 embedded broker cannot run Faust's exactly-once mode):
 
 1. An event's effect on a request's state, and the event ID that
-   deduplicates it, is one changelog message (table ``join-requests``).
-   Faust flushes the changelog before it commits offsets, so committed
-   offsets never run ahead of the state.
+   deduplicates it, is one changelog record (table ``join-requests``).
+   A micro-batch is acked only once its changelog records, dead letters
+   and announcements are on the broker, so committed offsets never run
+   ahead of the state.
 2. A closed window is written (fsync + atomic rename, deterministic path),
    THEN announced on ``training-batches``, and only then are offsets
    committed and the window marked closed in table ``join-progress``. A
    crash in between rewrites the same window after the restart.
 3. Requests whose label-0 window closed are deleted only after a commit
-   that covers all events processed before the close, so a replay can
-   never re-create them.
+   that covers all events processed before the close, and after the
+   progress record saying so is on the broker, so a replay can never
+   re-create them and a restart never rewrites a window without them.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import faust
@@ -86,6 +95,7 @@ class StreamProcessor:
         self.lock = asyncio.Lock()
         self.core: JoinCore | None = None
         self.sink: BatchSink | None = None
+        self.lineage: str | None = None  # ID of this join state's history (see _ensure_core)
         self.needs_rebuild = True
         self.recovered = False  # tables recovered at least once
         self.recovered_open_requests: int | None = None
@@ -112,15 +122,25 @@ class StreamProcessor:
         # place and writes them to the changelog itself.
         return store.data if isinstance(getattr(store, "data", None), dict) else store
 
-    def _ensure_core(self) -> None:
+    async def _ensure_core(self) -> None:
         if not self.needs_rebuild:
             return
         progress = dict(self.progress.data.get(PROGRESS_KEY) or {})
+        if "lineage" not in progress:
+            # A new join state (first start, or the broker lost its topics):
+            # its batches carry this ID, and a restart only ever rewrites or
+            # removes batches of its own lineage.
+            progress["lineage"] = uuid.uuid4().hex[:12]
+            await self._write_progress(progress)
+        self.lineage = progress["lineage"]
+        previous = self.core
         self.core = JoinCore(self.join_settings, self._state_mapping(), progress, self.kinds)
+        if previous is not None:
+            self.core.counters = previous.counters  # a rebalance: the figures go on
         f = self.settings.frequency
         self.sink = BatchSink.open(
             self.settings.batches_dir,
-            self.settings.streams.app_id,
+            f"{self.settings.streams.app_id}:{self.lineage}",
             lambda: FrequencyEstimator(f.buckets, f.hashes, f.alpha),
             progress,
             self.core.open_from_ms,
@@ -149,7 +169,7 @@ class StreamProcessor:
     async def _process(self, messages) -> None:
         async with self.lock:
             started = time.monotonic()
-            self._ensure_core()
+            await self._ensure_core()
             # The previous micro-batch is acked by now, so a commit here
             # covers everything processed before the last window close.
             await self._commit_and_finalize()
@@ -182,7 +202,7 @@ class StreamProcessor:
         now = time.monotonic()
         s = self.settings.streams
         async with self.lock:
-            self._ensure_core()
+            await self._ensure_core()
             # Idle = nothing processed for a while AND every input partition
             # read to its end; a slow worker is not an idle source.
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, self.processed)
@@ -294,17 +314,28 @@ class StreamProcessor:
         # for it, and it may have started before our last acks.
         await consumer.commit()
         await consumer.commit()
-        progress = {**self.core.progress(), "frequency_window_ms": self.sink.progress.frequency_window_ms, "frequency_step": self.sink.progress.frequency_step}
-        self.progress.data[PROGRESS_KEY] = progress
-        topic = self.progress.changelog_topic.get_topic_name()
-        await self.app.producer.send(topic, orjson.dumps(PROGRESS_KEY), orjson.dumps(progress), PROGRESS_PARTITION, None, None)
         # The progress must be durable before any deletion is: a restart that
         # saw a request deleted but its window still open would rewrite the
         # window without it.
-        await self.app.producer.flush()
+        await self._write_progress(
+            {
+                **self.core.progress(),
+                "lineage": self.lineage,
+                "frequency_window_ms": self.sink.progress.frequency_window_ms,
+                "frequency_step": self.sink.progress.frequency_step,
+            }
+        )
         self.core.finalize()
         await asyncio.gather(*await self._write_changelog())
         self.pending_commit = False
+
+
+    async def _write_progress(self, progress: dict) -> None:
+        """Store the progress record and wait until the broker has it."""
+        self.progress.data[PROGRESS_KEY] = progress
+        topic = self.progress.changelog_topic.get_topic_name()
+        await self.app.producer.send(topic, orjson.dumps(PROGRESS_KEY), orjson.dumps(progress), PROGRESS_PARTITION, None, None)
+        await self.app.producer.flush()
 
 
 def _aiokafka_producer(app: faust.App):

@@ -172,6 +172,10 @@ def test_a_worker_killed_mid_stream_restarts_without_losing_or_duplicating_a_rec
     assert stats["duplicates"] < 0.1 * sum(counts.values())  # committed offsets kept up with processing
     assert second.stop() == 0
 
+    # One join-state lineage across the restart: the state came back, so no
+    # batch of the first run was taken for another lineage's.
+    writers = {ref.manifest.extras["writer"] for ref in list_batches(settings.batches_dir)}
+    assert len(writers) == 1 and writers.pop().startswith(settings.streams.app_id + ":")
     keys = batch_keys(settings.batches_dir)
     duplicated = {k: n for k, n in keys.items() if n > 1}
     assert not duplicated, f"{len(duplicated)} records duplicated, e.g. {list(duplicated.items())[:3]}"
