@@ -110,15 +110,16 @@ def core_rate(path: Path, settings) -> tuple[float, int]:
     size = settings.streams.micro_batch_size
     windows = 0
     now = int(time.time() * 1000)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(events), size):
         for window in core.process(events[i : i + size], now).closed:
             sink.write(window)
             windows += 1
         core.finalize()
     rate = len(events) / (time.perf_counter() - start)
+    per_cpu = len(events) / (time.process_time() - cpu)
     shutil.rmtree(out, ignore_errors=True)
-    return rate, windows
+    return rate, per_cpu, windows
 
 
 def worker_env(settings) -> dict[str, str]:
@@ -139,6 +140,12 @@ def stats(port: int) -> dict | None:
             return json.loads(response.read())
     except OSError:
         return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -215,8 +222,8 @@ def main() -> None:
                 now = stats(s.web_port)
                 if now and now.get("ready") and now["events_in"] > 0:
                     if first is None:
-                        first = (time.perf_counter(), now)
-                    last = (time.perf_counter(), now)
+                        first = (time.perf_counter(), now, cpu_seconds(worker.pid))
+                    last = (time.perf_counter(), now, cpu_seconds(worker.pid))
                     if now["events_in"] >= total:
                         break
                 time.sleep(0.2)
@@ -233,14 +240,17 @@ def main() -> None:
         done = last[1]
         seconds = done["last_batch_at"] - done["first_batch_at"]  # the worker's own clock: first batch start to last batch end
         events, records = done["events_in"], done["records_out"]
+        cpu_events = done["events_in"] - first[1]["events_in"]
+        per_cpu = cpu_events / max(last[2] - first[2], 1e-9)
         print(
             f"worker: {events / seconds:,.0f} events/s through validation + join + batching ({events:,} events in {seconds:.1f} s; "
             f"{done['micro_batches']:,} micro-batches of {events / done['micro_batches']:,.0f} on average, agent busy {done['busy_seconds'] / seconds:.0%}), "
             f"{records / seconds:,.0f} records/s written, {done['batches']} batch files, peak RSS {rss:,.0f} MiB, "
             f"open requests at the end {done['open_requests']:,}"
         )
-        rate, windows = core_rate(log, settings)
-        print(f"join + batching without Kafka (same events, one process): {rate:,.0f} events/s, {windows} windows")
+        print(f"worker per CPU-second (all its threads; less sensitive to the machine's other load): {per_cpu:,.0f} events")
+        rate, per_cpu, windows = core_rate(log, settings)
+        print(f"join + batching without Kafka (same events, one process): {rate:,.0f} events/s, {per_cpu:,.0f} per CPU-second, {windows} windows")
         print(f"load average at end: {os.getloadavg()[0]:.2f}; busy now: {busy_processes()}")
     finally:
         if broker is not None:

@@ -35,6 +35,7 @@ embedded broker cannot run Faust's exactly-once mode):
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -100,6 +101,7 @@ class StreamProcessor:
         self.recovered = False  # tables recovered at least once
         self.recovered_open_requests: int | None = None
         self.pending_commit = False  # windows closed: commit, then finalize
+        self.in_flight: collections.deque = collections.deque()  # (delivery futures, messages) not acked yet
         self.last_batch_end = time.monotonic()
         self.last_idle_tick: float | None = None
         self.last_log = time.monotonic()
@@ -180,11 +182,10 @@ class StreamProcessor:
             result = self.core.process(messages, _wall_ms(), assigned, caught_up)
             # Acked = may be committed, so only once its changelog records,
             # dead letters and announcements are on the broker (a failed
-            # delivery raises here and stops the worker, unacked).
-            await asyncio.gather(*await self._emit(result))
-            ack = self.app.consumer.ack
-            for message in messages:
-                ack(message)
+            # delivery raises and stops the worker, unacked). The next
+            # micro-batch is processed while these are in flight.
+            self.in_flight.append((await self._emit(result), messages))
+            await self._ack_delivered(wait=len(self.in_flight) > 4)
             self.last_batch_end = time.monotonic()
             self.busy_seconds += self.last_batch_end - started
             self.micro_batches += 1
@@ -207,9 +208,10 @@ class StreamProcessor:
             # read to its end; a slow worker is not an idle source.
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, self.processed)
             idle = now - self.last_batch_end >= s.idle_seconds and assigned <= caught_up
+            await self._ack_delivered(wait=idle)
             if not idle:
                 self.last_idle_tick = None
-            if idle:
+            else:
                 await self._commit_and_finalize()
                 if self.last_idle_tick is None:
                     self.last_idle_tick = now  # the idle clock starts now
@@ -306,9 +308,23 @@ class StreamProcessor:
             futures.append(await producer.send_batch(batch, topic, partition=partition))
         return futures
 
+    async def _ack_delivered(self, wait: bool) -> None:
+        """Ack the micro-batches whose output the broker has, oldest first;
+        ``wait``: all of them, waiting for their deliveries."""
+        ack = self.app.consumer.ack
+        while self.in_flight:
+            futures, messages = self.in_flight[0]
+            if not wait and not all(f.done() for f in futures):
+                return
+            await asyncio.gather(*futures)
+            for message in messages:
+                ack(message)
+            self.in_flight.popleft()
+
     async def _commit_and_finalize(self) -> None:
         if not self.pending_commit:
             return
+        await self._ack_delivered(wait=True)
         consumer = self.app.consumer
         # Two calls: if a periodic commit is running, the first only waits
         # for it, and it may have started before our last acks.
@@ -326,6 +342,7 @@ class StreamProcessor:
             }
         )
         self.core.finalize()
+        self.sink.encoder.forget(self.core.deleted)  # their samples are all written
         await asyncio.gather(*await self._write_changelog())
         self.pending_commit = False
 

@@ -334,7 +334,7 @@ class RequestSharingEncoder:
             item = self._item[sample.item_id] = _entry("item_id", _bytes_feature([sample.item_id.encode()]))
         time_entry = self._times.get(sample.event_time_ms)
         if time_entry is None:
-            if len(self._times) >= self.max_cached:
+            if len(self._times) >= 10_000:  # only reused within a request's samples
                 self._times.clear()
             ts = _varint(sample.event_time_ms)
             time_entry = self._times[sample.event_time_ms] = self._time_prefix[len(ts)] + ts

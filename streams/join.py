@@ -34,6 +34,7 @@ Rules (see README "Streams"):
 from __future__ import annotations
 
 import heapq
+from sys import intern
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, MutableMapping
@@ -146,6 +147,7 @@ class JoinCore:
         self._window_requests: dict[int, set[str]] = {}
         self._expiry: list[tuple[int, str]] = []  # (deadline ms, request_id) for requests without impression
         self._finalizable: list[str] = []
+        self._features: dict[tuple, dict] = {}
         self.rebuild()
 
     # --- recovery -------------------------------------------------------------
@@ -195,12 +197,16 @@ class JoinCore:
         partition_time = self.partition_time
         kinds = self.kinds
         seen = Counter()
+        # The watermark moves only after the batch, so one bound serves it all.
+        reference = now_ms if self.watermark_ms is None else max(self.watermark_ms, now_ms)
+        future_limit = reference + self.settings.max_future_ms
         for message in messages:
             kind = kinds[message.topic]
             seen[kind] += 1
             try:
                 event = parse_event(kind, message.key, message.value, limits)
-                self._check_time(event.ts, now_ms)
+                if event.ts > future_limit:
+                    self._reject_future(event.ts, reference)
                 if kind == CLICK:
                     self._on_click(event, message, dead)
                 elif kind == IMPRESSION:
@@ -267,17 +273,14 @@ class JoinCore:
 
     # --- events -----------------------------------------------------------------
 
-    def _check_time(self, ts: int, now_ms: int) -> None:
+    def _reject_future(self, ts: int, reference: int) -> None:
         # The reference is the watermark, or the wall clock when it is ahead
         # (before the first event, or replaying history): a far-future event
         # would otherwise drag the watermark along and close every window.
-        reference = now_ms if self.watermark_ms is None else max(self.watermark_ms, now_ms)
-        if ts > reference + self.settings.max_future_ms:
-            raise InvalidEvent(
-                "future_timestamp",
-                f"ts {ts} is {(ts - reference) / 1000:,.0f} s ahead of the watermark/clock {reference} "
-                f"(limit {self.settings.max_future_ms / 1000:,.0f} s)",
-            )
+        raise InvalidEvent(
+            "future_timestamp",
+            f"ts {ts} is {(ts - reference) / 1000:,.0f} s ahead of the watermark/clock {reference} (limit {self.settings.max_future_ms / 1000:,.0f} s)",
+        )
 
     def _new_state(self, user_id: str, partition: int) -> dict:
         return {
@@ -291,6 +294,18 @@ class JoinCore:
             "ignored_event_ids": [],  # repeat clicks on an already clicked pair
             "rank": None,  # {"ts", "stages", "hard", "scores"}
         }
+
+    def _shared_features(self, features: dict) -> dict:
+        """One dict per distinct set of item features: items of a catalogue
+        repeat them across thousands of open requests (~30% of the join
+        state's memory otherwise). Shared dicts are never mutated."""
+        key = tuple(features.items())
+        shared = self._features.get(key)
+        if shared is None:
+            if len(self._features) >= 100_000:
+                self._features.clear()
+            shared = self._features[key] = features
+        return shared
 
     def _is_finalized(self, state: dict) -> bool:
         window = state["label0_window"]
@@ -316,7 +331,7 @@ class JoinCore:
         state["impression"] = {
             "event_id": event.event_id,
             "ts": event.ts,
-            "items": {i.item_id: [i.position, i.features] for i in event.items},  # in slot order
+            "items": {intern(i.item_id): [i.position, self._shared_features(i.features)] for i in event.items},  # in slot order
             "user_categorical": event.user_features.categorical,
             "user_numeric": event.user_features.numeric,
         }
@@ -408,8 +423,11 @@ class JoinCore:
             self.counters["rank_logs_after_finalization"] += 1
             return
         rank["stages"].append(event.stage)
-        rank["scores"].update(zip(event.item_ids, event.scores))  # the last stage to score an item wins
-        dropped = [item_id for item_id, kept in zip(event.item_ids, event.kept) if not kept]
+        item_ids, kept = event.item_ids, event.kept
+        # Teacher scores matter only for items that go on (only shown items
+        # become samples); the last stage to score an item wins.
+        rank["scores"].update([(i, score) for i, score, k in zip(item_ids, event.scores, kept) if k])
+        dropped = [i for i, k in zip(item_ids, kept) if not k]
         hard = rank["hard"]
         hard.extend([item_id for item_id in dropped if item_id not in hard] if hard else dropped)
         if state["impression"] is None:
