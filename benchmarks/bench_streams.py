@@ -94,8 +94,12 @@ def raw_consume_rate(bootstrap: str, topics: list[str], total: int) -> float:
 
 
 def core_rate(path: Path, settings) -> tuple[float, int]:
-    """Validation + join + batch files, no Kafka: events/s and windows."""
+    """Validation + join + batch files, no Kafka: events/s and windows
+    (with the worker's garbage-collector settings)."""
+    from streams.app import tune_gc
     from streams.join import JoinCore, JoinSettings, RawEvent
+
+    tune_gc()
     from streams.sink import BatchSink
     from trainer.frequency import FrequencyEstimator
 

@@ -181,3 +181,20 @@ def test_a_worker_killed_mid_stream_restarts_without_losing_or_duplicating_a_rec
     assert not duplicated, f"{len(duplicated)} records duplicated, e.g. {list(duplicated.items())[:3]}"
     assert set(keys) == set(expected), f"missing {len(set(expected) - set(keys))}, unexpected {len(set(keys) - set(expected))}"
     assert written_before and Counter(k[2] for k in keys) == Counter(k[2] for k in expected)
+
+
+def test_a_worker_that_cannot_write_its_batches_stops_with_the_reason_and_leaves_events_uncommitted(kafka_broker, tmp_path, worker_factory):
+    simulator = Simulator(SimulatorConfig(users=50, items=30, requests_per_day=300, seed=13))
+    path = tmp_path / "events.jsonl"
+    simulator.write_events(path, [0])
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data")
+    settings.data_dir.mkdir(parents=True)
+    settings.batches_dir.write_text("a file where the batches directory should be")
+    replay(settings, path)
+    worker = worker_factory(settings)
+    assert worker.process.wait(120) != 0
+    log = worker.log_path.read_text()
+    assert "join failed; stopping the worker" in log and f"Not a directory: '{settings.batches_dir}" in log
+    t = settings.topics
+    committed, ends = committed_and_end_offsets(settings.bootstrap_servers, settings.streams.app_id, [t.impressions, t.clicks, t.rank_logs])
+    assert any((committed[tp] or 0) < ends[tp] for tp in ends)  # what could not be written is read again next time

@@ -84,9 +84,10 @@ def world():
     return simulator, raw_events(simulator, [0]), expected_samples(simulator, [0])
 
 
-def test_a_replayed_day_joins_exactly_into_the_simulators_samples(world):
+@pytest.mark.parametrize("window_ms", [60_000, 5_000])
+def test_a_replayed_day_joins_exactly_into_the_simulators_samples(world, window_ms):
     simulator, events, expected = world
-    core = JoinCore(JoinSettings(), {})  # defaults: one-minute windows, 30-minute join window
+    core = JoinCore(JoinSettings(window_ms=window_ms), {})  # 30-minute join window
     windows, dead = run(core, [events[i : i + 500] for i in range(0, len(events), 500)], now_ms=T0 + 10 * 86_400_000)
     dead += flush(core, windows, core.watermark_ms + 3_600_000)
     assert not dead
@@ -98,7 +99,7 @@ def test_a_replayed_day_joins_exactly_into_the_simulators_samples(world):
     for start, samples in windows.items():
         for s in samples:
             decided_at = s.event_time_ms if s.label else s.event_time_ms + 1_800_000
-            assert start <= decided_at < start + 60_000
+            assert start <= decided_at < start + window_ms
 
 
 def test_partitions_read_unevenly_still_join_exactly_and_on_time(world):
