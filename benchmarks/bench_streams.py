@@ -197,11 +197,14 @@ def main() -> None:
         log = data_dir / "events.jsonl"
         start = time.perf_counter()
         total = write_events(log, world, args.events, args.compress)
-        first_ts, last_ts = (msgspec.json.decode(line)["event"]["ts"] for line in (log.open("rb").readline(), log.read_bytes().splitlines()[-1]))
+        first_ts, last_ts = (
+            msgspec.json.decode(line)["event"]["ts"] for line in (log.open("rb").readline(), log.read_bytes().splitlines()[-1])
+        )
         minutes = (last_ts - first_ts) / 60_000
         print(
             f"traffic: simulator users={world.users} items={world.items} requests/day={world.requests_per_day}, time x{args.compress}: "
-            f"{total:,} events over {minutes:.0f} min of event time, ~{total / max(minutes, 1) * s.window_seconds / 60:,.0f} events per window "
+            f"{total:,} events over {minutes:.0f} min of event time, "
+            f"~{total / max(minutes, 1) * s.window_seconds / 60:,.0f} events per window "
             f"(generated in {time.perf_counter() - start:.0f} s)"
         )
         start = time.perf_counter()
@@ -248,13 +251,15 @@ def main() -> None:
         per_cpu = cpu_events / max(last[2] - first[2], 1e-9)
         print(
             f"worker: {events / seconds:,.0f} events/s through validation + join + batching ({events:,} events in {seconds:.1f} s; "
-            f"{done['micro_batches']:,} micro-batches of {events / done['micro_batches']:,.0f} on average, agent busy {done['busy_seconds'] / seconds:.0%}), "
+            f"{done['micro_batches']:,} micro-batches of {events / done['micro_batches']:,.0f} on average, "
+            f"agent busy {done['busy_seconds'] / seconds:.0%}), "
             f"{records / seconds:,.0f} records/s written, {done['batches']} batch files, peak RSS {rss:,.0f} MiB, "
             f"open requests at the end {done['open_requests']:,}"
         )
         print(f"worker per CPU-second (all its threads; less sensitive to the machine's other load): {per_cpu:,.0f} events")
         rate, per_cpu, windows = core_rate(log, settings)
-        print(f"join + batching without Kafka (same events, one process): {rate:,.0f} events/s, {per_cpu:,.0f} per CPU-second, {windows} windows")
+        per_second = f"{rate:,.0f} events/s, {per_cpu:,.0f} per CPU-second"
+        print(f"join + batching without Kafka (same events, one process): {per_second}, {windows} windows")
         print(f"load average at end: {os.getloadavg()[0]:.2f}; busy now: {busy_processes()}")
     finally:
         if broker is not None:

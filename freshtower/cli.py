@@ -166,8 +166,10 @@ def streams_command(ctx: typer.Context) -> None:
 @app.command("replay")
 def replay_command(
     ctx: typer.Context,
-    events: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL event log ({\"topic\": ..., \"event\": ...} per line), e.g. from `simulate --events`."),
-    speedup: float = typer.Option(0.0, "--speedup", min=0.0, help="Event-time seconds per wall second (3600: an hour a second); 0: as fast as possible."),
+    events: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL log, one {topic, event} a line (`simulate --events`)."),
+    speedup: float = typer.Option(
+        0.0, "--speedup", min=0.0, help="Event-time seconds per wall second (3600: an hour a second); 0: as fast as possible."
+    ),
 ) -> None:
     """Produce an event log into the Kafka topics in event-time order, keyed by user_id."""
     from streams.replay import ReplayError, replay

@@ -272,7 +272,13 @@ class StreamProcessor:
         for window in result.closed:
             announcement = self.sink.write(window)  # durable before it is announced
             pending.append(await self.announcements.send(key=announcement["window_start"].encode(), value=_json_bytes(announcement)))
-            log.debug("wrote batch %s: %d records (%d clicked), %d late", announcement["path"], len(window.samples), announcement["positives"], window.late_records)
+            log.debug(
+                "wrote batch %s: %d records (%d clicked), %d late",
+                announcement["path"],
+                len(window.samples),
+                announcement["positives"],
+                window.late_records,
+            )
         self.sink.remove_stale(result.closed_from_ms, result.closed_to_ms)
         self.pending_commit = True
         return pending
@@ -345,7 +351,6 @@ class StreamProcessor:
         self.sink.encoder.forget(self.core.deleted)  # their samples are all written
         await asyncio.gather(*await self._write_changelog())
         self.pending_commit = False
-
 
     async def _write_progress(self, progress: dict) -> None:
         """Store the progress record and wait until the broker has it."""

@@ -216,7 +216,8 @@ def parse_event(kind: str, key: bytes | None, value: bytes | None, limits: Limit
     elif kind == RANK_LOG:
         if not len(event.item_ids) == len(event.scores) == len(event.kept):
             raise InvalidEvent(
-                "bad_value", f"rank_log: item_ids, scores and kept differ in length ({len(event.item_ids)}, {len(event.scores)}, {len(event.kept)})"
+                "bad_value",
+                f"rank_log: item_ids, scores and kept differ in length ({len(event.item_ids)}, {len(event.scores)}, {len(event.kept)})",
             )
         if len(set(event.item_ids)) != len(event.item_ids):
             raise InvalidEvent("bad_value", f"rank_log: stage {event.stage!r} of request {event.request_id!r} lists an item twice")

@@ -34,9 +34,9 @@ Rules (see README "Streams"):
 from __future__ import annotations
 
 import heapq
-from sys import intern
 from collections import Counter
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Mapping, MutableMapping
 
 from streams.batches import Sample
@@ -130,7 +130,13 @@ class JoinCore:
     partition) for the caller to write to the changelog.
     """
 
-    def __init__(self, settings: JoinSettings, requests: MutableMapping[str, dict], progress: dict | None = None, kinds: Mapping[str, str] = DEFAULT_KINDS):
+    def __init__(
+        self,
+        settings: JoinSettings,
+        requests: MutableMapping[str, dict],
+        progress: dict | None = None,
+        kinds: Mapping[str, str] = DEFAULT_KINDS,
+    ):
         self.settings = settings
         self.requests = requests
         self.kinds = dict(kinds)  # topic -> events.IMPRESSION, CLICK or RANK_LOG
@@ -181,7 +187,9 @@ class JoinCore:
 
     # --- the stream -------------------------------------------------------------
 
-    def process(self, messages, now_ms: int, partitions: set[tuple[str, int]] | None = None, idle: set[tuple[str, int]] = frozenset()) -> StepResult:
+    def process(
+        self, messages, now_ms: int, partitions: set[tuple[str, int]] | None = None, idle: set[tuple[str, int]] = frozenset()
+    ) -> StepResult:
         """Apply a micro-batch of messages (``RawEvent`` or Faust's: topic,
         partition, offset, key, value) in order; then move the watermark,
         close the windows it has passed and expire waiting clicks.
@@ -214,7 +222,9 @@ class JoinCore:
                 else:
                     self._on_rank_log(event, message.partition)
             except InvalidEvent as error:
-                dead.append(DeadLetter(error.code, error.message, message.topic, message.partition, message.offset, message.key, message.value))
+                dead.append(
+                    DeadLetter(error.code, error.message, message.topic, message.partition, message.offset, message.key, message.value)
+                )
                 counters["dead_letters." + error.code] += 1
                 continue
             # Valid events (duplicates included) move their partition's time.
@@ -279,7 +289,8 @@ class JoinCore:
         # would otherwise drag the watermark along and close every window.
         raise InvalidEvent(
             "future_timestamp",
-            f"ts {ts} is {(ts - reference) / 1000:,.0f} s ahead of the watermark/clock {reference} (limit {self.settings.max_future_ms / 1000:,.0f} s)",
+            f"ts {ts} is {(ts - reference) / 1000:,.0f} s ahead of the watermark/clock {reference} "
+            f"(limit {self.settings.max_future_ms / 1000:,.0f} s)",
         )
 
     def _new_state(self, user_id: str, partition: int) -> dict:
@@ -326,7 +337,10 @@ class JoinCore:
                 f"impression {event.event_id!r}: request {request_id!r} already has impression {state['impression']['event_id']!r}",
             )
         if state["user"] != event.user_id:
-            raise InvalidEvent("user_mismatch", f"impression {event.event_id!r}: user {event.user_id!r}, but request {request_id!r} belongs to {state['user']!r}")
+            raise InvalidEvent(
+                "user_mismatch",
+                f"impression {event.event_id!r}: user {event.user_id!r}, but request {request_id!r} belongs to {state['user']!r}",
+            )
         s = self.settings
         state["impression"] = {
             "event_id": event.event_id,
@@ -359,9 +373,14 @@ class JoinCore:
             return
         if state["impression"] is None:
             if state["user"] != event.user_id:
-                raise InvalidEvent("user_mismatch", f"click {event.event_id!r}: user {event.user_id!r}, but request {request_id!r} belongs to {state['user']!r}")
+                raise InvalidEvent(
+                    "user_mismatch",
+                    f"click {event.event_id!r}: user {event.user_id!r}, but request {request_id!r} belongs to {state['user']!r}",
+                )
             # Waits for its impression; the raw value is kept for the dead letter.
-            state["pending_clicks"].append([event.event_id, event.item_id, event.ts, raw.offset, raw.topic, raw.partition, raw.value.decode()])
+            state["pending_clicks"].append(
+                [event.event_id, event.item_id, event.ts, raw.offset, raw.topic, raw.partition, raw.value.decode()]
+            )
             self.counters["clicks_waiting"] += 1
             heapq.heappush(self._expiry, (event.ts + self.settings.join_window_ms, request_id))
             self.dirty[request_id] = state["partition"]
@@ -383,14 +402,19 @@ class JoinCore:
         """Join a click to the impression in ``state`` (raises on a misfit)."""
         impression = state["impression"]
         if self._is_finalized(state):
-            raise InvalidEvent("click_after_finalization", f"click {event_id!r}: request {request_id!r} was already written out (its join window closed)")
+            raise InvalidEvent(
+                "click_after_finalization", f"click {event_id!r}: request {request_id!r} was already written out (its join window closed)"
+            )
         if user_id != state["user"]:
-            raise InvalidEvent("user_mismatch", f"click {event_id!r}: user {user_id!r}, but request {request_id!r} belongs to {state['user']!r}")
+            raise InvalidEvent(
+                "user_mismatch", f"click {event_id!r}: user {user_id!r}, but request {request_id!r} belongs to {state['user']!r}"
+            )
         delay = ts - impression["ts"]
         if not 0 <= delay <= self.settings.join_window_ms:
             raise InvalidEvent(
                 "click_outside_join_window",
-                f"click {event_id!r}: {delay / 1000:,.1f} s after its impression (join window {self.settings.join_window_ms / 1000:,.0f} s)",
+                f"click {event_id!r}: {delay / 1000:,.1f} s after its impression "
+                f"(join window {self.settings.join_window_ms / 1000:,.0f} s)",
             )
         if item_id not in impression["items"]:
             raise InvalidEvent("click_item_not_shown", f"click {event_id!r}: item {item_id!r} was not shown in request {request_id!r}")
@@ -412,7 +436,10 @@ class JoinCore:
             state = self._new_state(event.user_id, partition)
             self.requests[request_id] = state
         if state["user"] != event.user_id:
-            raise InvalidEvent("user_mismatch", f"rank log {event.event_id!r}: user {event.user_id!r}, but request {request_id!r} belongs to {state['user']!r}")
+            raise InvalidEvent(
+                "user_mismatch",
+                f"rank log {event.event_id!r}: user {event.user_id!r}, but request {request_id!r} belongs to {state['user']!r}",
+            )
         rank = state["rank"]
         if rank is None:
             rank = state["rank"] = {"ts": event.ts, "stages": [], "hard": [], "scores": {}}
@@ -509,13 +536,29 @@ class JoinCore:
             for item_id, (ts, _, click_window, click_late) in clicks.items():
                 if click_window == window:
                     position, features = items[item_id]
-                    samples.append(Sample(user, item_id, 1, ts, request_id, position, user_categorical, user_numeric, features, hard, scores.get(item_id)))
+                    samples.append(
+                        Sample(
+                            user, item_id, 1, ts, request_id, position, user_categorical, user_numeric, features, hard, scores.get(item_id)
+                        )
+                    )
                     late += bool(click_late)
             if state["label0_window"] == window:
                 for item_id, (position, features) in items.items():
                     if item_id not in clicks:
                         samples.append(
-                            Sample(user, item_id, 0, impression["ts"], request_id, position, user_categorical, user_numeric, features, hard, scores.get(item_id))
+                            Sample(
+                                user,
+                                item_id,
+                                0,
+                                impression["ts"],
+                                request_id,
+                                position,
+                                user_categorical,
+                                user_numeric,
+                                features,
+                                hard,
+                                scores.get(item_id),
+                            )
                         )
                         late += bool(state["label0_late"])
                 self._finalizable.append(request_id)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import Counter as PromCounter
 
 # Dead-letter codes that mean "a click that did not join".
 _UNJOINED_CLICK_CODES = ("orphan_click", "click_outside_join_window", "click_item_not_shown", "click_after_finalization")

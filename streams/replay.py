@@ -63,7 +63,9 @@ def load_event_log(path: Path | str, settings: Settings) -> list[LoggedEvent]:
             except orjson.JSONDecodeError as error:
                 raise ReplayError(f"{where}: not JSON ({error})") from None
             except (KeyError, TypeError) as error:
-                raise ReplayError(f"{where}: expected {{'topic': one of {sorted(set(names))}, 'event': {{..., 'user_id', 'ts'}}}}, missing {error}") from None
+                raise ReplayError(
+                    f"{where}: expected {{'topic': one of {sorted(set(names))}, 'event': {{..., 'user_id', 'ts'}}}}, missing {error}"
+                ) from None
             if type(user_id) is not str or type(ts) is not int:
                 raise ReplayError(f"{where}: user_id must be a string and ts integer milliseconds")
             if last_ts is not None and ts < last_ts:

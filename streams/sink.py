@@ -86,7 +86,13 @@ class BatchSink:
         save_snapshot(self.estimator, directory / frequency_file, sync_directory=False)  # write_batch syncs the directory
         extras = {"writer": self.writer_id, "frequency_state": frequency_file, "frequency_step": self.estimator.step}
         ref = write_batch(
-            self.batches_dir, window.start_ms, window.end_ms, window.samples, late_records=window.late_records, extras=extras, encode=self.encoder
+            self.batches_dir,
+            window.start_ms,
+            window.end_ms,
+            window.samples,
+            late_records=window.late_records,
+            extras=extras,
+            encode=self.encoder,
         )
         self.stale_windows.discard(window.start_ms)
         self.progress = SinkProgress(window.start_ms, self.estimator.step)

@@ -61,6 +61,8 @@ def assert_samples_match(actual: list, expected: dict) -> None:
         e = expected[sample_key(s)]
         assert (s.user_id, s.event_time_ms, s.position) == (e.user_id, e.event_time_ms, e.position), (s, e)
         assert dict(s.user_categorical) == dict(e.user_categorical) and dict(s.item_categorical) == dict(e.item_categorical), (s, e)
-        assert s.user_numeric.keys() == e.user_numeric.keys() and all(abs(s.user_numeric[k] - e.user_numeric[k]) < 1e-6 for k in s.user_numeric)
+        assert s.user_numeric.keys() == e.user_numeric.keys() and all(
+            abs(s.user_numeric[k] - e.user_numeric[k]) < 1e-6 for k in s.user_numeric
+        )
         assert tuple(s.hard_negative_ids) == tuple(e.hard_negative_ids), (s, e)
         assert abs(s.teacher_score - e.teacher_score) < 1e-4, (s, e)  # the rank log rounds scores to 4 decimals

@@ -126,7 +126,13 @@ def test_bad_events_go_to_dead_letters_and_the_good_ones_still_arrive(kafka_brok
         "wrong_type": (t.clicks, b"u1", msgspec.json.encode(click | {"ts": str(click["ts"])})),
         "bad_timestamp": (t.clicks, b"u1", msgspec.json.encode(click | {"ts": -5})),
         "future_timestamp": (t.clicks, b"u1", msgspec.json.encode(click | {"ts": 4_102_444_800_000})),  # 2100
-        "bad_id": (t.impressions, b"u1", msgspec.json.encode({"event_id": "", "request_id": "x", "user_id": "u1", "ts": day, "items": [{"item_id": "a", "position": 0}]})),
+        "bad_id": (
+            t.impressions,
+            b"u1",
+            msgspec.json.encode(
+                {"event_id": "", "request_id": "x", "user_id": "u1", "ts": day, "items": [{"item_id": "a", "position": 0}]}
+            ),
+        ),
         "oversized": (t.rank_logs, b"u1", b'{"pad": "' + b"x" * 1_000_000 + b'"}'),
         "orphan_click": (t.clicks, b"u1", msgspec.json.encode(click | {"request_id": "never-shown"})),
         "key_mismatch": (t.clicks, b"someone-else", msgspec.json.encode(click)),

@@ -43,8 +43,26 @@ class Events:
         event = {"event_id": event_id or f"clk-{request}-{item}", "request_id": request, "user_id": user, "item_id": item, "ts": ts}
         return self.raw("clicks", event, **kw)
 
-    def rank(self, ts, request="r1", user="u1", stage="rank", items=("a", "b", "c", "d"), scores=(0.9, 0.8, 0.7, 0.1), kept=(True, True, True, False), **kw):
-        event = {"request_id": request, "user_id": user, "ts": ts, "stage": stage, "item_ids": list(items), "scores": list(scores), "kept": list(kept)}
+    def rank(
+        self,
+        ts,
+        request="r1",
+        user="u1",
+        stage="rank",
+        items=("a", "b", "c", "d"),
+        scores=(0.9, 0.8, 0.7, 0.1),
+        kept=(True, True, True, False),
+        **kw,
+    ):
+        event = {
+            "request_id": request,
+            "user_id": user,
+            "ts": ts,
+            "stage": stage,
+            "item_ids": list(items),
+            "scores": list(scores),
+            "kept": list(kept),
+        }
         return self.raw("rank-logs", event, **kw)
 
 
@@ -159,7 +177,13 @@ def test_a_click_without_impression_is_dead_lettered_as_an_orphan_after_the_join
     result = core.advance(T0 + 300 * SECOND)
     [letter] = result.dead_letters
     assert letter.code == "orphan_click"
-    assert (letter.topic, letter.partition, letter.offset, letter.key, letter.value) == (orphan.topic, orphan.partition, orphan.offset, orphan.key, orphan.value)
+    assert (letter.topic, letter.partition, letter.offset, letter.key, letter.value) == (
+        orphan.topic,
+        orphan.partition,
+        orphan.offset,
+        orphan.key,
+        orphan.value,
+    )
     assert "lost" not in core.requests  # the waiting state is gone
 
 
@@ -221,7 +245,11 @@ def test_events_far_ahead_of_the_watermark_and_clock_are_dead_lettered():
 
 @pytest.mark.parametrize(
     "click_ts, item, code",
-    [(T0 + 301 * SECOND, "a", "click_outside_join_window"), (T0 - SECOND, "a", "click_outside_join_window"), (T0 + SECOND, "zzz", "click_item_not_shown")],
+    [
+        (T0 + 301 * SECOND, "a", "click_outside_join_window"),
+        (T0 - SECOND, "a", "click_outside_join_window"),
+        (T0 + SECOND, "zzz", "click_item_not_shown"),
+    ],
 )
 def test_clicks_that_cannot_join_are_dead_lettered(click_ts, item, code):
     ev = Events()

@@ -62,11 +62,14 @@ def test_speedup_paces_event_time_against_the_wall_clock(kafka_broker, tmp_path)
 
 @pytest.mark.parametrize(
     "line, message",
-    [("not json", "not JSON"), ('{"topic": "views", "event": {"user_id": "u", "ts": 1}}', "missing 'views'"), ('{"topic": "clicks", "event": {"user_id": "u", "ts": "1"}}', "integer")],
+    [
+        ("not json", "not JSON"),
+        ('{"topic": "views", "event": {"user_id": "u", "ts": 1}}', "missing 'views'"),
+        ('{"topic": "clicks", "event": {"user_id": "u", "ts": "1"}}', "integer"),
+    ],
 )
 def test_a_bad_line_stops_the_replay_with_its_line_number(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"topic": "clicks", "event": {"user_id": "u", "ts": 1}}\n' + line + "\n")
     with pytest.raises(ReplayError, match=f"bad.jsonl:2: .*{message}"):
         load_event_log(path, streams_settings("127.0.0.1:1", tmp_path))
-

@@ -5,12 +5,12 @@ import hashlib
 import numpy as np
 import pytest
 
+from freshtower.simulator import synthetic_click_samples
 from streams.batches import list_batches, read_batch, write_batch
 from streams.dead_letters import decode_dead_letter, encode_dead_letter
 from streams.frequency_snapshots import load_snapshot, save_snapshot, snapshot_bytes
 from streams.join import ClosedWindow, DeadLetter
 from streams.sink import BatchSink
-from freshtower.simulator import synthetic_click_samples
 from tests.streams.oracle import SPEC, T0
 from trainer.frequency import FrequencyEstimator
 
