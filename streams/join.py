@@ -24,8 +24,9 @@ Rules (see README "Streams"):
   hard negatives; a ranking score becomes the item's teacher score (the
   last stage that scored the item wins).
 - A record whose window is already closed goes to the first open window
-  and counts as late. A window closes when the watermark (largest event
-  time accepted) passes its end plus the allowed lateness.
+  and counts as late. A window closes when the watermark passes its end
+  plus the allowed lateness; the watermark is the smallest, over the input
+  partitions still being read, of each partition's largest event time.
 - A request is deleted after the window holding its label-0 samples is
   closed *and* the offsets of its events are committed (``finalize``), so
   a replay after a crash can never re-create it.
@@ -55,6 +56,10 @@ class JoinSettings:
     @classmethod
     def from_config(cls, streams) -> "JoinSettings":
         """From ``freshtower.config.StreamsConfig`` (seconds -> ms)."""
+        if streams.window_seconds != int(streams.window_seconds):
+            raise ValueError(
+                f"streams.window_seconds must be whole seconds (batch files are named by second), got {streams.window_seconds}"
+            )
         return cls(
             window_ms=int(round(streams.window_seconds * 1000)),
             lateness_ms=int(round(streams.allowed_lateness_seconds * 1000)),

@@ -396,3 +396,11 @@ def test_the_state_is_json_and_survives_a_round_trip(world):
     b = restored.process(events[3000:6000], T0 + 86_400_000, partitions)
     assert a.closed
     assert [(w.start_ms, w.samples) for w in a.closed] == [(w.start_ms, w.samples) for w in b.closed]
+
+
+def test_windows_must_be_whole_seconds():
+    from freshtower.config import StreamsConfig
+
+    assert JoinSettings.from_config(StreamsConfig(window_seconds=5)).window_ms == 5_000
+    with pytest.raises(ValueError, match="whole seconds"):
+        JoinSettings.from_config(StreamsConfig(window_seconds=2.5))
