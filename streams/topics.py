@@ -51,6 +51,7 @@ def ensure_topics(settings: Settings, timeout_ms: int = 10_000) -> list[str]:
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=timeout_ms, client_id="freshtower-topics")
     try:
         existing = set(admin.list_topics())
+        _check_partitions(settings, admin, [name for name in (t.impressions, t.clicks, t.rank_logs) if name in existing])
         missing = [NewTopic(name, count, 1) for name, count in wanted.items() if name not in existing]
         created = []
         for topic in missing:
@@ -64,3 +65,18 @@ def ensure_topics(settings: Settings, timeout_ms: int = 10_000) -> list[str]:
         return created
     finally:
         admin.close()
+
+
+def _check_partitions(settings: Settings, admin, topics: list[str]) -> None:
+    """The input topics must have ``streams.partitions`` partitions each:
+    the join state of a request goes to the changelog partition of its
+    events' partition."""
+    if not topics:
+        return
+    counts = {d["name"]: len(d["partitions"]) for d in admin.describe_topics(topics)}
+    wrong = {topic: n for topic, n in counts.items() if n != settings.streams.partitions}
+    if wrong:
+        raise RuntimeError(
+            f"input topics {wrong} do not have streams.partitions = {settings.streams.partitions} partitions; "
+            f"set FRESHTOWER_STREAMS__PARTITIONS to their count (all three must be equal)"
+        )

@@ -73,3 +73,16 @@ def test_a_bad_line_stops_the_replay_with_its_line_number(tmp_path, line, messag
     path.write_text('{"topic": "clicks", "event": {"user_id": "u", "ts": 1}}\n' + line + "\n")
     with pytest.raises(ReplayError, match=f"bad.jsonl:2: .*{message}"):
         load_event_log(path, streams_settings("127.0.0.1:1", tmp_path))
+
+
+def test_input_topics_with_another_partition_count_are_refused(kafka_broker, tmp_path):
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from streams.topics import ensure_topics
+
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin.create_topics([NewTopic(settings.topics.clicks, 2, 1)])
+    admin.close()
+    with pytest.raises(RuntimeError, match=r"do not have streams.partitions = 4 partitions"):
+        ensure_topics(settings)
