@@ -200,6 +200,49 @@ def broker_command(ctx: typer.Context) -> None:
         broker.stop()
 
 
+@app.command("streams")
+def streams_command(ctx: typer.Context) -> None:
+    """Run the streams worker (Faust): impressions, clicks and rank logs in,
+    minute batches and announcements out, until SIGTERM / Ctrl-C.
+
+    Connects to FRESHTOWER_KAFKA, else the embedded broker on
+    127.0.0.1:broker_port (start it with `freshtower broker`). Metrics on
+    http://127.0.0.1:<streams.web_port>/metrics."""
+    from streams.app import run_worker
+
+    settings = _settings(ctx)
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    run_worker(settings, loglevel=level)
+
+
+@app.command("replay")
+def replay_command(
+    ctx: typer.Context,
+    events: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL log, one {topic, event} a line (`simulate --events`)."),
+    speedup: float = typer.Option(
+        0.0, "--speedup", min=0.0, help="Event-time seconds per wall second (3600: an hour a second); 0: as fast as possible."
+    ),
+) -> None:
+    """Produce an event log into the Kafka topics in event-time order, keyed by user_id."""
+    from streams.replay import ReplayError, replay
+
+    settings = _settings(ctx)
+    with _progress() as progress:
+        task = progress.add_task("replaying events", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            counts = replay(settings, events, speedup=speedup or None, progress=on_progress)
+        except ReplayError as error:
+            console.print(f"[red]replay stopped:[/red] {error}")
+            raise typer.Exit(1)
+    for topic, count in sorted(counts.items()):
+        console.print(f"  {topic:<20} {count:>10,}")
+    print(json.dumps(counts))
+
+
 @app.command("simulate")
 def simulate_command(
     ctx: typer.Context,

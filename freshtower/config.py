@@ -115,6 +115,19 @@ class StreamsConfig(_Section):
     max_future_seconds: float = Field(300.0, ge=0, description="events further ahead of the watermark are rejected")
     max_event_bytes: int = Field(256 * 1024, ge=1024)
     partitions: int = Field(4, ge=1)
+    # --- the streams worker (streams/app.py); see README "Streams" ---
+    max_id_length: int = Field(256, ge=1, description="longest accepted ID or feature value (characters)")
+    max_items_per_event: int = Field(1000, ge=1, description="most items in one impression or rank log")
+    app_id: str = Field("freshtower-streams", description="Faust app ID: consumer group and changelog-topic prefix")
+    micro_batch_size: int = Field(2000, ge=1, description="most events the agent processes at once (a fetched batch is split)")
+    commit_interval_seconds: float = Field(2.8, gt=0, description="Faust's periodic offset commit (state is in the changelog first)")
+    idle_seconds: float = Field(10.0, gt=0, description="no event for this long (wall clock): the watermark follows the clock")
+    idle_advance_rate: float = Field(
+        1.0, ge=0, description="event-time seconds the watermark moves per idle wall second (1: real time; replays may use more; 0: never)"
+    )
+    web_port: int = Field(6066, ge=0, le=65535, description="worker HTTP endpoint (/metrics, /stats) on 127.0.0.1; 0 turns it off")
+    log_every_seconds: float = Field(10.0, gt=0, description="period of the worker's throughput log line")
+    event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="uvloop roughly doubles Faust's per-event rate")
 
 
 class TopicsConfig(_Section):
@@ -131,6 +144,7 @@ class KafkaConfig(_Section):
     # a join near 3 s without being fragile under load (see README).
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
+    rebalance_timeout_ms: int = 6000  # how long a real Kafka waits for members to rejoin (no effect on Tansu)
 
 
 class PublisherConfig(_Section):

@@ -1,0 +1,127 @@
+"""Replay a JSONL event log into the Kafka topics (``freshtower replay``).
+
+The log holds one ``{"topic": "impressions" | "clicks" | "rank-logs",
+"event": {...}}`` per line (what ``freshtower simulate --events`` writes).
+Events are produced with kafka-python, keyed by ``user_id``, in event-time
+order (a log out of order is sorted, stably, in memory), either as fast as
+possible or paced at ``speedup`` event-time seconds per wall second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import orjson
+
+from freshtower.config import Settings
+
+
+class ReplayError(RuntimeError):
+    """The log cannot be replayed (bad line, or the broker refused events)."""
+
+
+class LoggedEvent(NamedTuple):
+    ts: int
+    topic: str
+    key: bytes
+    value: bytes
+
+
+def _topic_names(settings: Settings) -> dict[str, str]:
+    """Names in the log -> topic names (the defaults and the configured ones)."""
+    t = settings.topics
+    return {
+        "impressions": t.impressions,
+        "clicks": t.clicks,
+        "rank-logs": t.rank_logs,
+        t.impressions: t.impressions,
+        t.clicks: t.clicks,
+        t.rank_logs: t.rank_logs,
+    }
+
+
+def load_event_log(path: Path | str, settings: Settings) -> list[LoggedEvent]:
+    """Every event of the log, in event-time order."""
+    names = _topic_names(settings)
+    events: list[LoggedEvent] = []
+    in_order = True
+    last_ts = None
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = orjson.loads(line)
+                topic = names[record["topic"]]
+                event = record["event"]
+                user_id = event["user_id"]
+                ts = event["ts"]
+            except orjson.JSONDecodeError as error:
+                raise ReplayError(f"{where}: not JSON ({error})") from None
+            except (KeyError, TypeError) as error:
+                raise ReplayError(
+                    f"{where}: expected {{'topic': one of {sorted(set(names))}, 'event': {{..., 'user_id', 'ts'}}}}, missing {error}"
+                ) from None
+            if type(user_id) is not str or type(ts) is not int:
+                raise ReplayError(f"{where}: user_id must be a string and ts integer milliseconds")
+            if last_ts is not None and ts < last_ts:
+                in_order = False
+            last_ts = ts
+            events.append(LoggedEvent(ts, topic, user_id.encode(), orjson.dumps(event)))
+    if not in_order:
+        events.sort(key=lambda e: e.ts)  # stable: equal times keep the log's order
+    return events
+
+
+def replay(
+    settings: Settings,
+    path: Path | str,
+    *,
+    speedup: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    linger_ms: int = 20,
+    batch_bytes: int = 256 * 1024,
+) -> dict[str, int]:
+    """Produce the log; return counts per topic. ``speedup`` None: as fast
+    as possible; else wait so that event time runs ``speedup`` times faster
+    than the wall clock."""
+    from kafka import KafkaProducer
+
+    from streams.topics import ensure_topics
+
+    events = load_event_log(path, settings)
+    ensure_topics(settings)
+    counts: Counter[str] = Counter()
+    failures: list[Exception] = []
+    producer = KafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        linger_ms=linger_ms,
+        batch_size=batch_bytes,
+        client_id="freshtower-replay",
+    )
+    try:
+        start_wall = time.monotonic()
+        first_ts = events[0].ts if events else 0
+        total = len(events)
+        for n, event in enumerate(events):
+            if speedup:
+                delay = start_wall + (event.ts - first_ts) / 1000 / speedup - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            producer.send(event.topic, key=event.key, value=event.value).add_errback(failures.append)
+            counts[event.topic] += 1
+            if progress is not None and n % 1000 == 0:
+                progress(n, total)
+        producer.flush()
+        if progress is not None:
+            progress(total, total)
+    finally:
+        producer.close()
+    if failures:
+        raise ReplayError(f"{len(failures)} of {len(events)} events were not accepted by the broker; first error: {failures[0]!r}")
+    return dict(counts)

@@ -1,0 +1,131 @@
+"""Closed windows to disk: the item-frequency update, its snapshot, the
+batch file and manifest (``streams.batches.write_batch``: fsync + atomic
+rename), and the announcement that goes on ``training-batches``.
+
+Idempotent by construction: every path is a pure function of the window,
+so a restarted worker that closes a window again replaces its files. A
+window that closed empty after a restart may still have a file from the
+run that crashed (its records went elsewhere on replay); such stale
+batches, recognised by this writer's ID in the manifest, are deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from streams.batches import RequestSharingEncoder, list_batches, window_stem, write_batch
+from streams.frequency_snapshots import load_snapshot, save_snapshot, snapshot_name
+from streams.join import ClosedWindow
+from trainer.frequency import FrequencyEstimator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SinkProgress:
+    """What the sink must remember across restarts (kept in the progress table)."""
+
+    frequency_window_ms: int | None = None  # window whose snapshot is the estimator's state
+    frequency_step: int = 0
+
+
+class BatchSink:
+    def __init__(self, batches_dir: Path, writer_id: str, estimator: FrequencyEstimator, stale_windows: set[int] | None = None):
+        self.batches_dir = Path(batches_dir)
+        self.writer_id = writer_id
+        self.estimator = estimator
+        self.stale_windows = stale_windows or set()
+        self.progress = SinkProgress()
+        self.encoder = RequestSharingEncoder()
+
+    @classmethod
+    def open(cls, batches_dir: Path, writer_id: str, new_estimator, progress: dict, open_from_ms: int | None) -> "BatchSink":
+        """Resume: the estimator from the snapshot of the last window this
+        writer closed for good, and the batches it may have to replace."""
+        batches_dir = Path(batches_dir)
+        window = progress.get("frequency_window_ms")
+        if window is None:
+            estimator = new_estimator()
+        else:
+            day, stem = window_stem(window)
+            path = batches_dir / day / snapshot_name(f"{stem}.tfrecord")
+            estimator = load_snapshot(path)
+            if estimator.step != progress.get("frequency_step", estimator.step):
+                raise RuntimeError(f"{path}: estimator step {estimator.step} differs from the recorded {progress['frequency_step']}")
+        sink = cls(batches_dir, writer_id, estimator, cls._written_after(batches_dir, writer_id, open_from_ms))
+        sink.progress = SinkProgress(window, estimator.step)
+        if sink.stale_windows:
+            log.info("%d batches at or after the open window may be rewritten or removed", len(sink.stale_windows))
+        return sink
+
+    @staticmethod
+    def _written_after(batches_dir: Path, writer_id: str, open_from_ms: int | None) -> set[int]:
+        if not batches_dir.is_dir():
+            return set()
+        first_day = None if open_from_ms is None else window_stem(open_from_ms)[0]
+        windows = set()
+        for day_dir in sorted(p for p in batches_dir.iterdir() if p.is_dir()):
+            if first_day is not None and day_dir.name < first_day:
+                continue
+            for ref in list_batches(batches_dir, day_dir.name):
+                if ref.manifest.extras.get("writer") == writer_id and (open_from_ms is None or ref.window_start_ms >= open_from_ms):
+                    windows.add(ref.window_start_ms)
+        return windows
+
+    def write(self, window: ClosedWindow) -> dict:
+        """Write one closed window; return its announcement."""
+        day, stem = window_stem(window.start_ms)
+        directory = self.batches_dir / day
+        directory.mkdir(parents=True, exist_ok=True)
+        batch_file = f"{stem}.tfrecord"
+        self.estimator.update(window.clicked_item_ids)
+        frequency_file = snapshot_name(batch_file)
+        save_snapshot(self.estimator, directory / frequency_file, sync_directory=False)  # write_batch syncs the directory
+        extras = {"writer": self.writer_id, "frequency_state": frequency_file, "frequency_step": self.estimator.step}
+        ref = write_batch(
+            self.batches_dir,
+            window.start_ms,
+            window.end_ms,
+            window.samples,
+            late_records=window.late_records,
+            extras=extras,
+            encode=self.encoder,
+        )
+        self.stale_windows.discard(window.start_ms)
+        self.progress = SinkProgress(window.start_ms, self.estimator.step)
+        m = ref.manifest
+        return {
+            "path": f"{day}/{m.file}",
+            "manifest": f"{day}/{ref.manifest_path.name}",
+            "frequency_state": f"{day}/{frequency_file}",
+            "frequency_step": self.estimator.step,
+            "window_start_ms": m.window_start_ms,
+            "window_end_ms": m.window_end_ms,
+            "window_start": datetime.fromtimestamp(m.window_start_ms / 1000, tz=timezone.utc).isoformat(),
+            "records": m.records,
+            "positives": m.positives,
+            "shown": m.shown,
+            "late_records": m.late_records,
+            "total_bytes": m.total_bytes,
+            "sha256": m.sha256,
+            "writer": self.writer_id,
+        }
+
+    def remove_stale(self, closed_from_ms: int | None, closed_to_ms: int) -> list[int]:
+        """Delete this writer's leftover batches of windows in
+        ``[closed_from_ms, closed_to_ms)`` that closed without records now."""
+        removed = []
+        for start in sorted(self.stale_windows):
+            if start < closed_to_ms and (closed_from_ms is None or start >= closed_from_ms):
+                day, stem = window_stem(start)
+                directory = self.batches_dir / day
+                # Manifest first: without it the batch no longer exists for readers.
+                for name in (f"{stem}.json", f"{stem}.tfrecord", snapshot_name(f"{stem}.tfrecord")):
+                    (directory / name).unlink(missing_ok=True)
+                removed.append(start)
+                log.warning("removed stale batch %s/%s: its window closed empty after a restart", day, stem)
+        self.stale_windows.difference_update(removed)
+        return removed

@@ -1,0 +1,206 @@
+"""The streams worker end to end: the session's real broker, a real
+``freshtower streams`` process, the simulator's samples as the oracle."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import msgspec
+import pytest
+from kafka import KafkaProducer
+
+from freshtower.simulator import Simulator, SimulatorConfig
+from streams.batches import Sample, list_batches, read_batch
+from streams.dead_letters import decode_dead_letter
+from streams.frequency_snapshots import load_snapshot
+from streams.replay import replay
+from tests.streams.conftest import committed_and_end_offsets, read_topic, streams_settings
+from tests.streams.oracle import SPEC, assert_samples_match, batch_keys, expected_samples
+
+pytestmark = pytest.mark.slow
+
+# ~12,000 requests in a day: about 52,000 events (rank log + impression +
+# ~2.3 clicks each) and 120,000 samples.
+DAY_WORLD = SimulatorConfig(users=2000, items=500, topics=10, requests_per_day=12_000, seed=11)
+JOIN_WINDOW_MS = 1_800_000
+
+
+@pytest.fixture(scope="module")
+def day_log(tmp_path_factory):
+    simulator = Simulator(DAY_WORLD)
+    path = tmp_path_factory.mktemp("day") / "events.jsonl"
+    counts = simulator.write_events(path, [0])
+    last_ts = max(msgspec.json.decode(line)["event"]["ts"] for line in path.read_bytes().splitlines())
+    return simulator, path, counts, expected_samples(simulator, [0]), last_ts
+
+
+def batch_samples(batches_dir) -> list[Sample]:
+    samples = []
+    for ref in list_batches(batches_dir):
+        c = read_batch(ref, SPEC, positives_only=False, verify_checksum=True)
+        for n in range(len(c)):
+            samples.append(
+                Sample(
+                    c.user_ids[n],
+                    c.item_ids[n],
+                    int(c.labels[n]),
+                    int(c.event_time_ms[n]),
+                    c.request_ids[n],
+                    int(c.positions[n]),
+                    {k: v[n] for k, v in c.user_categorical.items()},
+                    {k: float(c.user_numeric[n, i]) for i, k in enumerate(SPEC.user_numeric)},
+                    {k: v[n] for k, v in c.item_categorical.items()},
+                    c.hard_negative_ids[n],
+                    float(c.teacher_scores[n]),
+                )
+            )
+    return samples
+
+
+def finished(last_ts: int, settings):
+    """The watermark is past every window the log can fill (the last
+    label-0 window closes join window + window + lateness after the end)."""
+    s = settings.streams
+    done_at = last_ts + JOIN_WINDOW_MS + (s.window_seconds + s.allowed_lateness_seconds) * 1000
+    return lambda stats: stats["watermark_ms"] is not None and stats["watermark_ms"] >= done_at and stats["open_requests"] == 0
+
+
+def test_a_replayed_day_becomes_batches_that_match_the_simulator(kafka_broker, tmp_path, day_log, worker_factory):
+    simulator, path, counts, expected, last_ts = day_log
+    assert sum(counts.values()) >= 50_000
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data")
+    worker = worker_factory(settings)
+    worker.wait_for(lambda s: True, 90, "a ready worker")
+    replay(settings, path)
+    stats = worker.wait_for(finished(last_ts, settings), 240, "the whole day in batches")
+
+    samples = batch_samples(settings.batches_dir)
+    assert_samples_match(samples, expected)  # every clicked pair once with label 1, every shown one once with label 0
+    assert stats["events_in"] == sum(counts.values()) and stats["dead_letters"] == 0 and stats["late_records"] == 0
+    assert stats["records_out"] == len(expected) and stats["join_hit_rate"] == 1.0
+
+    # Announcements: one per batch, naming the file, its counts and checksum.
+    refs = {ref.manifest.file and f"{ref.manifest_path.parent.name}/{ref.manifest.file}": ref for ref in list_batches(settings.batches_dir)}
+    announced = [msgspec.json.decode(r.value) for r in read_topic(settings.bootstrap_servers, settings.topics.training_batches)]
+    assert sorted(a["path"] for a in announced) == sorted(refs)
+    for a in announced:
+        ref = refs[a["path"]]
+        data = (settings.batches_dir / a["path"]).read_bytes()
+        assert a["sha256"] == hashlib.sha256(data).hexdigest() == ref.manifest.sha256
+        assert (a["records"], a["positives"], a["shown"]) == (ref.manifest.records, ref.manifest.positives, ref.manifest.shown)
+        assert (a["window_start_ms"], a["window_end_ms"]) == (ref.manifest.window_start_ms, ref.manifest.window_end_ms)
+    assert sum(a["records"] for a in announced) == len(expected)
+
+    # The frequency estimator followed the clicks: after the last batch it
+    # has seen every click once.
+    last = max(announced, key=lambda a: a["window_start_ms"])
+    estimator = load_snapshot(settings.batches_dir / last["frequency_state"])
+    assert estimator.step == sum(1 for k in expected if k[2] == 1) == last["frequency_step"]
+
+    metrics = worker.get("/metrics").decode()
+    assert f'freshtower_streams_events_total{{kind="click"}} {float(counts["clicks"])}' in metrics
+    assert "freshtower_streams_watermark_lag_seconds" in metrics and "freshtower_streams_join_hit_rate 1.0" in metrics
+    assert worker.stop() == 0
+    # Every input offset was committed, none beyond the log's end.
+    t = settings.topics
+    committed, ends = committed_and_end_offsets(settings.bootstrap_servers, settings.streams.app_id, [t.impressions, t.clicks, t.rank_logs])
+    assert committed == ends
+
+
+def test_bad_events_go_to_dead_letters_and_the_good_ones_still_arrive(kafka_broker, tmp_path, worker_factory):
+    simulator = Simulator(SimulatorConfig(users=200, items=100, topics=5, requests_per_day=1000, seed=12))
+    path = tmp_path / "events.jsonl"
+    simulator.write_events(path, [0])
+    expected = expected_samples(simulator, [0])
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data")
+    t = settings.topics
+    worker = worker_factory(settings)
+    worker.wait_for(lambda s: True, 90, "a ready worker")
+
+    day = 1_795_132_800_000
+    click = {"event_id": "bad-1", "request_id": "d0-r5", "user_id": "u1", "item_id": "i1", "ts": day + 3_600_000}
+    bad = {
+        "invalid_json": (t.clicks, b"u1", b'{"event_id": "x", '),
+        "missing_field": (t.clicks, b"u1", msgspec.json.encode({k: v for k, v in click.items() if k != "item_id"})),
+        "wrong_type": (t.clicks, b"u1", msgspec.json.encode(click | {"ts": str(click["ts"])})),
+        "bad_timestamp": (t.clicks, b"u1", msgspec.json.encode(click | {"ts": -5})),
+        "future_timestamp": (t.clicks, b"u1", msgspec.json.encode(click | {"ts": 4_102_444_800_000})),  # 2100
+        "bad_id": (
+            t.impressions,
+            b"u1",
+            msgspec.json.encode(
+                {"event_id": "", "request_id": "x", "user_id": "u1", "ts": day, "items": [{"item_id": "a", "position": 0}]}
+            ),
+        ),
+        "oversized": (t.rank_logs, b"u1", b'{"pad": "' + b"x" * 1_000_000 + b'"}'),
+        "orphan_click": (t.clicks, b"u1", msgspec.json.encode(click | {"request_id": "never-shown"})),
+        "key_mismatch": (t.clicks, b"someone-else", msgspec.json.encode(click)),
+    }
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=2_000_000)
+    sources = {}
+    for reason, (topic, key, value) in bad.items():
+        metadata = producer.send(topic, key=key, value=value).get(30)
+        sources[reason] = (metadata.topic, metadata.partition, metadata.offset)
+    producer.close()
+    replay(settings, path)  # the good events, after and around the bad ones
+    last_ts = max(s.event_time_ms for s in expected.values())
+    stats = worker.wait_for(finished(last_ts, settings), 180, "every window written")
+
+    letters = [decode_dead_letter(r.value) for r in read_topic(settings.bootstrap_servers, t.dead_letters)]
+    by_source = {(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]): d for d in letters}
+    for reason, (topic, key, value) in bad.items():
+        letter = by_source[sources[reason]]
+        assert letter["code"] == reason, letter["reason"]
+        assert letter["key"] == key and letter["value_bytes"] == len(value)
+        assert letter["value"] == value[: settings.streams.max_event_bytes]
+        assert letter["value_truncated"] == (reason == "oversized")
+        assert letter["reason"]  # says what and where
+    assert len(letters) == len(bad) == stats["dead_letters"]
+    assert_samples_match(batch_samples(settings.batches_dir), expected)
+    assert worker.stop() == 0
+
+
+def test_a_worker_killed_mid_stream_restarts_without_losing_or_duplicating_a_record(kafka_broker, tmp_path, day_log, worker_factory):
+    simulator, path, counts, expected, last_ts = day_log
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data")
+    replay(settings, path)
+    first = worker_factory(settings, "first")
+    before = first.wait_for(lambda s: s["records_out"] >= 0.5 * len(expected), 180, "half of the records written")
+    first.kill()
+    assert 0 < before["records_out"] < len(expected)
+    written_before = {ref.window_start_ms for ref in list_batches(settings.batches_dir)}
+
+    second = worker_factory(settings, "second")
+    stats = second.wait_for(finished(last_ts, settings), 240, "the rest of the day after the restart")
+    assert stats["recovered_open_requests"] > 0  # join state came back from the changelog
+    assert stats["dead_letters"] == 0, stats["counters"]  # replayed events are duplicates, not orphans
+    assert stats["duplicates"] < 0.1 * sum(counts.values())  # committed offsets kept up with processing
+    assert second.stop() == 0
+
+    # One join-state lineage across the restart: the state came back, so no
+    # batch of the first run was taken for another lineage's.
+    writers = {ref.manifest.extras["writer"] for ref in list_batches(settings.batches_dir)}
+    assert len(writers) == 1 and writers.pop().startswith(settings.streams.app_id + ":")
+    keys = batch_keys(settings.batches_dir)
+    duplicated = {k: n for k, n in keys.items() if n > 1}
+    assert not duplicated, f"{len(duplicated)} records duplicated, e.g. {list(duplicated.items())[:3]}"
+    assert set(keys) == set(expected), f"missing {len(set(expected) - set(keys))}, unexpected {len(set(keys) - set(expected))}"
+    assert written_before and Counter(k[2] for k in keys) == Counter(k[2] for k in expected)
+
+
+def test_a_worker_that_cannot_write_its_batches_stops_with_the_reason_and_leaves_events_uncommitted(kafka_broker, tmp_path, worker_factory):
+    simulator = Simulator(SimulatorConfig(users=50, items=30, requests_per_day=300, seed=13))
+    path = tmp_path / "events.jsonl"
+    simulator.write_events(path, [0])
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data")
+    settings.data_dir.mkdir(parents=True)
+    settings.batches_dir.write_text("a file where the batches directory should be")
+    replay(settings, path)
+    worker = worker_factory(settings)
+    assert worker.process.wait(120) != 0
+    log = worker.log_path.read_text()
+    assert "join failed; stopping the worker" in log and f"Not a directory: '{settings.batches_dir}" in log
+    t = settings.topics
+    committed, ends = committed_and_end_offsets(settings.bootstrap_servers, settings.streams.app_id, [t.impressions, t.clicks, t.rank_logs])
+    assert any((committed[tp] or 0) < ends[tp] for tp in ends)  # what could not be written is read again next time
