@@ -182,6 +182,31 @@ class SampleColumns:
             hard_negative_fingerprints=None if self.hard_negative_fingerprints is None else self.hard_negative_fingerprints[flat],
         )
 
+    def span(self, start: int, stop: int) -> "SampleColumns":
+        """Samples ``start:stop`` (what ``take(range(start, stop))`` gives, by
+        slicing: the trainers cut every file into minibatches this way)."""
+        stop = min(stop, len(self))
+        first, last = int(self.hard_negative_offsets[start]), int(self.hard_negative_offsets[stop])
+        window = slice(start, stop)
+        fingerprints = lambda column: None if column is None else column[window]  # noqa: E731
+        return SampleColumns(
+            user_ids=self.user_ids[window],
+            item_ids=self.item_ids[window],
+            labels=self.labels[window],
+            event_time_ms=self.event_time_ms[window],
+            request_ids=self.request_ids[window],
+            positions=self.positions[window],
+            user_categorical={k: v[window] for k, v in self.user_categorical.items()},
+            user_numeric=self.user_numeric[window],
+            item_categorical={k: v[window] for k, v in self.item_categorical.items()},
+            hard_negative_flat=self.hard_negative_flat[first:last],
+            hard_negative_offsets=self.hard_negative_offsets[start : stop + 1] - first,
+            teacher_scores=self.teacher_scores[window],
+            user_fingerprints=fingerprints(self.user_fingerprints),
+            item_fingerprints=fingerprints(self.item_fingerprints),
+            hard_negative_fingerprints=None if self.hard_negative_fingerprints is None else self.hard_negative_fingerprints[first:last],
+        )
+
     @staticmethod
     def concat(parts: Sequence["SampleColumns"], spec: FeatureSpec) -> "SampleColumns":
         if not parts:

@@ -41,7 +41,7 @@ from trainer.samplers import (
     popularity_weights,
     positive_multiplicity,
 )
-from trainer.sparse_optim import RowWiseAdagrad
+from trainer.sparse_optim import ROW_NOISE_STD, RowWiseAdagrad
 from trainer.vocabulary import DEFAULT_ROW
 
 MS_PER_DAY = 86_400_000
@@ -245,7 +245,7 @@ class Learner:
             # feature values and items keep reading the default rows.
             new_rows = {id(model.user_tower.id_embedding): model.user_ids.observe(positives.user_ids, day, users)}
         added = model.catalogue.update(positives.item_ids, positives.item_categorical, day, items)
-        model.sync_tables(new_rows, self.optimizers)
+        model.sync_tables(new_rows, self.optimizers, ROW_NOISE_STD if self.trainable == "all" else 0.0)
         if self.item_cache is not None and len(added):
             with torch.no_grad():
                 fresh = model.item_vectors(model.catalogue_inputs(added))  # (A, D)
@@ -277,12 +277,11 @@ class Learner:
     def _vectors_for(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Vectors of the unique catalogue indices in ``indices`` (-1 ignored)
         and, for each entry of ``indices``, its row in them."""
+        if self.item_cache is not None:  # frozen vectors: index the cache itself, no dedup needed
+            return self.item_cache, np.where(indices >= 0, indices, 0)
         flat = indices.reshape(-1)
         unique, inverse = np.unique(np.where(flat >= 0, flat, 0), return_inverse=True)
-        if self.item_cache is not None:
-            vectors = self.item_cache[torch.from_numpy(unique)]
-        else:
-            vectors = self.model.item_vectors(self.model.catalogue_inputs(unique))  # learns the item tower
+        vectors = self.model.item_vectors(self.model.catalogue_inputs(unique))  # learns the item tower, once per item
         return vectors, inverse.reshape(indices.shape)
 
     def _loss(self, positives, user_vectors, positive_items, positive_probabilities) -> torch.Tensor:
@@ -292,7 +291,7 @@ class Learner:
         if cfg.mode == "listwise" and neg.easy_source == "in_batch":
             hard = self._hard_negatives(positives, positive_items, _HARD_WIDTH) if neg.hard_fraction > 0 else np.full((b, 0), -1)
             vectors, rows = self._vectors_for(np.concatenate([positive_items[:, None], hard], axis=1))
-            positive_vectors = vectors[torch.from_numpy(rows[:, 0])]  # (B, D)
+            positive_vectors = _gather(vectors, rows[:, 0])  # (B, D)
             probabilities = torch.from_numpy(positive_probabilities).float() if neg.logq_correction else None
             keys = torch.from_numpy(positive_items) if neg.remove_accidental_hits else None
             if self.collective is None:
@@ -309,7 +308,7 @@ class Learner:
             has_hard = mask.any(dim=1)
             if not bool(has_hard.any()):
                 return easy
-            hard_vectors = vectors[torch.from_numpy(rows[:, 1:])]  # (B, H, D)
+            hard_vectors = _gather(vectors, rows[:, 1:])  # (B, H, D)
             positive_cos = (user_vectors * positive_vectors).sum(-1)  # (B,)
             hard_cos = torch.einsum("bd,bhd->bh", user_vectors, hard_vectors)  # (B, H)
             hard_loss = losses.sampled_softmax_loss(positive_cos[has_hard], hard_cos[has_hard], temperature, mask[has_hard])
@@ -325,8 +324,8 @@ class Learner:
         negatives = mix_negatives(hard, easy, n, neg.hard_fraction)  # (B, n)
         mask = torch.from_numpy((negatives >= 0) & (negatives != positive_items[:, None]))
         vectors, rows = self._vectors_for(np.concatenate([positive_items[:, None], negatives], axis=1))
-        positive_vectors = vectors[torch.from_numpy(rows[:, 0])]  # (B, D)
-        negative_vectors = vectors[torch.from_numpy(rows[:, 1:])]  # (B, n, D)
+        positive_vectors = _gather(vectors, rows[:, 0])  # (B, D)
+        negative_vectors = _gather(vectors, rows[:, 1:])  # (B, n, D)
         positive_cos = (user_vectors * positive_vectors).sum(-1)  # (B,)
         negative_cos = torch.einsum("bd,bnd->bn", user_vectors, negative_vectors)  # (B, n)
         if cfg.mode == "listwise":
@@ -353,6 +352,13 @@ class Learner:
                 rows.unsqueeze(0), grad.values()[keep], table.shape, is_coalesced=True, check_invariants=False
             )
         return rows.numpy().copy()
+
+
+def _gather(vectors: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """``vectors[rows]`` for an index array of any shape: ``index_select`` on
+    the flat index is ~5x faster than advanced indexing on CPU."""
+    flat = torch.from_numpy(np.ascontiguousarray(rows).reshape(-1))
+    return vectors.index_select(0, flat).view(*rows.shape, vectors.shape[1])
 
 
 __all__ = ["Learner", "LearnResult", "event_day"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,18 +73,105 @@ def in_batch_softmax_loss(
     ``positive_keys`` (B,) its item key and ``candidate_mask`` (N,) the real
     (not padding) columns.
     """
-    logits = cosine_logits(user_vectors, item_vectors, temperature)  # (B, N)
+    b, n = user_vectors.shape[0], item_vectors.shape[0]
+    column_bias = None  # (N,) added to every row's logits
     if item_probabilities is not None:
-        logits = sampling_probability_correction(logits, item_probabilities)
-    if item_keys is not None:
-        row_keys = item_keys if positive_keys is None else positive_keys
-        if targets is not None or len(torch.unique(item_keys)) < len(item_keys):  # only if an item repeats
-            logits = remove_accidental_hits(logits, row_keys, item_keys, targets)
+        column_bias = -torch.log(item_probabilities.clamp(1e-6, 1.0))  # the logQ correction
     if candidate_mask is not None:
-        logits = logits.masked_fill(~candidate_mask.unsqueeze(0), _MASKED)
+        padding = torch.where(candidate_mask, 0.0, _MASKED).to(user_vectors.dtype)
+        column_bias = padding if column_bias is None else column_bias + padding
+    excluded = None  # accidental hits: (rows, columns) to mask, or a (B, N) mask
+    if item_keys is not None:
+        if targets is None and positive_keys is None:
+            excluded = _repeated_key_pairs(item_keys)  # in-batch: usually a few pairs, not a B x B compare
+        elif targets is not None or len(torch.unique(item_keys)) < len(item_keys):
+            row_keys = item_keys if positive_keys is None else positive_keys
+            excluded = row_keys.unsqueeze(1) == item_keys.unsqueeze(0)
+            if targets is None:
+                excluded.fill_diagonal_(False)
+            else:
+                excluded[torch.arange(b), targets] = False
     if targets is None:
-        targets = torch.arange(logits.shape[0], device=logits.device)
-    return F.cross_entropy(logits, targets)
+        targets = torch.arange(b, device=user_vectors.device)
+    if n == 0:
+        raise ValueError("in-batch softmax needs at least one candidate")
+    return _InBatchSoftmaxCrossEntropy.apply(user_vectors, item_vectors, 1.0 / temperature, column_bias, excluded, targets)
+
+
+def _repeated_key_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row, column) pairs i != j with ``keys[i] == keys[j]``: the accidental
+    hits of an in-batch softmax, found by sorting (O(B log B)) instead of a
+    B x B comparison. None when no key repeats.
+
+    >>> rows, columns = _repeated_key_pairs(torch.tensor([7, 3, 7]))
+    >>> sorted(zip(rows.tolist(), columns.tolist()))
+    [(0, 2), (2, 0)]
+    """
+    values = keys.numpy()
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first position of each key
+    sizes = np.diff(np.r_[starts, len(values)])
+    repeated = sizes > 1
+    if not repeated.any():
+        return None
+    starts, sizes = starts[repeated], sizes[repeated]
+    # every ordered pair within each group of equal keys, diagonal dropped
+    member_start = np.repeat(starts, sizes)  # per member: its group's first position
+    member_size = np.repeat(sizes, sizes)
+    members = member_start + np.arange(len(member_start)) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # sorted positions
+    row_positions = np.repeat(members, member_size)
+    pair_offsets = np.arange(len(row_positions)) - np.repeat(np.cumsum(member_size) - member_size, member_size)
+    column_positions = np.repeat(member_start, member_size) + pair_offsets
+    keep = row_positions != column_positions
+    rows, columns = order[row_positions[keep]], order[column_positions[keep]]
+    return torch.from_numpy(rows), torch.from_numpy(columns)
+
+
+class _InBatchSoftmaxCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(users @ items.T / t + bias, masked, targets)`` in one
+    (B, N) buffer: the composition of matmul, logQ, masking and
+    ``F.cross_entropy`` allocates and walks a B x N tensor a dozen times
+    forward and back, which made it 2/3 of an online step. Here the logits
+    become the softmax in place and the backward is ``(P - onehot) @ V``.
+    Exact, not approximate: tests check values and gradients against the
+    plain composition."""
+
+    @staticmethod
+    def forward(ctx, users, items, inverse_temperature, column_bias, excluded, targets):
+        if column_bias is None:
+            logits = torch.mm(users, items.T).mul_(inverse_temperature)  # (B, N)
+        else:
+            logits = torch.addmm(column_bias.unsqueeze(0), users, items.T, alpha=inverse_temperature)
+        if isinstance(excluded, tuple):
+            logits[excluded] = _MASKED
+        elif excluded is not None:
+            logits.masked_fill_(excluded, _MASKED)
+        target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1)  # (B,)
+        row_max = logits.amax(dim=1, keepdim=True)  # (B, 1)
+        probabilities = logits.sub_(row_max).exp_()  # unnormalised softmax, in place
+        sums = probabilities.sum(dim=1, keepdim=True)  # (B, 1)
+        probabilities.div_(sums)
+        log_normaliser = row_max.squeeze(1) + torch.log(sums.squeeze(1))  # logsumexp, (B,)
+        loss = (log_normaliser - target_logits).mean()
+        ctx.save_for_backward(users, items, probabilities, targets)
+        ctx.inverse_temperature = inverse_temperature
+        ctx.consumed = False
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.consumed:
+            raise RuntimeError("in_batch_softmax_loss: backward twice (retain_graph) is not supported")
+        ctx.consumed = True
+        users, items, grad_logits, targets = ctx.saved_tensors
+        b = grad_logits.shape[0]
+        grad_logits[torch.arange(b), targets] -= 1.0  # softmax - onehot, in place
+        grad_logits.mul_(grad_loss * (ctx.inverse_temperature / b))  # d loss / d (u . v)
+        grad_users = grad_logits @ items if ctx.needs_input_grad[0] else None
+        grad_items = grad_logits.T @ users if ctx.needs_input_grad[1] else None
+        return grad_users, grad_items, None, None, None, None
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -131,14 +131,15 @@ class TwoTowerModel(nn.Module):
         pairs += [(t, self.item_values[n]) for t, n in zip(self.item_tower.categorical_embeddings, self.item_categorical)]
         return pairs
 
-    def sync_tables(self, new_rows: Mapping[int, np.ndarray] | None = None, optimizers=()) -> None:
+    def sync_tables(self, new_rows: Mapping[int, np.ndarray] | None = None, optimizers=(), row_noise_std: float = 0.0) -> None:
         """Grow every table to its vocabulary's size; reset ``new_rows``
-        (``id(table) -> rows``) to the default row with fresh optimiser state."""
+        (``id(table) -> rows``) to the default row (plus ``row_noise_std``
+        noise, see ``reset_rows``) with fresh optimiser state."""
         for table, vocab in self.table_vocabularies():
             grow_table(table, len(vocab), optimizers)
             rows = (new_rows or {}).get(id(table))
             if rows is not None and len(rows):
-                reset_rows(table, torch.as_tensor(rows, dtype=torch.long), optimizers)
+                reset_rows(table, torch.as_tensor(rows, dtype=torch.long), optimizers, row_noise_std)
 
     def observe_users(
         self, user_ids: Sequence[str], categorical: Mapping[str, Sequence[str]], day: int, fingerprints: np.ndarray | None = None

@@ -54,6 +54,7 @@ from trainer.artifacts import (
 from trainer.catalogue import ItemCatalogue
 from trainer.frequency import FrequencyEstimator
 from trainer.learner import Learner
+from trainer.samplers import clicked_only
 from trainer.vocabulary import IdVocabulary
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,13 @@ class OnlineTrainer:
             raise ValueError(f"batch {ref.path} is behind the stream position or trained already; refusing to train it twice")
         if samples is None:
             samples = read_batch(ref, self.spec)
-        samples = self._mine(samples)
+        samples = clicked_only(self._mine(samples))  # minibatches of batch_size positives, not of records
         started = time.perf_counter()
         batch_size = self.settings.training.batch_size
         losses: list[float] = []
         trained = 0
         for start in range(0, len(samples), batch_size):
-            minibatch = samples.take(np.arange(start, min(start + batch_size, len(samples))))
+            minibatch = samples.span(start, start + batch_size)
             result = self.learner.learn(minibatch, where=f"{ref.path} minibatch {start // batch_size}")
             if result.samples == 0:
                 continue

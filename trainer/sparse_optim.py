@@ -89,13 +89,26 @@ def grow_table(table: nn.Parameter, rows: int, optimizers=()) -> None:
                 state[key] = padded
 
 
-def reset_rows(table: nn.Parameter, rows: torch.Tensor, optimizers=()) -> None:
-    """Set ``rows`` back to the default row and clear their optimiser state
-    (new IDs, or rows freed by expiry)."""
+ROW_NOISE_STD = 0.01  # a tenth of the initial embedding scale (trainer.model._INIT_STD)
+
+
+def reset_rows(table: nn.Parameter, rows: torch.Tensor, optimizers=(), noise_std: float = 0.0) -> None:
+    """Set ``rows`` back to the default row, plus ``noise_std`` noise, and
+    clear their optimiser state (new IDs, or rows freed by expiry).
+
+    The default row keeps a new ID where the shared row had it (no jump in
+    serving). Full training adds ``ROW_NOISE_STD`` noise to break the
+    symmetry of rows admitted together: from scratch every row would
+    otherwise be an identical copy, every item vector the same, and the user
+    tower's gradient pure rounding noise. Online training adds none: its
+    item tower is trained already, and its results stay bit-reproducible
+    across restarts."""
     if rows.numel() == 0:
         return
     with torch.no_grad():
         table.data[rows] = table.data[0].clone()
+        if noise_std:
+            table.data[rows] += noise_std * torch.randn(len(rows), table.shape[1], dtype=table.dtype)
     for optimizer in optimizers:
         state = optimizer.state.get(table)
         if not state:

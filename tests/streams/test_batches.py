@@ -163,3 +163,16 @@ def test_window_stem_rejects_sub_second_windows():
     assert window_stem(WINDOW + 90_000) == ("2026-11-20", "000130")
     with pytest.raises(ValueError):
         window_stem(WINDOW + 1)
+
+
+def test_span_is_take_of_a_range_with_ragged_hard_negatives(tmp_path):
+    samples = [sample(n, hard_negative_ids=tuple(f"h{n}-{j}" for j in range(n % 4))) for n in range(10)]
+    columns = read_batch(write_batch(tmp_path, WINDOW, WINDOW + 60_000, samples), SPEC)
+    columns.user_id_fingerprints(), columns.hard_negative_id_fingerprints()  # cached columns are cut too
+    for start, stop in [(0, 4), (3, 9), (7, 50), (10, 12)]:
+        expected, got = columns.take(np.arange(start, min(stop, len(columns)))), columns.span(start, stop)
+        assert got.item_ids == expected.item_ids and got.hard_negative_ids == expected.hard_negative_ids
+        assert list(got.hard_negative_offsets) == list(expected.hard_negative_offsets)
+        assert np.array_equal(got.user_fingerprints, expected.user_fingerprints)
+        assert np.array_equal(got.hard_negative_id_fingerprints(), expected.hard_negative_id_fingerprints())
+        assert got.user_categorical == expected.user_categorical and np.array_equal(got.user_numeric, expected.user_numeric)

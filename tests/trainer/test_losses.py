@@ -106,3 +106,57 @@ def test_in_batch_softmax_over_a_wider_candidate_set_with_padding():
         candidate_mask=torch.tensor([False, True, True, False]),
     )
     assert loss.item() == pytest.approx(0.2775007, abs=1e-6)
+
+
+def _reference_in_batch_softmax(users, items, temperature, probabilities, keys, targets=None, positive_keys=None, mask=None):
+    """The plain composition the fused loss replaces: the oracle."""
+    logits = losses.cosine_logits(users, items, temperature)
+    if probabilities is not None:
+        logits = losses.sampling_probability_correction(logits, probabilities)
+    if keys is not None:
+        logits = losses.remove_accidental_hits(logits, keys if positive_keys is None else positive_keys, keys, targets)
+    if mask is not None:
+        logits = logits.masked_fill(~mask.unsqueeze(0), -1e9)
+    if targets is None:
+        targets = torch.arange(len(users))
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_fused_in_batch_softmax_matches_the_plain_composition_in_value_and_gradients(distributed):
+    generator = torch.Generator().manual_seed(3)
+    b, d = 12, 5
+    users = torch.nn.functional.normalize(torch.randn(b, d, generator=generator, dtype=torch.float64), dim=1)
+    items = torch.nn.functional.normalize(torch.randn(b, d, generator=generator, dtype=torch.float64), dim=1)
+    probabilities = torch.rand(b, generator=generator, dtype=torch.float64) * 0.1 + 1e-3
+    keys = torch.tensor([1, 2, 3, 1, 4, 5, 6, 2, 7, 8, 9, 1])  # repeats: accidental hits are masked
+    extra = {}
+    if distributed:  # two padding columns around the real ones, rows target 1..b
+        pad = torch.zeros(1, d, dtype=torch.float64)
+        items = torch.cat([pad, items, pad])
+        probabilities = torch.cat([torch.ones(1, dtype=torch.float64), probabilities, torch.ones(1, dtype=torch.float64)])
+        extra = {"targets": torch.arange(1, b + 1), "positive_keys": keys, "mask": torch.tensor([False] + [True] * b + [False])}
+        keys = torch.cat([torch.tensor([-1]), keys, torch.tensor([-1])])
+    results = []
+    for function in ("fused", "reference"):
+        u, v = users.clone().requires_grad_(True), items.clone().requires_grad_(True)
+        if function == "fused":
+            loss = losses.in_batch_softmax_loss(
+                u, v, 0.1, probabilities, keys, extra.get("targets"), extra.get("positive_keys"), extra.get("mask")
+            )
+        else:
+            loss = _reference_in_batch_softmax(u, v, 0.1, probabilities, keys, **extra)
+        (2.5 * loss).backward()  # an upstream gradient other than 1
+        results.append((loss.detach(), u.grad, v.grad))
+    (fused, fused_du, fused_dv), (reference, reference_du, reference_dv) = results
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-12)
+    assert torch.allclose(fused_du, reference_du, atol=1e-12)
+    assert torch.allclose(fused_dv, reference_dv, atol=1e-12)
+
+
+def test_repeated_key_pairs_are_every_off_diagonal_pair_of_equal_keys():
+    keys = torch.tensor([5, 1, 5, 2, 1, 5, 9])
+    rows, columns = losses._repeated_key_pairs(keys)
+    expected = {(i, j) for i in range(7) for j in range(7) if i != j and keys[i] == keys[j]}
+    assert set(zip(rows.tolist(), columns.tolist())) == expected and len(rows) == len(expected)
+    assert losses._repeated_key_pairs(torch.tensor([3, 1, 2])) is None

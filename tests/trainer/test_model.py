@@ -26,15 +26,20 @@ def test_tower_outputs_are_unit_vectors(tmp_path):
     assert torch.allclose(vectors.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
-def test_new_ids_get_rows_that_start_from_the_default_row(tmp_path):
+def test_new_ids_get_rows_that_start_near_the_default_row_and_apart(tmp_path):
     model = small_model(tmp_path)
     new_rows = model.observe_users(["a", "b"], {"age_bucket": ["x", "y"], "city": ["c", "c"], "device": ["d", "d"]}, day=0)
-    model.sync_tables(new_rows)
+    from trainer.sparse_optim import ROW_NOISE_STD
+
+    model.sync_tables(new_rows, row_noise_std=ROW_NOISE_STD)  # as full training does
     table = model.user_tower.id_embedding
     assert table.shape[0] >= 3
     rows = model.user_ids.lookup(["a", "b", "unknown"]).tolist()
     assert rows == [1, 2, 0]
-    assert torch.equal(table[1], table[0]) and torch.equal(table[2], table[0])
+    for row in (1, 2):  # the default row plus a little noise: close to it, not a copy of it
+        offset = (table[row] - table[0]).detach()
+        assert 0 < offset.std() < 3 * ROW_NOISE_STD
+    assert not torch.equal(table[1], table[2])  # admitted together, yet apart (symmetry broken)
 
 
 def test_growing_keeps_the_parameter_and_pads_optimiser_state():
