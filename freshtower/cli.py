@@ -298,6 +298,63 @@ def run_command(
         raise typer.Exit(1)
 
 
+@app.command("experiment")
+def experiment_command(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("freshtower-experiment"), "--out", help="Work directory: batches, models, results.json, recall.png."),
+    data: str = typer.Option("both", "--data", help="simulator, movielens or both."),
+    days: int = typer.Option(3, "--days", min=2, help="Simulated days."),
+    movielens_days: int = typer.Option(60, "--movielens-days", min=2, help="MovieLens days replayed (from its first rating)."),
+    users: int = typer.Option(2000, "--users"),
+    items: int = typer.Option(1000, "--items"),
+    requests_per_day: int = typer.Option(20000, "--requests-per-day"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The freshness experiment: daily-full only / incremental only / full +
+    incremental published every 30 min / every 1 min; next-hour Recall@50
+    and @100 and click -> serving freshness, as a table and a PNG."""
+    from freshtower.experiment import format_table, movielens_batches, plot, run_arms
+    from freshtower.simulator import Simulator, SimulatorConfig
+
+    settings = _settings(ctx)
+    if data not in ("simulator", "movielens", "both"):
+        console.print(f"[red]--data must be simulator, movielens or both, got {data!r}[/red]")
+        raise typer.Exit(2)
+    if out.exists() and any(out.iterdir()):
+        console.print(f"[red]{out} is not empty: pass a new --out directory[/red]")
+        raise typer.Exit(2)
+    rows = []
+    if data in ("simulator", "both"):
+        work = out / "simulator"
+        simulator = Simulator(SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, seed=seed))
+        for day in range(days):
+            simulator.write_batches(work / "batches", day, settings.streams.window_seconds)
+        console.print(f"simulator: {days} days, {users:,} users, {items:,} items, {requests_per_day:,} requests/day")
+        rows += [("simulator", r) for r in run_arms(settings, work, work / "batches", report=console.print)]
+    if data in ("movielens", "both"):
+        work = out / "movielens"
+        ml_settings = settings.model_copy(
+            update={
+                "model": settings.model.model_copy(
+                    update={"user_categorical": ("age_bucket", "gender", "occupation"), "user_numeric": ("hour_sin", "hour_cos")}
+                )
+            }
+        )
+        windows = movielens_batches(work / "batches", settings.streams.window_seconds, max_days=movielens_days)
+        console.print(f"movielens-100k: first {movielens_days} days, {windows:,} batch windows")
+        rows += [("movielens-100k", r) for r in run_arms(ml_settings, work, work / "batches", report=console.print)]
+    table = format_table(rows)
+    print(table)
+    results = [
+        {"data": d, "arm": r.arm, "recall": r.recall, "units": r.units,
+         "freshness_p50_s": r.freshness_percentile(50), "freshness_p99_s": r.freshness_percentile(99), "hourly": r.hourly}
+        for d, r in rows
+    ]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    png = plot(rows, out / "recall.png")
+    console.print(f"results in {out / 'results.json'}" + (f", plot {png}" if png else " (no plot: pip install matplotlib)"))
+
+
 @app.command("publish")
 def publish_command(
     ctx: typer.Context,
