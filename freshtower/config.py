@@ -238,6 +238,11 @@ class Settings(BaseSettings):
     def releases_dir(self) -> Path:
         return self.data_dir / "releases"
 
+    @property
+    def scratch_dir(self) -> Path:
+        """The full trainer's shuffle shards (removed after each run)."""
+        return self.data_dir / "tmp"
+
     def as_record(self) -> dict:
         """JSON-ready resolved settings, for artifacts and manifests.
 

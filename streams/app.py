@@ -30,6 +30,14 @@ embedded broker cannot run Faust's exactly-once mode):
    that covers all events processed before the close, and after the
    progress record saying so is on the broker, so a replay can never
    re-create them and a restart never rewrites a window without them.
+
+Scale-out: each input partition number is joined on its own
+(``streams/partitions.py``), with its progress record in that partition of
+the ``join-progress`` changelog and its own batch files
+(``<HHMMSS>-p<k>``), so workers started with the same ``app_id`` share the
+partitions through the consumer group (Faust assigns a partition's
+changelogs with it), and a partition that moves takes its state, progress
+and lineage along.
 """
 
 from __future__ import annotations
@@ -45,18 +53,17 @@ import faust
 import orjson
 
 from freshtower.config import Settings
+from streams.batches import RequestSharingEncoder
 from streams.dead_letters import encode_dead_letter
 from streams.faust_transport import Transport
-from streams.join import JoinCore, JoinSettings, StepResult
+from streams.join import JoinSettings, StepResult
 from streams.metrics import StreamMetrics
-from streams.sink import BatchSink
+from streams.partitions import PartitionedJoin
+from streams.sink import BatchSink, written_windows
 from streams.topics import input_topics
 from trainer.frequency import FrequencyEstimator
 
 log = logging.getLogger("freshtower.streams")
-
-PROGRESS_KEY = "progress"
-PROGRESS_PARTITION = 0  # the single progress record lives in changelog partition 0
 
 
 class StreamsApp(faust.App):
@@ -77,9 +84,16 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
+def progress_key(partition: int) -> str:
+    """Key of input partition ``partition``'s progress record (open window
+    cut, watermark, lineage, frequency state) in table ``join-progress``."""
+    return f"progress-{partition}"
+
+
 class StreamProcessor:
-    """The shell around ``JoinCore``: Faust messages in; dead letters,
-    changelog writes, batch files and announcements out."""
+    """The shell around ``PartitionedJoin``: Faust messages in; dead
+    letters, changelog writes, batch files and announcements out, each
+    input partition with its own progress record, lineage and sink."""
 
     def __init__(self, settings: Settings, app: faust.App, requests, progress, dead_letters, announcements):
         self.settings = settings
@@ -94,13 +108,14 @@ class StreamProcessor:
         self.processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset processed
         self.metrics = StreamMetrics()
         self.lock = asyncio.Lock()
-        self.core: JoinCore | None = None
-        self.sink: BatchSink | None = None
-        self.lineage: str | None = None  # ID of this join state's history (see _ensure_core)
+        self.join: PartitionedJoin | None = None
+        self.sinks: dict[int, BatchSink] = {}  # input partition -> its sink
+        self.lineages: dict[int, str] = {}  # input partition -> ID of its join state's history (see _ensure_join)
+        self.encoder = RequestSharingEncoder()  # request IDs are unique across partitions: one cache serves all sinks
         self.needs_rebuild = True
         self.recovered = False  # tables recovered at least once
         self.recovered_open_requests: int | None = None
-        self.pending_commit = False  # windows closed: commit, then finalize
+        self.pending: set[int] = set()  # partitions whose windows closed: commit, then finalize
         self.in_flight: collections.deque = collections.deque()  # (delivery futures, messages) not acked yet
         self.last_batch_end = time.monotonic()
         self.last_idle_tick: float | None = None
@@ -124,38 +139,52 @@ class StreamProcessor:
         # place and writes them to the changelog itself.
         return store.data if isinstance(getattr(store, "data", None), dict) else store
 
-    async def _ensure_core(self) -> None:
+    async def _ensure_join(self) -> None:
+        """(Re)build the join of the partitions this worker owns now, each
+        from its progress record (after a start or a rebalance)."""
         if not self.needs_rebuild:
             return
-        progress = dict(self.progress.data.get(PROGRESS_KEY) or {})
-        if "lineage" not in progress:
+        assigned, _ = self.app.consumer.input_partitions(self.input_topic_names, self.processed)
+        owned = sorted({partition for _, partition in assigned})
+        progress = {p: dict(self.progress.data.get(progress_key(p)) or {}) for p in owned}
+        new = [p for p in owned if "lineage" not in progress[p]]
+        for p in new:
             # A new join state (first start, or the broker lost its topics):
             # its batches carry this ID, and a restart only ever rewrites or
             # removes batches of its own lineage.
-            progress["lineage"] = uuid.uuid4().hex[:12]
-            await self._write_progress(progress)
-        self.lineage = progress["lineage"]
-        previous = self.core
-        self.core = JoinCore(self.join_settings, self._state_mapping(), progress, self.kinds)
+            progress[p]["lineage"] = uuid.uuid4().hex[:12]
+        if new:
+            await self._write_progress({p: progress[p] for p in new})
+        previous = self.join
+        self.join = PartitionedJoin(self.join_settings, self._state_mapping(), progress, self.kinds)
         if previous is not None:
-            self.core.counters = previous.counters  # a rebalance: the figures go on
+            self.join.counters.update(previous.counters)  # a rebalance: the figures go on
+        self.lineages = {p: progress[p]["lineage"] for p in owned}
         f = self.settings.frequency
-        self.sink = BatchSink.open(
-            self.settings.batches_dir,
-            f"{self.settings.streams.app_id}:{self.lineage}",
-            lambda: FrequencyEstimator(f.buckets, f.hashes, f.alpha),
-            progress,
-            self.core.open_from_ms,
-        )
-        self.pending_commit = self.core.pending_finalization > 0
+        cuts = [core.open_from_ms for core in self.join.cores.values()]
+        written = written_windows(self.settings.batches_dir, None if None in cuts else min(cuts, default=None))
+        self.sinks = {
+            p: BatchSink.open(
+                self.settings.batches_dir,
+                f"{self.settings.streams.app_id}:{self.lineages[p]}",
+                lambda: FrequencyEstimator(f.buckets, f.hashes, f.alpha),
+                progress[p],
+                core.open_from_ms,
+                partition=p,
+                written=written,
+                encoder=self.encoder,
+            )
+            for p, core in self.join.cores.items()
+        }
+        self.pending = {p for p, core in self.join.cores.items() if core.pending_finalization > 0}
         self.needs_rebuild = False
-        self.recovered_open_requests = self.core.open_requests
+        self.recovered_open_requests = self.join.open_requests
         log.info(
-            "join state ready: %d open requests, open_from_ms=%s, watermark_ms=%s, frequency step %d",
-            self.core.open_requests,
-            self.core.open_from_ms,
-            self.core.watermark_ms,
-            self.sink.estimator.step,
+            "join state ready: partitions %s, %d open requests, open_from_ms=%s, watermark_ms=%s",
+            owned,
+            self.join.open_requests,
+            {p: core.open_from_ms for p, core in self.join.cores.items()},
+            {p: core.watermark_ms for p, core in self.join.cores.items()},
         )
 
     # --- the agent's and the timer's work ------------------------------------------
@@ -171,7 +200,7 @@ class StreamProcessor:
     async def _process(self, messages) -> None:
         async with self.lock:
             started = time.monotonic()
-            await self._ensure_core()
+            await self._ensure_join()
             # The previous micro-batch is acked by now, so a commit here
             # covers everything processed before the last window close.
             await self._commit_and_finalize()
@@ -179,12 +208,12 @@ class StreamProcessor:
             for m in messages:
                 processed[m.topic, m.partition] = m.offset + 1
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, processed)
-            result = self.core.process(messages, _wall_ms(), assigned, caught_up)
+            results = self.join.process(messages, _wall_ms(), assigned, caught_up)
             # Acked = may be committed, so only once its changelog records,
             # dead letters and announcements are on the broker (a failed
             # delivery raises and stops the worker, unacked). The next
             # micro-batch is processed while these are in flight.
-            self.in_flight.append((await self._emit(result), messages))
+            self.in_flight.append((await self._emit(results), messages))
             await self._ack_delivered(wait=len(self.in_flight) > 4)
             self.last_batch_end = time.monotonic()
             self.busy_seconds += self.last_batch_end - started
@@ -197,13 +226,13 @@ class StreamProcessor:
 
     async def on_tick(self) -> None:
         """Every second: report; when the sources are idle, commit and
-        finalize, and let the watermark follow the clock."""
+        finalize, and let the watermarks follow the clock."""
         if self.app.rebalancing or not self.recovered:
             return
         now = time.monotonic()
         s = self.settings.streams
         async with self.lock:
-            await self._ensure_core()
+            await self._ensure_join()
             # Idle = nothing processed for a while AND every input partition
             # read to its end; a slow worker is not an idle source.
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, self.processed)
@@ -215,14 +244,14 @@ class StreamProcessor:
                 await self._commit_and_finalize()
                 if self.last_idle_tick is None:
                     self.last_idle_tick = now  # the idle clock starts now
-                elif s.idle_advance_rate > 0 and self.core.watermark_ms is not None:
+                elif s.idle_advance_rate > 0:
                     step_ms = int((now - self.last_idle_tick) * s.idle_advance_rate * 1000)
                     # Event time may run ahead of the clock in a replay, never past it.
-                    target = min(self.core.watermark_ms + step_ms, _wall_ms())
-                    if step_ms > 0 and target > self.core.watermark_ms:
+                    results = self.join.advance(step_ms, _wall_ms()) if step_ms > 0 else []
+                    if results:
                         self.last_idle_tick = now
-                        await asyncio.gather(*await self._emit(self.core.advance(target)))
-            summary = self.metrics.update(self.core.counters, self.core.watermark_ms, self.core.open_requests, _wall_ms())
+                        await asyncio.gather(*await self._emit(results))
+            summary = self.metrics.update(self.join.counters, self.join.watermark_ms, self.join.open_requests, _wall_ms())
         if now - self.last_log >= s.log_every_seconds:
             self.last_log = now
             log.info(
@@ -242,14 +271,17 @@ class StreamProcessor:
             )
 
     def stats(self) -> dict:
-        if self.core is None:
+        if self.join is None:
             return {"ready": False}
-        summary = self.metrics.update(self.core.counters, self.core.watermark_ms, self.core.open_requests, _wall_ms())
+        join = self.join
+        summary = self.metrics.update(join.counters, join.watermark_ms, join.open_requests, _wall_ms())
         return {
             "ready": True,
-            "open_from_ms": self.core.open_from_ms,
+            "partitions": sorted(join.cores),
+            "open_from_ms": join.open_from_ms,
+            "partition_watermarks_ms": {str(p): core.watermark_ms for p, core in join.cores.items()},
             "recovered_open_requests": self.recovered_open_requests,
-            "pending_finalization": self.core.pending_finalization,
+            "pending_finalization": join.pending_finalization,
             "busy_seconds": round(self.busy_seconds, 3),
             "micro_batches": self.micro_batches,
             "first_batch_at": self.first_batch_at,
@@ -259,28 +291,32 @@ class StreamProcessor:
 
     # --- output -------------------------------------------------------------------
 
-    async def _emit(self, result: StepResult) -> list:
-        """Send what ``result`` holds; return the delivery futures, which
-        must all succeed before the events behind them are acked."""
+    async def _emit(self, results: list[tuple[int, StepResult]]) -> list:
+        """Send what the partitions' ``results`` hold; return the delivery
+        futures, which must all succeed before the events behind them are
+        acked."""
         keep_bytes = self.settings.streams.max_event_bytes
         pending = []
-        for letter in result.dead_letters:
-            pending.append(await self.dead_letters.send(key=letter.key, value=encode_dead_letter(letter, keep_bytes)))
+        for _, result in results:
+            for letter in result.dead_letters:
+                pending.append(await self.dead_letters.send(key=letter.key, value=encode_dead_letter(letter, keep_bytes)))
         pending += await self._write_changelog()
-        if result.closed_to_ms is None:
-            return pending
-        for window in result.closed:
-            announcement = self.sink.write(window)  # durable before it is announced
-            pending.append(await self.announcements.send(key=announcement["window_start"].encode(), value=_json_bytes(announcement)))
-            log.debug(
-                "wrote batch %s: %d records (%d clicked), %d late",
-                announcement["path"],
-                len(window.samples),
-                announcement["positives"],
-                window.late_records,
-            )
-        self.sink.remove_stale(result.closed_from_ms, result.closed_to_ms)
-        self.pending_commit = True
+        for partition, result in results:
+            if result.closed_to_ms is None:
+                continue
+            sink = self.sinks[partition]
+            for window in result.closed:
+                announcement = sink.write(window)  # durable before it is announced
+                pending.append(await self.announcements.send(key=announcement["window_start"].encode(), value=_json_bytes(announcement)))
+                log.debug(
+                    "wrote batch %s: %d records (%d clicked), %d late",
+                    announcement["path"],
+                    len(window.samples),
+                    announcement["positives"],
+                    window.late_records,
+                )
+            sink.remove_stale(result.closed_from_ms, result.closed_to_ms)
+            self.pending.add(partition)
         return pending
 
     async def _write_changelog(self) -> list:
@@ -288,20 +324,21 @@ class StreamProcessor:
         encoding), one producer batch per partition: Faust's per-message
         send path costs more than the join itself. Returns the batches'
         delivery futures."""
-        core = self.core
-        if not core.dirty and not core.deleted:
+        cores = [core for core in self.join.cores.values() if core.dirty or core.deleted]
+        if not cores:
             return []
         producer = _aiokafka_producer(self.app)
         topic = self.requests.changelog_topic.get_topic_name()
-        state = core.requests
+        state = self.join.requests
         dumps = orjson.dumps
         by_partition: dict[int, list] = {}
-        for request_id, partition in core.dirty.items():
-            by_partition.setdefault(partition, []).append((dumps(request_id), dumps(state[request_id])))
-        for request_id, partition in core.deleted.items():
-            by_partition.setdefault(partition, []).append((dumps(request_id), None))  # tombstone: recovery deletes the key
-        core.dirty.clear()
-        core.deleted.clear()
+        for core in cores:
+            for request_id, partition in core.dirty.items():
+                by_partition.setdefault(partition, []).append((dumps(request_id), dumps(state[request_id])))
+            for request_id, partition in core.deleted.items():
+                by_partition.setdefault(partition, []).append((dumps(request_id), None))  # tombstone: recovery deletes the key
+            core.dirty.clear()
+            core.deleted.clear()
         futures = []
         for partition, records in by_partition.items():
             batch = producer.create_batch()
@@ -328,7 +365,7 @@ class StreamProcessor:
             self.in_flight.popleft()
 
     async def _commit_and_finalize(self) -> None:
-        if not self.pending_commit:
+        if not self.pending:
             return
         await self._ack_delivered(wait=True)
         consumer = self.app.consumer
@@ -336,27 +373,41 @@ class StreamProcessor:
         # for it, and it may have started before our last acks.
         await consumer.commit()
         await consumer.commit()
+        # A partition's progress is recorded only once the commit covers all
+        # it processed; one revoked meanwhile (its commit discarded) belongs
+        # to another worker now and is left to it.
+        ready = self.pending - consumer.uncommitted_partitions(self.input_topic_names, self.processed)
+        if not ready:
+            return
         # The progress must be durable before any deletion is: a restart that
         # saw a request deleted but its window still open would rewrite the
         # window without it.
         await self._write_progress(
             {
-                **self.core.progress(),
-                "lineage": self.lineage,
-                "frequency_window_ms": self.sink.progress.frequency_window_ms,
-                "frequency_step": self.sink.progress.frequency_step,
+                p: {
+                    **self.join.cores[p].progress(),
+                    "lineage": self.lineages[p],
+                    "frequency_window_ms": self.sinks[p].progress.frequency_window_ms,
+                    "frequency_step": self.sinks[p].progress.frequency_step,
+                }
+                for p in ready
             }
         )
-        self.core.finalize()
-        self.sink.encoder.forget(self.core.deleted)  # their samples are all written
+        for p in ready:
+            core = self.join.cores[p]
+            core.finalize()
+            self.encoder.forget(core.deleted)  # their samples are all written
         await asyncio.gather(*await self._write_changelog())
-        self.pending_commit = False
+        self.pending -= ready
 
-    async def _write_progress(self, progress: dict) -> None:
-        """Store the progress record and wait until the broker has it."""
-        self.progress.data[PROGRESS_KEY] = progress
+    async def _write_progress(self, records: dict[int, dict]) -> None:
+        """Store each partition's progress record in that partition of the
+        progress changelog (so it moves with the partition) and wait until
+        the broker has them."""
         topic = self.progress.changelog_topic.get_topic_name()
-        await self.app.producer.send(topic, orjson.dumps(PROGRESS_KEY), orjson.dumps(progress), PROGRESS_PARTITION, None, None)
+        for partition, progress in records.items():
+            self.progress.data[progress_key(partition)] = progress
+            await self.app.producer.send(topic, orjson.dumps(progress_key(partition)), orjson.dumps(progress), partition, None, None)
         await self.app.producer.flush()
 
 

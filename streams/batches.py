@@ -4,10 +4,14 @@ record per sample, written by ``streams/`` and read by ``trainer/``.
 A batch covers one event-time window (a minute by default) and lives at
 ``<batches_dir>/<YYYY-MM-DD>/<HHMMSS>.tfrecord`` (UTC window start), with a
 JSON manifest ``<HHMMSS>.json`` beside it. The manifest is written last, so a
-batch without one is incomplete and ignored. Inside the file, clicked samples
-(label 1) come first in event-time order, then the shown-but-not-clicked
-samples (label 0); the manifest records the byte length of the clicked
-section, so the retrieval trainers read only that prefix.
+batch without one is incomplete and ignored. A window may have several
+batches, one per part (``<HHMMSS>-p3.tfrecord``: the streams worker writes
+one per input partition, so that workers sharing the partitions never
+replace each other's files); readers take them all. Inside the file,
+clicked samples (label 1) come first in event-time order, then the
+shown-but-not-clicked samples (label 0); the manifest records the byte
+length of the clicked section, so the retrieval trainers read only that
+prefix.
 
 Record features (keys of the Example):
 
@@ -379,7 +383,7 @@ class RequestSharingEncoder:
         self._prefix: dict[str, tuple] = {}
         self._item: dict[str, bytes] = {}
         # Entry bytes before the value, by varint length / for a float32.
-        self._time_prefix = {n: _entry("event_time_ms", _int64_feature((1 << (7 * (n - 1))) if n > 1 else 1))[: -n] for n in range(1, 11)}
+        self._time_prefix = {n: _entry("event_time_ms", _int64_feature((1 << (7 * (n - 1))) if n > 1 else 1))[:-n] for n in range(1, 11)}
         self._teacher_prefix = _entry("teacher_score", _float_feature([0.0]))[:-4]
         self._f32 = struct.Struct("<f").pack
         self._times: dict[int, bytes] = {}  # a request's label-0 samples share one time
@@ -541,6 +545,21 @@ class BatchRef:
         return self.manifest.window_start_ms
 
 
+def batch_stem(window_start_ms: int, part: str | None = None) -> tuple[str, str]:
+    """(day directory, file stem) of the batch of ``part`` (None: the
+    window's only batch) for a window starting at ``window_start_ms``.
+
+    >>> batch_stem(1_700_000_040_000, "p3")
+    ('2023-11-14', '221400-p3')
+    """
+    day, stem = window_stem(window_start_ms)
+    if part is None:
+        return day, stem
+    if not part.isalnum():
+        raise ValueError(f"batch part {part!r} must be letters and digits")
+    return day, f"{stem}-{part}"
+
+
 def window_stem(window_start_ms: int) -> tuple[str, str]:
     """(day directory, file stem) for a window starting at ``window_start_ms`` UTC.
 
@@ -581,11 +600,13 @@ def write_batch(
     late_records: int = 0,
     extras: Mapping | None = None,
     encode=encode_sample,
+    part: str | None = None,
 ) -> BatchRef:
     """Write one window's samples as a batch file plus manifest, atomically.
 
-    The path is a pure function of the window, so writing the same window
-    again (a restarted worker) replaces the batch instead of adding a copy.
+    The path is a pure function of the window (and ``part``, see
+    ``batch_stem``), so writing the same window again (a restarted worker)
+    replaces the batch instead of adding a copy.
     Clicked samples go first, in event-time order, then the shown ones.
     ``encode`` turns a sample into Example bytes (``encode_sample``, or a
     ``RequestSharingEncoder`` in the streams worker).
@@ -597,7 +618,7 @@ def write_batch(
     shown_frames = b"".join(frame_record(encode(s)) for s in shown)
     data = positive_frames + shown_frames
 
-    day, stem = window_stem(window_start_ms)
+    day, stem = batch_stem(window_start_ms, part)
     directory = Path(batches_dir) / day
     directory.mkdir(parents=True, exist_ok=True)
     times = [s.event_time_ms for s in samples]
@@ -632,7 +653,8 @@ def load_manifest(manifest_path: Path | str) -> BatchRef:
 
 
 def list_batches(batches_dir: Path | str, day: str | None = None) -> list[BatchRef]:
-    """Complete batches (those with a manifest), in window order.
+    """Complete batches (those with a manifest), in window order (a
+    window's parts by name).
 
     ``day`` (``YYYY-MM-DD``) limits the listing to one day's directory.
     """

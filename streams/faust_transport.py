@@ -98,6 +98,18 @@ class Consumer(faust_aiokafka.Consumer):
                 caught_up.add(name)
         return assigned, caught_up
 
+    def uncommitted_partitions(self, topics: set[str], processed: dict[tuple[str, int], int]) -> set[int]:
+        """Partition numbers with an offset of ``topics`` processed
+        (``processed``: next offset per (topic, partition)) but not
+        committed, including partitions no longer assigned (Faust discards
+        their commits)."""
+        assigned = self.assignment()
+        behind = set()
+        for tp in {TP(topic, partition) for topic, partition in processed if topic in topics}:
+            if tp not in assigned or (self._committed_offset[tp] or 0) < processed[tp.topic, tp.partition]:
+                behind.add(tp.partition)
+        return behind
+
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised by the worker tests
         callback = self.callback
         getmany = self.getmany

@@ -141,10 +141,14 @@ class JoinCore:
         requests: MutableMapping[str, dict],
         progress: dict | None = None,
         kinds: Mapping[str, str] = DEFAULT_KINDS,
+        partition: int | None = None,
     ):
         self.settings = settings
         self.requests = requests
         self.kinds = dict(kinds)  # topic -> events.IMPRESSION, CLICK or RANK_LOG
+        # The one input partition this core joins (``streams/partitions.py``);
+        # ``requests`` may then hold other partitions' states, which it leaves alone.
+        self.partition = partition
         progress = progress or {}
         self.open_from_ms: int | None = progress.get("open_from_ms")
         self.watermark_ms: int | None = progress.get("watermark_ms")
@@ -169,7 +173,7 @@ class JoinCore:
         self._expiry.clear()
         self._finalizable.clear()
         for request_id, state in self.requests.items():
-            if state is None:
+            if state is None or (self.partition is not None and state["partition"] != self.partition):
                 continue
             if state["impression"] is None:
                 self._push_expiry(request_id, state)
@@ -188,7 +192,9 @@ class JoinCore:
 
     @property
     def open_requests(self) -> int:
-        return len(self.requests)
+        if self.partition is None:
+            return len(self.requests)
+        return sum(1 for state in self.requests.values() if state["partition"] == self.partition)
 
     # --- the stream -------------------------------------------------------------
 
@@ -333,6 +339,8 @@ class JoinCore:
         if state is None:
             state = self._new_state(event.user_id, partition)
             self.requests[request_id] = state
+        elif state["partition"] != partition:
+            _partition_mismatch("impression", event.event_id, request_id, state, partition)
         elif state["impression"] is not None:
             if state["impression"]["event_id"] == event.event_id:
                 self.counters["duplicates.impression"] += 1
@@ -373,6 +381,8 @@ class JoinCore:
         if state is None:
             state = self._new_state(event.user_id, raw.partition)
             self.requests[request_id] = state
+        elif state["partition"] != raw.partition:
+            _partition_mismatch("click", event.event_id, request_id, state, raw.partition)
         elif self._seen_click(state, event.event_id):
             self.counters["duplicates.click"] += 1
             return
@@ -440,6 +450,8 @@ class JoinCore:
         if state is None:
             state = self._new_state(event.user_id, partition)
             self.requests[request_id] = state
+        elif state["partition"] != partition:
+            _partition_mismatch("rank log", event.event_id, request_id, state, partition)
         if state["user"] != event.user_id:
             raise InvalidEvent(
                 "user_mismatch",
@@ -573,3 +585,14 @@ class JoinCore:
         self.counters["late_records"] += late
         self.counters["windows_closed"] += 1
         return ClosedWindow(window, window + self.settings.window_ms, samples, late)
+
+
+def _partition_mismatch(kind: str, event_id: str, request_id: str, state: dict, partition: int):
+    """A request's events must share one partition number (producers key
+    them by user_id): each partition is joined on its own, possibly by
+    another worker, so a request cannot span two."""
+    raise InvalidEvent(
+        "partition_mismatch",
+        f"{kind} {event_id!r} on partition {partition}: request {request_id!r} is on partition {state['partition']} "
+        f"(user {state['user']!r}); events must be keyed by user_id",
+    )

@@ -2,11 +2,13 @@
 batch file and manifest (``streams.batches.write_batch``: fsync + atomic
 rename), and the announcement that goes on ``training-batches``.
 
-Idempotent by construction: every path is a pure function of the window,
-so a restarted worker that closes a window again replaces its files. A
-window that closed empty after a restart may still have a file from the
-run that crashed (its records went elsewhere on replay); such stale
-batches, recognised by this writer's ID in the manifest, are deleted.
+Idempotent by construction: every path is a pure function of the window
+and the input partition (``<HHMMSS>-p<k>``, one sink per partition), so a
+restarted worker, or the worker a partition moved to, that closes a window
+again replaces its files. A window that closed empty after a restart may
+still have a file from the run that crashed (its records went elsewhere on
+replay); such stale batches, recognised by this writer's ID in the
+manifest, are deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streams.batches import RequestSharingEncoder, list_batches, window_stem, write_batch
+from streams.batches import RequestSharingEncoder, batch_stem, list_batches, window_stem, write_batch
 from streams.frequency_snapshots import load_snapshot, save_snapshot, snapshot_name
 from streams.join import ClosedWindow
 from trainer.frequency import FrequencyEstimator
@@ -33,51 +35,67 @@ class SinkProgress:
 
 
 class BatchSink:
-    def __init__(self, batches_dir: Path, writer_id: str, estimator: FrequencyEstimator, stale_windows: set[int] | None = None):
+    """Writes the closed windows of one input partition as
+    ``<HHMMSS>-p<partition>`` batches (``partition`` None: one unnamed batch
+    per window, for a join over every partition)."""
+
+    def __init__(
+        self,
+        batches_dir: Path,
+        writer_id: str,
+        estimator: FrequencyEstimator,
+        stale_windows: set[int] | None = None,
+        partition: int | None = None,
+        encoder: RequestSharingEncoder | None = None,
+    ):
         self.batches_dir = Path(batches_dir)
         self.writer_id = writer_id
         self.estimator = estimator
         self.stale_windows = stale_windows or set()
+        self.partition = partition
+        self.part = None if partition is None else f"p{partition}"
         self.progress = SinkProgress()
-        self.encoder = RequestSharingEncoder()
+        self.encoder = encoder or RequestSharingEncoder()
 
     @classmethod
-    def open(cls, batches_dir: Path, writer_id: str, new_estimator, progress: dict, open_from_ms: int | None) -> "BatchSink":
+    def open(
+        cls,
+        batches_dir: Path,
+        writer_id: str,
+        new_estimator,
+        progress: dict,
+        open_from_ms: int | None,
+        partition: int | None = None,
+        written: dict[str, set[int]] | None = None,
+        encoder: RequestSharingEncoder | None = None,
+    ) -> "BatchSink":
         """Resume: the estimator from the snapshot of the last window this
-        writer closed for good, and the batches it may have to replace."""
+        writer closed for good, and the batches it may have to replace.
+        ``written``: ``written_windows`` of the batches directory, when the
+        caller opens several sinks at once."""
         batches_dir = Path(batches_dir)
+        part = None if partition is None else f"p{partition}"
         window = progress.get("frequency_window_ms")
         if window is None:
             estimator = new_estimator()
         else:
-            day, stem = window_stem(window)
+            day, stem = batch_stem(window, part)
             path = batches_dir / day / snapshot_name(f"{stem}.tfrecord")
             estimator = load_snapshot(path)
             if estimator.step != progress.get("frequency_step", estimator.step):
                 raise RuntimeError(f"{path}: estimator step {estimator.step} differs from the recorded {progress['frequency_step']}")
-        sink = cls(batches_dir, writer_id, estimator, cls._written_after(batches_dir, writer_id, open_from_ms))
+        if written is None:
+            written = written_windows(batches_dir, open_from_ms)
+        stale = {w for w in written.get(writer_id, ()) if open_from_ms is None or w >= open_from_ms}
+        sink = cls(batches_dir, writer_id, estimator, stale, partition, encoder)
         sink.progress = SinkProgress(window, estimator.step)
         if sink.stale_windows:
             log.info("%d batches at or after the open window may be rewritten or removed", len(sink.stale_windows))
         return sink
 
-    @staticmethod
-    def _written_after(batches_dir: Path, writer_id: str, open_from_ms: int | None) -> set[int]:
-        if not batches_dir.is_dir():
-            return set()
-        first_day = None if open_from_ms is None else window_stem(open_from_ms)[0]
-        windows = set()
-        for day_dir in sorted(p for p in batches_dir.iterdir() if p.is_dir()):
-            if first_day is not None and day_dir.name < first_day:
-                continue
-            for ref in list_batches(batches_dir, day_dir.name):
-                if ref.manifest.extras.get("writer") == writer_id and (open_from_ms is None or ref.window_start_ms >= open_from_ms):
-                    windows.add(ref.window_start_ms)
-        return windows
-
     def write(self, window: ClosedWindow) -> dict:
         """Write one closed window; return its announcement."""
-        day, stem = window_stem(window.start_ms)
+        day, stem = batch_stem(window.start_ms, self.part)
         directory = self.batches_dir / day
         directory.mkdir(parents=True, exist_ok=True)
         batch_file = f"{stem}.tfrecord"
@@ -85,6 +103,8 @@ class BatchSink:
         frequency_file = snapshot_name(batch_file)
         save_snapshot(self.estimator, directory / frequency_file, sync_directory=False)  # write_batch syncs the directory
         extras = {"writer": self.writer_id, "frequency_state": frequency_file, "frequency_step": self.estimator.step}
+        if self.partition is not None:
+            extras["partition"] = self.partition
         ref = write_batch(
             self.batches_dir,
             window.start_ms,
@@ -93,11 +113,12 @@ class BatchSink:
             late_records=window.late_records,
             extras=extras,
             encode=self.encoder,
+            part=self.part,
         )
         self.stale_windows.discard(window.start_ms)
         self.progress = SinkProgress(window.start_ms, self.estimator.step)
         m = ref.manifest
-        return {
+        announcement = {
             "path": f"{day}/{m.file}",
             "manifest": f"{day}/{ref.manifest_path.name}",
             "frequency_state": f"{day}/{frequency_file}",
@@ -113,6 +134,9 @@ class BatchSink:
             "sha256": m.sha256,
             "writer": self.writer_id,
         }
+        if self.partition is not None:
+            announcement["partition"] = self.partition
+        return announcement
 
     def remove_stale(self, closed_from_ms: int | None, closed_to_ms: int) -> list[int]:
         """Delete this writer's leftover batches of windows in
@@ -120,7 +144,7 @@ class BatchSink:
         removed = []
         for start in sorted(self.stale_windows):
             if start < closed_to_ms and (closed_from_ms is None or start >= closed_from_ms):
-                day, stem = window_stem(start)
+                day, stem = batch_stem(start, self.part)
                 directory = self.batches_dir / day
                 # Manifest first: without it the batch no longer exists for readers.
                 for name in (f"{stem}.json", f"{stem}.tfrecord", snapshot_name(f"{stem}.tfrecord")):
@@ -129,3 +153,21 @@ class BatchSink:
                 log.warning("removed stale batch %s/%s: its window closed empty after a restart", day, stem)
         self.stale_windows.difference_update(removed)
         return removed
+
+
+def written_windows(batches_dir: Path, from_ms: int | None) -> dict[str, set[int]]:
+    """Writer ID -> starts of the windows it has batches of, from the day
+    of ``from_ms`` on (None: every day)."""
+    batches_dir = Path(batches_dir)
+    if not batches_dir.is_dir():
+        return {}
+    first_day = None if from_ms is None else window_stem(from_ms)[0]
+    windows: dict[str, set[int]] = {}
+    for day_dir in sorted(p for p in batches_dir.iterdir() if p.is_dir()):
+        if first_day is not None and day_dir.name < first_day:
+            continue
+        for ref in list_batches(batches_dir, day_dir.name):
+            writer = ref.manifest.extras.get("writer")
+            if writer is not None:
+                windows.setdefault(writer, set()).add(ref.window_start_ms)
+    return windows

@@ -303,7 +303,7 @@ def train_full_parallel(settings: Settings, day: str, workers: int, *, from_scra
 
 
 def _scratch_root(settings: Settings) -> Path:
-    root = settings.data_dir / "tmp"
+    root = settings.scratch_dir
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -217,6 +217,7 @@ class OnlineTrainer:
     @staticmethod
     def _window_of(key: str) -> int:
         day, stem = key.split("/")
+        stem = stem.split("-", 1)[0]  # a window's part (streams worker: -p<partition>)
         return int(datetime.strptime(f"{day} {stem}", "%Y-%m-%d %H%M%S").replace(tzinfo=timezone.utc).timestamp() * 1000)
 
     def _track_rows(self, rows: np.ndarray, event_time_ms: int | None) -> None:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import pytest
@@ -12,6 +14,7 @@ from kafka import KafkaProducer
 
 from freshtower.simulator import Simulator, SimulatorConfig
 from streams.batches import Sample, list_batches, read_batch
+from streams.broker import free_port
 from streams.dead_letters import decode_dead_letter
 from streams.frequency_snapshots import load_snapshot
 from streams.replay import replay
@@ -36,25 +39,29 @@ def day_log(tmp_path_factory):
 
 
 def batch_samples(batches_dir) -> list[Sample]:
+    return [s for ref in list_batches(batches_dir) for s in file_samples(ref)]
+
+
+def file_samples(ref) -> list[Sample]:
+    c = read_batch(ref, SPEC, positives_only=False, verify_checksum=True)
+    hard_negatives = c.hard_negative_ids  # a property that builds every row's
     samples = []
-    for ref in list_batches(batches_dir):
-        c = read_batch(ref, SPEC, positives_only=False, verify_checksum=True)
-        for n in range(len(c)):
-            samples.append(
-                Sample(
-                    c.user_ids[n],
-                    c.item_ids[n],
-                    int(c.labels[n]),
-                    int(c.event_time_ms[n]),
-                    c.request_ids[n],
-                    int(c.positions[n]),
-                    {k: v[n] for k, v in c.user_categorical.items()},
-                    {k: float(c.user_numeric[n, i]) for i, k in enumerate(SPEC.user_numeric)},
-                    {k: v[n] for k, v in c.item_categorical.items()},
-                    c.hard_negative_ids[n],
-                    float(c.teacher_scores[n]),
-                )
+    for n in range(len(c)):
+        samples.append(
+            Sample(
+                c.user_ids[n],
+                c.item_ids[n],
+                int(c.labels[n]),
+                int(c.event_time_ms[n]),
+                c.request_ids[n],
+                int(c.positions[n]),
+                {k: v[n] for k, v in c.user_categorical.items()},
+                {k: float(c.user_numeric[n, i]) for i, k in enumerate(SPEC.user_numeric)},
+                {k: v[n] for k, v in c.item_categorical.items()},
+                hard_negatives[n],
+                float(c.teacher_scores[n]),
             )
+        )
     return samples
 
 
@@ -92,11 +99,14 @@ def test_a_replayed_day_becomes_batches_that_match_the_simulator(kafka_broker, t
         assert (a["window_start_ms"], a["window_end_ms"]) == (ref.manifest.window_start_ms, ref.manifest.window_end_ms)
     assert sum(a["records"] for a in announced) == len(expected)
 
-    # The frequency estimator followed the clicks: after the last batch it
-    # has seen every click once.
-    last = max(announced, key=lambda a: a["window_start_ms"])
-    estimator = load_snapshot(settings.batches_dir / last["frequency_state"])
-    assert estimator.step == sum(1 for k in expected if k[2] == 1) == last["frequency_step"]
+    # Each partition's frequency estimator followed its clicks: after its
+    # last batch it has seen every click of the partition once.
+    last = {}
+    for a in sorted(announced, key=lambda a: a["window_start_ms"]):
+        last[a["partition"]] = a
+    steps = [load_snapshot(settings.batches_dir / a["frequency_state"]).step for a in last.values()]
+    assert steps == [a["frequency_step"] for a in last.values()]
+    assert len(last) == settings.streams.partitions and sum(steps) == sum(1 for k in expected if k[2] == 1)
 
     metrics = worker.get("/metrics").decode()
     assert f'freshtower_streams_events_total{{kind="click"}} {float(counts["clicks"])}' in metrics
@@ -178,10 +188,11 @@ def test_a_worker_killed_mid_stream_restarts_without_losing_or_duplicating_a_rec
     assert stats["duplicates"] < 0.1 * sum(counts.values())  # committed offsets kept up with processing
     assert second.stop() == 0
 
-    # One join-state lineage across the restart: the state came back, so no
-    # batch of the first run was taken for another lineage's.
-    writers = {ref.manifest.extras["writer"] for ref in list_batches(settings.batches_dir)}
-    assert len(writers) == 1 and writers.pop().startswith(settings.streams.app_id + ":")
+    # One join-state lineage per partition across the restart: the state
+    # came back, so no batch of the first run was taken for another lineage's.
+    writers = {(ref.manifest.extras["partition"], ref.manifest.extras["writer"]) for ref in list_batches(settings.batches_dir)}
+    assert len(writers) == len({p for p, _ in writers}) == settings.streams.partitions
+    assert all(w.startswith(settings.streams.app_id + ":") for _, w in writers)
     keys = batch_keys(settings.batches_dir)
     duplicated = {k: n for k, n in keys.items() if n > 1}
     assert not duplicated, f"{len(duplicated)} records duplicated, e.g. {list(duplicated.items())[:3]}"
@@ -204,3 +215,111 @@ def test_a_worker_that_cannot_write_its_batches_stops_with_the_reason_and_leaves
     t = settings.topics
     committed, ends = committed_and_end_offsets(settings.bootstrap_servers, settings.streams.app_id, [t.impressions, t.clicks, t.rank_logs])
     assert any((committed[tp] or 0) < ends[tp] for tp in ends)  # what could not be written is read again next time
+
+
+# --- scale-out: workers sharing one consumer group ---------------------------------
+
+# ~3,000 requests: about 13,000 events and 30,000 samples; 30-minute
+# windows keep the file count (windows x partitions) and the reading low.
+SPLIT_WINDOW_SECONDS = 1800
+SPLIT_WORLD = SimulatorConfig(users=600, items=300, topics=10, requests_per_day=3000, seed=21)
+
+
+@pytest.fixture(scope="module")
+def small_day_log(tmp_path_factory):
+    simulator = Simulator(SPLIT_WORLD)
+    path = tmp_path_factory.mktemp("small-day") / "events.jsonl"
+    counts = simulator.write_events(path, [0])
+    expected = expected_samples(simulator, [0])
+    return path, counts, expected, max(s.event_time_ms for s in expected.values())
+
+
+def second_worker_settings(settings):
+    """The same app (consumer group, topics, data directory), its own web port."""
+    return settings.model_copy(update={"streams": settings.streams.model_copy(update={"web_port": free_port()})})
+
+
+def stop_all(workers) -> list[int]:
+    """SIGTERM every worker at once (each takes seconds to leave the group), then wait."""
+    with ThreadPoolExecutor(len(workers)) as pool:
+        return list(pool.map(lambda w: w.stop(), workers))
+
+
+def assert_each_user_in_one_partition_file_set(samples_by_file: dict[int, set[str]]) -> None:
+    owners: dict[str, set[int]] = {}
+    for partition, users in samples_by_file.items():
+        for user in users:
+            owners.setdefault(user, set()).add(partition)
+    assert all(len(p) == 1 for p in owners.values()), "a user's samples are in files of two partitions"
+
+
+def test_two_workers_in_one_group_split_the_partitions_and_write_what_one_would(kafka_broker, tmp_path, small_day_log, worker_factory):
+    path, counts, expected, last_ts = small_day_log
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data", window_seconds=SPLIT_WINDOW_SECONDS)
+    workers = [worker_factory(settings, "a"), worker_factory(second_worker_settings(settings), "b")]
+    everything = set(range(settings.streams.partitions))
+
+    def split(stats_of):
+        return lambda stats: len(stats["partitions"]) > 0 and not set(stats["partitions"]) & set(stats_of().get("partitions") or [])
+
+    # Both in the group and the partitions split between them before the events come.
+    for me, other in ((0, 1), (1, 0)):
+        workers[me].wait_for(split(lambda other=other: workers[other].stats() or {}), 90, "its share of the partitions")
+    owned = [set(w.stats()["partitions"]) for w in workers]
+    assert owned[0] | owned[1] == everything and not owned[0] & owned[1]
+    replay(settings, path)
+    stats = [w.wait_for(finished(last_ts, settings), 120, "every window written") for w in workers]
+
+    assert [set(s["partitions"]) for s in stats] == owned  # no rebalance meanwhile
+    refs = list_batches(settings.batches_dir)
+    samples, users_by_partition = [], {}
+    for ref in refs:  # one batch per window and partition
+        partition = ref.manifest.extras["partition"]
+        assert ref.manifest.file.endswith(f"-p{partition}.tfrecord")
+        in_file = file_samples(ref)
+        samples += in_file
+        users_by_partition.setdefault(partition, set()).update(s.user_id for s in in_file)
+    assert_samples_match(samples, expected)  # every clicked pair once with label 1, every shown one once
+    assert all(s["records_out"] > 0 for s in stats) and sum(s["records_out"] for s in stats) == len(expected)
+    assert sum(s["events_in"] for s in stats) == sum(counts.values())
+    assert all(s["dead_letters"] == 0 and s["late_records"] == 0 for s in stats)
+    assert set(users_by_partition) == everything
+    assert_each_user_in_one_partition_file_set(users_by_partition)
+    announced = [msgspec.json.decode(r.value) for r in read_topic(settings.bootstrap_servers, settings.topics.training_batches)]
+    assert sorted(a["path"] for a in announced) == sorted(f"{r.manifest_path.parent.name}/{r.manifest.file}" for r in refs)
+    assert sum(a["records"] for a in announced) == len(expected)
+
+    assert stop_all(workers) == [0, 0]
+    t = settings.topics
+    committed, ends = committed_and_end_offsets(settings.bootstrap_servers, settings.streams.app_id, [t.impressions, t.clicks, t.rank_logs])
+    assert committed == ends
+
+
+def test_a_worker_joining_mid_stream_takes_over_partitions_with_their_join_state(kafka_broker, tmp_path, small_day_log, worker_factory):
+    path, _, expected, last_ts = small_day_log
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data", window_seconds=SPLIT_WINDOW_SECONDS)
+    first = worker_factory(settings, "first")
+    first.wait_for(lambda s: len(s["partitions"]) == settings.streams.partitions, 90, "all partitions")
+    # The day streams in over ~30 s, longer than a worker takes to start and
+    # join even on a busy machine, so the second one joins mid-stream.
+    replaying = threading.Thread(target=replay, args=(settings, path), kwargs={"speedup": 3000})
+    replaying.start()
+    try:
+        first.wait_for(lambda s: s["records_out"] > 0, 60, "a first batch written")
+        second = worker_factory(second_worker_settings(settings), "second")
+        taken = second.wait_for(lambda s: len(s["partitions"]) > 0, 90, "partitions handed over")
+    finally:
+        replaying.join()
+    assert taken["recovered_open_requests"] > 0  # the moved partitions' join state came along
+    stats = [w.wait_for(finished(last_ts, settings), 120, "every window written") for w in (first, second)]
+    assert set(stats[0]["partitions"]) | set(stats[1]["partitions"]) == set(range(settings.streams.partitions))
+    assert all(s["dead_letters"] == 0 for s in stats)
+
+    keys = batch_keys(settings.batches_dir)
+    duplicated = {k: n for k, n in keys.items() if n > 1}
+    assert not duplicated, f"{len(duplicated)} records duplicated, e.g. {list(duplicated.items())[:3]}"
+    assert set(keys) == set(expected), f"missing {len(set(expected) - set(keys))}, unexpected {len(set(keys) - set(expected))}"
+    # A moved partition keeps its lineage: one per partition, none started anew.
+    writers = {(ref.manifest.extras["partition"], ref.manifest.extras["writer"]) for ref in list_batches(settings.batches_dir)}
+    assert len(writers) == len({p for p, _ in writers}) == settings.streams.partitions
+    assert stop_all([first, second]) == [0, 0]

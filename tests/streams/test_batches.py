@@ -102,6 +102,16 @@ def test_rewriting_a_window_replaces_the_batch(tmp_path):
     assert sorted(p.name for p in (tmp_path / "2026-11-20").iterdir()) == ["000000.json", "000000.tfrecord"]
 
 
+def test_a_window_may_have_several_parts_and_rewriting_one_replaces_only_it(tmp_path):
+    write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(5)], part="p1")
+    write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(2)], part="p0")
+    write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(3)], part="p1")
+    refs = list_batches(tmp_path)
+    assert [(r.manifest.file, r.manifest.records) for r in refs] == [("000000-p0.tfrecord", 2), ("000000-p1.tfrecord", 3)]
+    with pytest.raises(ValueError):
+        write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(0)], part="../p1")  # a name, never a path
+
+
 def test_list_batches_orders_windows_and_ignores_files_without_manifest(tmp_path):
     for minute in (3, 1, 2):
         write_batch(tmp_path, WINDOW + minute * 60_000, WINDOW + (minute + 1) * 60_000, [sample(minute)])

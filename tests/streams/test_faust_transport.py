@@ -9,7 +9,9 @@ from streams.faust_transport import true_end_offsets
 
 def test_end_offsets_come_from_fetch_responses_not_the_brokers_list_offsets(kafka_broker):
     topic = f"end-offsets-{uuid.uuid4().hex[:6]}"
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    # A long linger keeps each ten in one record batch until flush(); without
+    # it a busy machine's sender thread may ship a batch half full.
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, linger_ms=10_000)
     for _ in range(3):  # three record batches of ten
         for n in range(10):
             producer.send(topic, value=b"x", partition=0)

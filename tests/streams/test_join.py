@@ -258,6 +258,27 @@ def test_clicks_that_cannot_join_are_dead_lettered(click_ts, item, code):
     assert [d.code for d in result.dead_letters] == [code]
 
 
+def test_a_request_spread_over_two_partitions_is_dead_lettered():
+    # Each partition is joined on its own, maybe by another worker: a
+    # request's events must share one partition (producers key by user_id).
+    ev = Events()
+    core = JoinCore(SETTINGS, {})
+    result = core.process([ev.impression(T0, partition=0), ev.click(T0 + SECOND, partition=1), ev.rank(T0, partition=2)], T0)
+    assert [d.code for d in result.dead_letters] == ["partition_mismatch", "partition_mismatch"]
+    assert [d.partition for d in result.dead_letters] == [1, 2] and "on partition 0" in result.dead_letters[0].reason
+    assert core.counters["joined_clicks"] == 0
+
+
+def test_a_core_for_one_partition_leaves_the_others_states_alone():
+    ev = Events()
+    requests: dict = {}
+    JoinCore(SETTINGS, requests).process([ev.impression(T0, request="r0", partition=0), ev.impression(T0, request="r1", partition=1)], T0)
+    core = JoinCore(SETTINGS, requests, partition=1)
+    assert core.open_requests == 1
+    closed = core.advance(T0 + 400 * SECOND).closed
+    assert [{s.request_id for s in w.samples} for w in closed] == [{"r1"}]
+
+
 def test_invalid_events_are_dead_lettered_and_the_batch_goes_on():
     ev = Events()
     core = JoinCore(SETTINGS, {})

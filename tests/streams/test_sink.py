@@ -80,6 +80,23 @@ def test_reopening_resumes_the_estimator_and_finds_this_writers_later_batches(tm
     assert [r.window_start_ms for r in list_batches(tmp_path)] == [T0, T0 + 60_000, T0 + 2 * 60_000, T0 + 10 * 60_000]
 
 
+def test_a_partitions_sink_writes_its_own_files_and_resumes_from_them(tmp_path):
+    sinks = {p: BatchSink(tmp_path, f"w{p}", new_estimator(), partition=p) for p in (0, 1)}
+    for p, sink in sinks.items():
+        for n in range(2):
+            announcement = sink.write(closed_window(T0 + n * 60_000, 20, seed=10 * p + n))
+            assert announcement["partition"] == p and announcement["path"].endswith(f"-p{p}.tfrecord")
+    refs = list_batches(tmp_path)
+    assert [(r.window_start_ms, r.manifest.extras["partition"]) for r in refs] == [(T0, 0), (T0, 1), (T0 + 60_000, 0), (T0 + 60_000, 1)]
+    # Partition 1 reopened after its window T0 was closed for good: its own
+    # snapshot, and only its own later batch may be replaced.
+    step = load_snapshot(tmp_path / "2026-11-20" / "000000-p1.freq.npz").step
+    reopened = BatchSink.open(tmp_path, "w1", new_estimator, {"frequency_window_ms": T0, "frequency_step": step}, T0 + 60_000, partition=1)
+    assert reopened.estimator.step == step and reopened.stale_windows == {T0 + 60_000}
+    assert reopened.remove_stale(T0 + 60_000, T0 + 120_000) == [T0 + 60_000]
+    assert [r.manifest.file for r in list_batches(tmp_path)] == ["000000-p0.tfrecord", "000000-p1.tfrecord", "000100-p0.tfrecord"]
+
+
 def test_a_snapshot_that_does_not_match_the_progress_is_refused(tmp_path):
     sink = BatchSink(tmp_path, "w", new_estimator())
     sink.write(closed_window(T0, 20, seed=1))

@@ -167,3 +167,9 @@ def test_partitioned_trainers_split_the_users(data_dir):
     assert whole.stats.samples == halves[0].stats.samples + halves[1].stats.samples
     with pytest.raises(ValueError):
         Partition(2, 2)
+
+
+def test_a_windows_part_files_count_at_that_windows_start():
+    # The streams worker writes one file per input partition: <HHMMSS>-p<k>.
+    minute_one = 1_795_132_860_000  # 2026-11-20 00:01:00 UTC
+    assert OnlineTrainer._window_of("2026-11-20/000100-p3") == OnlineTrainer._window_of("2026-11-20/000100") == minute_one
