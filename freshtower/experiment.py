@@ -170,6 +170,7 @@ class _ArmState:
     trainer: OnlineTrainer | None = None
     last_tick_ms: int = -1
     unpublished: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (click times, trained at)
+    since_ms: int = 0  # freshness counts clicks from the first full release on (before it nothing serves)
     freshness: list[np.ndarray] = field(default_factory=list)
     scores: list[tuple[int, dict[int, float]]] = field(default_factory=list)  # (hour, recall by K)
 
@@ -211,7 +212,7 @@ def run_arms(
     units = units_from(refs, spec, evaluation_start)
     report(f"  {len(units):,} (user, hour) units to score from {_day_name(evaluation_start)}")
 
-    states = [_ArmState(arm) for arm in arms]
+    states = [_ArmState(arm, since_ms=evaluation_start) for arm in arms]
     for state in states:
         if state.arm.online:
             arm_settings = _arm_settings(settings, work_dir / _slug(state.arm.name), batches_dir)
@@ -291,7 +292,8 @@ def _train(state: _ArmState, ref: BatchRef, now: int, spec: FeatureSpec) -> None
     samples = read_batch(ref, spec)
     state.trainer.learn_batch(ref, samples)
     trained_at = now + (time.perf_counter() - started) * 1000
-    state.unpublished.append((samples.event_time_ms.astype(np.int64), trained_at))
+    clicks = samples.event_time_ms.astype(np.int64)
+    state.unpublished.append((clicks[clicks >= state.since_ms], trained_at))
 
 
 def _publish_ticks(state: _ArmState, now: int, flush_units, pending_units: list) -> None:
@@ -319,7 +321,8 @@ def _learnt_by_full(state: _ArmState, model_ref, released_ms: int, refs: list[Ba
     day_ms = _day_ms(model_ref.day)
     for ref in refs:
         if day_ms <= ref.window_start_ms < day_ms + MS_PER_DAY:
-            state.freshness.append((released_ms - read_batch(ref, spec).event_time_ms.astype(np.int64)) / 1000)
+            clicks = read_batch(ref, spec).event_time_ms.astype(np.int64)
+            state.freshness.append((released_ms - clicks[clicks >= state.since_ms]) / 1000)
 
 
 def _full_state(model_ref) -> tuple[object, torch.Tensor]:
@@ -338,10 +341,12 @@ def _arm_settings(settings: Settings, data_dir: Path, batches_dir: Path) -> Sett
 
 def _reveal(model_ref, settings: Settings) -> None:
     """Make a full model visible to an arm's online trainer (its release time has come)."""
-    target = full_models_dir(settings) / model_ref.path.name
+    models = full_models_dir(settings)
+    target = models / model_ref.path.name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
+        models.mkdir(parents=True, exist_ok=True)
         shutil.copytree(model_ref.path, target)
+        (models / "LATEST").write_text(model_ref.version + "\n")
 
 
 def _slug(name: str) -> str:
