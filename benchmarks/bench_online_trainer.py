@@ -20,9 +20,9 @@ import torch
 
 from freshtower.config import load_settings
 from freshtower.simulator import synthetic_click_samples
-from streams.batches import FeatureSpec, list_batches, read_batch, write_batch
+from streams.batches import FeatureSpec, list_batches, write_batch
 from trainer.artifacts import full_models_dir, new_estimator, new_model, save_full_model
-from trainer.online import OnlineTrainer
+from trainer.online import OnlineTrainer, decode_for_training
 
 
 def peak_rss_mib() -> float:
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=16)
     parser.add_argument("--optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sparse_adam"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--hard-fraction", type=float, default=None, help="weight of the hard-negative part (default: the setting's, 0.5); 0: in-batch only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,6 +55,7 @@ def main() -> None:
             "online_optimizer": args.optimizer,
             "checkpoint_every_seconds": 1e9,
             "positive_resampling": {"enabled": False},
+            **({} if args.hard_fraction is None else {"negatives": {"hard_fraction": args.hard_fraction}}),
         },
     )
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}")
@@ -84,10 +86,10 @@ def main() -> None:
 
     spec = FeatureSpec.from_model(settings.model)
     started = time.perf_counter()
-    decoded = [read_batch(r, spec) for r in refs]
+    decoded = [decode_for_training(r, spec) for r in refs]  # what the trainer's prefetch process hands over
     decode_seconds = time.perf_counter() - started
     total = sum(len(d) for d in decoded)
-    print(f"decode only (one process): {total / decode_seconds:,.0f} samples/s")
+    print(f"decode + ID fingerprints only (one process): {total / decode_seconds:,.0f} samples/s")
 
     trainer = OnlineTrainer.start(settings)
     trainer.learn_batch(refs[0], decoded[0])  # warm-up, not timed
