@@ -83,17 +83,37 @@ def replay(
     *,
     speedup: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
     linger_ms: int = 20,
     batch_bytes: int = 256 * 1024,
 ) -> dict[str, int]:
     """Produce the log; return counts per topic. ``speedup`` None: as fast
     as possible; else wait so that event time runs ``speedup`` times faster
     than the wall clock."""
+    events = load_event_log(path, settings)
+    return replay_events(
+        settings, events, speedup=speedup, progress=progress, should_stop=should_stop, linger_ms=linger_ms, batch_bytes=batch_bytes
+    )
+
+
+def replay_events(
+    settings: Settings,
+    events: list[LoggedEvent],
+    *,
+    speedup: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    linger_ms: int = 20,
+    batch_bytes: int = 256 * 1024,
+) -> dict[str, int]:
+    """Produce ``events`` (``load_event_log``'s, in event-time order); return
+    counts per topic. ``progress(sent, total)`` is called every 1000 events
+    and at the end; ``should_stop()`` ends the replay early (what was sent
+    is flushed and counted)."""
     from kafka import KafkaProducer
 
     from streams.topics import ensure_topics
 
-    events = load_event_log(path, settings)
     ensure_topics(settings)
     counts: Counter[str] = Counter()
     failures: list[Exception] = []
@@ -104,6 +124,7 @@ def replay(
         batch_size=batch_bytes,
         client_id="freshtower-replay",
     )
+    sent = 0
     try:
         start_wall = time.monotonic()
         first_ts = events[0].ts if events else 0
@@ -111,15 +132,19 @@ def replay(
         for n, event in enumerate(events):
             if speedup:
                 delay = start_wall + (event.ts - first_ts) / 1000 / speedup - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                while delay > 0 and not should_stop():
+                    time.sleep(min(delay, 0.2))  # in slices: a gap in a slow replay must not delay a stop
+                    delay = start_wall + (event.ts - first_ts) / 1000 / speedup - time.monotonic()
+            if (speedup or n % 256 == 0) and should_stop():
+                break
             producer.send(event.topic, key=event.key, value=event.value).add_errback(failures.append)
             counts[event.topic] += 1
+            sent = n + 1
             if progress is not None and n % 1000 == 0:
                 progress(n, total)
         producer.flush()
         if progress is not None:
-            progress(total, total)
+            progress(sent, total)
     finally:
         producer.close()
     if failures:

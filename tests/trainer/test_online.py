@@ -167,3 +167,26 @@ def test_partitioned_trainers_split_the_users(data_dir):
     assert whole.stats.samples == halves[0].stats.samples + halves[1].stats.samples
     with pytest.raises(ValueError):
         Partition(2, 2)
+
+
+def test_a_caught_up_follower_checkpoints_its_last_batches_without_waiting_for_a_new_one(data_dir):
+    import time
+
+    from trainer.online import checkpoint_path, load_checkpoint
+
+    settings = make_settings(data_dir, training={"checkpoint_every_seconds": 0.2})
+    trainer = OnlineTrainer.start(settings)
+    batches = len(trainer.pending())
+    path = checkpoint_path(settings)
+    deadline = time.monotonic() + 60
+    seen = {}
+
+    def saved_everything() -> bool:
+        # Polled while following: stop once the checkpoint on disk holds every batch.
+        if path.is_file() and trainer.stats.batches == batches:
+            seen.update(load_checkpoint(path)["stats"])
+            return seen["batches"] == batches
+        return time.monotonic() > deadline
+
+    trainer.run(follow=True, poll_seconds=0.05, should_stop=saved_everything, prefetch=False)
+    assert seen.get("batches") == batches and seen["samples"] == trainer.stats.samples > 0
