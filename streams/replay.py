@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import orjson
 
@@ -98,18 +99,20 @@ def replay(
 
 def replay_events(
     settings: Settings,
-    events: list[LoggedEvent],
+    events: Iterable[LoggedEvent],
     *,
     speedup: float | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     linger_ms: int = 20,
     batch_bytes: int = 256 * 1024,
 ) -> dict[str, int]:
-    """Produce ``events`` (``load_event_log``'s, in event-time order); return
-    counts per topic. ``progress(sent, total)`` is called every 1000 events
-    and at the end; ``should_stop()`` ends the replay early (what was sent
-    is flushed and counted)."""
+    """Produce ``events`` (in event-time order, as ``load_event_log`` returns
+    them; any iterable, so a log can be replayed while it is being made);
+    return counts per topic. ``progress(sent, total)`` is called every 1000
+    events and at the end (``total`` None for an iterable without a length);
+    ``should_stop()`` ends the replay early (what was sent is flushed and
+    counted)."""
     from kafka import KafkaProducer
 
     from streams.topics import ensure_topics
@@ -127,9 +130,11 @@ def replay_events(
     sent = 0
     try:
         start_wall = time.monotonic()
-        first_ts = events[0].ts if events else 0
-        total = len(events)
+        first_ts = None
+        total = len(events) if isinstance(events, Sized) else None
         for n, event in enumerate(events):
+            if first_ts is None:
+                start_wall, first_ts = time.monotonic(), event.ts  # the pace starts with the first event
             if speedup:
                 delay = start_wall + (event.ts - first_ts) / 1000 / speedup - time.monotonic()
                 while delay > 0 and not should_stop():
@@ -148,5 +153,5 @@ def replay_events(
     finally:
         producer.close()
     if failures:
-        raise ReplayError(f"{len(failures)} of {len(events)} events were not accepted by the broker; first error: {failures[0]!r}")
+        raise ReplayError(f"{len(failures)} of {sent} events were not accepted by the broker; first error: {failures[0]!r}")
     return dict(counts)
