@@ -122,7 +122,7 @@ def run_settings(
         idle_advance_rate=speedup or 3600.0,
     ).model_copy(update={"web_port": streams_web_port})
     # One torch thread per trainer: six processes share the cores, and torch's
-    # pool waits for all its threads at every op (the full trainer ran 5-20x
+    # pool waits for all its threads at every op (the full trainer ran 2-7x
     # slower with two threads here). Checkpoints every second: an event-time
     # hour passes in 2.5 s.
     training = _unless_set(s.training, checkpoint_every_seconds=1.0, threads=1).model_copy(update={"full_clock": "event"})
@@ -254,6 +254,9 @@ class Pipeline:
                 "red",
             )
             return 1
+        # kafka-python warns when a send waits on the GIL (the simulator thread
+        # holds it for a moment); the replay reports real failures itself.
+        logging.getLogger("kafka").setLevel(logging.ERROR)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         summary, failure = None, None
         try:

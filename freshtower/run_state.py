@@ -243,7 +243,11 @@ def render_summary(s: RunSummary) -> list[str]:
         lines.append(
             f"  recall     user {r.user_id}{' (cold start)' if r.cold_start else ''}: {len(r.items)} items, top {top}; "
             f"releases {r.releases.get('full')} + {r.releases.get('embeddings')}; "
-            f"user row learnt {event_time(r.freshness.get('user_embedding_event_time_ms'))}"
+            + (
+                f"user row learnt {event_time(t)}"
+                if (t := r.freshness.get("user_embedding_event_time_ms"))
+                else "user row as the full model left it"
+            )
         )
     lines.extend(f"  {line}" for line in s.quality)
     if s.logs_dir:
