@@ -176,7 +176,10 @@ def test_a_caught_up_follower_checkpoints_its_last_batches_without_waiting_for_a
 
     settings = make_settings(data_dir, training={"checkpoint_every_seconds": 0.2})
     trainer = OnlineTrainer.start(settings)
+    for ref in trainer.pending()[8:]:
+        ref.manifest_path.unlink()  # a short stream: eight batches, then quiet
     batches = len(trainer.pending())
+    assert batches == 8
     path = checkpoint_path(settings)
     deadline = time.monotonic() + 60
     seen = {}
