@@ -219,6 +219,6 @@ def quality_lines(settings: Settings, until_ms: int) -> list[str]:
         served = float(np.average([r.served for r in rows], weights=weights))
         lines.append(
             f"quality    {day}: next-hour Recall@50 over {len(rows)} hours ({int(weights.sum()):,} user-hours): "
-            f"daily model alone {frozen:.4f}, as served with the embeddings releases {served:.4f}"
+            f"daily model alone {frozen:.4f}, with the embeddings releases learnt before each hour {served:.4f}"
         )
     return lines

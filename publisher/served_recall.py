@@ -1,17 +1,19 @@
 """Next-hour recall of what serving served, from the release store.
 
-For each hour of a day that a full release was followed online (the day
-after its model's day), the clicks of that hour are scored twice with the
-service's own code path (``ServingState``: the release's user tower, ID
-rows and index):
+For each hour that a full release's chain covers (from the day after its
+model's day until the next full release's), the clicks of that hour are
+scored twice with the service's own code path (``ServingState``: the
+release's user tower, ID rows and index):
 
 - **served**: the full release plus every embeddings release of its chain
   whose learnt data ends before the hour starts (``checkpoint_event_time_ms``),
   i.e. what the pipeline had published from the clicks before the hour;
 - **frozen**: the full release alone, the daily model as it was trained.
 
-The gap is what fresh user ID embeddings bought. ``freshtower run`` prints
-it in its summary (it keeps every release of the run for this).
+The gap is what fresh user ID embeddings bought. Hours are matched to
+releases in event time (what was learnt before the hour), not by the wall
+time a release went live, which a fast replay stretches. ``freshtower
+run`` prints it in its summary (it keeps every release of the run for this).
 """
 
 from __future__ import annotations
@@ -57,51 +59,58 @@ def state_recall(state: ServingState, holdout: Holdout, k: int) -> float:
     return ranking_metrics(retrieved, relevant, (k,))[f"recall@{k}"]
 
 
-def _hours(refs: list[BatchRef], spec: FeatureSpec, day_start_ms: int, until_ms: int) -> list[tuple[int, Holdout]]:
-    """The clicks of each hour of the day (by batch window) that ends by
-    ``until_ms``, each file read once."""
+def _hours(refs: list[BatchRef], spec: FeatureSpec, start_ms: int, end_ms: int) -> list[tuple[int, Holdout]]:
+    """The clicks of each whole hour in [start_ms, end_ms) (by batch
+    window), each file read once."""
     by_hour: dict[int, list[BatchRef]] = defaultdict(list)
     for ref in refs:
         hour = ref.window_start_ms - ref.window_start_ms % HOUR_MS
-        if day_start_ms <= ref.window_start_ms < day_start_ms + DAY_MS and hour + HOUR_MS <= until_ms:
+        if start_ms <= hour and hour + HOUR_MS <= end_ms:
             by_hour[hour].append(ref)
     hours = []
-    for start in sorted(by_hour):
-        holdout = holdout_from_samples(SampleColumns.concat([read_batch(r, spec) for r in by_hour[start]], spec))
+    for hour in sorted(by_hour):
+        holdout = holdout_from_samples(SampleColumns.concat([read_batch(r, spec) for r in by_hour[hour]], spec))
         if len(holdout):
-            hours.append((start, holdout))
+            hours.append((hour, holdout))
     return hours
+
+
+def _followed_from(release: Release) -> int:
+    """A full release serves from the day after its model's day (00:00 UTC, ms)."""
+    model_day_start = int(release.manifest["event_time"]["start_ms"])
+    return model_day_start - model_day_start % DAY_MS + DAY_MS
 
 
 def served_recall_by_hour(
     store: ReleaseStore, refs: list[BatchRef], spec: FeatureSpec, *, until_ms: int, k: int = 50
 ) -> dict[str, list[HourRecall]]:
-    """Per followed day (``YYYY-MM-DD``), next-hour Recall@k of the served
-    state and of the frozen full release, for every hour that ends by
-    ``until_ms`` (event time, ms)."""
+    """Per day (``YYYY-MM-DD``), next-hour Recall@k of the served state and
+    of the frozen full release, for every hour that ends by ``until_ms``
+    (event time, ms). A full release's chain is scored from the day after
+    its model's day until the next full release takes over (a refused
+    model leaves the previous chain serving)."""
     releases = store.list()
     chains: dict[str, list[Release]] = defaultdict(list)
     for release in releases:
         if release.kind == "embeddings":
             chains[release.manifest["full_version"]].append(release)
-    result: dict[str, list[HourRecall]] = {}
-    for root in (r for r in releases if r.kind == "full"):
-        model_day_start = int(root.manifest["event_time"]["start_ms"])
-        day_start = model_day_start - model_day_start % DAY_MS + DAY_MS  # the day after the model's
-        hours = _hours(refs, spec, day_start, until_ms)
+    roots = [r for r in releases if r.kind == "full"]
+    result: dict[str, list[HourRecall]] = defaultdict(list)
+    for n, root in enumerate(roots):
+        end = min(until_ms, _followed_from(roots[n + 1])) if n + 1 < len(roots) else until_ms
+        hours = _hours(refs, spec, _followed_from(root), end)
         if not hours:
             continue
         frozen = served = load_state(store, root.version)
         pending = sorted(chains[root.version], key=lambda r: r.sequence)
-        rows = []
         for start, holdout in hours:
             while pending and int(pending[0].manifest["checkpoint_event_time_ms"]) <= start:
                 if pending[0].parent != served.version:
                     break  # a rollback split the chain: keep what was served
                 served = load_state(store, pending.pop(0).version, current=served)
-            rows.append(HourRecall(start, len(holdout), state_recall(frozen, holdout, k), state_recall(served, holdout, k), served.version))
-        result[_day_name(day_start)] = rows
-    return result
+            row = HourRecall(start, len(holdout), state_recall(frozen, holdout, k), state_recall(served, holdout, k), served.version)
+            result[_day_name(start)].append(row)
+    return dict(result)
 
 
 def _day_name(ms: int) -> str:
