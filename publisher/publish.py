@@ -231,11 +231,12 @@ class Publisher:
 
     # --- one tick ---------------------------------------------------------------
 
-    def tick(self, now_s: float | None = None) -> list[PublishOutcome]:
-        """Full release if a new full model is there, then a delta if due,
-        then the topic. ``now_s`` is wall time (seconds), passed in for tests."""
+    def tick(self, now_s: float | None = None, *, force_delta: bool = False) -> list[PublishOutcome]:
+        """Full release if a new full model is there, then a delta if due (or
+        if there are changed rows at all, with ``force_delta``), then the
+        topic. ``now_s`` is wall time (seconds), passed in for tests."""
         now_s = time.time() if now_s is None else now_s
-        outcomes = [self.publish_full_if_new(now_s), self.publish_delta_if_due(now_s)]
+        outcomes = [self.publish_full_if_new(now_s), self.publish_delta_if_due(now_s, force=force_delta)]
         self.send_pending_to_topic()
         return outcomes
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import orjson
 
@@ -83,17 +84,39 @@ def replay(
     *,
     speedup: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
     linger_ms: int = 20,
     batch_bytes: int = 256 * 1024,
 ) -> dict[str, int]:
     """Produce the log; return counts per topic. ``speedup`` None: as fast
     as possible; else wait so that event time runs ``speedup`` times faster
     than the wall clock."""
+    events = load_event_log(path, settings)
+    return replay_events(
+        settings, events, speedup=speedup, progress=progress, should_stop=should_stop, linger_ms=linger_ms, batch_bytes=batch_bytes
+    )
+
+
+def replay_events(
+    settings: Settings,
+    events: Iterable[LoggedEvent],
+    *,
+    speedup: float | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    linger_ms: int = 20,
+    batch_bytes: int = 256 * 1024,
+) -> dict[str, int]:
+    """Produce ``events`` (in event-time order, as ``load_event_log`` returns
+    them; any iterable, so a log can be replayed while it is being made);
+    return counts per topic. ``progress(sent, total)`` is called every 1000
+    events and at the end (``total`` None for an iterable without a length);
+    ``should_stop()`` ends the replay early (what was sent is flushed and
+    counted)."""
     from kafka import KafkaProducer
 
     from streams.topics import ensure_topics
 
-    events = load_event_log(path, settings)
     ensure_topics(settings)
     counts: Counter[str] = Counter()
     failures: list[Exception] = []
@@ -104,24 +127,31 @@ def replay(
         batch_size=batch_bytes,
         client_id="freshtower-replay",
     )
+    sent = 0
     try:
         start_wall = time.monotonic()
-        first_ts = events[0].ts if events else 0
-        total = len(events)
+        first_ts = None
+        total = len(events) if isinstance(events, Sized) else None
         for n, event in enumerate(events):
+            if first_ts is None:
+                start_wall, first_ts = time.monotonic(), event.ts  # the pace starts with the first event
             if speedup:
                 delay = start_wall + (event.ts - first_ts) / 1000 / speedup - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                while delay > 0 and not should_stop():
+                    time.sleep(min(delay, 0.2))  # in slices: a gap in a slow replay must not delay a stop
+                    delay = start_wall + (event.ts - first_ts) / 1000 / speedup - time.monotonic()
+            if (speedup or n % 256 == 0) and should_stop():
+                break
             producer.send(event.topic, key=event.key, value=event.value).add_errback(failures.append)
             counts[event.topic] += 1
+            sent = n + 1
             if progress is not None and n % 1000 == 0:
                 progress(n, total)
         producer.flush()
         if progress is not None:
-            progress(total, total)
+            progress(sent, total)
     finally:
         producer.close()
     if failures:
-        raise ReplayError(f"{len(failures)} of {len(events)} events were not accepted by the broker; first error: {failures[0]!r}")
+        raise ReplayError(f"{len(failures)} of {sent} events were not accepted by the broker; first error: {failures[0]!r}")
     return dict(counts)

@@ -10,7 +10,7 @@ runner = CliRunner()
 
 
 def test_every_command_has_help():
-    for args in (["--help"], ["train", "--help"], ["train", "full", "--help"], ["train", "online", "--help"], ["simulate", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["train", "full", "--help"], ["train", "online", "--help"], ["simulate", "--help"], ["run", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output

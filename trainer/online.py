@@ -127,6 +127,7 @@ class OnlineTrainer:
         self.stats = OnlineStats()
         self._fork(base)
         self._last_checkpoint = time.monotonic()
+        self._unsaved_batches = 0  # trained since the last checkpoint
 
     # --- forking and re-basing --------------------------------------------------
 
@@ -202,6 +203,7 @@ class OnlineTrainer:
         report = BatchReport(ref.window_start_ms, trained, seconds, float(np.mean(losses)) if losses else None)
         self.stats.batches += 1
         self.stats.samples += trained
+        self._unsaved_batches += 1
         self.stats.train_seconds += seconds
         self.stats.recent = (self.stats.recent + [report])[-100:]
         return report
@@ -263,6 +265,11 @@ class OnlineTrainer:
                 if not follow or (max_batches is not None and trained >= max_batches):
                     break
                 if not pending:
+                    # Caught up: the last batches of a quiet stream must not
+                    # wait for the next batch to reach the checkpoint (and the
+                    # publisher); the period still bounds how often it is written.
+                    if self._unsaved_batches:
+                        self._maybe_checkpoint()
                     time.sleep(poll_seconds)
         finally:
             reader.close()
@@ -315,6 +322,8 @@ class OnlineTrainer:
             "learner_steps": int(self.learner.steps),
             "rng_state": self.learner.rng.bit_generator.state,
             "written_at": time.time(),
+            # this process's figures so far, for monitoring (`freshtower run`'s summary)
+            "stats": {"batches": self.stats.batches, "samples": self.stats.samples, "rebases": self.stats.rebases},
         }
         path = checkpoint_path(self.settings, self.partition)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +338,7 @@ class OnlineTrainer:
         finally:
             os.close(dir_fd)
         self._last_checkpoint = time.monotonic()
+        self._unsaved_batches = 0
         self.stats.checkpoints += 1
         return path
 

@@ -114,6 +114,9 @@ def test_event_clock_releases_when_event_time_has_moved_an_interval(data_dir):
         last = publisher.store.active().manifest["checkpoint_event_time_ms"]
         train_online(settings, 1)
         assert publisher.publish_delta_if_due(now_s=0.0).status == "skipped"  # 10 minutes of events: not due
+        # The end of a replayed log: what was learnt goes out although not due.
+        assert [o.status for o in publisher.tick(now_s=0.0, force_delta=True)] == ["skipped", "published"]
+        last = publisher.store.active().manifest["checkpoint_event_time_ms"]
         train_online(settings, 3)
         newest = load_checkpoint(checkpoint_path(settings))["newest_event_time_ms"]
         assert newest - last >= 1_800_000

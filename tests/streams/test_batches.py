@@ -96,6 +96,7 @@ def test_missing_side_features_read_as_unknown(tmp_path):
 
 def test_rewriting_a_window_replaces_the_batch(tmp_path):
     write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(5)])
+    assert list_batches(tmp_path)[0].manifest.records == 5  # parsed and cached
     write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(n) for n in range(3)])
     refs = list_batches(tmp_path)
     assert len(refs) == 1 and refs[0].manifest.records == 3

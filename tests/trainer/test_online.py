@@ -173,3 +173,29 @@ def test_a_windows_part_files_count_at_that_windows_start():
     # The streams worker writes one file per input partition: <HHMMSS>-p<k>.
     minute_one = 1_795_132_860_000  # 2026-11-20 00:01:00 UTC
     assert OnlineTrainer._window_of("2026-11-20/000100-p3") == OnlineTrainer._window_of("2026-11-20/000100") == minute_one
+
+
+def test_a_caught_up_follower_checkpoints_its_last_batches_without_waiting_for_a_new_one(data_dir):
+    import time
+
+    from trainer.online import checkpoint_path, load_checkpoint
+
+    settings = make_settings(data_dir, training={"checkpoint_every_seconds": 0.2})
+    trainer = OnlineTrainer.start(settings)
+    for ref in trainer.pending()[8:]:
+        ref.manifest_path.unlink()  # a short stream: eight batches, then quiet
+    batches = len(trainer.pending())
+    assert batches == 8
+    path = checkpoint_path(settings)
+    deadline = time.monotonic() + 60
+    seen = {}
+
+    def saved_everything() -> bool:
+        # Polled while following: stop once the checkpoint on disk holds every batch.
+        if path.is_file() and trainer.stats.batches == batches:
+            seen.update(load_checkpoint(path)["stats"])
+            return seen["batches"] == batches
+        return time.monotonic() > deadline
+
+    trainer.run(follow=True, poll_seconds=0.05, should_stop=saved_everything, prefetch=False)
+    assert seen.get("batches") == batches and seen["samples"] == trainer.stats.samples > 0

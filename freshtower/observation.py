@@ -1,0 +1,224 @@
+"""What ``freshtower run`` reads about its parts, from the disk (batches,
+full models, the online checkpoint, the release store) and the parts' HTTP
+endpoints (the streams worker's ``/stats``, the service's ``/v1/releases``
+and ``/v1/recall``), into ``run_state``'s records. The rules and the text
+are in ``run_state.py``; this is only the reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import date
+
+from freshtower.config import Settings
+from freshtower.run_state import ActiveRelease, FullModelLine, RecallSample, Settled
+
+log = logging.getLogger(__name__)
+
+
+def get_json(url: str, timeout: float = 1.0, body: dict | None = None) -> dict | None:
+    """GET (or POST ``body``) ``url``; the JSON answer, ``{"status": code}``
+    for an HTTP error, None when nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return {"status": error.code}
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Releases:
+    full: int  # published by the publisher (activations), by kind
+    embeddings: int
+    active: ActiveRelease | None
+
+
+def releases(settings: Settings) -> Releases:
+    from publisher.releases import ReleaseError, ReleaseStore
+
+    store = ReleaseStore(settings.releases_dir)
+    counts = {"full": 0, "embeddings": 0}
+    for entry in store.activations():
+        if entry.get("by") == "publisher" and entry.get("kind") in counts:
+            counts[entry["kind"]] += 1
+    try:
+        active = store.active()
+    except ReleaseError:
+        active = None  # the pointer is being replaced: look again next time
+    return Releases(counts["full"], counts["embeddings"], None if active is None else active_release(active))
+
+
+def active_release(release) -> ActiveRelease:
+    m = release.manifest
+    return ActiveRelease(
+        release.version, release.kind, release.model_version, int(m["newest_click_event_time_ms"]), int(m["checkpoint_event_time_ms"])
+    )
+
+
+def full_model_versions(settings: Settings) -> tuple[str, ...]:
+    from trainer.artifacts import full_models_dir, list_full_models
+
+    return tuple(m.version for m in list_full_models(full_models_dir(settings)))
+
+
+def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled:
+    """The facts of the completion rule that matter once the replay has
+    ended (``run_state.unfinished``); reads every batch manifest."""
+    from publisher.publish import delta_due, online_checkpoints, rows_to_publish
+    from publisher.releases import ReleaseError, ReleaseStore
+    from streams.batches import list_batches
+    from trainer.artifacts import ArtifactError, full_models_dir, is_refused, list_full_models, servable_full_model
+    from trainer.online import load_checkpoint
+    from trainer.schedule import day_of, days_due
+
+    s = settings
+    refs = list_batches(s.batches_dir)
+    models = full_models_dir(s)
+    trained = {date.fromisoformat(m.day) for m in list_full_models(models)}
+    now = refs[-1].manifest.window_end_ms if refs else 0  # the daily trainer's event clock
+    due = days_due({day_of(r.window_start_ms) for r in refs}, trained, now, int(s.training.full_delay_seconds * 1000))
+    servable = servable_full_model(models)
+    store = ReleaseStore(s.releases_dir)
+    try:
+        active = store.active()
+    except ReleaseError:
+        active = None
+    handled = servable is not None and (
+        is_refused(servable) or any(e.get("kind") == "full" and e.get("model_version") == servable.version for e in store.activations())
+    )
+    bases, windows, pending, pending_due = set(), [], 0, False
+    for name, path in online_checkpoints(s.online_dir).items():
+        try:
+            checkpoint = load_checkpoint(path)
+        except ArtifactError:
+            bases.add(None)  # being replaced: look again next second
+            continue
+        bases.add(checkpoint["base_version"])
+        windows.append(int(checkpoint["newest_window_ms"]))
+        if active is None or checkpoint["base_version"] != active.model_version:
+            continue
+        # What the publisher would put in its next embeddings release, and
+        # whether its own schedule says that release is due.
+        row_ids = ["" if r is None else r for r in checkpoint["user_ids"]["row_ids"]]
+        since = int(active.manifest["online_steps"].get(name, 0))
+        step = int(checkpoint["step"])
+        rows = len(rows_to_publish(checkpoint["row_updated_step"].numpy(), row_ids, since, step < since))
+        pending += rows
+        if rows and not pending_due:
+            pending_due = active.kind == "full" or delta_due(
+                s.publisher.clock,
+                s.publisher.publish_interval_seconds,
+                now_s=time.time(),
+                last_release_s=float(active.manifest["created_at"]),
+                newest_event_ms=int(checkpoint["newest_event_time_ms"]),
+                last_event_ms=int(active.manifest["checkpoint_event_time_ms"]),
+            )
+    st = s.streams
+    return Settled(
+        # the last impression's label-0 samples land join_window later, and
+        # their window closes once the watermark passes its end plus the lateness
+        streams_done_ms=int(last_event_ms + (st.join_window_seconds + st.window_seconds + st.allowed_lateness_seconds) * 1000),
+        newest_batch_start_ms=refs[-1].window_start_ms if refs else None,
+        days_due=tuple(d.isoformat() for d in due),
+        servable_model=None if servable is None else servable.version,
+        servable_model_handled=handled,
+        checkpoint_base=bases.pop() if len(bases) == 1 else None,
+        checkpoint_newest_window_ms=min(windows) if windows else None,
+        rows_pending=pending,
+        rows_pending_due=pending_due,
+        serving=(get_json(service_url + "/v1/releases") or {}).get("serving"),
+    )
+
+
+# --- for the summary ---------------------------------------------------------------------
+
+
+def batch_figures(settings: Settings) -> tuple[int, dict[str, int], int, int]:
+    """(batches, batches per day, records, clicked records)."""
+    from streams.batches import list_batches
+
+    refs = list_batches(settings.batches_dir)
+    per_day: dict[str, int] = {}
+    for ref in refs:
+        day = ref.manifest_path.parent.name
+        per_day[day] = per_day.get(day, 0) + 1
+    return len(refs), per_day, sum(r.manifest.records for r in refs), sum(r.manifest.positives for r in refs)
+
+
+def full_model_lines(settings: Settings) -> list[FullModelLine]:
+    from publisher.releases import ReleaseStore
+    from trainer.artifacts import REFUSED_NOTE, full_models_dir, is_refused, list_full_models
+
+    released = {e["model_version"]: e["version"] for e in ReleaseStore(settings.releases_dir).activations() if e.get("kind") == "full"}
+    lines = []
+    for m in list_full_models(full_models_dir(settings)):
+        metrics = m.manifest.get("metrics", {})
+        refused = json.loads((m.path / REFUSED_NOTE).read_text()).get("reason") if is_refused(m) else None
+        recall = metrics.get("exact", {}).get("recall@50")
+        lines.append(FullModelLine(m.version, int(metrics.get("train_samples", 0)), recall, released.get(m.version), refused))
+    return lines
+
+
+def online_figures(settings: Settings) -> dict:
+    """The online checkpoint's figures (batches, samples, re-bases, base)."""
+    from publisher.publish import online_checkpoints
+    from trainer.online import load_checkpoint
+
+    figures: dict = {}
+    for path in online_checkpoints(settings.online_dir).values():
+        checkpoint = load_checkpoint(path)
+        for key, value in checkpoint.get("stats", {}).items():
+            figures[key] = figures.get(key, 0) + value
+        figures["base"] = checkpoint["base_version"]
+    return figures
+
+
+def recall_sample(service_url: str, user_id: str, features: dict, k: int = 10) -> RecallSample | None:
+    answer = get_json(service_url + "/v1/recall", timeout=10, body={"user_id": user_id, "user_features": features, "k": k})
+    if not answer or "items" not in answer:
+        log.warning("sample recall request for %s failed: %s", user_id, answer)
+        return None
+    return RecallSample(
+        user_id, [(i["item_id"], i["score"]) for i in answer["items"]], answer["cold_start"], answer["releases"], answer["freshness"]
+    )
+
+
+def quality_lines(settings: Settings, until_ms: int) -> list[str]:
+    """Next-hour Recall@50 of what was served vs the daily model alone
+    (``publisher/served_recall.py``), per followed day, over the hours that
+    end by ``until_ms``."""
+    import numpy as np
+    import torch
+
+    from publisher.releases import ReleaseStore
+    from publisher.served_recall import served_recall_by_hour
+    from streams.batches import FeatureSpec, list_batches
+
+    torch.set_num_threads(1)  # small matrices: a second thread only waits
+    s = settings
+    try:
+        by_day = served_recall_by_hour(
+            ReleaseStore(s.releases_dir), list_batches(s.batches_dir), FeatureSpec.from_model(s.model), until_ms=until_ms
+        )
+    except Exception as error:  # a figure for the summary, never a reason to fail the run
+        log.exception("next-hour recall of the served releases")
+        return [f"quality    not computed: {error}"]
+    lines = []
+    for day, rows in by_day.items():
+        weights = np.array([r.users for r in rows], dtype=float)
+        frozen = float(np.average([r.frozen for r in rows], weights=weights))
+        served = float(np.average([r.served for r in rows], weights=weights))
+        lines.append(
+            f"quality    {day}: next-hour Recall@50 over {len(rows)} hours ({int(weights.sum()):,} user-hours): "
+            f"daily model alone {frozen:.4f}, with the embeddings releases learnt before each hour {served:.4f}"
+        )
+    return lines
