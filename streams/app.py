@@ -119,6 +119,7 @@ class StreamProcessor:
         self.in_flight: collections.deque = collections.deque()  # (delivery futures, messages) not acked yet
         self.last_batch_end = time.monotonic()
         self.last_idle_tick: float | None = None
+        self._caught_up_since: dict = {}  # topic partition -> when it was first seen read to its end
         self.last_log = time.monotonic()
         self.busy_seconds = 0.0  # time spent in the agent (benchmarks: events_in / busy_seconds)
         self.micro_batches = 0
@@ -197,6 +198,26 @@ class StreamProcessor:
         for start in range(0, len(messages), size):
             await self._process(messages[start : start + size])
 
+    def _idle_sources(self, caught_up) -> set:
+        """Topic partitions read to their end for ``idle_seconds`` (wall).
+
+        Only these leave the watermark. The moment a partition catches up is
+        not enough: a producer writes a request's rank log, impression and
+        click to three topics a moment apart, and a rank-logs partition
+        dropped from the watermark as soon as it was read to its end let the
+        clicks close a window before the rank log (its hard negatives)
+        arrived; in a fast replay, the allowed lateness is milliseconds of
+        wall time."""
+        now = time.monotonic()
+        since = self._caught_up_since
+        for tp in list(since):
+            if tp not in caught_up:
+                del since[tp]
+        for tp in caught_up:
+            since.setdefault(tp, now)
+        grace = self.settings.streams.idle_seconds
+        return {tp for tp, t in since.items() if now - t >= grace}
+
     async def _process(self, messages) -> None:
         async with self.lock:
             started = time.monotonic()
@@ -208,7 +229,7 @@ class StreamProcessor:
             for m in messages:
                 processed[m.topic, m.partition] = m.offset + 1
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, processed)
-            results = self.join.process(messages, _wall_ms(), assigned, caught_up)
+            results = self.join.process(messages, _wall_ms(), assigned, self._idle_sources(caught_up))
             # Acked = may be committed, so only once its changelog records,
             # dead letters and announcements are on the broker (a failed
             # delivery raises and stops the worker, unacked). The next
