@@ -171,6 +171,7 @@ class _ArmState:
     last_tick_ms: int = -1
     unpublished: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (click times, trained at)
     since_ms: int = 0  # freshness counts clicks from the first full release on (before it nothing serves)
+    learnt: set = field(default_factory=set)  # batches whose clicks were learnt once (a re-base re-learns some)
     freshness: list[np.ndarray] = field(default_factory=list)
     scores: list[tuple[int, dict[int, float]]] = field(default_factory=list)  # (hour, recall by K)
 
@@ -293,6 +294,10 @@ def _train(state: _ArmState, ref: BatchRef, now: int, spec: FeatureSpec) -> None
     state.trainer.learn_batch(ref, samples)
     trained_at = now + (time.perf_counter() - started) * 1000
     clicks = samples.event_time_ms.astype(np.int64)
+    key = batch_key(ref)
+    if key in state.learnt:  # caught up again after a re-base: its clicks reached serving already
+        clicks = clicks[:0]
+    state.learnt.add(key)
     state.unpublished.append((clicks[clicks >= state.since_ms], trained_at))
 
 
