@@ -4,6 +4,7 @@ trainer's maths) and end to end from TFRecord batch files (decode in a
 background process + training), beside the raw decode rate of the same files.
 
     python benchmarks/bench_online_trainer.py --users 1000000 --dim 64 --batch 1024
+    python benchmarks/bench_online_trainer.py --item-exponent 0   # every in-batch item distinct
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from freshtower.config import load_settings
@@ -40,6 +42,10 @@ def main() -> None:
     parser.add_argument("--optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sparse_adam"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--hard-fraction", type=float, default=None, help="weight of the hard-negative part (default: the setting's, 0.5); 0: in-batch only")
+    parser.add_argument(
+        "--item-exponent", type=float, default=1.3,
+        help="Zipf exponent of clicked items (default 1.3); 0: uniform, so nearly every in-batch item is distinct (the worst case)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,7 +67,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}")
     print(f"settings: users={args.users} items={args.items} dim={args.dim} batch={args.batch} samples={args.samples} "
           f"files={args.files} loss=listwise in-batch + logQ, hard_fraction={settings.training.negatives.hard_fraction}, "
-          f"optimizer={args.optimizer}")
+          f"optimizer={args.optimizer} item_exponent={args.item_exponent or 'uniform'}")
 
     start_ms = 1_790_000_000_000 - 1_790_000_000_000 % 60_000
     started = time.perf_counter()
@@ -79,7 +85,9 @@ def main() -> None:
     per_file = args.samples // args.files
     started = time.perf_counter()
     for f in range(args.files):
-        samples = synthetic_click_samples(per_file, args.users, args.items, start_ms + f * 60_000, 60_000, seed=f)
+        samples = synthetic_click_samples(
+            per_file, args.users, args.items, start_ms + f * 60_000, 60_000, seed=f, item_exponent=args.item_exponent or None
+        )
         write_batch(settings.batches_dir, start_ms + f * 60_000, start_ms + (f + 1) * 60_000, samples)
     refs = list_batches(settings.batches_dir)
     print(f"setup: {len(refs)} batch files x {per_file} clicks written in {time.perf_counter() - started:.1f} s")
@@ -90,6 +98,9 @@ def main() -> None:
     decode_seconds = time.perf_counter() - started
     total = sum(len(d) for d in decoded)
     print(f"decode + ID fingerprints only (one process): {total / decode_seconds:,.0f} samples/s")
+    # The in-batch softmax has one column per distinct item (see trainer/losses.py), so its cost follows this.
+    distinct = [len(set(d.item_ids[s : s + args.batch])) for d in decoded for s in range(0, len(d) - args.batch + 1, args.batch)]
+    print(f"distinct items per minibatch of {args.batch}: mean {np.mean(distinct):.0f}, min {min(distinct)}, max {max(distinct)}")
 
     trainer = OnlineTrainer.start(settings)
     trainer.learn_batch(refs[0], decoded[0])  # warm-up, not timed
@@ -101,11 +112,16 @@ def main() -> None:
     print(f"online trainer, decoded samples in memory: {in_memory:,.0f} samples/s ({seconds:.1f} s)")
 
     trainer = OnlineTrainer.start(settings)  # fresh fork: position back at the first batch
+    finished: list[tuple[float, int]] = []  # (time, samples) as each file is learnt
     started = time.perf_counter()
-    stats = trainer.run(prefetch=True)
+    stats = trainer.run(prefetch=True, on_batch=lambda report: finished.append((time.perf_counter(), report.samples)))
     seconds = time.perf_counter() - started
-    print(f"online trainer, end to end from files (decode prefetched in a 2nd process): "
-          f"{stats.samples / seconds:,.0f} samples/s ({stats.batches} files, {seconds:.1f} s incl. final checkpoint)")
+    # Steady state: from the first file learnt to the last (the decode process is up and ahead);
+    # the total adds starting that process, the first file's decode and the final checkpoint.
+    steady = sum(n for _, n in finished[1:]) / (finished[-1][0] - finished[0][0])
+    print(f"online trainer, end to end from files (decode prefetched in a 2nd process): {steady:,.0f} samples/s steady; "
+          f"{stats.samples / seconds:,.0f} samples/s over the whole run ({stats.batches} files, {seconds:.1f} s incl. "
+          f"{finished[0][0] - started:.1f} s to the first file learnt and the final checkpoint)")
     started = time.perf_counter()
     trainer.checkpoint()
     print(f"checkpoint of {args.users} rows: {time.perf_counter() - started:.2f} s, "

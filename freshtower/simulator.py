@@ -369,14 +369,19 @@ def synthetic_click_samples(
     span_ms: int,
     seed: int = 0,
     hard_negatives: int = 8,
+    item_exponent: float | None = 1.3,
 ) -> list[Sample]:
     """``count`` clicked samples over ``users`` x ``items`` with Zipf-like
     popularity on both sides, in time order: volume for benchmarks, where
-    the simulator's per-request realism would cost minutes to generate."""
+    the simulator's per-request realism would cost minutes to generate.
+    ``item_exponent`` is the items' Zipf exponent; None draws them uniformly."""
     rng = np.random.default_rng(seed)
     user_draws = np.minimum(rng.zipf(1.2, size=count) - 1, users - 1)
     user_draws = (user_draws * 2654435761 + rng.integers(0, users, size=count) * (rng.random(count) < 0.5)) % users
-    item_draws = np.minimum(rng.zipf(1.3, size=count) - 1, items - 1)
+    if item_exponent is None:
+        item_draws = rng.integers(0, items, size=count)
+    else:
+        item_draws = np.minimum(rng.zipf(item_exponent, size=count) - 1, items - 1)
     hard = rng.integers(0, items, size=(count, hard_negatives))
     times = start_ms + np.sort(rng.integers(0, span_ms, size=count))
     categorical = [

@@ -39,17 +39,23 @@ class FingerprintTable:
     def get(self, keys: np.ndarray) -> np.ndarray:
         """Values of ``keys`` (-1 where absent)."""
         keys = np.asarray(keys, dtype=np.uint64)
-        result = np.full(len(keys), -1, dtype=np.int64)
-        pending = np.arange(len(keys))
         slots = self._slots(keys)
+        # The first probe round over all keys at once, without index lists:
+        # it settles most keys, so later rounds see only the few that probe on.
+        stored = self._keys[slots]
+        found = stored == keys
+        result = np.where(found, self._values[slots], -1)
+        pending = np.flatnonzero(~found & (stored != _EMPTY))
+        slots = slots[pending]
         mask = len(self._keys) - 1
         while len(pending):
+            slots = (slots + 1) & mask
             stored = self._keys[slots]
             found = stored == keys[pending]
             result[pending[found]] = self._values[slots[found]]
             probing = ~found & (stored != _EMPTY)
             pending = pending[probing]
-            slots = (slots[probing] + 1) & mask
+            slots = slots[probing]
         return result
 
     def put(self, keys: np.ndarray, values: np.ndarray) -> None:

@@ -178,7 +178,11 @@ class Learner:
     def _forward(self, positives: SampleColumns, probabilities: np.ndarray):
         model = self.model
         user_inputs = model.user_inputs(
-            positives.user_ids, positives.user_categorical, positives.user_numeric, positives.user_id_fingerprints()
+            positives.user_ids,
+            positives.user_categorical,
+            positives.user_numeric,
+            positives.user_id_fingerprints(),
+            positives.user_categorical_value_fingerprints(),
         )
         positive_items = model.catalogue.indices(positives.item_ids, positives.item_id_fingerprints())  # observe added them
         user_vectors = model.user_tower(user_inputs, sparse=True)  # (B, D)
@@ -238,7 +242,9 @@ class Learner:
         model = self.model
         users, items = positives.user_id_fingerprints(), positives.item_id_fingerprints()
         if self.trainable == "all":
-            new_rows = model.observe_users(positives.user_ids, positives.user_categorical, day, users)
+            new_rows = model.observe_users(
+                positives.user_ids, positives.user_categorical, day, users, positives.user_categorical_value_fingerprints()
+            )
             new_rows.update(model.observe_items(positives.item_ids, positives.item_categorical, day, items))
         else:
             # Online, only user ID rows learn: new users get rows, unseen

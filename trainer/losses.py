@@ -72,89 +72,103 @@ def in_batch_softmax_loss(
     every worker's batch: ``targets`` (B,) then gives each row's own column,
     ``positive_keys`` (B,) its item key and ``candidate_mask`` (N,) the real
     (not padding) columns.
+
+    Columns with equal keys must be copies of one item (same vector, same
+    probability). In-batch (no ``targets``), each distinct item becomes one
+    column weighted by its count (see ``_distinct_columns``), and the
+    gradient of its copies lands on its first copy.
     """
     b, n = user_vectors.shape[0], item_vectors.shape[0]
+    if n == 0:
+        raise ValueError("in-batch softmax needs at least one candidate")
     column_bias = None  # (N,) added to every row's logits
     if item_probabilities is not None:
         column_bias = -torch.log(item_probabilities.clamp(1e-6, 1.0))  # the logQ correction
+    if item_keys is not None and targets is None and positive_keys is None and candidate_mask is None:
+        return _distinct_columns(user_vectors, item_vectors, 1.0 / temperature, column_bias, item_keys)
     if candidate_mask is not None:
         padding = torch.where(candidate_mask, 0.0, _MASKED).to(user_vectors.dtype)
         column_bias = padding if column_bias is None else column_bias + padding
-    excluded = None  # accidental hits: (rows, columns) to mask, or a (B, N) mask
-    if item_keys is not None:
-        if targets is None and positive_keys is None:
-            excluded = _repeated_key_pairs(item_keys)  # in-batch: usually a few pairs, not a B x B compare
-        elif targets is not None or len(torch.unique(item_keys)) < len(item_keys):
-            row_keys = item_keys if positive_keys is None else positive_keys
-            excluded = row_keys.unsqueeze(1) == item_keys.unsqueeze(0)
-            if targets is None:
-                excluded.fill_diagonal_(False)
-            else:
-                excluded[torch.arange(b), targets] = False
+    excluded = None  # accidental hits: a (B, N) mask
+    if item_keys is not None and (targets is not None or len(torch.unique(item_keys)) < len(item_keys)):
+        row_keys = item_keys if positive_keys is None else positive_keys
+        excluded = row_keys.unsqueeze(1) == item_keys.unsqueeze(0)
+        if targets is None:
+            excluded.fill_diagonal_(False)
+        else:
+            excluded[torch.arange(b), targets] = False
     if targets is None:
         targets = torch.arange(b, device=user_vectors.device)
-    if n == 0:
-        raise ValueError("in-batch softmax needs at least one candidate")
-    return _InBatchSoftmaxCrossEntropy.apply(user_vectors, item_vectors, 1.0 / temperature, column_bias, excluded, targets)
+    return _InBatchSoftmaxCrossEntropy.apply(user_vectors, item_vectors, 1.0 / temperature, column_bias, excluded, None, targets)
 
 
-def _repeated_key_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(row, column) pairs i != j with ``keys[i] == keys[j]``: the accidental
-    hits of an in-batch softmax, found by sorting (O(B log B)) instead of a
-    B x B comparison. None when no key repeats.
+def _distinct_columns(
+    user_vectors: torch.Tensor,
+    item_vectors: torch.Tensor,
+    inverse_temperature: float,
+    column_bias: torch.Tensor | None,
+    item_keys: torch.Tensor,
+) -> torch.Tensor:
+    """The in-batch softmax with accidental hits removed, over distinct items.
 
-    >>> rows, columns = _repeated_key_pairs(torch.tensor([7, 3, 7]))
-    >>> sorted(zip(rows.tolist(), columns.tolist()))
-    [(0, 2), (2, 0)]
+    Row i's softmax counts its own item once (the other copies are
+    accidental hits) and every other item k as often as it is in the batch,
+    m_k times. So the logits need one column per distinct item with
+    ``log m_k`` added, and ``-log m_k`` back on row i's own column: the same
+    value and user gradients as the B x B form, in a B x U buffer (U
+    distinct items; popular items make U well below B).
+
+    >>> users = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    >>> items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # item 7 twice
+    >>> keys = torch.tensor([7, 8, 7])
+    >>> plain = F.cross_entropy(remove_accidental_hits(users @ items.T, keys, keys), torch.arange(3))
+    >>> bool(torch.isclose(_distinct_columns(users, items, 1.0, None, keys), plain))
+    True
     """
-    values = keys.numpy()
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first position of each key
-    sizes = np.diff(np.r_[starts, len(values)])
-    repeated = sizes > 1
-    if not repeated.any():
-        return None
-    starts, sizes = starts[repeated], sizes[repeated]
-    # every ordered pair within each group of equal keys, diagonal dropped
-    member_start = np.repeat(starts, sizes)  # per member: its group's first position
-    member_size = np.repeat(sizes, sizes)
-    members = member_start + np.arange(len(member_start)) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # sorted positions
-    row_positions = np.repeat(members, member_size)
-    pair_offsets = np.arange(len(row_positions)) - np.repeat(np.cumsum(member_size) - member_size, member_size)
-    column_positions = np.repeat(member_start, member_size) + pair_offsets
-    keep = row_positions != column_positions
-    rows, columns = order[row_positions[keep]], order[column_positions[keep]]
-    return torch.from_numpy(rows), torch.from_numpy(columns)
+    keys = item_keys.cpu().numpy()
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    b = user_vectors.shape[0]
+    inverse = inverse.reshape(-1)[:b]  # the rows' own items (N = B here)
+    if len(first) == len(keys):  # nothing repeats
+        targets = torch.arange(b, device=user_vectors.device)
+        return _InBatchSoftmaxCrossEntropy.apply(user_vectors, item_vectors, inverse_temperature, column_bias, None, None, targets)
+    columns = torch.from_numpy(first)
+    log_counts = torch.from_numpy(np.log(counts)).to(user_vectors.dtype)
+    bias = log_counts if column_bias is None else column_bias.index_select(0, columns) + log_counts
+    rows = np.flatnonzero(counts[inverse] > 1)  # rows whose own item has copies
+    own = (torch.from_numpy(rows), torch.from_numpy(inverse[rows]), -log_counts[inverse[rows]])
+    return _InBatchSoftmaxCrossEntropy.apply(
+        user_vectors, item_vectors.index_select(0, columns), inverse_temperature, bias, None, own, torch.from_numpy(inverse)
+    )
 
 
 class _InBatchSoftmaxCrossEntropy(torch.autograd.Function):
-    """``cross_entropy(users @ items.T / t + bias, masked, targets)`` in one
-    (B, N) buffer: the composition of matmul, logQ, masking and
+    """``cross_entropy(users @ items.T / t + bias + cell bias, masked, targets)``
+    in one (B, N) buffer: the composition of matmul, logQ, masking and
     ``F.cross_entropy`` allocates and walks a B x N tensor a dozen times
     forward and back, which made it 2/3 of an online step. Here the logits
-    become the softmax in place and the backward is ``(P - onehot) @ V``.
-    Exact, not approximate: tests check values and gradients against the
-    plain composition."""
+    become the unnormalised softmax in place and the backward is
+    ``(P - onehot) @ V``. Exact, not approximate: tests check values and
+    gradients against the plain composition."""
 
     @staticmethod
-    def forward(ctx, users, items, inverse_temperature, column_bias, excluded, targets):
+    def forward(ctx, users, items, inverse_temperature, column_bias, excluded, cell_bias, targets):
         if column_bias is None:
             logits = torch.mm(users, items.T).mul_(inverse_temperature)  # (B, N)
         else:
             logits = torch.addmm(column_bias.unsqueeze(0), users, items.T, alpha=inverse_temperature)
-        if isinstance(excluded, tuple):
-            logits[excluded] = _MASKED
-        elif excluded is not None:
+        if excluded is not None:
             logits.masked_fill_(excluded, _MASKED)
+        if cell_bias is not None:
+            rows, columns, values = cell_bias
+            logits.index_put_((rows, columns), values, accumulate=True)
         target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1)  # (B,)
         row_max = logits.amax(dim=1, keepdim=True)  # (B, 1)
-        probabilities = logits.sub_(row_max).exp_()  # unnormalised softmax, in place
-        sums = probabilities.sum(dim=1, keepdim=True)  # (B, 1)
-        probabilities.div_(sums)
+        exponentials = logits.sub_(row_max).exp_()  # unnormalised softmax, in place
+        sums = exponentials.sum(dim=1, keepdim=True)  # (B, 1)
         log_normaliser = row_max.squeeze(1) + torch.log(sums.squeeze(1))  # logsumexp, (B,)
         loss = (log_normaliser - target_logits).mean()
-        ctx.save_for_backward(users, items, probabilities, targets)
+        ctx.save_for_backward(users, items, exponentials, sums, targets)
         ctx.inverse_temperature = inverse_temperature
         ctx.consumed = False
         return loss
@@ -165,13 +179,14 @@ class _InBatchSoftmaxCrossEntropy(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("in_batch_softmax_loss: backward twice (retain_graph) is not supported")
         ctx.consumed = True
-        users, items, grad_logits, targets = ctx.saved_tensors
+        users, items, grad_logits, sums, targets = ctx.saved_tensors
         b = grad_logits.shape[0]
-        grad_logits[torch.arange(b), targets] -= 1.0  # softmax - onehot, in place
-        grad_logits.mul_(grad_loss * (ctx.inverse_temperature / b))  # d loss / d (u . v)
+        scale = grad_loss * (ctx.inverse_temperature / b)  # d loss / d (u . v) = scale * (softmax - onehot)
+        grad_logits.mul_(scale / sums)  # the softmax's normalisation, folded into the scaling pass
+        grad_logits[torch.arange(b), targets] -= scale
         grad_users = grad_logits @ items if ctx.needs_input_grad[0] else None
         grad_items = grad_logits.T @ users if ctx.needs_input_grad[1] else None
-        return grad_users, grad_items, None, None, None, None
+        return grad_users, grad_items, None, None, None, None, None
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

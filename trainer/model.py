@@ -142,12 +142,18 @@ class TwoTowerModel(nn.Module):
                 reset_rows(table, torch.as_tensor(rows, dtype=torch.long), optimizers, row_noise_std)
 
     def observe_users(
-        self, user_ids: Sequence[str], categorical: Mapping[str, Sequence[str]], day: int, fingerprints: np.ndarray | None = None
+        self,
+        user_ids: Sequence[str],
+        categorical: Mapping[str, Sequence[str]],
+        day: int,
+        fingerprints: np.ndarray | None = None,
+        categorical_fingerprints: Mapping[str, np.ndarray] | None = None,
     ) -> dict[int, np.ndarray]:
         """Count sightings of users and their feature values; new rows by table."""
         new = {id(self.user_tower.id_embedding): self.user_ids.observe(user_ids, day, fingerprints)}
         for table, name in zip(self.user_tower.categorical_embeddings, self.user_categorical):
-            new[id(table)] = self.user_values[name].observe(categorical[name], day)
+            value_fingerprints = (categorical_fingerprints or {}).get(name)
+            new[id(table)] = self.user_values[name].observe(categorical[name], day, value_fingerprints)
         return new
 
     def observe_items(
@@ -166,14 +172,17 @@ class TwoTowerModel(nn.Module):
         categorical: Mapping[str, Sequence[str]],
         numeric: np.ndarray | torch.Tensor,
         fingerprints: np.ndarray | None = None,
+        categorical_fingerprints: Mapping[str, np.ndarray] | None = None,
     ) -> TowerInputs:
         """Raw user fields -> rows; unknown IDs and values read row 0.
-        ``fingerprints`` of the user IDs save recomputing them."""
+        ``fingerprints`` of the user IDs (and ``categorical_fingerprints`` of
+        the feature values, by name) save recomputing them."""
         n = len(user_ids)
         categorical_rows = np.zeros((n, len(self.user_categorical)), dtype=np.int64)
         for j, name in enumerate(self.user_categorical):
             if name in categorical:
-                categorical_rows[:, j] = self.user_values[name].lookup(categorical[name])
+                value_fingerprints = (categorical_fingerprints or {}).get(name)
+                categorical_rows[:, j] = self.user_values[name].lookup(categorical[name], value_fingerprints)
         return TowerInputs(
             torch.from_numpy(self.user_ids.lookup(user_ids, fingerprints)),
             torch.from_numpy(categorical_rows),

@@ -160,14 +160,23 @@ def test_a_manifest_cannot_point_outside_its_directory(tmp_path):
 
 
 def test_a_record_missing_a_required_field_is_reported(tmp_path):
-    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(1)])
     payload = example_pb2.Example()
     payload.features.feature["item_id"].bytes_list.value.append(b"i1")  # no user_id
-    from streams.batches import frame_record
+    # A writer that wrote such a record: sizes and digests agree with the bytes.
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(1)], encode=lambda _: payload.SerializeToString())
+    for positives_only in (True, False):
+        with pytest.raises(BatchFormatError, match="byte offset 0: record is not a valid training sample"):
+            read_batch(ref, SPEC, positives_only=positives_only)
 
-    ref.path.write_bytes(frame_record(payload.SerializeToString()))
-    with pytest.raises(BatchFormatError, match="byte offset 0: record is not a valid training sample"):
-        read_batch(ref, SPEC, positives_only=False)
+
+def test_bytes_that_do_not_match_the_manifest_digest_are_refused_even_with_valid_crcs(tmp_path):
+    ref = write_batch(tmp_path, WINDOW, WINDOW + 60_000, [sample(1), sample(2)])
+    other = write_batch(tmp_path / "other", WINDOW, WINDOW + 60_000, [sample(3), sample(4)])
+    ref.path.write_bytes(other.path.read_bytes())  # well-framed, every CRC right, not this batch
+    assert len(read_batch(other, SPEC)) == 2
+    for positives_only in (True, False):
+        with pytest.raises(BatchFormatError, match="SHA-256"):
+            read_batch(ref, SPEC, positives_only=positives_only)
 
 
 def test_window_stem_rejects_sub_second_windows():
@@ -187,3 +196,36 @@ def test_span_is_take_of_a_range_with_ragged_hard_negatives(tmp_path):
         assert np.array_equal(got.user_fingerprints, expected.user_fingerprints)
         assert np.array_equal(got.hard_negative_id_fingerprints(), expected.hard_negative_id_fingerprints())
         assert got.user_categorical == expected.user_categorical and np.array_equal(got.user_numeric, expected.user_numeric)
+        assert {k: v.tolist() for k, v in got.user_categorical_value_fingerprints().items()} == {
+            k: v.tolist() for k, v in expected.user_categorical_value_fingerprints().items()
+        }
+
+
+def _columns_equal(a, b) -> bool:
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        if isinstance(value, np.ndarray):
+            if not np.array_equal(value, other, equal_nan=value.dtype.kind == "f"):
+                return False
+        elif isinstance(value, dict) and value and isinstance(next(iter(value.values())), np.ndarray):
+            if value.keys() != other.keys() or not all(np.array_equal(value[k], other[k]) for k in value):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+def test_columns_survive_pickling_between_processes(tmp_path):
+    import pickle
+
+    samples = [sample(n, hard_negative_ids=tuple(f"h{n}-{j}" for j in range(n % 3))) for n in range(6)]
+    columns = read_batch(write_batch(tmp_path, WINDOW, WINDOW + 60_000, samples), SPEC)
+    columns.user_id_fingerprints(), columns.user_categorical_value_fingerprints()
+    columns.user_categorical["city"][2] = ""  # an unknown value
+    copy = pickle.loads(pickle.dumps(columns))
+    assert _columns_equal(copy, columns) and sorted(copy.item_ids) == sorted(s.item_id for s in samples)
+    # a NUL inside a value (never from streams) still round-trips: that column is pickled as a list
+    columns.request_ids[1] = "r\x00x"
+    assert pickle.loads(pickle.dumps(columns)).request_ids == columns.request_ids
+    empty = columns.span(0, 0)
+    assert _columns_equal(pickle.loads(pickle.dumps(empty)), empty) and pickle.loads(pickle.dumps(empty)).user_ids == []

@@ -126,37 +126,46 @@ def _reference_in_batch_softmax(users, items, temperature, probabilities, keys, 
 def test_fused_in_batch_softmax_matches_the_plain_composition_in_value_and_gradients(distributed):
     generator = torch.Generator().manual_seed(3)
     b, d = 12, 5
-    users = torch.nn.functional.normalize(torch.randn(b, d, generator=generator, dtype=torch.float64), dim=1)
-    items = torch.nn.functional.normalize(torch.randn(b, d, generator=generator, dtype=torch.float64), dim=1)
-    probabilities = torch.rand(b, generator=generator, dtype=torch.float64) * 0.1 + 1e-3
     keys = torch.tensor([1, 2, 3, 1, 4, 5, 6, 2, 7, 8, 9, 1])  # repeats: accidental hits are masked
+    users = torch.nn.functional.normalize(torch.randn(b, d, generator=generator, dtype=torch.float64), dim=1)
+    # Equal keys are one item: the same vector and probability (the contract).
+    by_key = torch.nn.functional.normalize(torch.randn(10, d, generator=generator, dtype=torch.float64), dim=1)
+    items = by_key[keys]
+    probabilities = (torch.rand(10, generator=generator, dtype=torch.float64) * 0.1 + 1e-3)[keys]
     extra = {}
     if distributed:  # two padding columns around the real ones, rows target 1..b
         pad = torch.zeros(1, d, dtype=torch.float64)
         items = torch.cat([pad, items, pad])
         probabilities = torch.cat([torch.ones(1, dtype=torch.float64), probabilities, torch.ones(1, dtype=torch.float64)])
         extra = {"targets": torch.arange(1, b + 1), "positive_keys": keys, "mask": torch.tensor([False] + [True] * b + [False])}
-        keys = torch.cat([torch.tensor([-1]), keys, torch.tensor([-1])])
+    column_keys = torch.cat([torch.tensor([-1]), keys, torch.tensor([-1])]) if distributed else keys
     results = []
     for function in ("fused", "reference"):
         u, v = users.clone().requires_grad_(True), items.clone().requires_grad_(True)
         if function == "fused":
             loss = losses.in_batch_softmax_loss(
-                u, v, 0.1, probabilities, keys, extra.get("targets"), extra.get("positive_keys"), extra.get("mask")
+                u, v, 0.1, probabilities, column_keys, extra.get("targets"), extra.get("positive_keys"), extra.get("mask")
             )
         else:
-            loss = _reference_in_batch_softmax(u, v, 0.1, probabilities, keys, **extra)
+            loss = _reference_in_batch_softmax(u, v, 0.1, probabilities, column_keys, **extra)
         (2.5 * loss).backward()  # an upstream gradient other than 1
-        results.append((loss.detach(), u.grad, v.grad))
+        # per item: the copies' gradients summed (the fused in-batch form puts them on the first copy)
+        per_item = torch.zeros(11, d, dtype=torch.float64).index_add_(0, column_keys.clamp_min(0), v.grad)
+        results.append((loss.detach(), u.grad, per_item))
     (fused, fused_du, fused_dv), (reference, reference_du, reference_dv) = results
     assert fused.item() == pytest.approx(reference.item(), rel=1e-12)
     assert torch.allclose(fused_du, reference_du, atol=1e-12)
     assert torch.allclose(fused_dv, reference_dv, atol=1e-12)
 
 
-def test_repeated_key_pairs_are_every_off_diagonal_pair_of_equal_keys():
-    keys = torch.tensor([5, 1, 5, 2, 1, 5, 9])
-    rows, columns = losses._repeated_key_pairs(keys)
-    expected = {(i, j) for i in range(7) for j in range(7) if i != j and keys[i] == keys[j]}
-    assert set(zip(rows.tolist(), columns.tolist())) == expected and len(rows) == len(expected)
-    assert losses._repeated_key_pairs(torch.tensor([3, 1, 2])) is None
+def test_in_batch_softmax_over_distinct_items_matches_the_batch_form_without_repeats_too():
+    generator = torch.Generator().manual_seed(5)
+    users = torch.nn.functional.normalize(torch.randn(6, 4, generator=generator, dtype=torch.float64), dim=1)
+    items = torch.nn.functional.normalize(torch.randn(6, 4, generator=generator, dtype=torch.float64), dim=1)
+    keys = torch.arange(6) * 10  # all distinct: no column merges, nothing masked
+    fused = losses.in_batch_softmax_loss(users, items, 0.2, item_keys=keys)
+    plain = torch.nn.functional.cross_entropy(losses.cosine_logits(users, items, 0.2), torch.arange(6))
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-12)
+    # one item clicked by every row: each row's softmax has only itself left, loss 0
+    same = losses.in_batch_softmax_loss(users, items[:1].expand(6, 4), 0.2, item_keys=torch.full((6,), 3))
+    assert same.item() == pytest.approx(0.0, abs=1e-12)
