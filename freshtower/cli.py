@@ -326,30 +326,61 @@ def experiment_command(
     items: int = typer.Option(1000, "--items"),
     requests_per_day: int = typer.Option(20000, "--requests-per-day"),
     seed: int = typer.Option(0, "--seed"),
+    through: str = typer.Option(
+        "kafka", "--through",
+        help="kafka: events produced to the broker and joined by a real streams worker into the batches (the pipeline); "
+        "direct: the same batches joined in process (faster, no broker)",
+    ),
 ) -> None:
     """The freshness experiment: daily-full only / incremental only / full +
     incremental published every 30 min / every 1 min; next-hour Recall@50
     and @100 and click -> serving freshness, as a table and a PNG."""
-    from freshtower.experiment import format_table, movielens_batches, plot, run_arms
+    from freshtower.experiment import experiment_settings, format_table, movielens_batches, movielens_events, plot, run_arms
     from freshtower.simulator import Simulator, SimulatorConfig
+    from freshtower.streamed_batches import StreamingFailed, stream_to_batches
 
-    settings = _settings(ctx)
+    settings = experiment_settings(_settings(ctx))
     if data not in ("simulator", "movielens", "both"):
         console.print(f"[red]--data must be simulator, movielens or both, got {data!r}[/red]")
+        raise typer.Exit(2)
+    if through not in ("kafka", "direct"):
+        console.print(f"[red]--through must be kafka or direct, got {through!r}[/red]")
         raise typer.Exit(2)
     if out.exists() and any(out.iterdir()):
         console.print(f"[red]{out} is not empty: pass a new --out directory[/red]")
         raise typer.Exit(2)
-    rows = []
+    rows, streamed = [], {}
+
+    def batches_through_kafka(name: str, data_settings, events_path: Path, counts: dict[str, int]) -> Path:
+        console.print(f"  {sum(counts.values()):,} events ({', '.join(f'{n:,} {t}' for t, n in sorted(counts.items()))}) to Kafka")
+        try:
+            written, figures = stream_to_batches(data_settings, events_path, events_path.parent / "streamed", report=console.print)
+        except StreamingFailed as error:
+            console.print(f"[red]{name}: {error}[/red]")
+            raise typer.Exit(1)
+        streamed[name] = figures.__dict__
+        console.print(
+            f"  streams worker: {figures.events_read:,} events read, {figures.records:,} samples in {figures.batches:,} batch files, "
+            f"{figures.dead_letters} dead letters, {figures.late_records} late, join hit rate {figures.join_hit_rate}, {figures.seconds:.0f} s"
+        )
+        return written.batches_dir
+
     if data in ("simulator", "both"):
         work = out / "simulator"
+        work.mkdir(parents=True)
         simulator = Simulator(SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, seed=seed))
-        for day in range(days):
-            simulator.write_batches(work / "batches", day, settings.streams.window_seconds)
         console.print(f"simulator: {days} days, {users:,} users, {items:,} items, {requests_per_day:,} requests/day")
-        rows += [("simulator", r) for r in run_arms(settings, work, work / "batches", report=console.print)]
+        if through == "kafka":
+            counts = simulator.write_events(work / "events.jsonl", range(days))
+            batches = batches_through_kafka("simulator", settings, work / "events.jsonl", counts)
+        else:
+            batches = work / "batches"
+            for day in range(days):
+                simulator.write_batches(batches, day, settings.streams.window_seconds)
+        rows += [("simulator", r) for r in run_arms(settings, work, batches, report=console.print)]
     if data in ("movielens", "both"):
         work = out / "movielens"
+        work.mkdir(parents=True)
         ml_settings = settings.model_copy(
             update={
                 "model": settings.model.model_copy(
@@ -357,13 +388,19 @@ def experiment_command(
                 )
             }
         )
-        windows = movielens_batches(work / "batches", settings.streams.window_seconds, max_days=movielens_days)
-        console.print(f"movielens-100k: first {movielens_days} days, {windows:,} batch windows")
-        rows += [("movielens-100k", r) for r in run_arms(ml_settings, work, work / "batches", report=console.print)]
+        console.print(f"movielens-100k: first {movielens_days} days")
+        if through == "kafka":
+            counts = movielens_events(work / "events.jsonl", movielens_days)
+            batches = batches_through_kafka("movielens-100k", ml_settings, work / "events.jsonl", counts)
+        else:
+            batches = work / "batches"
+            windows = movielens_batches(batches, settings.streams.window_seconds, max_days=movielens_days)
+            console.print(f"  {windows:,} batch windows")
+        rows += [("movielens-100k", r) for r in run_arms(ml_settings, work, batches, report=console.print)]
     table = format_table(rows)
     print(table)
     results = [
-        {"data": d, "arm": r.arm, "recall": r.recall, "units": r.units,
+        {"data": d, "arm": r.arm, "recall": r.recall, "units": r.units, "through": through, "streams": streamed.get(d),
          "freshness_p50_s": r.freshness_percentile(50), "freshness_p99_s": r.freshness_percentile(99), "hourly": r.hourly}
         for d, r in rows
     ]

@@ -336,6 +336,19 @@ def _full_state(model_ref) -> tuple[object, torch.Tensor]:
     return model, model.user_tower.id_embedding.detach().clone()
 
 
+def experiment_settings(settings: Settings) -> Settings:
+    """The experiment's choices where the user did not set them: one
+    partition per topic (one batch file per minute window, not four: the
+    experiment's streams are small and four days are 5,760 windows), and
+    2^16 frequency buckets (the catalogues are 500-1,682 items; the
+    snapshot saved beside every batch stays small)."""
+    from freshtower.pipeline import unless_set
+
+    return settings.model_copy(
+        update={"streams": unless_set(settings.streams, partitions=1), "frequency": unless_set(settings.frequency, buckets=1 << 16)}
+    )
+
+
 def _arm_settings(settings: Settings, data_dir: Path, batches_dir: Path) -> Settings:
     data_dir.mkdir(parents=True, exist_ok=True)
     link = data_dir / "batches"
@@ -408,6 +421,21 @@ def movielens_batches(batches_dir: Path, window_seconds: float, time_scale: floa
     for start in sorted(by_window):
         write_batch(batches_dir, start, start + window_ms, by_window[start])
     return len(by_window)
+
+
+def movielens_events(path: Path, max_days: int | None = None) -> dict[str, int]:
+    """MovieLens-100k's first ``max_days`` days (real time) as a replay-format
+    event log, for ``freshtower.streamed_batches``: the same impressions
+    and clicks ``movielens_batches`` joins offline."""
+    from freshtower.movielens import MovieLensStream, load_events, write_events
+
+    stream = load_events()
+    if max_days is not None:
+        end_ms = stream.first_ms - stream.first_ms % MS_PER_DAY + max_days * MS_PER_DAY
+        kept = {e["request_id"] for topic, e in stream.events if topic == "impressions" and e["ts"] < end_ms}
+        events = [(topic, e) for topic, e in stream.events if e["request_id"] in kept]
+        stream = MovieLensStream(events, stream.first_ms, events[-1][1]["ts"], stream.ratings, sum(t == "clicks" for t, _ in events))
+    return write_events(path, stream)
 
 
 def format_table(rows: list[tuple[str, ArmResult]], ks: tuple[int, ...] = (50, 100)) -> str:

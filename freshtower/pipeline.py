@@ -91,7 +91,7 @@ class Interrupted(RuntimeError):
 # --- pure pieces ------------------------------------------------------------------------
 
 
-def _unless_set(section: BaseModel, **defaults) -> BaseModel:
+def unless_set(section: BaseModel, **defaults) -> BaseModel:
     """``section`` with ``defaults`` for the fields the user did not set
     (in the TOML file or the environment)."""
     chosen = {k: v for k, v in defaults.items() if k not in section.model_fields_set}
@@ -114,7 +114,7 @@ def run_settings(
     # event-time seconds are 7 ms at 1,440x). Idle sources: the watermark
     # follows at the replay's pace, so the last windows close seconds after
     # the replay ends.
-    streams = _unless_set(
+    streams = unless_set(
         s.streams,
         window_seconds=300.0,
         allowed_lateness_seconds=max(s.streams.allowed_lateness_seconds, 0.5 * speedup),
@@ -125,14 +125,14 @@ def run_settings(
     # pool waits for all its threads at every op (the full trainer ran 2-7x
     # slower with two threads here). Checkpoints every second: an event-time
     # hour passes in 2.5 s.
-    training = _unless_set(s.training, checkpoint_every_seconds=1.0, threads=1).model_copy(update={"full_clock": "event"})
+    training = unless_set(s.training, checkpoint_every_seconds=1.0, threads=1).model_copy(update={"full_clock": "event"})
     # Keep every release of the run: the summary scores the served states hour by hour.
-    publisher = _unless_set(s.publisher, poll_seconds=1.0, keep_releases=1000).model_copy(update={"clock": "event"})
-    service = _unless_set(s.service, poll_seconds=1.0).model_copy(update={"port": service_port})
+    publisher = unless_set(s.publisher, poll_seconds=1.0, keep_releases=1000).model_copy(update={"clock": "event"})
+    service = unless_set(s.service, poll_seconds=1.0).model_copy(update={"port": service_port})
     # The run's catalogues are small (1,000 simulated items, 1,682 movies):
     # 2^16 buckets keep the frequency snapshot written with every batch
     # (~13 ms at 2^20) and the online checkpoint small.
-    frequency = _unless_set(s.frequency, buckets=1 << 16)
+    frequency = unless_set(s.frequency, buckets=1 << 16)
     update = {
         "data_dir": s.data_dir.resolve(),
         "kafka": bootstrap,

@@ -36,3 +36,28 @@ def test_the_arms_differ_in_freshness_as_their_publishing_does(tmp_path):
     assert one_minute.freshness_percentile(50) < thirty.freshness_percentile(50) < daily.freshness_percentile(50)
     assert daily.freshness_percentile(50) > 3600
     json.dumps([r.hourly for r in results.values()])  # plain numbers, ready for results.json
+
+
+@pytest.mark.slow
+def test_the_experiment_trains_on_batches_a_real_streams_worker_cut_from_kafka(tmp_path, kafka_broker):
+    from collections import Counter
+
+    from freshtower.experiment import experiment_settings
+    from freshtower.streamed_batches import stream_to_batches
+    from tests.streams.oracle import batch_keys, expected_samples
+
+    simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=1500, seed=4))
+    settings = experiment_settings(make_settings(tmp_path / "unused").model_copy(update={"kafka": kafka_broker.bootstrap}))
+    counts = simulator.write_events(tmp_path / "events.jsonl", range(2))
+    written, figures = stream_to_batches(settings, tmp_path / "events.jsonl", tmp_path / "streamed", report=lambda _: None)
+    # The worker's batches are exactly the simulator's own join: every sample once, nothing else.
+    expected = Counter(expected_samples(simulator, range(2)).keys())
+    assert batch_keys(written.batches_dir) == expected
+    assert figures.events_read == sum(counts.values()) and figures.records == len(expected) and figures.dead_letters == 0
+    assert written.topics.impressions != settings.topics.impressions  # a shared broker: topics of its own
+
+    results = {r.arm: r for r in run_arms(settings, tmp_path / "work", written.batches_dir, report=lambda _: None)}
+    assert set(results) == {a.name for a in ARMS}
+    print(format_table([("sim via kafka", r) for r in results.values()]))
+    assert all(r.units > 0 for r in results.values())
+    assert results["full+inc/1min"].freshness_percentile(99) < 180 < results["daily-full"].freshness_percentile(50)
