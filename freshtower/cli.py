@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -315,6 +316,10 @@ def run_command(
         raise typer.Exit(code)
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command("experiment")
 def experiment_command(
     ctx: typer.Context,
@@ -337,9 +342,11 @@ def experiment_command(
     and @100 and click -> serving freshness, as a table and a PNG."""
     from freshtower.experiment import experiment_settings, format_table, movielens_batches, movielens_events, plot, run_arms
     from freshtower.simulator import Simulator, SimulatorConfig
+    from freshtower.event_log import simulated_start_day
     from freshtower.streamed_batches import StreamingFailed, stream_to_batches
 
     settings = experiment_settings(_settings(ctx))
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # a SIGTERM unwinds too: the broker and worker are stopped
     if data not in ("simulator", "movielens", "both"):
         console.print(f"[red]--data must be simulator, movielens or both, got {data!r}[/red]")
         raise typer.Exit(2)
@@ -368,8 +375,12 @@ def experiment_command(
     if data in ("simulator", "both"):
         work = out / "simulator"
         work.mkdir(parents=True)
-        simulator = Simulator(SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, seed=seed))
-        console.print(f"simulator: {days} days, {users:,} users, {items:,} items, {requests_per_day:,} requests/day")
+        # The days end at today's midnight (UTC): the streams worker dead-letters events ahead of the clock.
+        start_day = simulated_start_day(datetime.now(timezone.utc).date(), days)
+        simulator = Simulator(
+            SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, seed=seed, start_day=start_day)
+        )
+        console.print(f"simulator: {days} days from {start_day}, {users:,} users, {items:,} items, {requests_per_day:,} requests/day")
         if through == "kafka":
             counts = simulator.write_events(work / "events.jsonl", range(days))
             batches = batches_through_kafka("simulator", settings, work / "events.jsonl", counts)

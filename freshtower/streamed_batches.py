@@ -19,6 +19,7 @@ last windows close in seconds.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -97,6 +98,8 @@ def stream_to_batches(
 
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # kafka-python warns when a send waits on the GIL; the replay reports real failures itself
+    logging.getLogger("kafka").setLevel(logging.ERROR)
     broker = None
     bootstrap = settings.kafka
     if bootstrap is None:

@@ -263,6 +263,9 @@ class StreamProcessor:
                 self.last_idle_tick = None
             else:
                 await self._commit_and_finalize()
+                # Sources idle only now (read to their end, quiet for idle_seconds) leave the watermark
+                # even after the last message: a topic with no events at all must not hold it at None.
+                await asyncio.gather(*await self._emit(self.join.settle(_wall_ms(), assigned, self._idle_sources(caught_up))))
                 if self.last_idle_tick is None:
                     self.last_idle_tick = now  # the idle clock starts now
                 elif s.idle_advance_rate > 0:

@@ -96,6 +96,19 @@ class PartitionedJoin:
             if p not in reading and core.watermark_ms is not None and core.watermark_ms < frontier
         ]
 
+    def settle(self, now_ms: int, assigned: set[TopicPartition], idle: set[TopicPartition]) -> list[tuple[int, StepResult]]:
+        """No new messages, but ``idle`` may have grown: let every
+        partition's watermark leave its idle sources. A topic partition that
+        never gets an event (a data set without rank logs) holds the
+        watermark at None until it has been read to its end for
+        ``idle_seconds``, which in a fast replay is after the last message."""
+        results = []
+        for partition, core in self.cores.items():
+            own = {tp for tp in assigned if tp[1] == partition}
+            results.append((partition, core.process([], now_ms, own, own & idle)))
+        results += self._follow_frontier(assigned, idle)
+        return results
+
     def advance(self, step_ms: int, limit_ms: int) -> list[tuple[int, StepResult]]:
         """Idle sources: move every partition's watermark to the largest one
         plus ``step_ms``, never past ``limit_ms`` (the wall clock)."""

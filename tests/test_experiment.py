@@ -46,7 +46,13 @@ def test_the_experiment_trains_on_batches_a_real_streams_worker_cut_from_kafka(t
     from freshtower.streamed_batches import stream_to_batches
     from tests.streams.oracle import batch_keys, expected_samples
 
-    simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=1500, seed=4))
+    from datetime import date
+
+    from freshtower.event_log import simulated_start_day
+
+    # days in the past: the worker dead-letters events ahead of the clock
+    start_day = simulated_start_day(date.today(), 3)
+    simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=1500, seed=4, start_day=start_day))
     settings = experiment_settings(make_settings(tmp_path / "unused").model_copy(update={"kafka": kafka_broker.bootstrap}))
     counts = simulator.write_events(tmp_path / "events.jsonl", range(2))
     written, figures = stream_to_batches(settings, tmp_path / "events.jsonl", tmp_path / "streamed", report=lambda _: None)

@@ -119,3 +119,21 @@ def test_the_worker_keeps_only_the_states_of_its_partitions():
     requests = {"a": {"partition": 0, "user": "u", "impression": None, "pending_clicks": [], "rank": None}, "b": {"partition": 3}}
     join = PartitionedJoin(JoinSettings(), requests, {0: None, 1: None})
     assert set(requests) == {"a"} and join.open_requests == 1  # partition 3 belongs to another worker now
+
+
+def test_a_topic_without_any_event_stops_holding_the_watermark_once_idle_after_the_last_message():
+    # MovieLens has impressions and clicks but no rank logs. Replayed fast,
+    # every message is processed before the empty rank-logs partition has
+    # been idle long enough to leave the watermark; ``settle`` then lets it go.
+    ev = Events()
+    join = PartitionedJoin(JoinSettings(window_ms=60_000, lateness_ms=10_000, join_window_ms=300_000), {}, {0: None})
+    assigned = assigned_to(0)
+    messages = [ev.impression(T0, request="r0", user="u0", partition=0), ev.click(T0 + 1_000, request="r0", user="u0", partition=0)]
+    not_yet_idle = {("impressions", 0), ("clicks", 0)}  # rank-logs: read to its end, but not for idle_seconds yet
+    join.process(messages, NOW, assigned, not_yet_idle)
+    assert join.watermark_ms is None
+    assert join.advance(3_600_000, NOW) == []  # the idle clock alone cannot start from no watermark
+    join.settle(NOW, assigned, assigned)
+    assert join.watermark_ms == T0 + 1_000
+    closed = [w for _, r in join.advance(3_600_000, NOW) for w in r.closed]  # the clock runs on: every window closes
+    assert sorted((s.item_id, s.label) for w in closed for s in w.samples) == [("a", 1), ("b", 0), ("c", 0)]
