@@ -267,9 +267,8 @@ def simulate_command(
         counts = simulator.write_events(events, range(days))
         console.print(f"wrote {sum(counts.values()):,} events to {events}: {counts}")
     if batches:
-        for day in range(days):
-            refs = simulator.write_batches(settings.batches_dir, day, settings.streams.window_seconds)
-            console.print(f"wrote {len(refs)} batches for {simulator.day_name(day)} under {settings.batches_dir}")
+        refs = simulator.write_batches(settings.batches_dir, range(days), settings.streams.window_seconds)
+        console.print(f"wrote {len(refs)} batches for {days} day(s) from {simulator.day_name(0)} under {settings.batches_dir}")
 
 
 @app.command("run")
@@ -386,8 +385,7 @@ def experiment_command(
             batches = batches_through_kafka("simulator", settings, work / "events.jsonl", counts)
         else:
             batches = work / "batches"
-            for day in range(days):
-                simulator.write_batches(batches, day, settings.streams.window_seconds)
+            simulator.write_batches(batches, range(days), settings.streams.window_seconds)
         rows += [("simulator", r) for r in run_arms(settings, work, batches, report=console.print)]
     if data in ("movielens", "both"):
         work = out / "movielens"

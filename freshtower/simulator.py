@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -350,12 +350,16 @@ class Simulator:
                 )
         return samples
 
-    def write_batches(self, batches_dir: Path | str, day: int, window_seconds: float = 60.0) -> list[BatchRef]:
-        """Cut ``day``'s samples into tumbling event-time windows and write
-        them as batch files (what the streams worker does, minus Kafka)."""
+    def write_batches(self, batches_dir: Path | str, days: int | Iterable[int], window_seconds: float = 60.0) -> list[BatchRef]:
+        """Cut the samples of ``days`` (one day or several) into tumbling
+        event-time windows and write them as batch files (what the streams
+        worker does, minus Kafka). Write consecutive days in one call: a
+        window across midnight holds samples of both days (a click just
+        after midnight on an impression just before), and a batch file is
+        written whole, so day-by-day calls would replace it."""
         window_ms = int(window_seconds * 1000)
         by_window: dict[int, list[Sample]] = {}
-        for sample in self.samples(day):
+        for sample in (s for day in ([days] if isinstance(days, int) else days) for s in self.samples(day)):
             start = sample.event_time_ms - sample.event_time_ms % window_ms
             by_window.setdefault(start, []).append(sample)
         return [write_batch(Path(batches_dir), start, start + window_ms, by_window[start]) for start in sorted(by_window)]

@@ -98,8 +98,9 @@ def stream_to_batches(
 
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    # kafka-python warns when a send waits on the GIL; the replay reports real failures itself
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    # kafka-python logs a refused connection while the broker starts and warns when a send waits
+    # on the GIL; real failures surface as ReplayError or StreamingFailed
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     broker = None
     bootstrap = settings.kafka
     if bootstrap is None:

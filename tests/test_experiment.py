@@ -21,8 +21,7 @@ def test_publish_ticks_round_up_to_the_interval():
 def test_the_arms_differ_in_freshness_as_their_publishing_does(tmp_path):
     simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=2000, seed=3))
     settings = make_settings(tmp_path / "unused")
-    for day in range(2):
-        simulator.write_batches(tmp_path / "batches", day, settings.streams.window_seconds)
+    simulator.write_batches(tmp_path / "batches", range(2), settings.streams.window_seconds)
     results = {r.arm: r for r in run_arms(settings, tmp_path / "work", tmp_path / "batches", report=lambda _: None)}
     assert set(results) == {a.name for a in ARMS}
     print(format_table([("sim", r) for r in results.values()]))
