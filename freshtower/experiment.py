@@ -83,6 +83,7 @@ class Unit:
     categorical: dict[str, str]
     numeric: np.ndarray
     clicked: set[str]
+    seen: frozenset[str] = frozenset()  # items the user clicked before this hour
 
 
 @dataclass
@@ -107,24 +108,32 @@ def next_tick(time_ms: float, interval_ms: int) -> int:
 
 
 def units_from(refs: list[BatchRef], spec: FeatureSpec, start_ms: int) -> list[Unit]:
-    """(user, hour) evaluation units of the clicks from ``start_ms`` on."""
+    """(user, hour) evaluation units of the clicks from ``start_ms`` on,
+    each with the items its user clicked in earlier hours."""
     units: dict[tuple[str, int], Unit] = {}
-    for ref in refs:
-        if ref.manifest.window_end_ms <= start_ms:
-            continue
+    history: dict[str, set[str]] = {}  # user -> items clicked in hours before the current one
+    pending: list[tuple[str, str]] = []  # this hour's clicks, added to history when the hour ends
+    hour = None
+    for ref in refs:  # in window order, so clicks arrive in time order up to a window
         samples = read_batch(ref, spec)
         for i in np.argsort(samples.event_time_ms, kind="stable").tolist():
             t = int(samples.event_time_ms[i])
+            user, item = samples.user_ids[i], samples.item_ids[i]
+            if hour != t - t % HOUR_MS:
+                for u, it in pending:
+                    history.setdefault(u, set()).add(it)
+                pending, hour = [], t - t % HOUR_MS
+            pending.append((user, item))
             if t < start_ms:
                 continue
-            user = samples.user_ids[i]
-            key = (user, t - t % HOUR_MS)
+            key = (user, hour)
             unit = units.get(key)
             if unit is None:
                 unit = units[key] = Unit(
-                    t, key[1], user, {k: v[i] for k, v in samples.user_categorical.items()}, samples.user_numeric[i].copy(), set()
+                    t, hour, user, {k: v[i] for k, v in samples.user_categorical.items()}, samples.user_numeric[i].copy(), set(),
+                    frozenset(history.get(user, ())),
                 )
-            unit.clicked.add(samples.item_ids[i])
+            unit.clicked.add(item)
     return sorted(units.values(), key=lambda u: u.time_ms)
 
 
@@ -136,7 +145,7 @@ class Served:
     table: torch.Tensor
 
     @torch.no_grad()
-    def recall(self, units: list[Unit], ks: tuple[int, ...], item_cache: dict) -> list[dict[int, float]]:
+    def recall(self, units: list[Unit], ks: tuple[int, ...], item_cache: dict, exclude_seen: bool = False) -> list[dict[int, float]]:
         model = self.model
         key = id(model)
         if key not in item_cache:
@@ -153,6 +162,11 @@ class Served:
         vectors = model.user_tower.from_id_vectors(self.table[rows], inputs).numpy()
         k_max = min(max(ks), len(items))
         scores = vectors @ items.T  # (U, N), exact search
+        if exclude_seen:  # what the user clicked before is not retrieved again (the usual MovieLens protocol)
+            for n, unit in enumerate(units):
+                if unit.seen:
+                    seen = model.catalogue.indices(sorted(unit.seen))
+                    scores[n, seen[(seen >= 0) & (seen < len(items))]] = -np.inf
         top = np.argpartition(-scores, k_max - 1, axis=1)[:, :k_max]
         order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
         top = np.take_along_axis(top, order, axis=1)
@@ -183,6 +197,7 @@ def run_arms(
     arms=ARMS,
     ks: tuple[int, ...] = (50, 100),
     report: Callable[[str], None] = print,
+    exclude_seen: bool = False,
 ) -> list[ArmResult]:
     """Train the daily full models once, then replay every arm in event time."""
     spec = FeatureSpec.from_model(settings.model)
@@ -237,7 +252,7 @@ def run_arms(
 
     def flush_units(state: _ArmState) -> None:
         if pending_units:
-            for unit, scores in zip(pending_units, state.served.recall(pending_units, ks, item_cache)):
+            for unit, scores in zip(pending_units, state.served.recall(pending_units, ks, item_cache, exclude_seen)):
                 state.scores.append((unit.hour_ms, scores))
 
     for state in states:

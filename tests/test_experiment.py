@@ -17,6 +17,22 @@ def test_publish_ticks_round_up_to_the_interval():
     assert next_tick(1_800_001, 1_800_000) == 3_600_000
 
 
+def test_units_know_what_their_user_clicked_in_earlier_hours(tmp_path):
+    from freshtower.experiment import units_from
+    from streams.batches import FeatureSpec, Sample, list_batches, write_batch
+
+    t0 = 1_790_000_000_000 - 1_790_000_000_000 % 3_600_000
+    clicks = [("u1", "i1", t0 + 60_000), ("u1", "i2", t0 + 120_000), ("u2", "i3", t0 + 180_000), ("u1", "i4", t0 + 3_600_000 + 60_000)]
+    for n, (user, item, ts) in enumerate(clicks):
+        write_batch(tmp_path, ts - ts % 60_000, ts - ts % 60_000 + 60_000, [Sample(user, item, 1, ts, f"r{n}", 0)])
+    spec = FeatureSpec((), (), ())
+    units = units_from(list_batches(tmp_path), spec, t0 + 150_000)  # scoring starts after u1's first two clicks
+    by_key = {(u.user_id, u.hour_ms): u for u in units}
+    assert set(by_key) == {("u2", t0), ("u1", t0 + 3_600_000)}
+    assert by_key["u2", t0].seen == frozenset() and by_key["u2", t0].clicked == {"i3"}
+    assert by_key["u1", t0 + 3_600_000].seen == {"i1", "i2"} and by_key["u1", t0 + 3_600_000].clicked == {"i4"}
+
+
 @pytest.mark.slow
 def test_the_arms_differ_in_freshness_as_their_publishing_does(tmp_path):
     simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=2000, seed=3))
