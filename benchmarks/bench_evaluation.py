@@ -14,9 +14,8 @@ import resource
 import time
 
 import numpy as np
-
-from trainer.evaluation import ranking_metrics
-from trainer.retrieval import ExactRetriever, IndexSettings, build_index, recall_against_exact
+from freshtower.trainer.evaluation import ranking_metrics
+from freshtower.trainer.retrieval import ExactRetriever, IndexSettings, build_index, recall_against_exact
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from freshtower.trainer.full import train_full
 
-from freshtower.config import load_settings
-from freshtower.simulator import synthetic_click_samples
-from streams.batches import write_batch
-from trainer.full import train_full
+from freshtower.app.simulator import synthetic_click_samples
+from freshtower.core.batches import write_batch
+from freshtower.core.settings import load_settings
 
 DAY = "2026-09-21"
 DAY_START_MS = 1_789_948_800_000  # 2026-09-21 00:00 UTC

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from freshtower.trainer.artifacts import full_models_dir, new_estimator, new_model, save_full_model
+from freshtower.trainer.online import OnlineTrainer, decode_for_training
 
-from freshtower.config import load_settings
-from freshtower.simulator import synthetic_click_samples
-from streams.batches import FeatureSpec, list_batches, write_batch
-from trainer.artifacts import full_models_dir, new_estimator, new_model, save_full_model
-from trainer.online import OnlineTrainer, decode_for_training
+from freshtower.app.simulator import synthetic_click_samples
+from freshtower.core.batches import FeatureSpec, list_batches, write_batch
+from freshtower.core.settings import load_settings
 
 
 def peak_rss_mib() -> float:

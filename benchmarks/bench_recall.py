@@ -38,17 +38,18 @@ import faiss
 import httpx
 import numpy as np
 import torch
+from freshtower.publisher.embedding_topic import EmbeddingTopic
+from freshtower.publisher.publish import FullReleaseInputs, Publisher
+from freshtower.publisher.serving import load_state, recall
+from freshtower.publisher.user_tower import export_user_tower
+from freshtower.streams.broker import LocalBroker, resolve_binary
+from freshtower.trainer.artifacts import new_model
+from freshtower.trainer.online import CHECKPOINT_FORMAT, checkpoint_path
+from freshtower.trainer.retrieval import FaissRetriever
+from freshtower.trainer.vocabulary import IdVocabulary
 
-from freshtower.config import load_settings
-from publisher.embedding_topic import EmbeddingTopic
-from publisher.publish import FullReleaseInputs, Publisher
-from publisher.serving import load_state, recall
-from publisher.user_tower import export_user_tower
-from streams.broker import LocalBroker, free_port, resolve_binary
-from trainer.artifacts import new_model
-from trainer.online import CHECKPOINT_FORMAT, checkpoint_path
-from trainer.retrieval import FaissRetriever
-from trainer.vocabulary import IdVocabulary
+from freshtower.core.ports import free_port
+from freshtower.core.settings import load_settings
 
 CATEGORICAL_VALUES = 12  # values per categorical user feature
 
@@ -370,7 +371,7 @@ def run(data_dir: Path) -> None:
         "FRESHTOWER_SERVICE__PORT": str(port),
         "FRESHTOWER_SERVICE__HNSW_EF_SEARCH": str(ef),
     }
-    server = subprocess.Popen([sys.executable, "-m", "freshtower.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen([sys.executable, "-m", "freshtower.app.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600

@@ -28,11 +28,12 @@ import urllib.request
 from pathlib import Path
 
 import msgspec
+from freshtower.streams.broker import LocalBroker
+from freshtower.streams.replay import replay
 
-from freshtower.config import load_settings
-from freshtower.simulator import Simulator, SimulatorConfig
-from streams.broker import LocalBroker, free_port
-from streams.replay import replay
+from freshtower.app.simulator import Simulator, SimulatorConfig
+from freshtower.core.ports import free_port
+from freshtower.core.settings import load_settings
 
 
 def machine_report() -> str:
@@ -96,12 +97,13 @@ def raw_consume_rate(bootstrap: str, topics: list[str], total: int) -> float:
 def core_rate(path: Path, settings) -> tuple[float, int]:
     """Validation + join + batch files, no Kafka: events/s and windows
     (with the worker's garbage-collector settings)."""
-    from streams.app import tune_gc
-    from streams.join import JoinCore, JoinSettings, RawEvent
+    from freshtower.streams.app import tune_gc
+    from freshtower.streams.join import JoinCore, JoinSettings, RawEvent
 
     tune_gc()
-    from streams.sink import BatchSink
-    from trainer.frequency import FrequencyEstimator
+    from freshtower.streams.sink import BatchSink
+
+    from freshtower.core.frequency import FrequencyEstimator
 
     events = []
     for n, line in enumerate(path.read_bytes().splitlines()):
@@ -216,7 +218,7 @@ def main() -> None:
 
         worker_log = open(data_dir / "worker.log", "wb")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "freshtower.cli", "--log-level", "info", "streams"],
+            [sys.executable, "-m", "freshtower.app.cli", "--log-level", "info", "streams"],
             env=worker_env(settings),
             stdout=worker_log,
             stderr=subprocess.STDOUT,

@@ -23,7 +23,7 @@ def check_finite(named: Mapping[str, np.ndarray | torch.Tensor]) -> None:
     >>> check_finite({"user_embeddings": np.array([[0.1, 0.2], [np.nan, 1.0]])})
     Traceback (most recent call last):
     ...
-    publisher.checks.ReleaseRefused: user_embeddings has 1 NaN/infinite value(s), first in row 1
+    freshtower.publisher.checks.ReleaseRefused: user_embeddings has 1 NaN/infinite value(s), first in row 1
     """
     for name, values in named.items():
         array = values.detach().numpy() if torch.is_tensor(values) else np.asarray(values)
@@ -40,7 +40,7 @@ def check_shape(name: str, array: np.ndarray, rows: int, dim: int) -> None:
     >>> check_shape("item_vectors", np.zeros((3, 8)), rows=3, dim=16)
     Traceback (most recent call last):
     ...
-    publisher.checks.ReleaseRefused: item_vectors has shape (3, 8), expected (3, 16)
+    freshtower.publisher.checks.ReleaseRefused: item_vectors has shape (3, 8), expected (3, 16)
     """
     if array.ndim != 2 or array.shape != (rows, dim):
         raise ReleaseRefused(f"{name} has shape {tuple(array.shape)}, expected ({rows}, {dim})")
@@ -54,7 +54,7 @@ def check_recall_drop(new_recall: float | None, active_recall: float | None, max
     >>> check_recall_drop(0.35, 0.41, max_drop=0.02)
     Traceback (most recent call last):
     ...
-    publisher.checks.ReleaseRefused: holdout recall@50 0.3500 is 0.0600 below the active release's 0.4100 (allowed drop 0.0200)
+    freshtower.publisher.checks.ReleaseRefused: holdout recall@50 0.3500 is 0.0600 below the active release's 0.4100 (allowed drop 0.0200)
     """
     if active_recall is None:
         return
@@ -82,7 +82,7 @@ def check_unique(name: str, ids: list[str]) -> None:
     >>> check_unique("item_ids", ["a", "b", "a"])
     Traceback (most recent call last):
     ...
-    publisher.checks.ReleaseRefused: item_ids lists 1 ID more than once, e.g. 'a'
+    freshtower.publisher.checks.ReleaseRefused: item_ids lists 1 ID more than once, e.g. 'a'
     """
     seen: set[str] = set()
     duplicates = [i for i in ids if i in seen or seen.add(i)]

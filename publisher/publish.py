@@ -43,13 +43,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-
-from freshtower.config import Settings
-from publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique
-from publisher.embedding_topic import EmbeddingTopic
-from publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
-from publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
-from trainer.artifacts import (
+from freshtower.publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique
+from freshtower.publisher.embedding_topic import EmbeddingTopic
+from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
+from freshtower.publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
+from freshtower.trainer.artifacts import (
     ArtifactError,
     FullModelRef,
     LoadedModel,
@@ -60,8 +58,10 @@ from trainer.artifacts import (
     mark_refused,
     read_manifest,
 )
-from trainer.online import load_checkpoint
-from trainer.retrieval import ExactRetriever, FaissRetriever, IndexSettings, build_index, recall_against_exact
+from freshtower.trainer.online import load_checkpoint
+from freshtower.trainer.retrieval import ExactRetriever, FaissRetriever, IndexSettings, build_index, recall_against_exact
+
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from datetime import UTC
 
 import numpy as np
+from freshtower.publisher.releases import Release, ReleaseStore
+from freshtower.publisher.serving import ServingState, load_state
+from freshtower.trainer.evaluation import Holdout, holdout_from_samples, ranking_metrics
 
-from publisher.releases import Release, ReleaseStore
-from publisher.serving import ServingState, load_state
-from streams.batches import BatchRef, FeatureSpec, SampleColumns, read_batch
-from trainer.evaluation import Holdout, holdout_from_samples, ranking_metrics
+from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, read_batch
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000

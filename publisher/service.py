@@ -38,13 +38,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from freshtower.publisher.releases import ReleaseError, ReleaseNotFound, ReleaseStore, parse_version
+from freshtower.publisher.serving import ServingState, load_state, recall
+from freshtower.publisher.user_tower import FeatureError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from freshtower.config import Settings
-from publisher.releases import ReleaseError, ReleaseNotFound, ReleaseStore, parse_version
-from publisher.serving import ServingState, load_state, recall
-from publisher.user_tower import FeatureError
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ class ServiceThread:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0):
         import uvicorn
 
-        from streams.broker import free_port
+        from freshtower.core.ports import free_port
 
         self.host, self.port, self.timeout = host, port or free_port(host), timeout
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on"))

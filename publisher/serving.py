@@ -23,10 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-
-from publisher.releases import Release, ReleaseError, ReleaseStore
-from publisher.user_tower import ServingUserTower
-from trainer.retrieval import FaissRetriever
+from freshtower.publisher.releases import Release, ReleaseError, ReleaseStore
+from freshtower.publisher.user_tower import ServingUserTower
+from freshtower.trainer.retrieval import FaissRetriever
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from trainer.model import Tower, TowerInputs, TwoTowerModel
-from trainer.vocabulary import IdVocabulary
+from freshtower.trainer.model import Tower, TowerInputs, TwoTowerModel
+from freshtower.trainer.vocabulary import IdVocabulary
 
 USER_TOWER_FORMAT = 1
 

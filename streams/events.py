@@ -193,7 +193,7 @@ def parse_event(kind: str, key: bytes | None, value: bytes | None, limits: Limit
     >>> parse_event(CLICK, b"u1", b'{"event_id":"c1","request_id":"r1","user_id":"u1","ts":5}')
     Traceback (most recent call last):
     ...
-    streams.events.InvalidEvent: click: Object missing required field `item_id`
+    freshtower.streams.events.InvalidEvent: click: Object missing required field `item_id`
     """
     if value is None:
         raise InvalidEvent("invalid_json", f"{kind}: message has no value")

@@ -1,6 +1,6 @@
 """Item-frequency estimator state saved next to each batch.
 
-The streams worker feeds ``trainer.frequency.FrequencyEstimator`` the
+The streams worker feeds ``freshtower.core.frequency.FrequencyEstimator`` the
 clicked items of every closed window, in the batch file's order, and saves
 its state as ``<HHMMSS>.freq.npz`` beside ``<HHMMSS>.tfrecord``; the
 manifest's ``extras`` name it (``frequency_state``) with the estimator's
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.batches import atomic_write_bytes
-from trainer.frequency import FrequencyEstimator
+from freshtower.core.batches import atomic_write_bytes
+from freshtower.core.frequency import FrequencyEstimator
 
 SNAPSHOT_SUFFIX = ".freq.npz"
 

@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 from sys import intern
 from typing import Mapping, MutableMapping
 
-from streams.batches import Sample
-from streams.events import CLICK, IMPRESSION, RANK_LOG, Click, Impression, InvalidEvent, Limits, RankLog, parse_event
-from streams.windows import assign_window, open_from_after
+from freshtower.streams.events import CLICK, IMPRESSION, RANK_LOG, Click, Impression, InvalidEvent, Limits, RankLog, parse_event
+from freshtower.streams.windows import assign_window, open_from_after
+
+from freshtower.core.batches import Sample
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class JoinSettings:
 
     @classmethod
     def from_config(cls, streams) -> "JoinSettings":
-        """From ``freshtower.config.StreamsConfig`` (seconds -> ms)."""
+        """From ``freshtower.core.settings.StreamsConfig`` (seconds -> ms)."""
         if streams.window_seconds != int(streams.window_seconds):
             raise ValueError(
                 f"streams.window_seconds must be whole seconds (batch files are named by second), got {streams.window_seconds}"

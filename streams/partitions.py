@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, MutableMapping
 
-from streams.join import DEFAULT_KINDS, JoinCore, JoinSettings, StepResult
+from freshtower.streams.join import DEFAULT_KINDS, JoinCore, JoinSettings, StepResult
 
 TopicPartition = tuple[str, int]  # (topic, partition)
 

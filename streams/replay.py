@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import orjson
 
-from freshtower.config import Settings
+from freshtower.core.settings import Settings
 
 
 class ReplayError(RuntimeError):
@@ -113,9 +113,8 @@ def replay_events(
     events and at the end (``total`` None for an iterable without a length);
     ``should_stop()`` ends the replay early (what was sent is flushed and
     counted)."""
+    from freshtower.streams.topics import ensure_topics
     from kafka import KafkaProducer
-
-    from streams.topics import ensure_topics
 
     ensure_topics(settings)
     counts: Counter[str] = Counter()

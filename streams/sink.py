@@ -1,5 +1,5 @@
 """Closed windows to disk: the item-frequency update, its snapshot, the
-batch file and manifest (``streams.batches.write_batch``: fsync + atomic
+batch file and manifest (``freshtower.core.batches.write_batch``: fsync + atomic
 rename), and the announcement that goes on ``training-batches``.
 
 Idempotent by construction: every path is a pure function of the window
@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streams.batches import RequestSharingEncoder, batch_stem, list_batches, window_stem, write_batch
-from streams.frequency_snapshots import load_snapshot, save_snapshot, snapshot_name
-from streams.join import ClosedWindow
-from trainer.frequency import FrequencyEstimator
+from freshtower.streams.frequency_snapshots import load_snapshot, save_snapshot, snapshot_name
+from freshtower.streams.join import ClosedWindow
+
+from freshtower.core.batches import RequestSharingEncoder, batch_stem, list_batches, window_stem, write_batch
+from freshtower.core.frequency import FrequencyEstimator
 
 log = logging.getLogger(__name__)
 

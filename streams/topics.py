@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 
-from freshtower.config import Settings
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def input_topics(settings: Settings) -> dict[str, str]:
     """Topic name -> event kind (``streams.events`` constants)."""
-    from streams.events import CLICK, IMPRESSION, RANK_LOG
+    from freshtower.streams.events import CLICK, IMPRESSION, RANK_LOG
 
     t = settings.topics
     return {t.impressions: IMPRESSION, t.clicks: CLICK, t.rank_logs: RANK_LOG}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from freshtower.config import Settings, load_settings
-from freshtower.simulator import Simulator, SimulatorConfig
+from freshtower.app.simulator import Simulator, SimulatorConfig
+from freshtower.core.settings import Settings, load_settings
 
 # Small enough to generate in seconds, big enough to learn something:
 # ~3,000 requests a day, ~7,000 clicks a day.
@@ -50,7 +50,7 @@ def data_dir_with_batches(tmp_path, simulated_batches) -> Path:
 def kafka_broker(tmp_path_factory):
     """A real Kafka-protocol broker (Tansu) on a free loopback port, for the
     whole session; stopped at the end."""
-    from streams.broker import LocalBroker, resolve_binary
+    from freshtower.streams.broker import LocalBroker, resolve_binary
 
     home = tmp_path_factory.mktemp("broker-home")
     broker = LocalBroker(binary=resolve_binary(home), log_path=home / "broker.log")

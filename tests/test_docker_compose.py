@@ -18,8 +18,8 @@ import pytest
 import typer.main
 import yaml
 
-from freshtower.cli import app
-from freshtower.config import Settings, load_settings
+from freshtower.app.cli import app
+from freshtower.core.settings import Settings, load_settings
 
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click.exceptions import UsageError

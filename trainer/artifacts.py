@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from freshtower.trainer.model import TwoTowerModel
 
-from freshtower.config import Settings, settings_from_record
-from streams.batches import atomic_write_bytes
-from trainer.frequency import FrequencyEstimator
-from trainer.model import TwoTowerModel
+from freshtower.core.batches import atomic_write_bytes
+from freshtower.core.frequency import FrequencyEstimator
+from freshtower.core.settings import Settings, settings_from_record
 
 ARTIFACT_FORMAT = 1
 _VERSION = re.compile(r"^(\d{4}-\d{2}-\d{2})\.(\d+)$")

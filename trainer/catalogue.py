@@ -15,9 +15,9 @@ import logging
 from typing import Mapping, Sequence
 
 import numpy as np
+from freshtower.trainer.fingerprint_table import FingerprintTable
 
-from streams.fingerprints import fingerprint_strings
-from trainer.fingerprint_table import FingerprintTable
+from freshtower.core.fingerprints import fingerprint_strings
 
 log = logging.getLogger(__name__)
 

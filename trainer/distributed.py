@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from streams.broker import free_port
+from freshtower.core.ports import free_port
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from freshtower.trainer.model import TwoTowerModel
+from freshtower.trainer.retrieval import ExactRetriever, IndexSettings, build_index
 
-from streams.batches import SampleColumns
-from trainer.model import TwoTowerModel
-from trainer.retrieval import ExactRetriever, IndexSettings, build_index
+from freshtower.core.batches import SampleColumns
 
 
 @dataclass
@@ -141,7 +141,7 @@ def _with_missing(clicked: set[str], model: TwoTowerModel) -> set[int]:
 def holdout_between(refs, spec, start_ms: int, end_ms: int) -> Holdout:
     """The clicks of the batches whose window starts in [start_ms, end_ms):
     the next-period holdout of a time-split evaluation."""
-    from streams.batches import SampleColumns, read_batch
+    from freshtower.core.batches import SampleColumns, read_batch
 
     chosen = [r for r in refs if start_ms <= r.window_start_ms < end_ms]
     return holdout_from_samples(SampleColumns.concat([read_batch(r, spec) for r in chosen], spec))

@@ -4,7 +4,7 @@ batch of keys (one probe round per array pass).
 
 The trainers' hot paths map thousands of IDs per step; this turns that
 into a few array operations instead of a Python dict lookup per ID.
-Fingerprints come from ``streams.fingerprints`` and are never 0, which
+Fingerprints come from ``freshtower.core.fingerprints`` and are never 0, which
 marks an empty slot. Deletion is by ``rebuild`` (expiry runs once a day).
 """
 

@@ -36,10 +36,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-
-from freshtower.config import Settings
-from streams.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
-from trainer.artifacts import (
+from freshtower.trainer.artifacts import (
     ArtifactError,
     FullModelRef,
     full_models_dir,
@@ -50,11 +47,14 @@ from trainer.artifacts import (
     previous_full_model,
     save_full_model,
 )
-from trainer.evaluation import evaluate, holdout_from_samples
-from trainer.learner import Learner, event_day
-from trainer.retrieval import IndexSettings
-from trainer.samplers import clicked_only
-from trainer.sparse_optim import reset_rows
+from freshtower.trainer.evaluation import evaluate, holdout_from_samples
+from freshtower.trainer.learner import Learner, event_day
+from freshtower.trainer.retrieval import IndexSettings
+from freshtower.trainer.samplers import clicked_only
+from freshtower.trainer.sparse_optim import reset_rows
+
+from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def _parallel_worker(collective, settings: Settings, day: str, from_scratch: boo
 def train_full_parallel(settings: Settings, day: str, workers: int, *, from_scratch: bool = False) -> FullModelRef:
     """Data-parallel full training in ``workers`` processes (gloo on
     127.0.0.1); returns the version worker 0 wrote."""
-    from trainer.distributed import launch
+    from freshtower.trainer.distributed import launch
 
     before = latest_full_model(full_models_dir(settings))
     launch(workers, _parallel_worker, settings, day, from_scratch)

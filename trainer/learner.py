@@ -27,12 +27,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-
-from streams.batches import SampleColumns
-from trainer import losses
-from trainer.frequency import FrequencyEstimator
-from trainer.model import TwoTowerModel
-from trainer.samplers import (
+from freshtower.trainer import losses
+from freshtower.trainer.model import TwoTowerModel
+from freshtower.trainer.samplers import (
     CatalogueSampler,
     clicked_only,
     hard_negative_matrix,
@@ -41,8 +38,11 @@ from trainer.samplers import (
     popularity_weights,
     positive_multiplicity,
 )
-from trainer.sparse_optim import ROW_NOISE_STD, RowWiseAdagrad
-from trainer.vocabulary import DEFAULT_ROW
+from freshtower.trainer.sparse_optim import ROW_NOISE_STD, RowWiseAdagrad
+from freshtower.trainer.vocabulary import DEFAULT_ROW
+
+from freshtower.core.batches import SampleColumns
+from freshtower.core.frequency import FrequencyEstimator
 
 MS_PER_DAY = 86_400_000
 _HARD_WIDTH = 8  # hard negatives kept per row in the in-batch listwise mix

@@ -20,11 +20,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from freshtower.trainer.catalogue import ItemCatalogue
+from freshtower.trainer.sparse_optim import grow_table, reset_rows
+from freshtower.trainer.vocabulary import IdVocabulary
 from torch import nn
-
-from trainer.catalogue import ItemCatalogue
-from trainer.sparse_optim import grow_table, reset_rows
-from trainer.vocabulary import IdVocabulary
 
 _INIT_STD = 0.1  # initial embedding scale; the MLP's first layer sees O(1) inputs
 

@@ -39,10 +39,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-
-from freshtower.config import Settings
-from streams.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
-from trainer.artifacts import (
+from freshtower.trainer.artifacts import (
     ArtifactError,
     LoadedModel,
     _to_arrays,
@@ -51,11 +48,14 @@ from trainer.artifacts import (
     load_full_model,
     servable_full_model,
 )
-from trainer.catalogue import ItemCatalogue
-from trainer.frequency import FrequencyEstimator
-from trainer.learner import Learner
-from trainer.samplers import clicked_only
-from trainer.vocabulary import IdVocabulary
+from freshtower.trainer.catalogue import ItemCatalogue
+from freshtower.trainer.learner import Learner
+from freshtower.trainer.samplers import clicked_only
+from freshtower.trainer.vocabulary import IdVocabulary
+
+from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
+from freshtower.core.frequency import FrequencyEstimator
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,9 @@ Every function takes its random generator; nothing reads a global seed.
 
 from __future__ import annotations
 
-
 import numpy as np
 
-from streams.batches import SampleColumns
+from freshtower.core.batches import SampleColumns
 
 
 def clicked_only(columns: SampleColumns) -> SampleColumns:

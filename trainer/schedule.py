@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Callable, Iterable
 
-from freshtower.config import Settings
-from streams.batches import list_batches
-from trainer.artifacts import full_models_dir, list_full_models
+from freshtower.trainer.artifacts import full_models_dir, list_full_models
+
+from freshtower.core.batches import list_batches
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 MS_PER_DAY = 86_400_000

@@ -10,7 +10,7 @@ a fixed number of buckets, with two guards on its size:
   reused by a later ID.
 
 Hot-path lookups go through the ID's 64-bit fingerprint
-(``streams.fingerprints``) in a numpy hash table: Monolith likewise keys its
+(``freshtower.core.fingerprints``) in a numpy hash table: Monolith likewise keys its
 tables by 64-bit feature IDs. Two IDs would share a row only if their
 fingerprints collided (probability about n^2 / 2^65: 3e-8 for a million
 IDs); the exact ID -> row dict is kept beside the table, detects such a
@@ -28,9 +28,9 @@ import logging
 from typing import Sequence
 
 import numpy as np
+from freshtower.trainer.fingerprint_table import FingerprintTable
 
-from streams.fingerprints import fingerprint_strings
-from trainer.fingerprint_table import FingerprintTable
+from freshtower.core.fingerprints import fingerprint_strings
 
 DEFAULT_ROW = 0
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from freshtower.trainer.full import train_full
 
-from freshtower.config import Settings
+from freshtower.core.settings import Settings
 from tests.conftest import make_settings
-from trainer.full import train_full
 
 DAY0, DAY1 = "2026-11-20", "2026-11-21"
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from freshtower.cli import app
+from freshtower.app.cli import app
 
 runner = CliRunner()
 
@@ -38,15 +38,16 @@ def test_publish_once_releases_the_full_model_then_has_nothing_to_do(data_dir, m
 
 @pytest.mark.slow
 def test_serve_runs_the_service_on_loopback_until_terminated(data_dir):
-    from publisher.publish import Publisher
-    from streams.broker import free_port
+    from freshtower.publisher.publish import Publisher
+
+    from freshtower.core.ports import free_port
     from tests.publisher.conftest import publisher_settings
 
     with Publisher(publisher_settings(data_dir)) as publisher:
         full = publisher.publish_full_if_new(now_s=0.0)
     port = free_port()
     env = {**os.environ, "FRESHTOWER_DATA_DIR": str(data_dir), "FRESHTOWER_SERVICE__PORT": str(port), "PYTHONPATH": os.getcwd()}
-    server = subprocess.Popen([sys.executable, "-m", "freshtower.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen([sys.executable, "-m", "freshtower.app.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         health = None

@@ -6,11 +6,11 @@ import uuid
 
 import numpy as np
 import pytest
+from freshtower.publisher.embedding_topic import EmbeddingTopic, decode_row
+from freshtower.publisher.publish import Publisher
+from freshtower.trainer.online import OnlineTrainer
 
-from publisher.embedding_topic import EmbeddingTopic, decode_row
-from publisher.publish import Publisher
 from tests.publisher.conftest import publisher_settings
-from trainer.online import OnlineTrainer
 
 
 def read_topic(bootstrap: str, topic: str, partitions: int, expected: int, timeout: float = 60.0) -> list:

@@ -9,13 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from freshtower.publisher.publish import Publisher, online_checkpoints
+from freshtower.publisher.releases import ReleaseStore
+from freshtower.publisher.serving import load_state
+from freshtower.trainer.artifacts import full_models_dir, latest_full_model, load_full_model, save_full_model
+from freshtower.trainer.online import OnlineTrainer, checkpoint_path, load_checkpoint
 
-from publisher.publish import Publisher, online_checkpoints
-from publisher.releases import ReleaseStore
-from publisher.serving import load_state
 from tests.publisher.conftest import DAY1, publisher_settings
-from trainer.artifacts import full_models_dir, latest_full_model, load_full_model, save_full_model
-from trainer.online import OnlineTrainer, checkpoint_path, load_checkpoint
 
 
 def train_online(settings, batches: int) -> OnlineTrainer:
@@ -145,8 +145,8 @@ def test_full_models_with_nan_or_a_recall_drop_beyond_the_margin_are_refused(dat
 
 
 def test_the_online_trainer_keeps_following_the_served_model_when_a_newer_one_is_refused(data_dir):
-    from trainer.artifacts import full_models_dir, is_refused, latest_full_model
-    from trainer.online import OnlineTrainer
+    from freshtower.trainer.artifacts import full_models_dir, is_refused, latest_full_model
+    from freshtower.trainer.online import OnlineTrainer
 
     settings = publisher_settings(data_dir)
     with Publisher(settings) as publisher:
@@ -183,7 +183,7 @@ KILLED_PUBLISHER = textwrap.dedent(
     """
     import os, signal, sys
     from tests.publisher.conftest import publisher_settings
-    from publisher.publish import Publisher, online_checkpoints
+    from freshtower.publisher.publish import Publisher, online_checkpoints
 
     data_dir, kill_at = sys.argv[1], sys.argv[2]
 

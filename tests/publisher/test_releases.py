@@ -3,8 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from publisher.releases import ActiveChanged, ReleaseError, ReleaseNotFound, ReleaseStore, parse_version
+from freshtower.publisher.releases import ActiveChanged, ReleaseError, ReleaseNotFound, ReleaseStore, parse_version
 
 
 def make_release(

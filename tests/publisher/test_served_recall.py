@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from publisher.publish import Publisher
-from publisher.served_recall import HOUR_MS, served_recall_by_hour
-from streams.batches import FeatureSpec, list_batches
+from freshtower.publisher.publish import Publisher
+from freshtower.publisher.served_recall import HOUR_MS, served_recall_by_hour
+
+from freshtower.core.batches import FeatureSpec, list_batches
 from tests.publisher.conftest import publisher_settings
 from tests.publisher.test_publish import train_online
 

@@ -10,14 +10,14 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
+from freshtower.publisher.publish import Publisher
+from freshtower.publisher.releases import ReleaseStore
+from freshtower.publisher.service import ServiceThread, create_app
+from freshtower.trainer.online import OnlineTrainer
+from freshtower.trainer.retrieval import ExactRetriever
 
-from publisher.publish import Publisher
-from publisher.releases import ReleaseStore
-from publisher.service import ServiceThread, create_app
-from streams.batches import SampleColumns, read_batch
+from freshtower.core.batches import SampleColumns, read_batch
 from tests.publisher.conftest import publisher_settings
-from trainer.online import OnlineTrainer
-from trainer.retrieval import ExactRetriever
 
 TOKEN = "s3cret-admin-token"
 
@@ -186,7 +186,7 @@ def test_rollback_needs_the_admin_token_and_serves_the_older_release(published):
         assert recall["releases"] == {"active": full, "full": full, "embeddings": None, "model_version": "2026-11-20.1"}
         # Only the full model stands behind it: its newest training click,
         # which the full trainer records (exact, not the data-end bound).
-        from trainer.artifacts import full_models_dir, read_manifest
+        from freshtower.trainer.artifacts import full_models_dir, read_manifest
 
         model = read_manifest(full_models_dir(settings) / "2026-11-20.1").manifest
         assert not recall["freshness"]["is_upper_bound"]

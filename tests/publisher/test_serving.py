@@ -4,16 +4,16 @@ import shutil
 
 import numpy as np
 import pytest
+from freshtower.publisher.publish import Publisher
+from freshtower.publisher.releases import ReleaseError, ReleaseStore
+from freshtower.publisher.serving import load_state, recall
+from freshtower.publisher.user_tower import FeatureError, ServingUserTower, export_user_tower
+from freshtower.trainer.artifacts import full_models_dir, latest_full_model, load_full_model
+from freshtower.trainer.online import OnlineTrainer
+from freshtower.trainer.retrieval import ExactRetriever
 
-from publisher.publish import Publisher
-from publisher.releases import ReleaseError, ReleaseStore
-from publisher.serving import load_state, recall
-from publisher.user_tower import FeatureError, ServingUserTower, export_user_tower
-from streams.batches import read_batch
+from freshtower.core.batches import read_batch
 from tests.publisher.conftest import publisher_settings
-from trainer.artifacts import full_models_dir, latest_full_model, load_full_model
-from trainer.online import OnlineTrainer
-from trainer.retrieval import ExactRetriever
 
 
 @pytest.fixture(scope="module")

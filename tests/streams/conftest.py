@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from freshtower.config import Settings, load_settings
-from streams.broker import free_port
+from freshtower.core.ports import free_port
+from freshtower.core.settings import Settings, load_settings
 
 
 def streams_settings(bootstrap: str, data_dir: Path, **streams) -> Settings:
@@ -73,7 +73,7 @@ class WorkerProcess:
     def start(self) -> "WorkerProcess":
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "freshtower.cli", "--log-level", "info", "streams"],
+            [sys.executable, "-m", "freshtower.app.cli", "--log-level", "info", "streams"],
             env=settings_env(self.settings),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -144,9 +144,8 @@ def worker_factory(tmp_path):
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 30) -> list:
     """Every record of ``topic`` (all partitions), up to its end now."""
+    from freshtower.streams.faust_transport import true_end_offsets
     from kafka import KafkaConsumer, TopicPartition
-
-    from streams.faust_transport import true_end_offsets
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
@@ -171,9 +170,8 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 30) -> list:
 def committed_and_end_offsets(bootstrap: str, group: str, topics: list[str]) -> tuple[dict, dict]:
     """The group's committed offset and the true end offset of every
     partition of ``topics``."""
+    from freshtower.streams.faust_transport import true_end_offsets
     from kafka import KafkaConsumer, TopicPartition
-
-    from streams.faust_transport import true_end_offsets
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:

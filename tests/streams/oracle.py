@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 import msgspec
+from freshtower.streams.join import RawEvent
 
-from freshtower.simulator import Simulator
-from streams.batches import FeatureSpec, Sample, list_batches, read_batch
-from streams.join import RawEvent
+from freshtower.app.simulator import Simulator
+from freshtower.core.batches import FeatureSpec, Sample, list_batches, read_batch
 
 T0 = 1_795_132_800_000  # 2026-11-20 00:00:00 UTC, the simulator's day 0
 SPEC = FeatureSpec(("age_bucket", "city", "device"), ("activity_7d", "hour_sin", "hour_cos"), ("category",))

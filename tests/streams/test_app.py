@@ -10,14 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import pytest
+from freshtower.streams.dead_letters import decode_dead_letter
+from freshtower.streams.frequency_snapshots import load_snapshot
+from freshtower.streams.replay import replay
 from kafka import KafkaProducer
 
-from freshtower.simulator import Simulator, SimulatorConfig
-from streams.batches import Sample, list_batches, read_batch
-from streams.broker import free_port
-from streams.dead_letters import decode_dead_letter
-from streams.frequency_snapshots import load_snapshot
-from streams.replay import replay
+from freshtower.app.simulator import Simulator, SimulatorConfig
+from freshtower.core.batches import Sample, list_batches, read_batch
+from freshtower.core.ports import free_port
 from tests.streams.conftest import committed_and_end_offsets, read_topic, streams_settings
 from tests.streams.oracle import SPEC, assert_samples_match, batch_keys, expected_samples
 

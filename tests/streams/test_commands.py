@@ -4,8 +4,8 @@ import json
 
 from typer.testing import CliRunner
 
-from freshtower.cli import app
-from freshtower.simulator import Simulator, SimulatorConfig
+from freshtower.app.cli import app
+from freshtower.app.simulator import Simulator, SimulatorConfig
 from tests.streams.conftest import settings_env, streams_settings
 
 runner = CliRunner()

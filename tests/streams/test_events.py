@@ -4,9 +4,20 @@ import itertools
 
 import msgspec
 import pytest
+from freshtower.streams.events import (
+    CLICK,
+    IMPRESSION,
+    RANK_LOG,
+    Click,
+    Impression,
+    InvalidEvent,
+    Limits,
+    RankLog,
+    event_to_json,
+    parse_event,
+)
 
-from freshtower.simulator import Simulator, SimulatorConfig
-from streams.events import CLICK, IMPRESSION, RANK_LOG, Click, Impression, InvalidEvent, Limits, RankLog, event_to_json, parse_event
+from freshtower.app.simulator import Simulator, SimulatorConfig
 
 CLICK_OK = {"event_id": "c1", "request_id": "r1", "user_id": "u1", "item_id": "i9", "ts": 1_795_132_800_000}
 IMPRESSION_OK = {

@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import uuid
 
+from freshtower.streams.faust_transport import true_end_offsets
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
-from streams.faust_transport import true_end_offsets
 
 
 def test_end_offsets_come_from_fetch_responses_not_the_brokers_list_offsets(kafka_broker):

@@ -7,9 +7,9 @@ import random
 import msgspec
 import orjson
 import pytest
+from freshtower.streams.join import JoinCore, JoinSettings, RawEvent
 
-from freshtower.simulator import Simulator, SimulatorConfig
-from streams.join import JoinCore, JoinSettings, RawEvent
+from freshtower.app.simulator import Simulator, SimulatorConfig
 from tests.streams.oracle import T0, assert_samples_match, expected_samples, raw_events
 
 SECOND = 1000
@@ -420,7 +420,7 @@ def test_the_state_is_json_and_survives_a_round_trip(world):
 
 
 def test_windows_must_be_whole_seconds():
-    from freshtower.config import StreamsConfig
+    from freshtower.core.settings import StreamsConfig
 
     assert JoinSettings.from_config(StreamsConfig(window_seconds=5)).window_ms == 5_000
     with pytest.raises(ValueError, match="whole seconds"):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from streams.metrics import StreamMetrics
+from freshtower.streams.metrics import StreamMetrics
 
 
 def test_metrics_follow_the_joins_counters_and_compute_the_hit_rate():

@@ -8,10 +8,10 @@ import random
 import zlib
 
 import pytest
+from freshtower.streams.join import JoinSettings
+from freshtower.streams.partitions import PartitionedJoin
 
-from freshtower.simulator import Simulator, SimulatorConfig
-from streams.join import JoinSettings
-from streams.partitions import PartitionedJoin
+from freshtower.app.simulator import Simulator, SimulatorConfig
 from tests.streams.oracle import T0, assert_samples_match, expected_samples, raw_events
 from tests.streams.test_join import Events
 

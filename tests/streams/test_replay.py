@@ -5,9 +5,9 @@ import time
 
 import msgspec
 import pytest
+from freshtower.streams.replay import ReplayError, load_event_log, replay
 
-from freshtower.simulator import Simulator, SimulatorConfig
-from streams.replay import ReplayError, load_event_log, replay
+from freshtower.app.simulator import Simulator, SimulatorConfig
 from tests.streams.conftest import read_topic, streams_settings
 
 
@@ -76,9 +76,8 @@ def test_a_bad_line_stops_the_replay_with_its_line_number(tmp_path, line, messag
 
 
 def test_input_topics_with_another_partition_count_are_refused(kafka_broker, tmp_path):
+    from freshtower.streams.topics import ensure_topics
     from kafka.admin import KafkaAdminClient, NewTopic
-
-    from streams.topics import ensure_topics
 
     settings = streams_settings(kafka_broker.bootstrap, tmp_path)
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)

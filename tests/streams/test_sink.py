@@ -4,15 +4,15 @@ import hashlib
 
 import numpy as np
 import pytest
+from freshtower.streams.dead_letters import decode_dead_letter, encode_dead_letter
+from freshtower.streams.frequency_snapshots import load_snapshot, save_snapshot, snapshot_bytes
+from freshtower.streams.join import ClosedWindow, DeadLetter
+from freshtower.streams.sink import BatchSink
 
-from freshtower.simulator import synthetic_click_samples
-from streams.batches import list_batches, read_batch, write_batch
-from streams.dead_letters import decode_dead_letter, encode_dead_letter
-from streams.frequency_snapshots import load_snapshot, save_snapshot, snapshot_bytes
-from streams.join import ClosedWindow, DeadLetter
-from streams.sink import BatchSink
+from freshtower.app.simulator import synthetic_click_samples
+from freshtower.core.batches import list_batches, read_batch, write_batch
+from freshtower.core.frequency import FrequencyEstimator
 from tests.streams.oracle import SPEC, T0
-from trainer.frequency import FrequencyEstimator
 
 
 def closed_window(start_ms: int, count: int, seed: int) -> ClosedWindow:

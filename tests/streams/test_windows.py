@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from streams.windows import assign_window, open_from_after, window_start
+from freshtower.streams.windows import assign_window, open_from_after, window_start
 
 
 def test_a_record_goes_to_its_own_window_or_the_first_open_one_never_earlier():

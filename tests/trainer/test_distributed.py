@@ -3,10 +3,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from freshtower.trainer.artifacts import load_full_model
+from freshtower.trainer.full import train_full, train_full_parallel
 
 from tests.conftest import make_settings
-from trainer.artifacts import load_full_model
-from trainer.full import train_full, train_full_parallel
 
 DAY0 = "2026-11-20"
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from freshtower.trainer.fingerprint_table import FingerprintTable
 
-from streams.fingerprints import fingerprint_strings
-from trainer.fingerprint_table import FingerprintTable
+from freshtower.core.fingerprints import fingerprint_strings
 
 
 def test_agrees_with_a_dict_through_growth_and_clustered_keys():

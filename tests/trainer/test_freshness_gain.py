@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from freshtower.trainer.artifacts import full_models_dir, latest_full_model, load_full_model
+from freshtower.trainer.evaluation import evaluate, holdout_between
+from freshtower.trainer.full import train_full
+from freshtower.trainer.online import OnlineTrainer
 
-from freshtower.simulator import Simulator, SimulatorConfig
-from streams.batches import list_batches
+from freshtower.app.simulator import Simulator, SimulatorConfig
+from freshtower.core.batches import list_batches
 from tests.conftest import make_settings
-from trainer.artifacts import full_models_dir, latest_full_model, load_full_model
-from trainer.evaluation import evaluate, holdout_between
-from trainer.full import train_full
-from trainer.online import OnlineTrainer
 
 HOUR = 3_600_000
 

@@ -5,13 +5,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from freshtower.trainer.artifacts import ArtifactError, full_models_dir, latest_full_model, load_full_model
+from freshtower.trainer.full import NoBatchesError, split_holdout, train_full
+from freshtower.trainer.learner import Learner
+from freshtower.trainer.losses import NonFiniteLossError
 
-from streams.batches import BatchFormatError, list_batches, write_batch
+from freshtower.core.batches import BatchFormatError, list_batches, write_batch
 from tests.conftest import make_settings
-from trainer.artifacts import ArtifactError, full_models_dir, latest_full_model, load_full_model
-from trainer.full import NoBatchesError, split_holdout, train_full
-from trainer.learner import Learner
-from trainer.losses import NonFiniteLossError
 
 DAY0, DAY1 = "2026-11-20", "2026-11-21"
 

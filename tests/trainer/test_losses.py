@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from trainer import losses
+from freshtower.trainer import losses
 
 A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two unit user vectors
 B = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # their clicked items

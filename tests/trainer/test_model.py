@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from freshtower.trainer.model import TwoTowerModel
+from freshtower.trainer.sparse_optim import RowWiseAdagrad, grow_table
 
-from freshtower.config import load_settings
-from trainer.model import TwoTowerModel
-from trainer.sparse_optim import RowWiseAdagrad, grow_table
+from freshtower.core.settings import load_settings
 
 
 def small_model(tmp_path, **vocabulary) -> TwoTowerModel:
@@ -29,7 +29,7 @@ def test_tower_outputs_are_unit_vectors(tmp_path):
 def test_new_ids_get_rows_that_start_near_the_default_row_and_apart(tmp_path):
     model = small_model(tmp_path)
     new_rows = model.observe_users(["a", "b"], {"age_bucket": ["x", "y"], "city": ["c", "c"], "device": ["d", "d"]}, day=0)
-    from trainer.sparse_optim import ROW_NOISE_STD
+    from freshtower.trainer.sparse_optim import ROW_NOISE_STD
 
     model.sync_tables(new_rows, row_noise_std=ROW_NOISE_STD)  # as full training does
     table = model.user_tower.id_embedding

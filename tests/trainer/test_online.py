@@ -5,11 +5,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from freshtower.trainer.full import train_full
+from freshtower.trainer.online import MissingModelError, OnlineTrainer
 
-from streams.batches import list_batches, read_batch
+from freshtower.core.batches import list_batches, read_batch
 from tests.conftest import make_settings
-from trainer.full import train_full
-from trainer.online import MissingModelError, OnlineTrainer
 
 DAY0, DAY1 = "2026-11-20", "2026-11-21"
 
@@ -141,13 +141,13 @@ def test_several_files_per_window_and_late_files_are_each_trained_once(data_dir)
 
 
 def batch_keys(refs):
-    from trainer.online import batch_key
+    from freshtower.trainer.online import batch_key
 
     return [batch_key(r) for r in refs]
 
 
 def test_partitioned_trainers_split_the_users(data_dir):
-    from trainer.online import Partition, checkpoint_path
+    from freshtower.trainer.online import Partition, checkpoint_path
 
     settings = make_settings(data_dir, training={"positive_resampling": {"enabled": False}})
     halves = [OnlineTrainer.start(settings, Partition(k, 2)) for k in range(2)]
@@ -178,7 +178,7 @@ def test_a_windows_part_files_count_at_that_windows_start():
 def test_a_caught_up_follower_checkpoints_its_last_batches_without_waiting_for_a_new_one(data_dir):
     import time
 
-    from trainer.online import checkpoint_path, load_checkpoint
+    from freshtower.trainer.online import checkpoint_path, load_checkpoint
 
     settings = make_settings(data_dir, training={"checkpoint_every_seconds": 0.2})
     trainer = OnlineTrainer.start(settings)

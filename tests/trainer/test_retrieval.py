@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from trainer.evaluation import ranking_metrics
-from trainer.retrieval import ExactRetriever, IndexSettings, build_index, recall_against_exact
+from freshtower.trainer.evaluation import ranking_metrics
+from freshtower.trainer.retrieval import ExactRetriever, IndexSettings, build_index, recall_against_exact
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:

@@ -3,13 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from freshtower.config import load_settings
-from streams.batches import SampleColumns
-from trainer.frequency import FrequencyEstimator
-from trainer.learner import Learner
-from trainer.model import TwoTowerModel
-from trainer.samplers import (
+from freshtower.trainer.learner import Learner
+from freshtower.trainer.model import TwoTowerModel
+from freshtower.trainer.samplers import (
     CatalogueSampler,
     clicked_only,
     hard_negative_matrix,
@@ -18,6 +14,10 @@ from trainer.samplers import (
     popularity_weights,
     positive_multiplicity,
 )
+
+from freshtower.core.batches import SampleColumns
+from freshtower.core.frequency import FrequencyEstimator
+from freshtower.core.settings import load_settings
 
 
 def test_catalogue_sampler_draws_in_proportion_to_clicks_to_the_075():

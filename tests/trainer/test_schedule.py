@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from datetime import date
 
+from freshtower.trainer.schedule import MS_PER_DAY, DailyScheduler, day_start_ms, days_due
+
 from tests.conftest import make_settings
-from trainer.schedule import MS_PER_DAY, DailyScheduler, day_start_ms, days_due
 
 D1, D2, D3 = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)
 

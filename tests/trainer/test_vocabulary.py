@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from trainer.vocabulary import DEFAULT_ROW, IdVocabulary
+from freshtower.trainer.vocabulary import DEFAULT_ROW, IdVocabulary
 
 
 def test_ids_share_the_default_row_until_min_count_sightings():

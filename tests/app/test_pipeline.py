@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from freshtower.publisher.releases import ReleaseStore
+from freshtower.trainer.artifacts import list_full_models
 
-from freshtower.observation import get_json
-from publisher.releases import ReleaseStore
-from streams.batches import list_batches
+from freshtower.app.observation import get_json
+from freshtower.core.batches import list_batches
 from tests.conftest import running_in_group
-from trainer.artifacts import list_full_models
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ TINY = ["--users", "200", "--items", "100", "--requests-per-day", "1500", "--see
 
 
 class RunProcess:
-    """``python -m freshtower.cli run ...`` with its output in files."""
+    """``python -m freshtower.app.cli run ...`` with its output in files."""
 
     def __init__(self, tmp_path: Path, tansu_binary: str, args: list[str], env: dict[str, str] | None = None):
         self.data_dir = tmp_path / "data"
@@ -37,7 +37,7 @@ class RunProcess:
         environment.update(FRESHTOWER_DATA_DIR=str(self.data_dir), CALF_TANSU_BIN=tansu_binary, **(env or {}))
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "freshtower.cli", "run", *args],
+                [sys.executable, "-m", "freshtower.app.cli", "run", *args],
                 env=environment,
                 stdout=out,
                 stderr=err,

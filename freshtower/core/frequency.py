@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from streams.fingerprints import fingerprint_strings
+from freshtower.core.fingerprints import fingerprint_strings
 
 # Multiply-shift hashing, one (odd multiplier, offset) pair per array.
 _HASH_A = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5)
@@ -57,7 +57,7 @@ class FrequencyEstimator:
 
     def _buckets(self, fingerprints: np.ndarray) -> np.ndarray:
         """(hashes, n) bucket of each 64-bit ID fingerprint
-        (``streams.fingerprints``) in each array."""
+        (``freshtower.core.fingerprints``) in each array."""
         rows = []
         fingerprints = np.asarray(fingerprints, dtype=np.uint64)
         with np.errstate(over="ignore"):

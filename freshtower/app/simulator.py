@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from streams.batches import BatchRef, Sample, write_batch
+from freshtower.core.batches import BatchRef, Sample, write_batch
 
 DAY_MS = 86_400_000
 AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55+")

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.fingerprints import fingerprint_strings
-from trainer.frequency import FrequencyEstimator
+from freshtower.core.fingerprints import fingerprint_strings
+from freshtower.core.frequency import FrequencyEstimator
 
 
 def sequential_reference(estimator: FrequencyEstimator, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -52,9 +52,9 @@ import crc32c
 import numpy as np
 from tfrecord import example_pb2
 
-from streams import example_parser
-from streams.fingerprints import PAD, fingerprint_ranges, fingerprint_strings
-from streams.example_parser import Unsupported
+from freshtower.core.batches import example_parser
+from freshtower.core.batches.example_parser import Unsupported
+from freshtower.core.fingerprints import PAD, fingerprint_ranges, fingerprint_strings
 
 FORMAT_VERSION = 1
 _LENGTH = struct.Struct("<Q")
@@ -114,7 +114,7 @@ class SampleColumns:
 
     Hard negatives are ragged: row i's are
     ``hard_negative_flat[hard_negative_offsets[i]:hard_negative_offsets[i + 1]]``.
-    64-bit fingerprints of the IDs (``streams.fingerprints``), which the
+    64-bit fingerprints of the IDs (``freshtower.core.fingerprints``), which the
     trainers' lookups use, are computed on first use and kept.
     """
 

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from freshtower.config import Settings
-from freshtower.observation import get_json
-from freshtower.pipeline import child_environment
-from freshtower.processes import ChildProcess, exit_description, stop_all
+from freshtower.app.observation import get_json
+from freshtower.app.pipeline import child_environment
+from freshtower.app.processes import ChildProcess, exit_description, stop_all
+from freshtower.core.settings import Settings
 
 
 class StreamingFailed(RuntimeError):
@@ -93,8 +93,10 @@ def stream_to_batches(
     """Replay ``events_path`` through Kafka into a streams worker; return
     the settings the batches were written with (their ``batches_dir``
     under ``data_dir``) and what the worker reported."""
-    from streams.broker import LocalBroker, free_port
-    from streams.replay import replay
+    from freshtower.streams.broker import LocalBroker
+    from freshtower.streams.replay import replay
+
+    from freshtower.core.ports import free_port
 
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ def stream_to_batches(
     worker_settings = streams_settings(settings, bootstrap, data_dir, free_port())
     worker = ChildProcess(
         "streams",
-        [sys.executable, "-m", "freshtower.cli", "--log-level", "info", "streams"],
+        [sys.executable, "-m", "freshtower.app.cli", "--log-level", "info", "streams"],
         child_environment(worker_settings, os.environ),
         logs / "streams.log",
     ).start()
@@ -147,7 +149,7 @@ def stream_to_batches(
         stop_all([worker], 20.0)
         if broker is not None:
             broker.stop()
-    from streams.batches import list_batches
+    from freshtower.core.batches import list_batches
 
     refs = list_batches(worker_settings.batches_dir)
     return worker_settings, StreamedBatches(

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from freshtower.movielens import load_events
+from freshtower.app.movielens import load_events
 
 
 def test_movielens_maps_ratings_to_impressions_and_clicks():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from freshtower.simulator import Simulator, SimulatorConfig
+from freshtower.app.simulator import Simulator, SimulatorConfig
 from tests.streams.oracle import batch_keys, expected_samples
 
 

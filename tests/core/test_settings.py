@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from freshtower.config import load_settings, settings_from_record
+from freshtower.core.settings import load_settings, settings_from_record
 
 
 def test_defaults_are_the_embedded_local_run(monkeypatch):

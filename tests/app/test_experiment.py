@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from freshtower.experiment import ARMS, format_table, next_tick, run_arms
-from freshtower.simulator import Simulator, SimulatorConfig
+from freshtower.app.experiment import ARMS, format_table, next_tick, run_arms
+from freshtower.app.simulator import Simulator, SimulatorConfig
 from tests.conftest import make_settings
 
 
@@ -18,8 +18,8 @@ def test_publish_ticks_round_up_to_the_interval():
 
 
 def test_units_know_what_their_user_clicked_in_earlier_hours(tmp_path):
-    from freshtower.experiment import units_from
-    from streams.batches import FeatureSpec, Sample, list_batches, write_batch
+    from freshtower.app.experiment import units_from
+    from freshtower.core.batches import FeatureSpec, Sample, list_batches, write_batch
 
     t0 = 1_790_000_000_000 - 1_790_000_000_000 % 3_600_000
     clicks = [("u1", "i1", t0 + 60_000), ("u1", "i2", t0 + 120_000), ("u2", "i3", t0 + 180_000), ("u1", "i4", t0 + 3_600_000 + 60_000)]
@@ -56,14 +56,12 @@ def test_the_arms_differ_in_freshness_as_their_publishing_does(tmp_path):
 @pytest.mark.slow
 def test_the_experiment_trains_on_batches_a_real_streams_worker_cut_from_kafka(tmp_path, kafka_broker):
     from collections import Counter
-
-    from freshtower.experiment import experiment_settings
-    from freshtower.streamed_batches import stream_to_batches
-    from tests.streams.oracle import batch_keys, expected_samples
-
     from datetime import date
 
-    from freshtower.event_log import simulated_start_day
+    from freshtower.app.event_log import simulated_start_day
+    from freshtower.app.experiment import experiment_settings
+    from freshtower.app.streamed_batches import stream_to_batches
+    from tests.streams.oracle import batch_keys, expected_samples
 
     # days in the past: the worker dead-letters events ahead of the clock
     start_day = simulated_start_day(date.today(), 3)

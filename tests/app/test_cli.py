@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from freshtower.cli import app
+from freshtower.app.cli import app
 
 runner = CliRunner()
 

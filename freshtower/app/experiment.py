@@ -46,12 +46,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from freshtower.trainer.artifacts import full_models_dir, list_full_models, load_full_model
+from freshtower.trainer.full import train_full
+from freshtower.trainer.online import OnlineTrainer, batch_key
 
-from freshtower.config import Settings
-from streams.batches import BatchRef, FeatureSpec, Sample, list_batches, read_batch, write_batch
-from trainer.artifacts import full_models_dir, list_full_models, load_full_model
-from trainer.full import train_full
-from trainer.online import OnlineTrainer, batch_key
+from freshtower.core.batches import BatchRef, FeatureSpec, Sample, list_batches, read_batch, write_batch
+from freshtower.core.settings import Settings
 
 MS_PER_DAY = 86_400_000
 HOUR_MS = 3_600_000
@@ -357,7 +357,7 @@ def experiment_settings(settings: Settings) -> Settings:
     experiment's streams are small and four days are 5,760 windows), and
     2^16 frequency buckets (the catalogues are 500-1,682 items; the
     snapshot saved beside every batch stays small)."""
-    from freshtower.pipeline import unless_set
+    from freshtower.app.pipeline import unless_set
 
     return settings.model_copy(
         update={"streams": unless_set(settings.streams, partitions=1), "frequency": unless_set(settings.frequency, buckets=1 << 16)}
@@ -396,11 +396,11 @@ def _day_ms(day: str) -> int:
 
 def movielens_batches(batches_dir: Path, window_seconds: float, time_scale: float = 1.0, max_days: int | None = None) -> int:
     """MovieLens-100k as batch files: each rating an impression record,
-    label 1 at the click time for ratings >= 4 (``freshtower.movielens``
+    label 1 at the click time for ratings >= 4 (``freshtower.app.movielens``
     has the mapping and its limits). The join here is the trivial one the
     data allows (every click's impression is in the same request); the
     Kafka path is ``freshtower movielens --events`` + ``freshtower run``."""
-    from freshtower.movielens import load_events
+    from freshtower.app.movielens import load_events
 
     stream = load_events(time_scale=time_scale)
     end_ms = None if max_days is None else stream.first_ms - stream.first_ms % MS_PER_DAY + max_days * MS_PER_DAY
@@ -440,9 +440,9 @@ def movielens_batches(batches_dir: Path, window_seconds: float, time_scale: floa
 
 def movielens_events(path: Path, max_days: int | None = None) -> dict[str, int]:
     """MovieLens-100k's first ``max_days`` days (real time) as a replay-format
-    event log, for ``freshtower.streamed_batches``: the same impressions
+    event log, for ``freshtower.app.streamed_batches``: the same impressions
     and clicks ``movielens_batches`` joins offline."""
-    from freshtower.movielens import MovieLensStream, load_events, write_events
+    from freshtower.app.movielens import MovieLensStream, load_events, write_events
 
     stream = load_events()
     if max_days is not None:

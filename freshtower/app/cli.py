@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from freshtower.config import Settings, load_settings
+from freshtower.core.settings import Settings, load_settings
 
 app = typer.Typer(help="Stream-processing online learning for two-tower retrieval.", no_args_is_help=True, add_completion=False)
 train_app = typer.Typer(help="Train the model: the daily full refresh or the online follower.", no_args_is_help=True)
@@ -59,8 +59,8 @@ def train_full_command(
     workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel processes (torch.distributed, gloo on 127.0.0.1)."),
 ) -> None:
     """Train the daily full model: the day's batches shuffled, one epoch, warm start."""
-    from trainer.full import NoBatchesError, train_full, train_full_parallel
-    from trainer.losses import NonFiniteLossError
+    from freshtower.trainer.full import NoBatchesError, train_full, train_full_parallel
+    from freshtower.trainer.losses import NonFiniteLossError
 
     settings = _settings(ctx)
     if workers > 1:
@@ -102,7 +102,7 @@ def train_online_command(
     partition: str = typer.Option("0/1", "--partition", help="k/n: learn only the users whose ID fingerprint is k mod n (scale-out)."),
 ) -> None:
     """Follow the batches in event-time order, updating only user ID embeddings."""
-    from trainer.online import MissingModelError, OnlineTrainer, Partition
+    from freshtower.trainer.online import MissingModelError, OnlineTrainer, Partition
 
     settings = _settings(ctx)
     stopping = {"now": False}
@@ -151,9 +151,9 @@ def train_daily_command(
 ) -> None:
     """Run the daily full training whenever a day is complete (wall clock in
     production, event time with FRESHTOWER_TRAINING__FULL_CLOCK=event)."""
-    from trainer.full import train_full
-    from trainer.losses import NonFiniteLossError
-    from trainer.schedule import DailyScheduler
+    from freshtower.trainer.full import train_full
+    from freshtower.trainer.losses import NonFiniteLossError
+    from freshtower.trainer.schedule import DailyScheduler
 
     settings = _settings(ctx)
     scheduler = DailyScheduler(settings)
@@ -182,7 +182,7 @@ def broker_command(ctx: typer.Context) -> None:
 
     In-memory storage: stopping it loses every topic (batches, checkpoints
     and releases live on disk and are not affected)."""
-    from streams.broker import LocalBroker
+    from freshtower.streams.broker import LocalBroker
 
     settings = _settings(ctx)
     if settings.kafka:
@@ -209,7 +209,7 @@ def streams_command(ctx: typer.Context) -> None:
     Connects to FRESHTOWER_KAFKA, else the embedded broker on
     127.0.0.1:broker_port (start it with `freshtower broker`). Metrics on
     http://127.0.0.1:<streams.web_port>/metrics."""
-    from streams.app import run_worker
+    from freshtower.streams.app import run_worker
 
     settings = _settings(ctx)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
@@ -225,7 +225,7 @@ def replay_command(
     ),
 ) -> None:
     """Produce an event log into the Kafka topics in event-time order, keyed by user_id."""
-    from streams.replay import ReplayError, replay
+    from freshtower.streams.replay import ReplayError, replay
 
     settings = _settings(ctx)
     with _progress() as progress:
@@ -256,7 +256,7 @@ def simulate_command(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Generate a seeded event stream with drifting user interests."""
-    from freshtower.simulator import Simulator, SimulatorConfig
+    from freshtower.app.simulator import Simulator, SimulatorConfig
 
     if events is None and not batches:
         console.print("[red]nothing to do:[/red] pass --events FILE and/or --batches")
@@ -292,7 +292,7 @@ def run_command(
     broker, the streams worker, the daily and online trainers, the publisher
     and the recall service, each its own process, fed an event log through
     Kafka. Ctrl-C stops every part."""
-    from freshtower.pipeline import Pipeline, RunOptions
+    from freshtower.app.pipeline import Pipeline, RunOptions
 
     if events is not None and movielens:
         console.print("[red]--events and --movielens exclude each other[/red]")
@@ -342,10 +342,10 @@ def experiment_command(
     """The freshness experiment: daily-full only / incremental only / full +
     incremental published every 30 min / every 1 min; next-hour Recall@50
     and @100 and click -> serving freshness, as a table and a PNG."""
-    from freshtower.experiment import experiment_settings, format_table, movielens_batches, movielens_events, plot, run_arms
-    from freshtower.simulator import Simulator, SimulatorConfig
-    from freshtower.event_log import simulated_start_day
-    from freshtower.streamed_batches import StreamingFailed, stream_to_batches
+    from freshtower.app.event_log import simulated_start_day
+    from freshtower.app.experiment import experiment_settings, format_table, movielens_batches, movielens_events, plot, run_arms
+    from freshtower.app.simulator import Simulator, SimulatorConfig
+    from freshtower.app.streamed_batches import StreamingFailed, stream_to_batches
 
     settings = experiment_settings(_settings(ctx))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # a SIGTERM unwinds too: the broker and worker are stopped
@@ -433,9 +433,9 @@ def publish_command(
 ) -> None:
     """Publish releases: a full release after each full training, the changed
     user ID embeddings every publisher.publish_interval_seconds."""
-    from publisher.embedding_topic import EmbeddingTopic
-    from publisher.publish import Publisher
-    from publisher.releases import ReleaseError
+    from freshtower.publisher.embedding_topic import EmbeddingTopic
+    from freshtower.publisher.publish import Publisher
+    from freshtower.publisher.releases import ReleaseError
 
     settings = _settings(ctx)
     config = settings.publisher
@@ -483,8 +483,7 @@ def serve_command(
     """Run the recall service (OpenAPI docs at /docs); it follows the active release without restarts."""
     import torch
     import uvicorn
-
-    from publisher.service import create_app
+    from freshtower.publisher.service import create_app
 
     settings = _settings(ctx)
     if settings.service.torch_threads:

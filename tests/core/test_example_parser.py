@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from tfrecord import example_pb2
 
-from streams import batches
-from streams.batches import FeatureSpec, frame_record
-from streams.fingerprints import fingerprint_strings
+from freshtower.core import batches
+from freshtower.core.batches import FeatureSpec, frame_record
+from freshtower.core.fingerprints import fingerprint_strings
 
 SPEC = FeatureSpec(("age", "city"), ("score", "other"), ("category",))
 

@@ -36,17 +36,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from freshtower.streams.replay import LoggedEvent, replay_events
 from pydantic import BaseModel
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from freshtower import observation
-from freshtower.config import Settings
-from freshtower.event_log import MOVIELENS_MODEL, EventLog, SimulatedLog, file_log, movielens_log, sample_request, simulated_start_day
-from freshtower.processes import ChildProcess, exit_description, stop_all
-from freshtower.run_state import Observation, RunSummary, Settled, duration, render_summary, status_line, unfinished
-from streams.replay import LoggedEvent, replay_events
+from freshtower.app import observation
+from freshtower.app.event_log import MOVIELENS_MODEL, EventLog, SimulatedLog, file_log, movielens_log, sample_request, simulated_start_day
+from freshtower.app.processes import ChildProcess, exit_description, stop_all
+from freshtower.app.run_state import Observation, RunSummary, Settled, duration, render_summary, status_line, unfinished
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def child_environment(settings: Settings, base: Mapping[str, str]) -> dict[str, 
 def part_commands(python: str = sys.executable) -> dict[str, list[str]]:
     """Each part's command line, in start order; ``publish-final`` runs once
     at the end (see ``Pipeline._flush_publisher``)."""
-    cli = [python, "-m", "freshtower.cli", "--log-level", "info"]
+    cli = [python, "-m", "freshtower.app.cli", "--log-level", "info"]
     return {
         "streams": [*cli, "streams"],
         "train-daily": [*cli, "train", "daily", "--poll-seconds", "1"],
@@ -245,7 +245,7 @@ class Pipeline:
     def run(self) -> int:
         """Run to the summary; returns the exit code (0; 1 when a part died or
         did not finish; 130 after SIGINT / SIGTERM)."""
-        from streams.batches import list_batches
+        from freshtower.core.batches import list_batches
 
         if list_batches(self.user_settings.batches_dir):
             self._say(
@@ -318,7 +318,9 @@ class Pipeline:
     # --- the run ---------------------------------------------------------------------
 
     def _run(self) -> RunSummary:
-        from streams.broker import LocalBroker, free_port
+        from freshtower.streams.broker import LocalBroker
+
+        from freshtower.core.ports import free_port
 
         o = self.options
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -402,7 +404,7 @@ class Pipeline:
         elif o.movielens:
             events = movielens_log(s.data_dir / "events.jsonl", o.days, s)
         else:
-            from freshtower.simulator import Simulator, SimulatorConfig
+            from freshtower.app.simulator import Simulator, SimulatorConfig
 
             start_day = simulated_start_day(datetime.now(UTC).date(), o.days)
             config = SimulatorConfig(users=o.users, items=o.items, requests_per_day=o.requests_per_day, seed=o.seed, start_day=start_day)

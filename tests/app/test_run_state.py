@@ -8,14 +8,14 @@ import sys
 import time
 
 import pytest
+from freshtower.streams.replay import load_event_log
 
-from freshtower.config import load_settings
-from freshtower.event_log import SimulatedLog
-from freshtower.pipeline import child_environment, run_settings
-from freshtower.processes import ChildProcess, stop_all
-from freshtower.run_state import ActiveRelease, Observation, RunSummary, Settled, render_summary, status_line, unfinished
-from freshtower.simulator import Simulator, SimulatorConfig
-from streams.replay import load_event_log
+from freshtower.app.event_log import SimulatedLog
+from freshtower.app.pipeline import child_environment, run_settings
+from freshtower.app.processes import ChildProcess, stop_all
+from freshtower.app.run_state import ActiveRelease, Observation, RunSummary, Settled, render_summary, status_line, unfinished
+from freshtower.app.simulator import Simulator, SimulatorConfig
+from freshtower.core.settings import load_settings
 from tests.conftest import running_in_group
 
 LAST_EVENT = 1_795_392_000_000  # 2026-11-23 00:00 UTC

@@ -15,8 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import date
 
-from freshtower.config import Settings
-from freshtower.run_state import ActiveRelease, FullModelLine, RecallSample, Settled
+from freshtower.app.run_state import ActiveRelease, FullModelLine, RecallSample, Settled
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Releases:
 
 
 def releases(settings: Settings) -> Releases:
-    from publisher.releases import ReleaseError, ReleaseStore
+    from freshtower.publisher.releases import ReleaseError, ReleaseStore
 
     store = ReleaseStore(settings.releases_dir)
     counts = {"full": 0, "embeddings": 0}
@@ -65,7 +65,7 @@ def active_release(release) -> ActiveRelease:
 
 
 def full_model_versions(settings: Settings) -> tuple[str, ...]:
-    from trainer.artifacts import full_models_dir, list_full_models
+    from freshtower.trainer.artifacts import full_models_dir, list_full_models
 
     return tuple(m.version for m in list_full_models(full_models_dir(settings)))
 
@@ -73,12 +73,13 @@ def full_model_versions(settings: Settings) -> tuple[str, ...]:
 def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled:
     """The facts of the completion rule that matter once the replay has
     ended (``run_state.unfinished``); reads every batch manifest."""
-    from publisher.publish import delta_due, online_checkpoints, rows_to_publish
-    from publisher.releases import ReleaseError, ReleaseStore
-    from streams.batches import list_batches
-    from trainer.artifacts import ArtifactError, full_models_dir, is_refused, list_full_models, servable_full_model
-    from trainer.online import load_checkpoint
-    from trainer.schedule import day_of, days_due
+    from freshtower.publisher.publish import delta_due, online_checkpoints, rows_to_publish
+    from freshtower.publisher.releases import ReleaseError, ReleaseStore
+    from freshtower.trainer.artifacts import ArtifactError, full_models_dir, is_refused, list_full_models, servable_full_model
+    from freshtower.trainer.online import load_checkpoint
+    from freshtower.trainer.schedule import day_of, days_due
+
+    from freshtower.core.batches import list_batches
 
     s = settings
     refs = list_batches(s.batches_dir)
@@ -144,7 +145,7 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
 
 def batch_figures(settings: Settings) -> tuple[int, dict[str, int], int, int]:
     """(batches, batches per day, records, clicked records)."""
-    from streams.batches import list_batches
+    from freshtower.core.batches import list_batches
 
     refs = list_batches(settings.batches_dir)
     per_day: dict[str, int] = {}
@@ -155,8 +156,8 @@ def batch_figures(settings: Settings) -> tuple[int, dict[str, int], int, int]:
 
 
 def full_model_lines(settings: Settings) -> list[FullModelLine]:
-    from publisher.releases import ReleaseStore
-    from trainer.artifacts import REFUSED_NOTE, full_models_dir, is_refused, list_full_models
+    from freshtower.publisher.releases import ReleaseStore
+    from freshtower.trainer.artifacts import REFUSED_NOTE, full_models_dir, is_refused, list_full_models
 
     released = {e["model_version"]: e["version"] for e in ReleaseStore(settings.releases_dir).activations() if e.get("kind") == "full"}
     lines = []
@@ -170,8 +171,8 @@ def full_model_lines(settings: Settings) -> list[FullModelLine]:
 
 def online_figures(settings: Settings) -> dict:
     """The online checkpoint's figures (batches, samples, re-bases, base)."""
-    from publisher.publish import online_checkpoints
-    from trainer.online import load_checkpoint
+    from freshtower.publisher.publish import online_checkpoints
+    from freshtower.trainer.online import load_checkpoint
 
     figures: dict = {}
     for path in online_checkpoints(settings.online_dir).values():
@@ -198,10 +199,10 @@ def quality_lines(settings: Settings, until_ms: int) -> list[str]:
     end by ``until_ms``."""
     import numpy as np
     import torch
+    from freshtower.publisher.releases import ReleaseStore
+    from freshtower.publisher.served_recall import served_recall_by_hour
 
-    from publisher.releases import ReleaseStore
-    from publisher.served_recall import served_recall_by_hour
-    from streams.batches import FeatureSpec, list_batches
+    from freshtower.core.batches import FeatureSpec, list_batches
 
     torch.set_num_threads(1)  # small matrices: a second thread only waits
     s = settings

@@ -7,7 +7,7 @@ import pytest
 from tfrecord import example_pb2
 from tfrecord.reader import tfrecord_loader
 
-from streams.batches import (
+from freshtower.core.batches import (
     BatchFormatError,
     FeatureSpec,
     Sample,

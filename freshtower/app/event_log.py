@@ -17,11 +17,11 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import orjson
+from freshtower.streams.replay import LoggedEvent, load_event_log
 
-from freshtower import movielens
-from freshtower.config import Settings
-from freshtower.simulator import DAY_MS, Simulator
-from streams.replay import LoggedEvent, load_event_log
+from freshtower.app import movielens
+from freshtower.app.simulator import DAY_MS, Simulator
+from freshtower.core.settings import Settings
 
 # MovieLens brings its own features (freshtower/movielens.py)
 MOVIELENS_MODEL = {
