@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -44,6 +43,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from freshtower.core.storage import atomic_write_text, fsync_dir, sha256_file
 
 RELEASE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -90,32 +91,6 @@ def format_version(sequence: int, kind: Kind) -> str:
     '00000007-embeddings'
     """
     return parse_version(f"{sequence:08d}-{kind}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 @dataclass(frozen=True)
@@ -265,7 +240,7 @@ class ReleaseStore:
         if name in (POINTER, ACTIVATIONS) or "/" in name or name.startswith("."):
             raise ValueError(f"{name!r} is not a note name")
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.root / name, json.dumps(note, sort_keys=True))
+        atomic_write_text(self.root / name, json.dumps(note, sort_keys=True))
 
     def next_version(self, kind: Kind) -> str:
         """Only the publisher, holding ``publisher_lock``, allocates versions."""
@@ -293,12 +268,12 @@ class ReleaseStore:
             json.dump(manifest, handle, indent=2, sort_keys=True)
             handle.flush()
             os.fsync(handle.fileno())
-        _fsync_path(staging)
+        fsync_dir(staging)
         final = self.path_of(version)
         if final.exists():
             raise ReleaseError(f"{final} already exists; releases are immutable")
         os.rename(staging, final)
-        _fsync_path(self.root)
+        fsync_dir(self.root)
         return self.get(version)
 
     def activate(self, version: str, *, by: str, expected_active: str | None | object = ...) -> str | None:
@@ -312,7 +287,7 @@ class ReleaseStore:
                 raise ActiveChanged(f"active release is {previous}, not {expected_active}; not activating {version}")
             if not release.path.is_dir():
                 raise ReleaseNotFound(f"no release {version} in {self.root}")
-            _atomic_write_text(self.root / POINTER, version + "\n")
+            atomic_write_text(self.root / POINTER, version + "\n")
             entry = {
                 "version": version,
                 "kind": release.kind,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from freshtower.core.batches import atomic_write_bytes
 from freshtower.core.frequency import FrequencyEstimator
+from freshtower.core.storage import atomic_write_bytes
 
 SNAPSHOT_SUFFIX = ".freq.npz"
 

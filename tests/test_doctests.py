@@ -3,11 +3,10 @@
 import doctest
 import importlib
 import pkgutil
-
-import pytest
-
 import tomllib
 from pathlib import Path
+
+import pytest
 
 PACKAGES = ["freshtower.core", "freshtower.streams", "freshtower.trainer", "freshtower.publisher", "freshtower.app"]
 

@@ -19,7 +19,6 @@ artifact, and a crash leaves the previous one current.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -33,9 +32,9 @@ import numpy as np
 import torch
 from freshtower.trainer.model import TwoTowerModel
 
-from freshtower.core.batches import atomic_write_bytes
 from freshtower.core.frequency import FrequencyEstimator
 from freshtower.core.settings import Settings, settings_from_record
+from freshtower.core.storage import atomic_write_bytes, sha256_file
 
 ARTIFACT_FORMAT = 1
 _VERSION = re.compile(r"^(\d{4}-\d{2}-\d{2})\.(\d+)$")
@@ -74,14 +73,6 @@ def new_model(settings: Settings) -> TwoTowerModel:
 def new_estimator(settings: Settings) -> FrequencyEstimator:
     f = settings.frequency
     return FrequencyEstimator(f.buckets, f.hashes, f.alpha)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _to_tensors(state: dict) -> dict:
@@ -196,7 +187,7 @@ def save_full_model(
             "day": day,
             "created_at": time.time(),
             **manifest_fields,
-            "files": {"model.pt": _sha256(weights_path)},
+            "files": {"model.pt": sha256_file(weights_path)},
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         for path in staging.iterdir():
@@ -227,7 +218,7 @@ def load_full_model(ref: FullModelRef, verify: bool = True) -> LoadedModel:
         raise ArtifactError(f"{weights_path} is missing")
     if verify:
         expected = ref.manifest.get("files", {}).get("model.pt")
-        actual = _sha256(weights_path)
+        actual = sha256_file(weights_path)
         if actual != expected:
             raise ArtifactError(f"{weights_path}: SHA-256 {actual} does not match the manifest's {expected}")
     try:

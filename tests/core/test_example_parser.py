@@ -7,7 +7,8 @@ import pytest
 from tfrecord import example_pb2
 
 from freshtower.core import batches
-from freshtower.core.batches import FeatureSpec, frame_record
+from freshtower.core.batches import FeatureSpec, decode, frame_record
+from freshtower.core.batches.example_parser import Unsupported
 from freshtower.core.fingerprints import fingerprint_strings
 
 SPEC = FeatureSpec(("age", "city"), ("score", "other"), ("category",))
@@ -48,8 +49,8 @@ def random_example(rng: np.random.Generator, n: int) -> bytes:
 
 def decode_both(data: bytes):
     frames = batches.record_frames("test", data)
-    fast = batches._decode_vectorised(data, frames, SPEC)
-    reference = batches._decode_with_protobuf("test", data, SPEC, frames)
+    fast = decode._decode_vectorised(data, frames, SPEC)
+    reference = decode._decode_with_protobuf("test", data, SPEC, frames)
     return fast, reference
 
 
@@ -84,7 +85,7 @@ def test_records_the_parser_does_not_cover_fall_back_to_protobuf():
     assert parsed.features.feature["position"].int64_list.value == [5]
     data = frame_record(record)
     frames = batches.record_frames("test", data)
-    with pytest.raises(batches.Unsupported):
-        batches._decode_vectorised(data, frames, SPEC)
+    with pytest.raises(Unsupported):
+        decode._decode_vectorised(data, frames, SPEC)
     with pytest.raises(batches.BatchFormatError, match="byte offset 0"):  # no item_id: the reference path names it
         batches.decode_records("test", data, SPEC)
