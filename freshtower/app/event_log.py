@@ -23,7 +23,7 @@ from freshtower.app import movielens
 from freshtower.app.simulator import DAY_MS, Simulator
 from freshtower.core.settings import Settings
 
-# MovieLens brings its own features (freshtower/movielens.py)
+# MovieLens brings its own features (freshtower/app/movielens.py)
 MOVIELENS_MODEL = {
     "user_categorical": movielens.USER_CATEGORICAL,
     "user_numeric": movielens.USER_NUMERIC,

@@ -115,7 +115,7 @@ class StreamsConfig(_Section):
     max_future_seconds: float = Field(300.0, ge=0, description="events further ahead of the watermark are rejected")
     max_event_bytes: int = Field(256 * 1024, ge=1024)
     partitions: int = Field(4, ge=1)
-    # --- the streams worker (streams/app.py); see README "Streams" ---
+    # --- the streams worker (streams/app.py); see docs/streams.md ---
     max_id_length: int = Field(256, ge=1, description="longest accepted ID or feature value (characters)")
     max_items_per_event: int = Field(1000, ge=1, description="most items in one impression or rank log")
     app_id: str = Field("freshtower-streams", description="Faust app ID: consumer group and changelog-topic prefix")
@@ -141,7 +141,7 @@ class TopicsConfig(_Section):
 
 class KafkaConfig(_Section):
     # Tansu's JoinGroup waits session_timeout/2 before answering; 6 s keeps
-    # a join near 3 s without being fragile under load (see README).
+    # a join near 3 s without being fragile under load (docs/operations.md).
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
     rebalance_timeout_ms: int = 6000  # how long a real Kafka waits for members to rejoin (no effect on Tansu)
@@ -156,7 +156,7 @@ class PublisherConfig(_Section):
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
-    # --- publisher/ (issue 4) ---
+    # --- publisher/publish.py ---
     poll_seconds: float = Field(10.0, gt=0, description="how often `freshtower publish` looks for a new full model or a due delta")
     index_check_queries: int = Field(200, ge=1, description="item vectors used as queries to check the index against exact search")
     min_index_recall: float = Field(0.9, ge=0, le=1, description="refuse a full release whose index recall@100 vs exact is below this")
@@ -169,7 +169,7 @@ class ServiceConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = Field(None, description="bearer token for state-changing calls; unset refuses them")
-    # --- publisher/service.py (issue 4) ---
+    # --- publisher/service.py ---
     poll_seconds: float = Field(2.0, gt=0, description="how often the service reads the active-release pointer")
     max_k: int = Field(1000, ge=1, description="largest k a recall request may ask for")
     # one-row user towers gain nothing from more threads
