@@ -1,4 +1,5 @@
-"""``freshtower serve``: the recall service (FastAPI; OpenAPI docs at ``/docs``).
+"""``freshtower serve``: the recall service (FastAPI; API docs at ``/docs``
+and ``/redoc``, served without internet).
 
 Endpoints (``freshtower.publisher.routes``; bodies in ``api_models``):
 
@@ -32,6 +33,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
+# fastapi-offline serves Swagger UI and ReDoc from files inside the package
+# instead of FastAPI's default CDN links, which leave /docs blank on a machine
+# without internet. Chosen over fastapi-swagger (Swagger UI only, no ReDoc)
+# and swagger-ui-bundle (stuck at Swagger UI 4.15.5): maintained since 2021
+# with tests in CI, it re-vendors Swagger UI 5 and ReDoc in its releases and
+# depends on nothing but FastAPI.
+from fastapi_offline import FastAPIOffline
+
 from freshtower.core.settings import Settings
 from freshtower.publisher.live_release import LiveRelease
 from freshtower.publisher.releases import ReleaseStore
@@ -64,7 +73,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> FastAPI:
     """The service for ``settings.releases_dir``; loads nothing until started."""
-    app = FastAPI(
+    app = FastAPIOffline(
         title="freshtower recall service",
         version="1",
         description="Two-tower retrieval with fresh user ID embeddings: recall, embeddings, releases (hot swap and rollback).",
