@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from freshtower.trainer.fingerprint_table import FingerprintTable
+from freshtower.trainer.model import TowerInputs
 from freshtower.trainer.prerank_model import ThreeTowerPreranker
 
 from freshtower.core.fingerprints import fingerprint_strings
@@ -51,7 +52,8 @@ class ComputedItems:
     codes: np.ndarray  # (known.sum(),) int64 their category codes
 
 
-ComputeItems = Callable[[list[str]], ComputedItems]
+# distinct fingerprints of missed IDs -> what the item tower made of them
+ComputeItems = Callable[[np.ndarray], ComputedItems]
 
 
 @dataclass(frozen=True)
@@ -81,26 +83,33 @@ class CacheStats:
         return self.hits / looked_up if looked_up else 0.0
 
 
-def model_items(model: ThreeTowerPreranker) -> ComputeItems:
-    """``compute`` for a cache over ``model``: catalogue items are known
-    (features from the catalogue), anything else is unknown."""
-    column = model.item_categorical.index(model.prerank_config.category_feature)
+class CatalogueItems:
+    """``compute`` for a cache over ``model``: the item-tower inputs of every
+    catalogue item gathered once (a release's catalogue does not change), so
+    that a miss costs a table probe and the item tower, nothing per item in
+    Python. Items outside the catalogue are unknown."""
 
-    def compute(item_ids: list[str]) -> ComputedItems:
-        indices = model.catalogue.indices(item_ids)
+    def __init__(self, model: ThreeTowerPreranker):
+        self._model = model
+        self._ids = list(model.catalogue.ids)
+        inputs = model.catalogue_inputs(np.arange(len(self._ids)))
+        self._id_rows, self._categorical_rows = inputs.id_rows, inputs.categorical_rows
+        column = model.item_categorical.index(model.prerank_config.category_feature)
+        self._codes = inputs.categorical_rows[:, column].numpy().copy()
+
+    def _rows(self, indices: np.ndarray) -> torch.Tensor:
+        at = torch.from_numpy(indices)
+        return self._model.item_cache_rows(TowerInputs(self._id_rows[at], self._categorical_rows[at], torch.zeros((len(indices), 0))))
+
+    def __call__(self, fingerprints: np.ndarray) -> ComputedItems:
+        indices = self._model.catalogue.indices_of_fingerprints(fingerprints)
         known = indices >= 0
-        inputs = model.catalogue_inputs(indices[known])
-        return ComputedItems(known, model.item_cache_rows(inputs), inputs.categorical_rows[:, column].numpy().copy())
+        return ComputedItems(known, self._rows(indices[known]), self._codes[indices[known]])
 
-    return compute
-
-
-def model_catalogue_rows(model: ThreeTowerPreranker) -> tuple[list[str], torch.Tensor, np.ndarray]:
-    """(item IDs, rows (N, H), category codes (N,)) of the whole catalogue:
-    what a full release precomputes and ``fill`` takes."""
-    column = model.item_categorical.index(model.prerank_config.category_feature)
-    inputs = model.catalogue_inputs(np.arange(len(model.catalogue)))
-    return list(model.catalogue.ids), model.item_cache_rows(inputs), inputs.categorical_rows[:, column].numpy().copy()
+    def everything(self) -> tuple[list[str], torch.Tensor, np.ndarray]:
+        """(item IDs, rows (N, H), category codes (N,)) of the whole catalogue:
+        what a full release precomputes and ``ItemTowerCache.fill`` takes."""
+        return list(self._ids), self._rows(np.arange(len(self._ids))), self._codes.copy()
 
 
 class ItemTowerCache:
@@ -157,7 +166,9 @@ class ItemTowerCache:
         """Store precomputed rows (a full release's), in order until full; pass
         the most wanted first. Returns how many were stored."""
         if rows.shape != (len(item_ids), self.width) or len(codes) != len(item_ids):
-            raise ValueError(f"fill: {len(item_ids)} IDs, rows {tuple(rows.shape)} and {len(codes)} codes do not match (width {self.width})")
+            raise ValueError(
+                f"fill: {len(item_ids)} IDs, rows {tuple(rows.shape)} and {len(codes)} codes do not match (width {self.width})"
+            )
         with self._lock:
             fingerprints = fingerprint_strings(item_ids)
             keys, first = np.unique(fingerprints, return_index=True)
@@ -172,7 +183,9 @@ class ItemTowerCache:
         codes into ``codes_out`` (n,); misses are computed in one call."""
         n = len(item_ids)
         if out.shape != (n, self.width) or codes_out.shape != (n,):
-            raise ValueError(f"lookup of {n} items needs out ({n}, {self.width}) and codes_out ({n},), got {tuple(out.shape)}, {codes_out.shape}")
+            raise ValueError(
+                f"lookup of {n} items needs out ({n}, {self.width}) and codes_out ({n},), got {tuple(out.shape)}, {codes_out.shape}"
+            )
         if fingerprints is None:
             fingerprints = fingerprint_strings(item_ids)
         with self._lock:
@@ -188,26 +201,22 @@ class ItemTowerCache:
                 self._hits += hits
                 return ItemLookup(hits, 0, 0, [], 0.0)
             missed = np.flatnonzero(~held)
-            keys, first, inverse = np.unique(fingerprints[missed], return_index=True, return_inverse=True)
-            order = np.argsort(first, kind="stable")  # distinct misses in order of first appearance
-            rank = np.empty_like(order)
-            rank[order] = np.arange(len(order))
-            keys, first, inverse = keys[order], first[order], rank[inverse]
-            ids = [item_ids[i] for i in missed[first].tolist()]
+            keys, first, inverse = np.unique(fingerprints[missed], return_index=True, return_inverse=True)  # distinct misses
             started = self._clock()
-            computed = self._compute(ids)
+            computed = self._compute(keys)
             seconds = self._clock() - started
-            if len(computed.known) != len(ids) or computed.rows.shape != (int(computed.known.sum()), self.width):
-                raise ValueError(f"item rows for {len(ids)} misses came back as {tuple(computed.rows.shape)} for {int(computed.known.sum())} known")
-            row_of = np.full(len(ids), -1, dtype=np.int64)
-            row_of[computed.known] = np.arange(int(computed.known.sum()))
+            known_count = int(np.count_nonzero(computed.known))
+            if len(computed.known) != len(keys) or computed.rows.shape != (known_count, self.width):
+                raise ValueError(f"item rows for {len(keys)} misses came back as {tuple(computed.rows.shape)} for {known_count} known")
+            row_of = np.full(len(keys), -1, dtype=np.int64)
+            row_of[computed.known] = np.arange(known_count)
             per_miss = row_of[inverse]
             known = per_miss >= 0
-            if known.any():
-                at = torch.from_numpy(missed[known])
-                out[at] = computed.rows[torch.from_numpy(per_miss[known])]
+            if known_count:
+                out[torch.from_numpy(missed[known])] = computed.rows[torch.from_numpy(per_miss[known])]
                 codes_out[missed[known]] = computed.codes[per_miss[known]]
                 self._insert(keys[computed.known], computed.rows, computed.codes)
+            unknown_positions = missed[np.sort(first[~computed.known])]  # first appearances, in request order
             misses, cold = int(np.count_nonzero(known)), int(np.count_nonzero(~known))
             self._hits += hits
             self._misses += misses
@@ -215,13 +224,14 @@ class ItemTowerCache:
             self._item_tower_seconds += seconds
         if self._on_timing is not None:
             self._on_timing("item_tower", seconds)
-        unknown = [ids[i] for i in np.flatnonzero(~computed.known).tolist()]
+        unknown = [item_ids[i] for i in unknown_positions.tolist()]
         return ItemLookup(hits, misses, cold, unknown, seconds)
 
     # --- slots (under the lock) ------------------------------------------------
 
     def _insert(self, keys: np.ndarray, rows: torch.Tensor, codes: np.ndarray) -> None:
-        """Store distinct, not-held ``keys``; beyond capacity the first ones win."""
+        """Store distinct, not-held ``keys``; beyond capacity the first ones
+        win (for misses: the smallest fingerprints, an arbitrary but fixed choice)."""
         keys, rows, codes = keys[: self.capacity], rows[: self.capacity], np.asarray(codes)[: self.capacity]
         if len(keys) == 0:
             return

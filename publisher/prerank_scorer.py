@@ -57,10 +57,30 @@ class ItemStatisticsIndex:
         out[:] = self._counts[rows]
 
 
+def top_order(scores: np.ndarray, keep: int | None = None) -> np.ndarray:
+    """Positions of the ``keep`` best scores (all when None), best first;
+    equal scores in their given order, exactly as a full stable sort would
+    cut them, at O(n) plus a sort of the kept ones.
+
+    >>> top_order(np.array([0.1, 0.9, 0.5, 0.9, 0.5]), keep=3).tolist()
+    [1, 3, 2]
+    """
+    n = len(scores)
+    if keep is None or keep >= n:
+        return np.argsort(-scores, kind="stable")
+    if keep <= 0:
+        return np.zeros(0, dtype=np.int64)
+    threshold = np.partition(scores, n - keep)[n - keep]  # the keep-th largest
+    above = np.flatnonzero(scores > threshold)
+    tied = np.flatnonzero(scores == threshold)[: keep - len(above)]
+    kept = np.concatenate([above, tied])
+    return kept[np.lexsort((kept, -scores[kept]))]
+
+
 @dataclass(frozen=True)
 class PrerankScores:
     logits: np.ndarray  # (n,) float32, in candidate order
-    order: np.ndarray  # (n,) int64 candidate positions, best first (ties: earlier first)
+    order: np.ndarray  # (min(keep, n),) int64 candidate positions, best first (ties: earlier first)
     unknown_ids: list[str]  # candidates the model does not know, scored as cold items
     hits: int
     misses: int
@@ -108,8 +128,9 @@ class PrerankScorer:
         clicks = self._by_user.lookup(fingerprint_strings([user_id]))[0, HOUR, 0]
         return by_category.reshape(len(values), 4).astype(np.float32), float(clicks)
 
-    def score(self, user_id: str, user_inputs: TowerInputs, candidate_ids: Sequence[str]) -> PrerankScores:
-        """Logits of ``candidate_ids`` for one user (``user_inputs``: one row)."""
+    def score(self, user_id: str, user_inputs: TowerInputs, candidate_ids: Sequence[str], keep: int | None = None) -> PrerankScores:
+        """Logits of ``candidate_ids`` for one user (``user_inputs``: one row),
+        and the order of the ``keep`` best (all when None)."""
         n = len(candidate_ids)
         if n > self.max_candidates:
             raise ValueError(f"{n} candidates exceed the maximum of {self.max_candidates}")
@@ -139,7 +160,7 @@ class PrerankScorer:
         logits = self._scorer.upper(user_row, item_rows, cross).numpy().copy()
         after_upper = clock()
         seconds["upper_layers"] = after_upper - after_cross
-        order = np.argsort(-logits, kind="stable")
+        order = top_order(logits, keep)
         seconds["sort"] = clock() - after_upper
         if self._on_timing is not None:
             for stage in STAGES:

@@ -83,7 +83,12 @@ class ThreeTowerPreranker(TwoTowerModel):
             )
         p = prerank_config
         tower_config = model_config.model_copy(
-            update={"id_dim": p.id_dim, "categorical_dim": p.categorical_dim, "hidden_dims": tuple(p.user_hidden_dims), "output_dim": p.tower_dim}
+            update={
+                "id_dim": p.id_dim,
+                "categorical_dim": p.categorical_dim,
+                "hidden_dims": tuple(p.user_hidden_dims),
+                "output_dim": p.tower_dim,
+            }
         )
         super().__init__(tower_config, vocabulary_config)  # the user tower, vocabularies and catalogue
         self.prerank_config = p
@@ -184,7 +189,9 @@ class CandidateScorer:
             # (W_c A) h + W_c a: the cross tower's last layer folded into the upper block
             self._cross_to_upper_t = (cross_block @ last.weight.detach()).T.contiguous()  # (h, H1)
             self._first_bias = first_bias.clone() + cross_block @ last.bias.detach()  # (H1,)
-            self._upper_rest = [(layer.weight.detach().T.contiguous().clone(), layer.bias.detach().clone()) for layer in _linears(model.upper)[1:]]
+            self._upper_rest = [
+                (layer.weight.detach().T.contiguous().clone(), layer.bias.detach().clone()) for layer in _linears(model.upper)[1:]
+            ]
         self.width = self._user_block_t.shape[1]  # H1
         self.statistics_width = model.statistics_width
         n = self.max_candidates

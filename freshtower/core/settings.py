@@ -152,7 +152,9 @@ class DistillationConfig(_Section):
     score_epsilon: float = Field(1e-4, gt=0, lt=0.5, description="scores are clipped to [eps, 1 - eps] before the logit")
     click_weight: float = Field(1.0, ge=0, description="pre-ranker: weight of the click BCE")
     distill_weight: float = Field(1.0, ge=0, description="pre-ranker: weight of the distillation term")
-    retrieval_weight: float = Field(0.0, ge=0, description="two-tower retrieval: weight of the distillation term beside its click loss; 0 is off")
+    retrieval_weight: float = Field(
+        0.0, ge=0, description="two-tower retrieval: weight of the distillation term beside its click loss; 0 is off"
+    )
 
 
 class StreamsConfig(_Section):

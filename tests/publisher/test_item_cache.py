@@ -3,21 +3,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from freshtower.publisher.item_cache import ItemTowerCache, model_catalogue_rows, model_items
+from freshtower.publisher.item_cache import CatalogueItems, ItemTowerCache
 
+from freshtower.core.fingerprints import fingerprint_strings
 from tests.publisher.prerank_world import small_model
 
 
+STRANGERS = ["stranger", "other", "nobody", "who"]  # IDs the model does not know
+
+
 class CountingCompute:
-    """``model_items`` that records every batch it is asked for."""
+    """``CatalogueItems`` that records every batch it is asked for."""
 
     def __init__(self, model):
-        self.inner = model_items(model)
-        self.calls: list[list[str]] = []
+        self.inner = CatalogueItems(model)
+        names = list(model.catalogue.ids) + STRANGERS
+        self.by_fingerprint = dict(zip(fingerprint_strings(names).tolist(), names))
+        self.calls: list[list[str]] = []  # the IDs of each batch, sorted
 
-    def __call__(self, ids):
-        self.calls.append(list(ids))
-        return self.inner(ids)
+    def __call__(self, fingerprints):
+        self.calls.append(sorted(self.by_fingerprint[f] for f in fingerprints.tolist()))
+        return self.inner(fingerprints)
 
 
 def make_cache(capacity=64, items=30, **kwargs):
@@ -49,7 +55,7 @@ def expected_rows(model, ids):
 
 def test_a_filled_cache_serves_the_precomputed_rows_without_the_item_tower():
     model, compute, cache = make_cache()
-    ids, rows, codes = model_catalogue_rows(model)
+    ids, rows, codes = compute.inner.everything()
     assert cache.fill(ids, rows, codes) == 30
     asked = ["i7", "i3", "i7", "i29"]
     result, out, got_codes = lookup(cache, asked)
@@ -64,7 +70,7 @@ def test_misses_go_through_the_item_tower_in_one_batch_and_are_kept():
     model, compute, cache = make_cache()
     asked = ["i5", "i1", "i5", "i2", "i1"]
     result, out, codes = lookup(cache, asked)
-    assert compute.calls == [["i5", "i1", "i2"]]  # the distinct misses, in order of first appearance
+    assert compute.calls == [["i1", "i2", "i5"]]  # the distinct misses, in one batch
     assert (result.hits, result.misses, result.cold) == (0, 5, 0)
     want_rows, want_codes = expected_rows(model, asked)
     assert torch.allclose(out, want_rows, atol=1e-6) and codes.tolist() == want_codes

@@ -3,17 +3,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from freshtower.publisher.item_cache import ItemTowerCache, model_catalogue_rows, model_items
-from freshtower.publisher.prerank_scorer import STAGES, PrerankScorer
+from freshtower.publisher.item_cache import CatalogueItems, ItemTowerCache
+from freshtower.publisher.prerank_scorer import STAGES, PrerankScorer, top_order
 
 from freshtower.core.statistics import encode_statistics
 from tests.publisher.prerank_world import PRERANK, T, category_of, small_model, statistics, user_inputs
 
 
 def scorer_for(model, item_stats, user_stats, warm=True, max_candidates=50, **kwargs):
-    cache = ItemTowerCache(100, model.cold_item_row(), model_items(model))
+    items = CatalogueItems(model)
+    cache = ItemTowerCache(100, model.cold_item_row(), items)
     if warm:
-        cache.fill(*model_catalogue_rows(model))
+        cache.fill(*items.everything())
     return PrerankScorer(model, cache, item_stats.snapshot(T), user_stats.snapshots(T), max_candidates, **kwargs)
 
 
@@ -77,3 +78,17 @@ def test_too_many_candidates_are_refused_and_none_is_fine():
         scorer.score("u0", user_inputs(model, 0), [f"i{k}" for k in range(6)])
     empty = scorer.score("u0", user_inputs(model, 0), [])
     assert empty.logits.shape == (0,) and empty.order.shape == (0,)
+
+
+def test_keeping_the_best_cuts_a_full_stable_sort():
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        scores = rng.integers(0, 6, rng.integers(1, 40)).astype(np.float32)  # many ties
+        full = np.argsort(-scores, kind="stable")
+        for keep in (0, 1, 3, len(scores) - 1, len(scores), len(scores) + 5):
+            assert top_order(scores, keep).tolist() == full[: max(keep, 0)].tolist()
+    model = small_model()
+    item_stats, user_stats = statistics()
+    candidates = [f"i{k}" for k in range(20)]
+    result = scorer_for(model, item_stats, user_stats).score("u2", user_inputs(model, 2), candidates, keep=5)
+    assert result.order.tolist() == np.argsort(-result.logits, kind="stable")[:5].tolist()
