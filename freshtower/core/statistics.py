@@ -268,38 +268,60 @@ class WindowedCounts:
             del self._hours[hour]
         self._changes += 1
 
+    def _as_of_minute(self, as_of_ms: int) -> int:
+        minute = int(as_of_ms) // MINUTE_MS
+        if self._floor_minute is not None and minute < self._floor_minute:
+            raise ValueError(
+                f"statistics as of {int(as_of_ms)} ms precede the floor {self.floor_ms} ms: those buckets were dropped by advance()"
+            )
+        return minute
+
+    def _window_buckets(self, minute: int):
+        """(bucket, counts in the hour window, in the day window) of every
+        bucket a request in ``minute`` reads."""
+        hour = minute // HOUR_MINUTES
+        for m in range(minute - HOUR_MINUTES, minute):
+            bucket = self._minutes.get(m)
+            if bucket is not None:
+                yield bucket, True, m >= hour * HOUR_MINUTES  # the request's hour so far belongs to the day too
+        for h in range(hour - DAY_HOURS, hour):
+            bucket = self._hours.get(h)
+            if bucket is not None:
+                yield bucket, False, True
+
+    def lookup(self, keys: np.ndarray, as_of_ms: int) -> np.ndarray:
+        """(n, 2, C) hour and day counts of ``keys`` as of ``as_of_ms``, read
+        bucket by bucket (cheaper than a snapshot for a few keys)."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        out = np.zeros((len(keys), 2, self.channels), dtype=np.int64)
+        for bucket, in_hour, in_day in self._window_buckets(self._as_of_minute(as_of_ms)):
+            bucket_keys, counts = bucket.merged()
+            if len(bucket_keys) == 0 or len(keys) == 0:
+                continue
+            positions = np.minimum(np.searchsorted(bucket_keys, keys), len(bucket_keys) - 1)
+            found = np.flatnonzero(bucket_keys[positions] == keys)
+            if in_hour:
+                out[found, HOUR] += counts[positions[found]]
+            if in_day:
+                out[found, DAY] += counts[positions[found]]
+        return out
+
     def snapshot(self, as_of_ms: int) -> CountsSnapshot:
         """Hour and day counts of every key as of a request at ``as_of_ms``."""
         as_of_ms = int(as_of_ms)
-        minute = as_of_ms // MINUTE_MS
-        if self._floor_minute is not None and minute < self._floor_minute:
-            raise ValueError(
-                f"statistics as of {as_of_ms} ms precede the floor {self.floor_ms} ms: those buckets were dropped by advance()"
-            )
+        minute = self._as_of_minute(as_of_ms)
         if self._cached is not None and self._cached[:2] == (self._changes, minute):
             return self._cached[2]
-        hour = minute // HOUR_MINUTES
         key_parts, count_parts = [], []
-        for m in range(minute - HOUR_MINUTES, minute):
-            bucket = self._minutes.get(m)
-            if bucket is None:
-                continue
+        for bucket, in_hour, in_day in self._window_buckets(minute):
             keys, counts = bucket.merged()
             both = np.zeros((len(keys), 2, self.channels), dtype=np.int64)
-            both[:, HOUR] = counts
-            if m >= hour * HOUR_MINUTES:  # the request's hour so far belongs to the day too
+            if in_hour:
+                both[:, HOUR] = counts
+            if in_day:
                 both[:, DAY] = counts
             key_parts.append(keys)
             count_parts.append(both)
-        for h in range(hour - DAY_HOURS, hour):
-            bucket = self._hours.get(h)
-            if bucket is None:
-                continue
-            keys, counts = bucket.merged()
-            day = np.zeros((len(keys), 2, self.channels), dtype=np.int64)
-            day[:, DAY] = counts
-            key_parts.append(keys)
-            count_parts.append(day)
         if key_parts:
             keys, counts = _sum_by_key(np.concatenate(key_parts), np.concatenate(count_parts))
         else:
@@ -401,7 +423,7 @@ class ItemStatistics:
 
     def counts(self, item_ids: Sequence[str], as_of_ms: int) -> np.ndarray:
         """(n, 4) item columns of ``COUNT_COLUMNS`` as of ``as_of_ms``."""
-        return self.snapshot(as_of_ms).lookup(fingerprint_strings(item_ids)).reshape(len(item_ids), 4)
+        return self._counts.lookup(fingerprint_strings(item_ids), as_of_ms).reshape(len(item_ids), 4)
 
 
 class UserStatistics:
@@ -432,11 +454,10 @@ class UserStatistics:
 
     def counts(self, user_ids: Sequence[str], categories: Sequence[str], as_of_ms: int) -> np.ndarray:
         """(n, 5) user columns of ``COUNT_COLUMNS`` for (user, candidate category) rows."""
-        by_category, by_user = self.snapshots(as_of_ms)
         n = len(user_ids)
         out = np.empty((n, 5), dtype=np.int64)
-        out[:, :4] = by_category.lookup(user_category_keys(user_ids, categories)).reshape(n, 4)
-        out[:, 4] = by_user.lookup(fingerprint_strings(user_ids))[:, HOUR, 0]
+        out[:, :4] = self._by_category.lookup(user_category_keys(user_ids, categories), as_of_ms).reshape(n, 4)
+        out[:, 4] = self._by_user.lookup(fingerprint_strings(user_ids), as_of_ms)[:, HOUR, 0]
         return out
 
 

@@ -22,6 +22,7 @@ from freshtower.core.statistics import (
     effective_time_ms,
     encode_statistics,
     item_count_deltas,
+    user_category_keys,
 )
 
 MIN = 60_000
@@ -105,6 +106,14 @@ def test_statistics_as_of_each_request_equal_a_brute_force_count_over_earlier_ev
         got = np.hstack([items_stats.counts(item_ids, t), users_stats.counts([user] * len(item_ids), categories, t)])
         expected = [brute_force(events, t, user, i, category_of[i]) for i in item_ids]
         assert got.tolist() == expected, f"request at {t - DAY0} ms after day 0"
+        # the snapshots that are published for serving say the same
+        by_category, by_user = users_stats.snapshots(t)
+        from_snapshots = np.hstack([
+            items_stats.snapshot(t).lookup(fingerprint_strings(item_ids)).reshape(-1, 4),
+            by_category.lookup(user_category_keys([user] * len(item_ids), categories)).reshape(-1, 4),
+            by_user.lookup(fingerprint_strings([user] * len(item_ids)))[:, HOUR],
+        ])
+        assert np.array_equal(from_snapshots, got)
         # later requests never ask about earlier times: memory may shrink
         items_stats.advance(t)
         users_stats.advance(t)
