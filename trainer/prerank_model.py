@@ -135,18 +135,28 @@ class ThreeTowerPreranker(TwoTowerModel):
         return weight[:, :d], weight[:, d : 2 * d], weight[:, 2 * d :], first.bias.detach()
 
     @torch.no_grad()
-    def item_cache_rows(self, item_inputs: TowerInputs, chunk: int = 65536) -> torch.Tensor:
-        """(n, H1) what the item cache holds per item: the item tower's output
-        ``i`` times the upper layers' item block ``W_i`` (H1 = first upper width).
-        Runs the item tower in chunks of ``chunk`` items."""
-        _, item_block, _, _ = self._first_upper_blocks()
+    def item_outputs(self, item_inputs: TowerInputs, chunk: int = 65536) -> torch.Tensor:
+        """(n, D) the item tower's outputs ``i``, computed in chunks of ``chunk`` items."""
         parts = []
         for start in range(0, len(item_inputs), chunk):
             index = torch.arange(start, min(start + chunk, len(item_inputs)))
-            parts.append(self.item_tower(item_inputs.select(index)) @ item_block.T)  # (c, H1)
+            parts.append(self.item_tower(item_inputs.select(index)))  # (c, D)
         if not parts:
-            return torch.zeros((0, item_block.shape[0]))
+            return torch.zeros((0, self.prerank_config.tower_dim))
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def project_item_outputs(self, item_outputs: torch.Tensor) -> torch.Tensor:
+        """(n, D) item tower outputs -> (n, H1) cache rows ``W_i i`` (H1 = first
+        upper width): for a cache that keeps the raw outputs instead."""
+        _, item_block, _, _ = self._first_upper_blocks()
+        return item_outputs @ item_block.T
+
+    @torch.no_grad()
+    def item_cache_rows(self, item_inputs: TowerInputs, chunk: int = 65536) -> torch.Tensor:
+        """(n, H1) what the item cache holds per item: the item tower's output
+        ``i`` times the upper layers' item block ``W_i``."""
+        return self.project_item_outputs(self.item_outputs(item_inputs, chunk))
 
     @torch.no_grad()
     def catalogue_item_rows(self, chunk: int = 65536) -> torch.Tensor:

@@ -82,6 +82,8 @@ def test_item_rows_in_chunks_equal_one_call_and_follow_catalogue_order():
     model, _, items = built()
     whole = model.item_cache_rows(items)
     assert torch.allclose(model.item_cache_rows(items, chunk=7), whole)
+    assert torch.allclose(model.project_item_outputs(model.item_outputs(items, chunk=7)), whole)
+    assert torch.allclose(model.item_outputs(items), model.catalogue_vectors())  # the towers' own bulk path
     assert torch.allclose(model.catalogue_item_rows(), whole)
     # an unknown item reads the default ID row and unknown feature values: the cold row
     unknown = model.item_inputs(["never-seen"], {"category": ["no-such-category"]})
