@@ -1,8 +1,10 @@
-"""Recall latency at 1M items x 64 dims: the index serving uses (HNSW at this
-size) beside exact search, with the user tower in the loop; the index build
-time, peak memory, and the time to publish 1M changed user rows.
+"""Recall latency at 1M items x 64 dims, in process and over HTTP: the index
+serving uses (HNSW at this size) beside exact search, with the user tower in
+the loop; the service's own time per request; the index build time, peak
+memory, and the time to publish 1M changed user rows.
 
-    python benchmarks/bench_recall.py --items 1000000 --users 1000000 --dim 64
+    python benchmarks/bench_recall.py --no-kafka --data-dir /tmp/bench-recall   # builds once, reused after
+    python benchmarks/bench_recall.py --items 200000 --users 200000 --ef-search 64  # quicker, for iterating
 
 Data (seeded): item vectors are unit vectors around 2,000 random cluster
 centres (noise sigma = spread / sqrt(dim) per coordinate; spread 1 gives a
@@ -15,13 +17,23 @@ pass costs what any tower of this shape costs.
 
 Every figure goes through the production code: ``Publisher`` writes the
 releases, ``load_state`` loads them, ``recall`` answers in-process, and
-``freshtower serve`` answers over HTTP in its own process.
+``freshtower serve`` answers over HTTP in its own process. The HTTP load
+comes from ``freshtower.publisher.load_client`` in a third process (raw
+keep-alive sockets, closed loop); its own ceiling, against a server that
+answers at once with a body of the same size, is measured in the same run
+and printed beside, with the CPU share of client and server, so that it is
+visible which one is the limit.
+
+``--data-dir`` keeps the releases (and the arguments they were built with)
+so that a second run with the same data arguments skips the ~4 minutes of
+building them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -30,7 +42,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,6 +51,7 @@ import numpy as np
 import torch
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.publish import FullReleaseInputs, Publisher
+from freshtower.publisher.releases import ReleaseStore
 from freshtower.publisher.serving import load_state, recall
 from freshtower.publisher.user_tower import export_user_tower
 from freshtower.streams.broker import LocalBroker, resolve_binary
@@ -52,8 +64,8 @@ from freshtower.core.ports import free_port
 from freshtower.core.settings import load_settings
 
 CATEGORICAL_VALUES = 12  # values per categorical user feature
-
-
+BUILT_WITH = "bench-recall.json"  # in --data-dir: the data arguments its releases were built with
+DATA_ARGUMENTS = ("items", "users", "dim", "clusters", "spread", "hnsw_m", "ef_construction", "seed")
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -105,100 +117,11 @@ def timed_recalls(state, requests, k: int, warmup: int) -> tuple[list[float], li
     return times, results
 
 
-def http_figures(url: str, requests, k: int, sequential: int, clients: int, per_client: int) -> dict:
-    bodies = [{"user_id": u, "user_features": f, "k": k} for u, f in requests]
-    with httpx.Client(base_url=url, timeout=30) as http:
-        for body in bodies[:100]:
-            http.post("/v1/recall", json=body).raise_for_status()
-        times = []
-        for body in bodies[:sequential]:
-            started = time.perf_counter()
-            http.post("/v1/recall", json=body).raise_for_status()
-            times.append(time.perf_counter() - started)
-    failures = []
-
-    def client(offset: int) -> None:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            for i in range(per_client):
-                response = http.post("/v1/recall", json=bodies[(offset + i) % len(bodies)])
-                if response.status_code != 200:
-                    failures.append(response.status_code)
-
-    threads = [threading.Thread(target=client, args=(c * per_client,)) for c in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    p50, p99 = percentiles(times)
-    # the service's own histogram: time inside the recall handler, without HTTP and framework
-    metrics = {
-        line.split()[0]: float(line.split()[1])
-        for line in httpx.get(f"{url}/metrics").text.splitlines()
-        if line.startswith("freshtower_recall_latency_seconds_")
-    }
-    inside_ms = 1000 * metrics["freshtower_recall_latency_seconds_sum"] / metrics["freshtower_recall_latency_seconds_count"]
-    return {
-        "p50": p50,
-        "p99": p99,
-        "rps_sequential": len(times) / sum(times),
-        "rps_concurrent": clients * per_client / elapsed,
-        "failures": len(failures),
-        "inside_ms": inside_ms,
-    }
 
 
-def main() -> None:
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-recall-"))
-    try:
-        run(data_dir)
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def run(data_dir: Path) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=1_000_000)
-    parser.add_argument("--users", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--clusters", type=int, default=2000)
-    parser.add_argument("--spread", type=float, default=1.0)
-    parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--requests", type=int, default=2000, help="timed in-process requests per efSearch")
-    parser.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 192, 256, 384, 512])
-    parser.add_argument("--hnsw-m", type=int, default=32)
-    parser.add_argument("--ef-construction", type=int, default=80)
-    parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--no-kafka", action="store_true", help="skip sending the 1M rows to a local broker")
-    parser.add_argument("--no-http", action="store_true")
-    parser.add_argument("--http-clients", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # as `freshtower serve` (service.torch_threads)
-
+def build_releases(args, settings) -> tuple[str, str]:
+    """A full release and a delta of every user row, made by the real Publisher; their versions."""
     rng = np.random.default_rng(args.seed)
-    settings = load_settings(
-        data_dir=data_dir,
-        model={"id_dim": args.dim, "output_dim": args.dim},
-        frequency={"buckets": 1 << 10},
-        publisher={
-            "hnsw_m": args.hnsw_m,
-            "hnsw_ef_construction": args.ef_construction,
-            "hnsw_ef_search": max(args.ef_search),
-            "kafka_enabled": False,
-        },
-    )
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-        f"torch {torch.__version__} (1 thread), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)"
-    )
-    print(f"load average at start {os.getloadavg()}: other processes may share these cores")
-    print(
-        f"settings: items={args.items:,} users={args.users:,} dim={args.dim} clusters={args.clusters} spread={args.spread} k={args.k} "
-        f"HNSW M={args.hnsw_m} efConstruction={args.ef_construction}; data in {data_dir}"
-    )
-
     # --- the full release: tower, 1M user rows, 1M item vectors, the index ---------------------
     centres = rng.normal(size=(args.clusters, args.dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -229,7 +152,7 @@ def run(data_dir: Path) -> None:
             f"publisher's check: recall@100 vs exact {index_info['recall_at_100_vs_exact']:.4f} on {index_info['check_queries']} queries "
             f"(efSearch {max(args.ef_search)}); peak RSS so far {peak_rss_mib():,.0f} MiB"
         )
-        del inputs, user_table
+        del inputs, user_table, item_vectors
 
         # --- 1M changed user rows: an online checkpoint in the trainer's format, then a release -----
         vocabulary = IdVocabulary(1)
@@ -279,32 +202,61 @@ def run(data_dir: Path) -> None:
                 f"the same {sent:,} rows to the user-embeddings topic (local Tansu broker, acks=all): {kafka_seconds:.1f} s "
                 f"({sent / kafka_seconds:,.0f} rows/s)"
             )
-        store = publisher.store
+    return full.version, delta.version
 
-    # --- serving state: load the full release, then hot-swap in the 1M-row delta -----------------
+
+
+def releases_for(args, settings) -> tuple[str, str]:
+    """The releases in ``--data-dir`` if they were built with these data
+    arguments, else new ones (recorded there for the next run)."""
+    built_with = settings.data_dir / BUILT_WITH
+    wanted = {name: getattr(args, name) for name in DATA_ARGUMENTS}
+    if built_with.exists():
+        built = json.loads(built_with.read_text())
+        if built["arguments"] != wanted:
+            raise SystemExit(f"{settings.data_dir} holds releases built with {built['arguments']}, not {wanted}: use another --data-dir")
+        print(f"\nreusing releases {built['full']} and {built['delta']} in {settings.data_dir} (built with the same data arguments)")
+        return built["full"], built["delta"]
+    if ReleaseStore(settings.releases_dir).active_version() is not None:
+        raise SystemExit(f"{settings.releases_dir} holds releases this benchmark did not record: use an empty --data-dir")
+    full, delta = build_releases(args, settings)
+    built_with.write_text(json.dumps({"arguments": wanted, "full": full, "delta": delta}))
+    return full, delta
+
+
+def request_set(args, state) -> list[tuple[str, dict]]:
+    """The benchmark's requests: known users with ~1% unknown ones (cold start), random features."""
+    rng = np.random.default_rng(args.seed + 1)  # apart from the data's, so reused releases get the same requests
+    categorical = {name: [f"{name}-{v}" for v in range(CATEGORICAL_VALUES)] for name in state.tower.categorical}
+    users = len(state.user_rows)
+    requests = []
+    for _ in range(args.requests):
+        user = f"u{rng.integers(users)}" if rng.random() > 0.01 else f"new-{rng.integers(1 << 30)}"
+        features = {name: values[rng.integers(len(values))] for name, values in categorical.items()}
+        features.update({name: float(rng.normal()) for name in state.tower.numeric})
+        requests.append((user, features))
+    return requests
+
+
+def in_process_figures(args, store: ReleaseStore, full: str, delta: str) -> dict:
+    """Serving state loaded and swapped as the service does; recall swept over efSearch against exact search."""
     started = time.perf_counter()
-    state_full = load_state(store, full.version)
+    state_full = load_state(store, full)
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    state = load_state(store, delta.version, current=state_full)
+    state = load_state(store, delta, current=state_full)
     swap_seconds = time.perf_counter() - started
     del state_full
     print(
         f"serving: full release verified + loaded in {load_seconds:.1f} s; "
-        f"{delta.rows:,}-row delta verified + applied (copy-on-write) in {swap_seconds:.1f} s; "
+        f"{len(state.user_rows):,}-row delta verified + applied (copy-on-write) in {swap_seconds:.1f} s; "
         f"peak RSS {peak_rss_mib():,.0f} MiB"
     )
-
-    # --- in-process recall: sweep efSearch; exact search beside it -------------------------------
-    categorical = {name: [f"{name}-{v}" for v in range(CATEGORICAL_VALUES)] for name in state.tower.categorical}
-    requests = []
-    for _ in range(args.requests):
-        user = f"u{rng.integers(args.users)}" if rng.random() > 0.01 else f"new-{rng.integers(1 << 30)}"  # ~1% cold start
-        features = {name: values[rng.integers(len(values))] for name, values in categorical.items()}
-        features.update({name: float(rng.normal()) for name in state.tower.numeric})
-        requests.append((user, features))
-    exact_state = dataclasses.replace(state, index=FaissRetriever(faiss.IndexFlatIP(args.dim)))
+    requests = request_set(args, state)
+    item_vectors = np.load(store.get(full).file("item_vectors.npy"))
+    exact_state = dataclasses.replace(state, index=FaissRetriever(faiss.IndexFlatIP(item_vectors.shape[1])))
     exact_state.index.index.add(item_vectors)
+    del item_vectors
     exact_times, exact_results = timed_recalls(exact_state, requests[: min(300, len(requests))], args.k, warmup=20)
     # ground truth for every request: exact search in one batch
     vectors = np.vstack(
@@ -320,6 +272,7 @@ def run(data_dir: Path) -> None:
     _, truth = exact_state.index.search(vectors, args.k)
     truth_ids = [{state.item_ids[j] for j in row} for row in truth]
     assert all(set(r) == t for r, t in zip(exact_results, truth_ids)), "exact serving path disagrees with the exact oracle"
+    del exact_state
     exact_p50, exact_p99 = percentiles(exact_times)
     print(f"\nin-process recall (user tower + search, k={args.k}, one request at a time, {args.requests} timed requests per row):")
     print(f"{'index':>14} {'recall@100':>10} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
@@ -335,12 +288,10 @@ def run(data_dir: Path) -> None:
         p50, p99 = percentiles(times)
         print(f"{'HNSW ef=' + str(ef):>14} {quality:>10.4f} {p50:>8.3f} {p99:>8.3f} {len(times) / sum(times):>8.0f}")
         if chosen is None and quality >= args.target_recall:
-            chosen = (ef, quality, p50, p99)
+            chosen = {"ef": ef, "quality": quality, "p50": p50, "p99": p99, "mean": 1000 * float(np.mean(times))}
     if chosen is None:
-        print(f"no efSearch in {args.ef_search} reached recall@{args.k} {args.target_recall}")
-        return
-    ef = chosen[0]
-    state.index.set_ef_search(ef)
+        raise SystemExit(f"no efSearch in {args.ef_search} reached recall@{args.k} {args.target_recall}")
+    state.index.set_ef_search(chosen["ef"])
     tower_times, search_times = [], []
     for u, f in requests[:1000]:
         started = time.perf_counter()
@@ -353,17 +304,73 @@ def run(data_dir: Path) -> None:
         state.index.search(vector, args.k)
         tower_times.append(middle - started)
         search_times.append(time.perf_counter() - middle)
+    chosen["tower_p50"], chosen["tower_p99"] = percentiles(tower_times)
+    chosen["search_p50"], chosen["search_p99"] = percentiles(search_times)
     print(
-        f"chosen efSearch {ef}: recall@{args.k} {chosen[1]:.4f}, p50 {chosen[2]:.3f} ms, p99 {chosen[3]:.3f} ms; "
-        f"split (1000 requests): user tower p50/p99 {percentiles(tower_times)[0]:.3f}/{percentiles(tower_times)[1]:.3f} ms, "
-        f"search p50/p99 {percentiles(search_times)[0]:.3f}/{percentiles(search_times)[1]:.3f} ms"
+        f"chosen efSearch {chosen['ef']}: recall@{args.k} {chosen['quality']:.4f}, p50 {chosen['p50']:.3f} ms, p99 {chosen['p99']:.3f} ms; "
+        f"split (1000 requests): user tower p50/p99 {chosen['tower_p50']:.3f}/{chosen['tower_p99']:.3f} ms, "
+        f"search p50/p99 {chosen['search_p50']:.3f}/{chosen['search_p99']:.3f} ms"
     )
     print(f"peak RSS of this process: {peak_rss_mib():,.0f} MiB")
-    del state, exact_state
+    chosen["requests"] = requests
+    return chosen
 
-    # --- over HTTP: `freshtower serve` in its own process on loopback ------------------------------
-    if args.no_http:
-        return
+
+# --- over HTTP -----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(url: str) -> dict[str, float]:
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+        if line.startswith(("freshtower_recall_latency_seconds_", "freshtower_recall_handler_seconds_", "freshtower_recall_requests_total"))
+    }
+
+
+def load(port: int, bodies: Path, connections: int, seconds: float, out: Path, warmup: int = 0) -> dict:
+    """One closed-loop run of the load client in its own process."""
+    command = [sys.executable, "-m", "freshtower.publisher.load_client", "run", "--port", str(port), "--bodies", str(bodies)]
+    command += ["--connections", str(connections), "--seconds", str(seconds), "--warmup", str(warmup), "--out", str(out)]
+    subprocess.run(command, check=True, timeout=seconds + 300)
+    result = json.loads(out.read_text())
+    ms = np.asarray(result["latencies"]) * 1000
+    result.update(
+        p50=float(np.percentile(ms, 50)),
+        p99=float(np.percentile(ms, 99)),
+        rate=result["requests"] / result["wall_seconds"],
+        client_cpu=result["cpu_seconds"] / result["wall_seconds"],
+    )
+    del result["latencies"]
+    return result
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit(f"{process.args} exited: {log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not healthy after {timeout:.0f} s")
+
+
+def http_figures(args, data_dir: Path, ef: int, requests) -> dict:
+    """``freshtower serve`` in its own process, the load client in another: 1 and N connections,
+    beside the client's ceiling against a canned server and the service's own time per request."""
+    bodies = data_dir / "bench-bodies.jsonl"
+    bodies.write_text("".join(json.dumps({"user_id": u, "user_features": f, "k": args.k}) + "\n" for u, f in requests))
+    out = data_dir / "bench-load.json"
+    figures: dict = {}
     port = free_port()
     env = {
         **os.environ,
@@ -371,33 +378,151 @@ def run(data_dir: Path) -> None:
         "FRESHTOWER_SERVICE__PORT": str(port),
         "FRESHTOWER_SERVICE__HNSW_EF_SEARCH": str(ef),
     }
-    server = subprocess.Popen([sys.executable, "-m", "freshtower.app.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = data_dir / "bench-serve.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "freshtower.app.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"freshtower serve exited: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
-        figures = http_figures(url, requests, args.k, sequential=1000, clients=args.http_clients, per_client=300)
-        hwm = next(
-            (line.split()[1] for line in Path(f"/proc/{server.pid}/status").read_text().splitlines() if line.startswith("VmHWM")), "?"
-        )
-        print(
-            f"\nHTTP (freshtower serve, 1 uvicorn worker, efSearch {ef}, httpx clients in this process): "
-            f"sequential p50 {figures['p50']:.2f} ms, p99 {figures['p99']:.2f} ms, {figures['rps_sequential']:.0f} req/s; "
-            f"{args.http_clients} concurrent clients {figures['rps_concurrent']:.0f} req/s, {figures['failures']} failures; "
-            f"mean time inside the handler {figures['inside_ms']:.2f} ms (the rest is HTTP, framework and client); "
-            f"server peak RSS {int(hwm) / 1024 if hwm != '?' else float('nan'):,.0f} MiB"
-        )
+        wait_healthy(url, server, log_path)
+        sample = httpx.post(f"{url}/v1/recall", json={"user_id": requests[0][0], "user_features": requests[0][1], "k": args.k})
+        sample.raise_for_status()
+        figures["response_bytes"] = len(sample.content)
+        load(port, bodies, 1, 60, out, warmup=500)
+        for connections in sorted({1, args.http_clients}):
+            before, cpu_before = scrape(url), cpu_seconds(server.pid)
+            result = load(port, bodies, connections, args.http_seconds, out)
+            after, cpu_after = scrape(url), cpu_seconds(server.pid)
+
+            def mean_ms(metric: str) -> float:
+                count = after[f"{metric}_count"] - before[f"{metric}_count"]
+                return 1000 * (after[f"{metric}_sum"] - before[f"{metric}_sum"]) / count
+
+            result["handler_ms"] = mean_ms("freshtower_recall_handler_seconds")
+            result["recall_in_server_ms"] = mean_ms("freshtower_recall_latency_seconds")
+            result["server_cpu"] = (cpu_after - cpu_before) / result["wall_seconds"]
+            figures[connections] = result
+        hwm = next((line.split()[1] for line in Path(f"/proc/{server.pid}/status").read_text().splitlines() if line.startswith("VmHWM")))
+        figures["server_rss_mib"] = int(hwm) / 1024
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        server.wait(60)
+
+    # the load client's own ceiling: a server that answers every request at once with as many bytes
+    canned_port = free_port()
+    canned = subprocess.Popen(
+        [sys.executable, "-m", "freshtower.publisher.load_client", "canned", "--port", str(canned_port)]
+        + ["--body-bytes", str(figures["response_bytes"])]
+    )
+    try:
+        from freshtower.publisher.load_client import wait_for_port
+
+        wait_for_port("127.0.0.1", canned_port, 30)
+        for connections in sorted({1, args.http_clients}):
+            figures[f"ceiling_{connections}"] = load(canned_port, bodies, connections, min(args.http_seconds, 5), out)
+    finally:
+        canned.send_signal(signal.SIGTERM)
+        canned.wait(30)
+    return figures
+
+
+def print_summary(args, inproc: dict, http: dict | None) -> None:
+    print(f"\nsummary at {args.items:,} items, k={args.k}, efSearch {inproc['ef']} (times in ms):")
+    rows = [
+        ("in-process recall (user tower + search)", f"p50 {inproc['p50']:.3f}, p99 {inproc['p99']:.3f}, mean {inproc['mean']:.3f}", ""),
+        ("  user tower, one request", f"p50 {inproc['tower_p50']:.3f}, p99 {inproc['tower_p99']:.3f}", "target well under 0.1"),
+        ("  index search", f"p50 {inproc['search_p50']:.3f}, p99 {inproc['search_p99']:.3f}", ""),
+    ]
+    if http:
+        one = http[1]
+        rows.append(
+            (
+                "service's own time per request (mean, 1 connection)",
+                f"{one['handler_ms']:.3f}; recall inside it {one['recall_in_server_ms']:.3f}",
+                f"adds {one['handler_ms'] - one['recall_in_server_ms']:.3f} to recall (target <= 0.3); "
+                f"{one['handler_ms'] - inproc['mean']:+.3f} vs in-process mean",
+            )
+        )
+        for connections in sorted({1, args.http_clients}):
+            result, ceiling = http[connections], http[f"ceiling_{connections}"]
+            rows.append(
+                (
+                    f"HTTP, {connections} connection{'s' if connections > 1 else ''}",
+                    f"p50 {result['p50']:.3f}, p99 {result['p99']:.3f}, {result['rate']:,.0f} req/s, "
+                    f"{sum(v for k, v in result['statuses'].items() if k != '200')} non-200, {result['failure_count']} failed",
+                    f"p50 {result['p50'] / inproc['p50']:.2f}x in-process; {result['rate'] / (1000 / inproc['mean']):.2f} of the "
+                    f"in-process rate {1000 / inproc['mean']:,.0f}/s; server CPU {result['server_cpu']:.0%}, client CPU {result['client_cpu']:.0%}; "
+                    f"client ceiling {ceiling['rate']:,.0f} req/s (p50 {ceiling['p50']:.3f}), so the client is "
+                    f"{result['rate'] / ceiling['rate']:.0%} loaded",
+                )
+            )
+        rows.append(("targets", "HTTP p99 <= 1.5 at 1M items; >= 1,000 req/s on one worker", ""))
+    width = max(len(r[0]) for r in rows)
+    for name, value, beside in rows:
+        print(f"  {name:<{width}}  {value}" + (f"   [{beside}]" if beside else ""))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--clusters", type=int, default=2000)
+    parser.add_argument("--spread", type=float, default=1.0)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=2000, help="timed in-process requests per efSearch (and the HTTP bodies)")
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 192, 256, 384, 512])
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=80)
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--no-kafka", action="store_true", help="skip sending the 1M rows to a local broker")
+    parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--http-clients", type=int, default=4, help="concurrent connections of the second HTTP run")
+    parser.add_argument("--http-seconds", type=float, default=10.0, help="length of each HTTP run")
+    parser.add_argument("--data-dir", type=Path, help="keep the releases here and reuse them in later runs (default: a temporary dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-recall-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, data_dir)
+    finally:
+        if args.data_dir is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def run(args, data_dir: Path) -> None:
+    torch.set_num_threads(1)  # as `freshtower serve` (service.torch_threads)
+    settings = load_settings(
+        data_dir=data_dir,
+        model={"id_dim": args.dim, "output_dim": args.dim},
+        frequency={"buckets": 1 << 10},
+        publisher={
+            "hnsw_m": args.hnsw_m,
+            "hnsw_ef_construction": args.ef_construction,
+            "hnsw_ef_search": max(args.ef_search),
+            "kafka_enabled": False,
+        },
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+        f"torch {torch.__version__} (1 thread), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)"
+    )
+    print(f"load average at start {os.getloadavg()}: other processes may share these cores")
+    print(
+        f"settings: items={args.items:,} users={args.users:,} dim={args.dim} clusters={args.clusters} spread={args.spread} k={args.k} "
+        f"HNSW M={args.hnsw_m} efConstruction={args.ef_construction}; data in {data_dir}"
+    )
+    full, delta = releases_for(args, settings)
+    inproc = in_process_figures(args, ReleaseStore(settings.releases_dir), full, delta)
+    http = None
+    if not args.no_http:
+        http = http_figures(args, data_dir, inproc["ef"], inproc["requests"])
+        print(f"\nHTTP: freshtower serve, 1 uvicorn worker, peak RSS {http['server_rss_mib']:,.0f} MiB; response {http['response_bytes']:,} bytes")
+    print_summary(args, inproc, http)
     print(f"load average at end {os.getloadavg()}")
 
 

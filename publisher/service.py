@@ -44,6 +44,7 @@ from fastapi_offline import FastAPIOffline
 from freshtower.core.settings import Settings
 from freshtower.publisher.live_release import LiveRelease
 from freshtower.publisher.releases import ReleaseStore
+from freshtower.publisher.request_edge import RequestEdge
 from freshtower.publisher.routes import malformed_request, router
 from freshtower.publisher.service_metrics import ServiceMetrics
 
@@ -82,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, malformed_request)
+    app.add_middleware(RequestEdge)
     return app
 
 

@@ -26,6 +26,12 @@ class ServiceMetrics:
         self.latency = Histogram(
             "freshtower_recall_latency_seconds", "in-process recall time (user tower + index search)", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.handler = Histogram(
+            "freshtower_recall_handler_seconds",
+            "time a recall request spends in the app: body read and parsed, recall, freshness, response encoded (no socket I/O)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.cold_start = Counter("freshtower_recall_cold_start", "recall requests served with the cold-start embedding", registry=r)
         self.swaps = Counter("freshtower_release_swaps", "serving state swaps", registry=r)
         self.refused = Counter("freshtower_release_refused", "releases refused (checksum, missing file, bad shape)", registry=r)
