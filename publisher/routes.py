@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,20 +22,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from freshtower.core.settings import ServiceConfig
 from freshtower.publisher.api_models import (
+    ID_PATTERN,
     USER_ID_MAX,
     ActivateResponse,
     EmbeddingResponse,
-    Freshness,
-    RecallRequest,
+    MalformedBody,
     RecallResponse,
+    Rejection,
     ReleasesResponse,
     ReleasesUsed,
     ReleaseSummary,
-    ScoredItem,
+    decode_recall_request,
+    recall_response_json,
 )
 from freshtower.publisher.live_release import LiveRelease
 from freshtower.publisher.releases import ReleaseError, ReleaseNotFound, parse_version
-from freshtower.publisher.service_metrics import ServiceMetrics
+from freshtower.publisher.service_metrics import ServiceMetrics, endpoint_label
 from freshtower.publisher.serving import ServingState, recall
 from freshtower.publisher.user_tower import FeatureError
 
@@ -83,61 +85,136 @@ def serving_state(live: LiveRelease) -> ServingState:
     return state
 
 
+class Rejected(Exception):
+    """A request answered 4xx for what it sent, with a reason code (counted
+    in ``freshtower_rejected_requests_total{endpoint, reason}``) and a message."""
+
+    def __init__(self, status: int, endpoint: str, reason: str, detail: str, errors: list[dict] | None = None):
+        super().__init__(detail)
+        self.status, self.endpoint, self.reason, self.detail, self.errors = status, endpoint, reason, detail, errors
+
+
+def reason_code(errors: list[dict]) -> str:
+    """The reason code of a validation failure, from its first error: ``invalid_json``,
+    ``body_not_object``, ``unknown_field``, ``missing_field`` or ``invalid_<field>``."""
+    first = errors[0]
+    kind, loc = first["type"], first["loc"]
+    if kind == "json_invalid":
+        return "invalid_json"
+    if kind == "extra_forbidden":
+        return "unknown_field"
+    if kind == "missing":
+        return "missing_field"
+    if len(loc) < 2 or kind in ("model_attributes_type", "dict_type", "model_type"):
+        return "body_not_object"
+    return f"invalid_{loc[1]}"
+
+
+def _message(error: dict) -> str:
+    if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == ID_PATTERN:
+        return "must not contain control characters (U+0000-U+001F, U+007F-U+009F)"
+    return error["msg"]
+
+
+def problems(errors: list[dict]) -> str:
+    """Every error as ``<where>: <what>``, e.g. ``body.k: Input should be greater than or equal to 1``."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {_message(e)}" for e in errors)
+
+
+async def rejected_request(request: Request, error: Rejected) -> JSONResponse:
+    """The app's handler for ``Rejected``: count it by endpoint and reason, answer its status."""
+    metrics: ServiceMetrics = request.app.state.metrics
+    metrics.rejected.labels(error.endpoint, error.reason).inc()
+    if error.endpoint == "recall":
+        metrics.bad_request.inc()
+    body = {"detail": error.detail, "reason": error.reason}  # a Rejection
+    if error.errors is not None:  # what failed and where, without echoing the input back
+        body["errors"] = [{"type": e["type"], "loc": list(e["loc"]), "msg": _message(e)} for e in error.errors]
+    return JSONResponse(status_code=error.status, content=body)
+
+
 async def malformed_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    """422 naming every field that failed, and the place in the body (the app's handler for RequestValidationError)."""
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-    if request.url.path == "/v1/recall":
-        request.app.state.metrics.requests.labels("bad_request").inc()
-    return JSONResponse(status_code=422, content={"detail": f"malformed request: {problems}", "errors": jsonable_encoder(error.errors())})
+    """422 naming every field that failed, and the place in the request (the app's handler for RequestValidationError)."""
+    errors = list(error.errors())
+    return await rejected_request(
+        request, Rejected(422, endpoint_label(request.url.path), reason_code(errors), f"malformed request: {problems(errors)}", errors)
+    )
 
 
 # --- endpoints ------------------------------------------------------------------------
+
+# The recall body is read by the handler itself (see api_models): its schema is declared here.
+RECALL_BODY = {
+    "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/RecallRequest"}}}, "required": True}
+}
 
 
 @router.post(
     "/v1/recall",
     response_model=RecallResponse,
-    responses={422: {"description": "malformed request"}, 503: {"description": "no release"}},
+    openapi_extra=RECALL_BODY,
+    responses={
+        413: {"description": "body over service.max_request_bytes", "model": Rejection},
+        422: {"description": "malformed request", "model": Rejection},
+        503: {"description": "no release"},
+    },
 )
-def recall_endpoint(body: RecallRequest, live: Live, metrics: Metrics, config: Config) -> RecallResponse:
+async def recall_endpoint(request: Request) -> Response:
     """Top-k items for a user, computed now from the latest published ID embedding and the request's features."""
+    # The hot path: on the event loop (no worker-thread hop), body decoded by
+    # msgspec, answer encoded straight to bytes; see docs/service.md.
+    app_state = request.app.state
+    content_type = request.headers.get("content-type")
+    if content_type != "application/json" and not _is_json(content_type):
+        sent = repr(content_type) if content_type else "no content-type"
+        raise Rejected(422, "recall", "not_json", f"send the body as JSON (content-type: application/json), not with {sent}")
+    try:
+        query = decode_recall_request(await request.body())
+    except MalformedBody as error:
+        raise Rejected(422, "recall", reason_code(error.errors), f"malformed request: {problems(error.errors)}", error.errors) from None
+    max_k = app_state.settings.service.max_k
+    if query.k > max_k:
+        raise Rejected(422, "recall", "k_above_max", f"k = {query.k} is above the limit service.max_k = {max_k}")
+    metrics: ServiceMetrics = app_state.metrics
+    live: LiveRelease = app_state.live_release
+    state = live.state  # read once: a swap during this request does not change it
+    if state is None:
+        metrics.unavailable.inc()
+        raise HTTPException(503, f"no release loaded yet (store {live.store.root}, pointer {live.pointer()})")
     started = time.perf_counter()
-    if body.k > config.max_k:
-        metrics.requests.labels("bad_request").inc()
-        raise HTTPException(422, f"k = {body.k} is above the limit service.max_k = {config.max_k}")
     try:
-        state = serving_state(live)
-    except HTTPException:
-        metrics.requests.labels("unavailable").inc()
-        raise
-    try:
-        result = recall(state, body.user_id, body.user_features, body.k)
+        result = recall(state, query.user_id, query.user_features, query.k)
     except FeatureError as error:
-        metrics.requests.labels("bad_request").inc()
-        raise HTTPException(422, str(error)) from error
+        raise Rejected(422, "recall", "feature_mismatch", str(error)) from None
     metrics.latency.observe(time.perf_counter() - started)
-    metrics.requests.labels("ok").inc()
+    metrics.ok.inc()
     if result.cold_start:
         metrics.cold_start.inc()
-    return RecallResponse(
-        user_id=body.user_id,
-        cold_start=result.cold_start,
-        items=[ScoredItem(item_id=i, score=s) for i, s in zip(result.item_ids, result.scores)],
-        releases=ReleasesUsed.of(state),
-        freshness=Freshness(
-            newest_click_event_time_ms=state.newest_click_event_time_ms,
-            newest_click_age_seconds=time.time() - state.newest_click_event_time_ms / 1000,
-            is_upper_bound=state.newest_click_is_bound,
-            user_embedding_event_time_ms=result.user_event_time_ms,
-        ),
-    )
+    return Response(recall_response_json(query.user_id, result, state, time.time()), media_type="application/json")
 
 
-@router.get("/v1/users/{user_id}/embedding", response_model=EmbeddingResponse)
+_VALID_ID = re.compile(ID_PATTERN)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json or application/<anything>+json, with parameters, as
+    FastAPI's strict content-type check (a browser form cannot send it
+    cross-origin without asking first)."""
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+@router.get(
+    "/v1/users/{user_id}/embedding", response_model=EmbeddingResponse, responses={422: {"description": "bad user ID", "model": Rejection}}
+)
 def embedding_endpoint(user_id: str, live: Live) -> EmbeddingResponse:
     """The user's latest published ID embedding (the cold-start row if they have none)."""
     if not 1 <= len(user_id) <= USER_ID_MAX:
-        raise HTTPException(422, f"user_id must be 1 to {USER_ID_MAX} characters")
+        raise Rejected(422, "embedding", "invalid_user_id", f"user_id must be 1 to {USER_ID_MAX} characters, got {len(user_id)}")
+    if not _VALID_ID.match(user_id):
+        raise Rejected(422, "embedding", "invalid_user_id", "user_id must not contain control characters (U+0000-U+001F, U+007F-U+009F)")
     state = serving_state(live)
     row = state.user_rows.get(user_id)
     event_time = 0 if row is None else int(state.row_event_time_ms[row])

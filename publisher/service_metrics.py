@@ -11,6 +11,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from freshtower.publisher.serving import ServingState
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)  # seconds
+RECALL_PATH = "/v1/recall"
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label for a request path (paths carry user IDs and versions).
+
+    >>> endpoint_label("/v1/users/u1/embedding"), endpoint_label("/v1/releases/00000002-full/activate")
+    ('embedding', 'activate')
+    """
+    if path == RECALL_PATH:
+        return "recall"
+    if path.startswith("/v1/users/"):
+        return "embedding"
+    if path.startswith("/v1/releases/"):
+        return "activate"
+    return "other"
 
 
 class ServiceMetrics:
@@ -23,6 +39,13 @@ class ServiceMetrics:
     def __init__(self, serving: Callable[[], ServingState | None]):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("freshtower_recall_requests", "recall requests by outcome", ["outcome"], registry=r)
+        self.ok, self.bad_request, self.unavailable = (self.requests.labels(o) for o in ("ok", "bad_request", "unavailable"))
+        self.rejected = Counter(
+            "freshtower_rejected_requests",
+            "requests answered 4xx for what they sent, by endpoint and reason code (see docs/service.md)",
+            ["endpoint", "reason"],
+            registry=r,
+        )
         self.latency = Histogram(
             "freshtower_recall_latency_seconds", "in-process recall time (user tower + index search)", buckets=LATENCY_BUCKETS, registry=r
         )

@@ -162,19 +162,19 @@ def recall(state: ServingState, user_id: str, features: Mapping[str, object], k:
     """Top-k items by cosine for one user: the user vector from their latest
     published ID row (row 0 if they have none) and ``features``, then the
     release's index. Raises ``FeatureError`` for features that do not fit."""
-    categorical, numeric = state.tower.parse_features(features)
     row = state.user_rows.get(user_id)
     cold_start = row is None
     row = 0 if cold_start else row
-    user_vector = state.tower.vectors(
-        state.id_table[row : row + 1], {name: [value] for name, value in categorical.items()}, numeric[None, :]
-    )  # (1, D)
-    scores, indices = state.index.search(user_vector, min(k, len(state.item_ids)))
-    found = indices[0] >= 0
-    event_time = int(state.row_event_time_ms[row]) if not cold_start else 0
+    user_vector = state.tower.vector(state.id_table[row], features)  # (D,)
+    scores, indices = state.index.search_one(user_vector, min(k, len(state.item_ids)))  # (k,), (k,)
+    if len(indices) and indices[-1] < 0:  # fewer than k found: Faiss pads with -1 at the end
+        found = indices >= 0
+        scores, indices = scores[found], indices[found]
+    item_ids = state.item_ids
+    event_time = 0 if cold_start else int(state.row_event_time_ms[row])
     return RecallResult(
-        item_ids=[state.item_ids[i] for i in indices[0][found].tolist()],
-        scores=[float(s) for s in scores[0][found].tolist()],
+        item_ids=[item_ids[i] for i in indices.tolist()],
+        scores=scores.tolist(),
         cold_start=cold_start,
         user_event_time_ms=event_time or None,
     )

@@ -83,6 +83,7 @@ class FaissRetriever:
 
     def __init__(self, index: faiss.Index):
         self.index = index
+        self._params_by_k: dict[int, faiss.SearchParametersHNSW] = {}  # see _hnsw_params
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -101,9 +102,29 @@ class FaissRetriever:
             scores, indices = self.index.search(queries, k)
         return scores, indices.astype(np.int64)
 
+    def search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One (d,) float32 query -> (k,) scores and (k,) int64 rows (-1 past
+        the last item found): ``search`` for serving, where it runs once per
+        request, without the checks and copies of a batch."""
+        query = query.reshape(1, -1)
+        if query.shape[1] != self.index.d:
+            raise ValueError(f"query must have {self.index.d} values, got {query.shape[1]}")
+        scores, rows = self.index.search(query, k, params=self._hnsw_params(k))  # (1, k) float32, (1, k) int64
+        return scores[0], rows[0]
+
+    def _hnsw_params(self, k: int):
+        """HNSW's candidate list must hold at least k items (see ``search``);
+        the search parameters for k are made once and kept."""
+        if not isinstance(self.index, faiss.IndexHNSW) or self.index.hnsw.efSearch >= k:
+            return None
+        if k not in self._params_by_k:
+            self._params_by_k[k] = faiss.SearchParametersHNSW(efSearch=k)
+        return self._params_by_k[k]
+
     def set_ef_search(self, ef_search: int) -> None:
         if isinstance(self.index, faiss.IndexHNSW):
             self.index.hnsw.efSearch = ef_search
+            self._params_by_k.clear()
 
     def save(self, path) -> None:
         faiss.write_index(self.index, str(path))

@@ -483,7 +483,7 @@ def serve_command(
     """Run the recall service (OpenAPI docs at /docs); it follows the active release without restarts."""
     import torch
     import uvicorn
-    from freshtower.publisher.service import create_app
+    from freshtower.publisher.service import create_app, uvicorn_config
 
     settings = _settings(ctx)
     if settings.service.torch_threads:
@@ -491,7 +491,7 @@ def serve_command(
     host = host or settings.service.host
     port = port or settings.service.port
     console.print(f"recall service on http://{host}:{port} (docs at /docs), releases from {settings.releases_dir}")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn_config(create_app(settings), host, port)).run()
 
 
 def _progress() -> Progress:

@@ -221,6 +221,11 @@ class ServiceConfig(_Section):
     # --- publisher/service.py ---
     poll_seconds: float = Field(2.0, gt=0, description="how often the service reads the active-release pointer")
     max_k: int = Field(1000, ge=1, description="largest k a recall request may ask for")
+    # a recall body at its limits (256-character user ID, 64 feature entries) is a few KB; this bounds
+    # what one request can make the service buffer and parse, with room for long feature values
+    max_request_bytes: int = Field(
+        65536, ge=1024, description="largest request body in bytes; a larger one is refused with 413 before it is read"
+    )
     # one-row user towers gain nothing from more threads
     torch_threads: int = Field(1, ge=0, description="torch threads in `freshtower serve`; 0 keeps torch's default")
     hnsw_ef_search: int | None = Field(None, ge=1, description="override the efSearch stored in a release's HNSW index (speed vs recall)")

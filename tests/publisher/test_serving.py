@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from freshtower.publisher.publish import Publisher
 from freshtower.publisher.releases import ReleaseError, ReleaseStore
 from freshtower.publisher.serving import load_state, recall
@@ -54,6 +55,31 @@ def test_the_serving_user_tower_computes_the_trainers_user_vectors(published):
     rows = model.user_ids.lookup(users)
     actual = tower.vectors(model.user_tower.id_embedding.detach().numpy()[rows], categorical, numeric)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_the_one_request_and_batch_paths_equal_the_trainers_tower_from_id_vectors(published):
+    # The oracle: the trainer's own Tower.from_id_vectors (torch) on the full
+    # model behind the release, fed the ID rows that serving holds (online
+    # rows of the delta, row 0 for strangers) and the same features.
+    settings, _, store, _, delta, samples = published
+    state = load_state(store, delta)
+    model = load_full_model(latest_full_model(full_models_dir(settings))).model
+    picks = list(range(0, len(samples), max(1, len(samples) // 40)))
+    users = [samples.user_ids[i] for i in picks[:-2]] + ["a-stranger", "another-stranger"]
+    features = [features_of(samples, i) for i in picks]
+    features[-1] = {"city": "a-city-never-seen", "activity_7d": -2.5}  # unknown value and absent features read row 0 / 0
+    rows = [state.user_rows.get(u, 0) for u in users]
+    assert rows[-2:] == [0, 0] and sum(r > 0 for r in rows) >= 10
+    categorical = {n: [f.get(n, "") for f in features] for n in state.tower.categorical}
+    numeric = np.array([[f.get(n, 0.0) for n in NUMERIC] for f in features], np.float32)  # (B, F)
+    with torch.no_grad():
+        inputs = model.user_inputs(users, categorical, numeric)
+        oracle = model.user_tower.from_id_vectors(torch.from_numpy(state.id_table[rows].copy()), inputs).numpy()  # (B, D)
+    one_at_a_time = np.stack([state.tower.vector(state.id_table[r], f) for r, f in zip(rows, features)])
+    np.testing.assert_allclose(one_at_a_time, oracle, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(state.tower.vectors(state.id_table[rows], categorical, numeric), oracle, rtol=0, atol=1e-6)
+    assert one_at_a_time.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(one_at_a_time, axis=1), 1.0, atol=1e-6)
 
 
 def test_recall_returns_what_exact_search_over_the_online_model_returns(published):
@@ -127,10 +153,17 @@ def test_a_release_whose_file_no_longer_matches_its_checksum_is_refused(publishe
         ({"activity_7d": "high"}, "'activity_7d' is numeric and needs a finite number"),
         ({"activity_7d": float("nan")}, "finite number"),
         ({"activity_7d": True}, "finite number"),
+        ({"activity_7d": 1e39}, "within float32 range"),
+        ({"activity_7d": 10**400}, "within float32 range, got 1000000"),  # an int beyond float: no OverflowError
+        ({"city": "c" * 500}, None),  # a long value is only an unknown one
+        ({f"f{i}": 1 for i in range(50)}, r"unknown user feature\(s\) \['f0', 'f1', .* and 40 more\]"),
     ],
 )
 def test_features_that_do_not_fit_the_tower_are_errors(published, features, message):
     _, _, store, full, *_ = published
     state = load_state(store, full)
+    if message is None:
+        assert len(recall(state, "u1", features, 5).item_ids) == 5
+        return
     with pytest.raises(FeatureError, match=message):
         recall(state, "u1", features, 5)

@@ -42,3 +42,17 @@ def test_ranking_metrics_by_hand():
     # user 0 clicked {1, 5}: top-1 misses, top-3 finds 1 of 2; user 1 clicked {7}: found at rank 3
     metrics = ranking_metrics(retrieved, [{1, 5}, {7}], ks=(1, 3))
     assert metrics == {"recall@1": 0.0, "hitrate@1": 0.0, "recall@3": 0.75, "hitrate@3": 1.0}
+
+
+@pytest.mark.parametrize("ef_search, k", [(16, 50), (128, 50), (8, 8)])
+def test_search_one_answers_what_a_batch_search_answers(ef_search, k):
+    # efSearch below k takes the per-call parameters (made once per k), at or above it the index's own
+    items, queries = unit_vectors(3000, 16, 4), unit_vectors(20, 16, 5)
+    index = build_index(items, IndexSettings(exact_below=1000, hnsw_m=8, hnsw_ef_search=ef_search))
+    scores, indices = index.search(queries, k)
+    for q, query in enumerate(queries):
+        one_scores, one_indices = index.search_one(query, k)
+        assert one_indices.tolist() == indices[q].tolist()
+        np.testing.assert_array_equal(one_scores, scores[q])
+    with pytest.raises(ValueError, match="query must have 16 values"):
+        index.search_one(queries[0][:8], k)
