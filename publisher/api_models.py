@@ -3,8 +3,10 @@
 The pydantic models are the contract (the schema, and the 422 messages that
 name each field). ``POST /v1/recall``, the hot path, decodes its body with
 ``RecallQuery``, a msgspec twin of ``RecallRequest`` with the same fields and
-limits (~2 us instead of ~60 us), and encodes its answer straight to JSON
-bytes with ``recall_response_json`` in the shape of ``RecallResponse``. A
+limits (~1 us where json.loads + pydantic take ~5 us), and encodes its answer
+straight to JSON bytes with ``recall_response_json`` in the shape of
+``RecallResponse`` (~25 us for 100 items, where building the pydantic
+models and FastAPI's ``jsonable_encoder`` take ~0.9 ms). A
 body that ``RecallQuery`` refuses is validated again by ``RecallRequest``,
 so the errors answered are pydantic's; should pydantic accept what msgspec
 refused (its lax mode takes ``"k": "10"``), pydantic's reading is served.

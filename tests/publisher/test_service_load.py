@@ -84,6 +84,7 @@ def test_sixty_seconds_at_capacity_with_a_release_every_two_seconds_fail_no_requ
     port = free_port()
     server = serve(data_dir, port, tmp_path / "serve.log")
     served: Counter = Counter()  # release -> answers seen by the watcher below
+    wrong: list[str] = []  # the watcher's answers that were not a full 200
     try:
         wait_for_port("127.0.0.1", port, 60)
         admin = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
@@ -99,12 +100,17 @@ def test_sixty_seconds_at_capacity_with_a_release_every_two_seconds_fail_no_requ
 
         stop = threading.Event()
 
-        def watch() -> None:  # which release answers, every 0.1 s (bounded: at most 1,000 looks)
+        def watch() -> None:  # which release answers, and whether in full, every 0.1 s (bounded: at most 1,000 looks)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
                 for _ in range(1000):
                     if stop.wait(0.1):
                         return
-                    served[http.post("/v1/recall", json=request_for(samples, 0, k=5)).json()["releases"]["active"]] += 1
+                    response = http.post("/v1/recall", json=request_for(samples, 0, k=5))
+                    answer = response.json()
+                    if response.status_code != 200 or len(answer["items"]) != 5:
+                        wrong.append(f"{response.status_code}: {response.text[:200]}")
+                    else:
+                        served[answer["releases"]["active"]] += 1
 
         watcher = threading.Thread(target=watch)
         watcher.start()
@@ -150,6 +156,7 @@ def test_sixty_seconds_at_capacity_with_a_release_every_two_seconds_fail_no_requ
     print(f"60 s with {len(releases)} releases (one every {RELEASE_EVERY_SECONDS} s, a full one and a rollback among them): {under_swaps}")
     print(f"answers seen by release: {dict(served)}")
     assert under_swaps["failures"] == 0 and set(under_swaps["statuses"]) == {"200"}, under_swaps
+    assert wrong == []
     assert under_swaps["requests"] >= 0.3 * capacity["rate"] * LOAD_SECONDS  # the load ran throughout, near capacity
     assert len(releases) >= 25 and full is not None and rolled_back_to is not None
     assert health["serving"] == releases[-1] and health["status"] == "ok"
