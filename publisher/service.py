@@ -108,8 +108,9 @@ def _declare_recall_body(app: FastAPI) -> None:
 
 def uvicorn_config(app: FastAPI, host: str, port: int) -> uvicorn.Config:
     """How the service is served: uvloop and the httptools parser (the
-    fastest pair uvicorn has: h11, its pure-Python parser, costs ~0.3 ms a
-    request), no access log (a line per request, at thousands a second)."""
+    fastest pair uvicorn has: with h11, its pure-Python parser, recall over
+    one connection ran ~0.1 ms slower at p50 and ~25% fewer requests a
+    second), no access log (a line per request, at thousands a second)."""
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools", access_log=False, log_level="warning", lifespan="on")
 
 
