@@ -106,4 +106,36 @@ def stop_all(children: list[ChildProcess], timeout: float) -> dict[str, str]:
         else:
             ended[child.name] = exit_description(child.returncode)
         child.signal_group(signal.SIGKILL)  # anything the part left behind in its group
+    for child in children:
+        # kill() only queues the signal: wait until the group's members are
+        # gone, so that nothing the run started outlives stop_all.
+        if child.process is not None:
+            wait_group_gone(child.process.pid, timeout=10.0)
     return ended
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes in process group ``pgid`` (Linux /proc)."""
+    live = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(entry.name))
+    return live
+
+
+def wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until no live process is left in group
+    ``pgid``; True if none is."""
+    deadline = time.monotonic() + timeout
+    while live_group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
