@@ -20,15 +20,9 @@ import orjson
 from freshtower.streams.replay import LoggedEvent, load_event_log
 
 from freshtower.app import movielens
-from freshtower.app.simulator import DAY_MS, Simulator
+from freshtower.app.simulator import Simulator
+from freshtower.core.eventtime import DAY_MS
 from freshtower.core.settings import Settings
-
-# MovieLens brings its own features (freshtower/movielens.py)
-MOVIELENS_MODEL = {
-    "user_categorical": movielens.USER_CATEGORICAL,
-    "user_numeric": movielens.USER_NUMERIC,
-    "item_categorical": movielens.ITEM_CATEGORICAL,
-}
 
 
 class EventLog:
