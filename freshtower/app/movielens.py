@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 from freshtower.core.eventtime import DAY_MS, HOUR_MS, floor_ms
+from freshtower.core.settings import Settings
 
 AGE_BUCKETS = ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (55, "45-54"), (200, "55+"))
 USER_CATEGORICAL = ("age_bucket", "gender", "occupation")
@@ -43,6 +44,11 @@ USER_NUMERIC = ("hour_sin", "hour_cos")
 ITEM_CATEGORICAL = ("category",)
 # The model's features for this data (fields of the settings' ``model`` section).
 MODEL_FEATURES = {"user_categorical": USER_CATEGORICAL, "user_numeric": USER_NUMERIC, "item_categorical": ITEM_CATEGORICAL}
+
+
+def with_features(settings: Settings) -> Settings:
+    """``settings`` with the model's features set to this data's (``MODEL_FEATURES``)."""
+    return settings.model_copy(update={"model": settings.model.model_copy(update=MODEL_FEATURES)})
 
 
 class DatasetMissing(FileNotFoundError):
