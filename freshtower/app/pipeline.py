@@ -30,21 +30,19 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from freshtower.streams.replay import LoggedEvent, replay_events
 from pydantic import BaseModel
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
 from freshtower.app import movielens, observation
-from freshtower.app.event_log import EventLog, SimulatedLog, file_log, movielens_log, sample_request, simulated_start_day
+from freshtower.app.event_log import EventLog, ReplayThread, SimulatedLog, file_log, movielens_log, sample_request, simulated_start_day
 from freshtower.app.run_state import Observation, RunSummary, Settled, duration, render_summary, status_line, unfinished
 from freshtower.app.supervisor import Interrupted, PartDied, Stalled, Supervisor, child_environment, cli_command
 from freshtower.core.settings import Settings
@@ -141,49 +139,6 @@ def part_commands() -> dict[str, list[str]]:
         "serve": cli_command("serve"),
         "publish-final": cli_command("publish", "--once", "--force"),
     }
-
-
-# --- the replay, in a thread -------------------------------------------------------------
-
-
-class ReplayThread(threading.Thread):
-    """``streams.replay.replay_events`` over the event log, watched."""
-
-    def __init__(self, settings: Settings, events: EventLog, speedup: float):
-        super().__init__(name="replay", daemon=True)
-        self.settings, self.log, self.speedup = settings, events, speedup
-        self.sent = 0
-        self.newest_event_ms: int | None = None
-        self.counts: dict[str, int] | None = None
-        self.error: Exception | None = None
-        self.stop_requested = threading.Event()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-
-    def _watched(self) -> Iterator[LoggedEvent]:
-        for event in self.log:
-            self.newest_event_ms = event.ts
-            self.sent += 1
-            yield event
-
-    def run(self) -> None:
-        self.started_at = time.monotonic()
-        try:
-            self.counts = replay_events(
-                self.settings, self._watched(), speedup=self.speedup or None, should_stop=self.stop_requested.is_set
-            )
-        except Exception as error:  # noqa: BLE001 - a thread boundary: the supervisor reports it as the part "replay"
-            self.error = error
-        finally:
-            self.finished_at = time.monotonic()
-
-    @property
-    def finished(self) -> bool:
-        return self.finished_at is not None and self.error is None and not self.stop_requested.is_set() and self.log.complete
-
-    @property
-    def seconds(self) -> float:
-        return 0.0 if self.started_at is None else (self.finished_at or time.monotonic()) - self.started_at
 
 
 # --- the supervisor -----------------------------------------------------------------------

@@ -93,7 +93,6 @@ def stream_to_batches(
     are stopped however this returns."""
     from freshtower.streams.replay import replay
 
-    from freshtower.core.batches import list_batches
     from freshtower.core.ports import free_port
 
     # kafka-python logs a refused connection while the broker starts and warns when a send waits
@@ -101,37 +100,57 @@ def stream_to_batches(
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     with Supervisor(data_dir / "logs", stop_timeout_seconds=20.0) as supervisor:
         worker_settings = streams_settings(settings, supervisor.bootstrap(settings.kafka), data_dir, free_port())
-        supervisor.start("streams", cli_command("streams"), child_environment(worker_settings, os.environ))
-        url = f"http://127.0.0.1:{worker_settings.streams.web_port}/stats"
-        last: dict = {}
-
-        def stats_when(done: Callable[[dict], bool]) -> Callable[[], dict | None]:
-            def poll() -> dict | None:
-                stats = last["stats"] = get_json(url)
-                return stats if stats is not None and stats.get("ready") and done(stats) else None
-
-            return poll
-
-        def blame() -> tuple[str, str]:
-            return "streams", f"last stats {last.get('stats')} (log {supervisor.part('streams').log_path})"
-
-        supervisor.wait(stats_when(lambda stats: True), start_timeout_seconds, "the streams worker starting", blame)
+        worker = supervisor.start("streams", cli_command("streams"), child_environment(worker_settings, os.environ))
+        stats = _WorkerStats(f"http://127.0.0.1:{worker_settings.streams.web_port}/stats", worker.log_path)
+        supervisor.wait(stats.once(lambda _: True), start_timeout_seconds, "the streams worker starting", stats.blame)
         started = time.monotonic()
         counts = replay(worker_settings, events_path)
         total = sum(counts.values())
-        st = worker_settings.streams
-        # the last impression's shown-not-clicked samples wait out the join window; their window then closes after the lateness
-        done_at = last_event_ms(events_path) + int((st.join_window_seconds + st.window_seconds + st.allowed_lateness_seconds) * 1000)
         report(f"  {total:,} events produced to Kafka in {time.monotonic() - started:.0f} s; the worker is joining them")
-        stats = supervisor.wait(
-            stats_when(lambda s: s["events_in"] >= total and (s.get("watermark_ms") or 0) >= done_at and s.get("open_requests", 0) == 0),
+        done_at = _last_window_closed_ms(worker_settings, events_path)
+        joined = supervisor.wait(
+            stats.once(lambda s: s["events_in"] >= total and (s.get("watermark_ms") or 0) >= done_at and s.get("open_requests", 0) == 0),
             finish_timeout_seconds,
             "the streams worker closing the last window",
-            blame,
+            stats.blame,
         )
         seconds = time.monotonic() - started
-    refs = list_batches(worker_settings.batches_dir)
-    return worker_settings, StreamedBatches(
+    return worker_settings, _figures(worker_settings, counts, joined, seconds)
+
+
+class _WorkerStats:
+    """The worker's ``/stats``, polled by the supervisor's waits."""
+
+    def __init__(self, url: str, log_path: Path):
+        self.url, self.log_path = url, log_path
+        self.last: dict | None = None
+
+    def once(self, done: Callable[[dict], bool]) -> Callable[[], dict | None]:
+        """A poll: the stats once the worker is ready and ``done(stats)``, else None."""
+
+        def poll() -> dict | None:
+            stats = self.last = get_json(self.url)
+            return stats if stats is not None and stats.get("ready") and done(stats) else None
+
+        return poll
+
+    def blame(self) -> tuple[str, str]:
+        return "streams", f"last stats {self.last} (log {self.log_path})"
+
+
+def _last_window_closed_ms(settings: Settings, events_path: Path) -> int:
+    """The watermark at which the worker has closed its last window: the last
+    impression's shown-not-clicked samples wait out the join window, their
+    window then closes after the allowed lateness."""
+    st = settings.streams
+    return last_event_ms(events_path) + int((st.join_window_seconds + st.window_seconds + st.allowed_lateness_seconds) * 1000)
+
+
+def _figures(settings: Settings, counts: dict[str, int], stats: dict, seconds: float) -> StreamedBatches:
+    from freshtower.core.batches import list_batches
+
+    refs = list_batches(settings.batches_dir)
+    return StreamedBatches(
         events=counts,
         events_read=int(stats["events_in"]),
         records=sum(r.manifest.records for r in refs),
