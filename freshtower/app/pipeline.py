@@ -10,7 +10,7 @@ same processes a deployment runs:
     publish        freshtower publish                 full + embeddings releases (event clock)
     serve          freshtower serve                   the recall service
 
-then replays an event log through Kafka (``freshtower/event_log.py``) at
+then replays an event log through Kafka (``freshtower/app/event_log.py``) at
 ``speedup`` event-time seconds per wall second, shows a live status line,
 waits until every part has finished its share (``run_state.unfinished``),
 prints a summary and stops everything. Ctrl-C / SIGTERM stops every part

@@ -1,6 +1,6 @@
 """What ``freshtower run`` knows about its parts, and what it says: the
 observation it takes every half second, the completion rule, the status
-line and the summary. Pure: ``freshtower/pipeline.py`` reads the disk, the
+line and the summary. Pure: ``freshtower/app/observation.py`` reads the disk, the
 broker and the HTTP endpoints into these records.
 
 Times: ``*_ms`` are event time, milliseconds since the epoch (UTC);

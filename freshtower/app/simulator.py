@@ -23,7 +23,7 @@ The world:
   impression by a few seconds.
 
 It emits the events that go to Kafka (``impressions``, ``clicks``,
-``rank-logs``; JSON-ready dicts, see README) and, for tests, the training
+``rank-logs``; JSON-ready dicts, see docs/formats.md) and, for tests, the training
 samples those events join into, without Kafka.
 """
 

@@ -108,6 +108,55 @@ class EvaluationConfig(_Section):
     ks: tuple[int, ...] = (50, 100, 200)
 
 
+class PrerankConfig(_Section):
+    """The three-tower pre-ranker (COLD, Wang et al. 2020): user, item and
+    cross towers and upper layers (``trainer/prerank_model.py``), its item
+    cache at serving, and the encoding of its statistics features
+    (``freshtower.core.statistics``). Changing a shape needs a full retrain;
+    the encoding is stored with the model so that serving encodes as
+    training did."""
+
+    id_dim: int = Field(32, ge=1, description="width of the user and item ID embeddings")
+    categorical_dim: int = Field(16, ge=1, description="width of each categorical feature embedding")
+    # the user tower runs once per request and the item tower only on cache
+    # misses, so both may be wide; the cross tower and the upper layers run
+    # once per candidate and are kept narrow
+    user_hidden_dims: tuple[int, ...] = Field((256,), description="user tower MLP (one inference per request)")
+    item_hidden_dims: tuple[int, ...] = Field((128,), description="item tower MLP (outputs cached; inference on a miss)")
+    tower_dim: int = Field(32, ge=1, description="width of the L2-normalised user and item tower outputs")
+    cross_hidden_dims: tuple[int, ...] = Field((32,), description="cross tower MLP over the statistics features (per candidate)")
+    cross_dim: int = Field(16, ge=1, description="width of the cross tower output")
+    upper_hidden_dims: tuple[int, ...] = Field(
+        (64, 32), min_length=1, description="upper layers over [user, item, cross] -> one logit (per candidate; most of the cost)"
+    )
+    category_feature: str = Field("category", description="item categorical feature that keys the (user, category) statistics")
+    ctr_prior: float = Field(0.05, gt=0, lt=1, description="smoothed CTR = (clicks + prior * strength) / (impressions + strength)")
+    ctr_prior_strength: float = Field(20.0, gt=0, description="pseudo-impressions behind ctr_prior")
+    max_candidates: int = Field(10_000, ge=1, description="most candidates one pre-ranking request may score")
+    item_cache_size: int = Field(200_000, ge=1, description="item-tower outputs the service keeps (least recently used evicted)")
+
+
+class DistillationConfig(_Section):
+    """The ranker's logged scores (rank logs: ``scores`` in [0, 1]) as soft
+    labels for the students: the pre-ranker and the two-tower retrieval
+    model (``trainer/distillation.py``). The objective is
+    ``click_weight * click_loss + distill_weight * distill_loss``."""
+
+    mode: Literal["pointwise", "listwise"] = Field(
+        "listwise", description="pointwise: BCE on each soft label; listwise: KL between softmaxes over a request's candidates"
+    )
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the listwise term (both sides)")
+    teacher_space: Literal["logit", "score"] = Field(
+        "logit", description="listwise teacher logits: logit(score) (the ranker's own logit) or the score itself"
+    )
+    score_epsilon: float = Field(1e-4, gt=0, lt=0.5, description="scores are clipped to [eps, 1 - eps] before the logit")
+    click_weight: float = Field(1.0, ge=0, description="pre-ranker: weight of the click BCE")
+    distill_weight: float = Field(1.0, ge=0, description="pre-ranker: weight of the distillation term")
+    retrieval_weight: float = Field(
+        0.0, ge=0, description="two-tower retrieval: weight of the distillation term beside its click loss; 0 is off"
+    )
+
+
 class StreamsConfig(_Section):
     window_seconds: float = Field(60.0, gt=0, description="batch window width; down to a few seconds")
     allowed_lateness_seconds: float = Field(10.0, ge=0)
@@ -115,7 +164,7 @@ class StreamsConfig(_Section):
     max_future_seconds: float = Field(300.0, ge=0, description="events further ahead of the watermark are rejected")
     max_event_bytes: int = Field(256 * 1024, ge=1024)
     partitions: int = Field(4, ge=1)
-    # --- the streams worker (streams/app.py); see README "Streams" ---
+    # --- the streams worker (streams/app.py); see docs/streams.md ---
     max_id_length: int = Field(256, ge=1, description="longest accepted ID or feature value (characters)")
     max_items_per_event: int = Field(1000, ge=1, description="most items in one impression or rank log")
     app_id: str = Field("freshtower-streams", description="Faust app ID: consumer group and changelog-topic prefix")
@@ -141,7 +190,7 @@ class TopicsConfig(_Section):
 
 class KafkaConfig(_Section):
     # Tansu's JoinGroup waits session_timeout/2 before answering; 6 s keeps
-    # a join near 3 s without being fragile under load (see README).
+    # a join near 3 s without being fragile under load (docs/operations.md).
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
     rebalance_timeout_ms: int = 6000  # how long a real Kafka waits for members to rejoin (no effect on Tansu)
@@ -156,7 +205,7 @@ class PublisherConfig(_Section):
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
-    # --- publisher/ (issue 4) ---
+    # --- publisher/publish.py ---
     poll_seconds: float = Field(10.0, gt=0, description="how often `freshtower publish` looks for a new full model or a due delta")
     index_check_queries: int = Field(200, ge=1, description="item vectors used as queries to check the index against exact search")
     min_index_recall: float = Field(0.9, ge=0, le=1, description="refuse a full release whose index recall@100 vs exact is below this")
@@ -169,7 +218,7 @@ class ServiceConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = Field(None, description="bearer token for state-changing calls; unset refuses them")
-    # --- publisher/service.py (issue 4) ---
+    # --- publisher/service.py ---
     poll_seconds: float = Field(2.0, gt=0, description="how often the service reads the active-release pointer")
     max_k: int = Field(1000, ge=1, description="largest k a recall request may ask for")
     # one-row user towers gain nothing from more threads
@@ -195,6 +244,8 @@ class Settings(BaseSettings):
     frequency: FrequencyConfig = FrequencyConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    prerank: PrerankConfig = PrerankConfig()
+    distillation: DistillationConfig = DistillationConfig()
     streams: StreamsConfig = StreamsConfig()
     topics: TopicsConfig = TopicsConfig()
     kafka_client: KafkaConfig = KafkaConfig()

@@ -1,5 +1,9 @@
-"""The recall service through its real app, served by uvicorn on a free
-loopback port, called over HTTP."""
+"""The recall service through its real app: in process through Starlette's
+``TestClient`` (the lifespan and the release watcher run as under uvicorn),
+and served by uvicorn on a free loopback port where a real socket matters:
+swaps under concurrent clients. (``freshtower serve`` in its own process is
+tested in test_cli_publisher.py, the docs pages in a browser in
+test_api_docs.py.)"""
 
 from __future__ import annotations
 
@@ -15,11 +19,17 @@ from freshtower.publisher.releases import ReleaseStore
 from freshtower.publisher.service import ServiceThread, create_app
 from freshtower.trainer.online import OnlineTrainer
 from freshtower.trainer.retrieval import ExactRetriever
+from starlette.testclient import TestClient
 
 from freshtower.core.batches import SampleColumns, read_batch
 from tests.publisher.conftest import publisher_settings
 
 TOKEN = "s3cret-admin-token"
+
+
+def in_process(settings) -> TestClient:
+    """The app in this process; ``with`` runs its lifespan (release loaded, watcher started) and stops it."""
+    return TestClient(create_app(settings))
 
 
 def train_online(settings, batches: int) -> OnlineTrainer:
@@ -28,7 +38,7 @@ def train_online(settings, batches: int) -> OnlineTrainer:
     return trainer
 
 
-def wait_until_serving(http: httpx.Client, version: str, timeout: float = 20.0) -> dict:
+def wait_until_serving(http: TestClient | httpx.Client, version: str, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     body = None
     while time.monotonic() < deadline:
@@ -60,7 +70,7 @@ def published(data_dir):
 def test_round_trip_checkpoint_publish_serve_recall_follows_new_clicks(data_dir):
     settings = publisher_settings(data_dir)
     trainer = train_online(settings, 3)
-    with Publisher(settings) as publisher, ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+    with Publisher(settings) as publisher, in_process(settings) as http:
         assert http.get("/healthz").status_code == 503  # nothing released yet
         assert http.post("/v1/recall", json={"user_id": "u1"}).status_code == 503
         _, first = publisher.tick(now_s=0.0)
@@ -167,7 +177,7 @@ def test_hot_swaps_under_concurrent_requests_fail_no_request(published):
 
 def test_rollback_needs_the_admin_token_and_serves_the_older_release(published):
     settings, _, full, first = published
-    with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+    with in_process(settings) as http:
         wait_until_serving(http, first)
         url = f"/v1/releases/{full}/activate"
         response = http.post(url)
@@ -203,7 +213,7 @@ def test_rollback_needs_the_admin_token_and_serves_the_older_release(published):
 def test_activation_is_refused_entirely_without_a_configured_token(published):
     settings, _, full, first = published
     settings = publisher_settings(settings.data_dir)  # no admin token
-    with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+    with in_process(settings) as http:
         wait_until_serving(http, first)
         for headers in ({}, {"Authorization": "Bearer x"}, {"Authorization": f"Bearer {TOKEN}"}):
             response = http.post(f"/v1/releases/{full}/activate", headers=headers)
@@ -214,7 +224,7 @@ def test_activation_is_refused_entirely_without_a_configured_token(published):
 def test_a_release_that_fails_its_checksum_is_refused_and_the_current_one_stays(published):
     settings, _, _, first = published
     store = ReleaseStore(settings.releases_dir)
-    with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+    with in_process(settings) as http:
         wait_until_serving(http, first)
         train_online(settings, 1)
         with Publisher(settings) as publisher:
@@ -254,7 +264,7 @@ MALFORMED = [
 
 def test_malformed_requests_get_a_4xx_with_a_clear_message(published):
     settings, _, _, first = published
-    with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+    with in_process(settings) as http:
         wait_until_serving(http, first)
         for body, message in MALFORMED:
             if isinstance(body, str):
@@ -269,7 +279,7 @@ def test_malformed_requests_get_a_4xx_with_a_clear_message(published):
 def test_embedding_endpoint_metrics_and_openapi(published):
     settings, trainer, full, first = published
     manifest = ReleaseStore(settings.releases_dir).get(first).manifest
-    with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+    with in_process(settings) as http:
         wait_until_serving(http, first)
         user = next(u for u in trainer.model.user_ids.row_ids() if u and trainer.row_event_time_ms[trainer.model.user_ids.row_of(u)] > 0)
         body = http.get(f"/v1/users/{user}/embedding").json()
@@ -308,7 +318,7 @@ def test_a_garbage_pointer_leaves_the_service_up_and_unavailable(tmp_path):
     settings = publisher_settings(tmp_path)
     settings.releases_dir.mkdir(parents=True)
     (settings.releases_dir / "ACTIVE").write_text("../../etc/passwd\n")
-    with ServiceThread(create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+    with in_process(settings) as http:
         assert http.get("/healthz").status_code == 503
         response = http.post("/v1/recall", json={"user_id": "u1"})
         assert response.status_code == 503 and "no release loaded yet" in response.json()["detail"]

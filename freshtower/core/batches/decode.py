@@ -40,7 +40,7 @@ def decode_records(
     """Decode the records of one file (up to ``end`` bytes) into columns.
 
     This is the trainers' hot read path. All records are parsed at once with
-    numpy (``streams/example_parser.py``); records in an encoding that
+    numpy (``example_parser.py``); records in an encoding that
     parser does not cover go through the protobuf library instead, which
     also produces the error (with its byte offset) for a malformed record.
     """
