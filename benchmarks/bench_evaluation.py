@@ -14,7 +14,7 @@ import resource
 import time
 
 import numpy as np
-from freshtower.trainer.evaluation import ranking_metrics
+from freshtower.trainer.metrics import ranking_metrics
 from freshtower.trainer.retrieval import ExactRetriever, IndexSettings, build_index, recall_against_exact
 
 

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC
 
 import numpy as np
 from freshtower.publisher.releases import Release, ReleaseStore
 from freshtower.publisher.serving import ServingState, load_state
-from freshtower.trainer.evaluation import Holdout, holdout_from_samples, ranking_metrics
+from freshtower.trainer.evaluation import Holdout, holdout_from_samples
+from freshtower.trainer.metrics import ranking_metrics, relevant_positions
 
 from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, read_batch
-
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
+from freshtower.core.eventtime import DAY_MS, HOUR_MS, day_name, floor_ms
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ def state_recall(state: ServingState, holdout: Holdout, k: int) -> float:
     vectors = tower.vectors(state.id_table[rows], categorical, numeric)  # (U, D)
     _, retrieved = state.index.search(vectors, min(k, len(state.item_ids)))  # (U, k)
     position = {item: i for i, item in enumerate(state.item_ids)}
-    relevant = [{position.get(item, -(n + 2)) for n, item in enumerate(sorted(clicked))} for clicked in holdout.clicked]
+    relevant = [relevant_positions(position.get(item, -1) for item in sorted(clicked)) for clicked in holdout.clicked]
     return ranking_metrics(retrieved, relevant, (k,))[f"recall@{k}"]
 
 
@@ -64,7 +62,7 @@ def _hours(refs: list[BatchRef], spec: FeatureSpec, start_ms: int, end_ms: int) 
     window), each file read once."""
     by_hour: dict[int, list[BatchRef]] = defaultdict(list)
     for ref in refs:
-        hour = ref.window_start_ms - ref.window_start_ms % HOUR_MS
+        hour = floor_ms(ref.window_start_ms, HOUR_MS)
         if start_ms <= hour and hour + HOUR_MS <= end_ms:
             by_hour[hour].append(ref)
     hours = []
@@ -78,7 +76,7 @@ def _hours(refs: list[BatchRef], spec: FeatureSpec, start_ms: int, end_ms: int) 
 def _followed_from(release: Release) -> int:
     """A full release serves from the day after its model's day (00:00 UTC, ms)."""
     model_day_start = int(release.manifest["event_time"]["start_ms"])
-    return model_day_start - model_day_start % DAY_MS + DAY_MS
+    return floor_ms(model_day_start, DAY_MS) + DAY_MS
 
 
 def served_recall_by_hour(
@@ -109,11 +107,5 @@ def served_recall_by_hour(
                     break  # a rollback split the chain: keep what was served
                 served = load_state(store, pending.pop(0).version, current=served)
             row = HourRecall(start, len(holdout), state_recall(frozen, holdout, k), state_recall(served, holdout, k), served.version)
-            result[_day_name(start)].append(row)
+            result[day_name(start)].append(row)
     return dict(result)
-
-
-def _day_name(ms: int) -> str:
-    from datetime import datetime
-
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d")

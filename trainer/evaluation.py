@@ -5,8 +5,9 @@ For each holdout user, the relevant set is the items they clicked in the
 holdout period; the query is their user vector from the features of their
 first holdout record. ``Recall@K`` averages ``|top-K ∩ clicked| / |clicked|``
 over users; ``HitRate@K`` is the share of users with at least one clicked
-item in their top K. Clicked items missing from the catalogue count as
-misses (the model could not have retrieved them).
+item in their top K (both defined once, in ``trainer/metrics.py``). Clicked
+items missing from the catalogue count as misses (the model could not have
+retrieved them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from freshtower.trainer.metrics import ranking_metrics, relevant_positions
 from freshtower.trainer.model import TwoTowerModel
 from freshtower.trainer.retrieval import ExactRetriever, IndexSettings, build_index
 
@@ -59,27 +61,6 @@ def holdout_from_samples(columns: SampleColumns) -> Holdout:
         user_numeric=columns.user_numeric[rows] if rows else columns.user_numeric[:0],
         clicked=list(clicked.values()),
     )
-
-
-def ranking_metrics(retrieved: np.ndarray, relevant: list[set[int]], ks) -> dict[str, float]:
-    """Recall@K and HitRate@K from (U, max K) retrieved indices.
-
-    >>> ranking_metrics(np.array([[1, 2, 3], [4, 5, 6]]), [{2, 9}, {7}], ks=(1, 2))
-    {'recall@1': 0.0, 'hitrate@1': 0.0, 'recall@2': 0.25, 'hitrate@2': 0.5}
-    """
-    metrics: dict[str, float] = {}
-    users = len(relevant)
-    for k in ks:
-        recall = hits = 0.0
-        for row, wanted in zip(retrieved[:, :k].tolist(), relevant):
-            if not wanted:
-                continue
-            found = len(wanted.intersection(row))
-            recall += found / len(wanted)
-            hits += found > 0
-        metrics[f"recall@{k}"] = recall / users if users else 0.0
-        metrics[f"hitrate@{k}"] = hits / users if users else 0.0
-    return metrics
 
 
 @torch.no_grad()
@@ -133,9 +114,9 @@ def evaluate(
 
 def _with_missing(clicked: set[str], model: TwoTowerModel) -> set[int]:
     """Catalogue indices of ``clicked``; items outside the catalogue become
-    distinct negative placeholders that no retrieval can return."""
-    indices = model.catalogue.indices(sorted(clicked)).tolist()
-    return {i if i >= 0 else -(n + 2) for n, i in enumerate(indices)}
+    distinct negative placeholders that no retrieval can return
+    (``metrics.relevant_positions``)."""
+    return relevant_positions(model.catalogue.indices(sorted(clicked)).tolist())
 
 
 def holdout_between(refs, spec, start_ms: int, end_ms: int) -> Holdout:

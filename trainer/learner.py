@@ -42,9 +42,9 @@ from freshtower.trainer.sparse_optim import ROW_NOISE_STD, RowWiseAdagrad
 from freshtower.trainer.vocabulary import DEFAULT_ROW
 
 from freshtower.core.batches import SampleColumns
+from freshtower.core.eventtime import DAY_MS as MS_PER_DAY
 from freshtower.core.frequency import FrequencyEstimator
 
-MS_PER_DAY = 86_400_000
 _HARD_WIDTH = 8  # hard negatives kept per row in the in-batch listwise mix
 _SAMPLER_REFRESH_STEPS = 50  # rebuild the popularity sampler this often
 

@@ -14,24 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date
 from typing import Callable, Iterable
 
 from freshtower.trainer.artifacts import full_models_dir, list_full_models
 
 from freshtower.core.batches import list_batches
+from freshtower.core.eventtime import DAY_MS, day_of, day_start_ms
 from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
-MS_PER_DAY = 86_400_000
-
-
-def day_of(ms: int) -> date:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).date()
-
-
-def day_start_ms(day: date) -> int:
-    return int(datetime.combine(day, datetime.min.time(), tzinfo=timezone.utc).timestamp() * 1000)
 
 
 def days_due(batch_days: Iterable[date], trained_days: Iterable[date], now_ms: int, delay_ms: int) -> list[date]:
@@ -39,13 +31,13 @@ def days_due(batch_days: Iterable[date], trained_days: Iterable[date], now_ms: i
     delay has passed ``now_ms`` (wall or event time), oldest first.
 
     >>> d = date(2026, 11, 20)
-    >>> days_due([d], [], day_start_ms(d) + MS_PER_DAY + 5, delay_ms=10)
+    >>> days_due([d], [], day_start_ms(d) + DAY_MS + 5, delay_ms=10)
     []
-    >>> days_due([d], [], day_start_ms(d) + MS_PER_DAY + 10, delay_ms=10)
+    >>> days_due([d], [], day_start_ms(d) + DAY_MS + 10, delay_ms=10)
     [datetime.date(2026, 11, 20)]
     """
     trained = set(trained_days)
-    return sorted(d for d in set(batch_days) if d not in trained and day_start_ms(d) + MS_PER_DAY + delay_ms <= now_ms)
+    return sorted(d for d in set(batch_days) if d not in trained and day_start_ms(d) + DAY_MS + delay_ms <= now_ms)
 
 
 @dataclass

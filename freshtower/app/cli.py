@@ -12,7 +12,6 @@ import logging
 import signal
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -83,6 +82,11 @@ def train_full_command(
         except (NoBatchesError, NonFiniteLossError) as error:
             console.print(f"[red]full training stopped:[/red] {error}")
             raise typer.Exit(1)
+    _print_full_model(result)
+
+
+def _print_full_model(result) -> None:
+    """A trained full model: what it learnt from and its holdout metrics (stderr), then one JSON line (stdout)."""
     metrics = result.metrics
     console.print(f"wrote full model [bold]{result.ref.version}[/bold] at {result.ref.path}")
     console.print(f"  {result.samples:,} samples in {result.train_seconds:.1f} s ({result.samples_per_second:,.0f} samples/s)")
@@ -102,40 +106,27 @@ def train_online_command(
     partition: str = typer.Option("0/1", "--partition", help="k/n: learn only the users whose ID fingerprint is k mod n (scale-out)."),
 ) -> None:
     """Follow the batches in event-time order, updating only user ID embeddings."""
-    from freshtower.trainer.online import MissingModelError, OnlineTrainer, Partition
+    from freshtower.trainer.online import MissingModelError
 
-    settings = _settings(ctx)
-    stopping = {"now": False}
-
-    def stop(*_):
-        stopping["now"] = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    waiting_said = False
-    while True:
-        try:
-            trainer = OnlineTrainer.start(settings, Partition.parse(partition))
-            break
-        except MissingModelError as error:
-            if not follow:
-                console.print(f"[red]online trainer cannot start:[/red] {error}")
-                raise typer.Exit(1)
-            # Following a fresh pipeline: the first full model comes when
-            # the first day is complete.
-            if not waiting_said:
-                console.print("waiting for the first full model ...")
-                waiting_said = True
-            if stopping["now"]:
-                return
-            time.sleep(poll_seconds)
+    from freshtower.app.parts import StopFlag, follow_online
 
     def on_batch(report) -> None:
         logging.getLogger("freshtower.online").info(
             "batch window_start_ms=%d samples=%d seconds=%.3f loss=%s", report.window_start_ms, report.samples, report.seconds, report.mean_loss
         )
 
-    stats = trainer.run(follow=follow, poll_seconds=poll_seconds, max_batches=max_batches, should_stop=lambda: stopping["now"], on_batch=on_batch)
+    stopping = StopFlag().install()
+    try:
+        followed = follow_online(
+            _settings(ctx), partition, follow=follow, poll_seconds=poll_seconds, max_batches=max_batches,
+            should_stop=stopping, say=console.print, on_batch=on_batch,
+        )
+    except MissingModelError as error:
+        console.print(f"[red]online trainer cannot start:[/red] {error}")
+        raise typer.Exit(1)
+    if followed is None:
+        return  # stopped while waiting for the first full model
+    trainer, stats = followed
     rate = stats.samples / stats.train_seconds if stats.train_seconds else 0.0
     console.print(
         f"online trainer on {trainer.base.version}: {stats.batches} batches, {stats.samples:,} samples "
@@ -342,83 +333,38 @@ def experiment_command(
     """The freshness experiment: daily-full only / incremental only / full +
     incremental published every 30 min / every 1 min; next-hour Recall@50
     and @100 and click -> serving freshness, as a table and a PNG."""
-    from freshtower.app.event_log import simulated_start_day
-    from freshtower.app.experiment import experiment_settings, format_table, movielens_batches, movielens_events, plot, run_arms
-    from freshtower.app.simulator import Simulator, SimulatorConfig
-    from freshtower.app.streamed_batches import StreamingFailed, stream_to_batches
+    from freshtower.app.experiment import ExperimentOptions, run_experiment
+    from freshtower.app.supervisor import PartDied, Stalled
 
-    settings = experiment_settings(_settings(ctx))
+    try:
+        options = ExperimentOptions(
+            out=out, data=data, days=days, movielens_days=movielens_days, users=users, items=items,
+            requests_per_day=requests_per_day, seed=seed, through=through, exclude_seen=exclude_seen,
+        )
+    except ValueError as error:
+        console.print(str(error), style="red", markup=False, highlight=False)
+        raise typer.Exit(2)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # a SIGTERM unwinds too: the broker and worker are stopped
-    if data not in ("simulator", "movielens", "both"):
-        console.print(f"[red]--data must be simulator, movielens or both, got {data!r}[/red]")
+    try:
+        result = run_experiment(_settings(ctx), options, report=console.print)
+    except FileExistsError as error:
+        console.print(str(error), style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
-    if through not in ("kafka", "direct"):
-        console.print(f"[red]--through must be kafka or direct, got {through!r}[/red]")
-        raise typer.Exit(2)
-    if out.exists() and any(out.iterdir()):
-        console.print(f"[red]{out} is not empty: pass a new --out directory[/red]")
-        raise typer.Exit(2)
-    rows, streamed = [], {}
+    except (PartDied, Stalled) as error:
+        console.print(str(error), style="red", markup=False, highlight=False, soft_wrap=True)
+        for line in _log_tail_lines(error):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    print(result.table)
+    plotted = f", plot {result.plot_path}" if result.plot_path else " (no plot: pip install matplotlib)"
+    console.print(f"results in {result.results_path}{plotted}")
 
-    def batches_through_kafka(name: str, data_settings, events_path: Path, counts: dict[str, int]) -> Path:
-        console.print(f"  {sum(counts.values()):,} events ({', '.join(f'{n:,} {t}' for t, n in sorted(counts.items()))}) to Kafka")
-        try:
-            written, figures = stream_to_batches(data_settings, events_path, events_path.parent / "streamed", report=console.print)
-        except StreamingFailed as error:
-            console.print(f"[red]{name}: {error}[/red]")
-            raise typer.Exit(1)
-        streamed[name] = figures.__dict__
-        console.print(
-            f"  streams worker: {figures.events_read:,} events read, {figures.records:,} samples in {figures.batches:,} batch files, "
-            f"{figures.dead_letters} dead letters, {figures.late_records} late, join hit rate {figures.join_hit_rate}, {figures.seconds:.0f} s"
-        )
-        return written.batches_dir
 
-    if data in ("simulator", "both"):
-        work = out / "simulator"
-        work.mkdir(parents=True)
-        # The days end at today's midnight (UTC): the streams worker dead-letters events ahead of the clock.
-        start_day = simulated_start_day(datetime.now(timezone.utc).date(), days)
-        simulator = Simulator(
-            SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, seed=seed, start_day=start_day)
-        )
-        console.print(f"simulator: {days} days from {start_day}, {users:,} users, {items:,} items, {requests_per_day:,} requests/day")
-        if through == "kafka":
-            counts = simulator.write_events(work / "events.jsonl", range(days))
-            batches = batches_through_kafka("simulator", settings, work / "events.jsonl", counts)
-        else:
-            batches = work / "batches"
-            simulator.write_batches(batches, range(days), settings.streams.window_seconds)
-        rows += [("simulator", r) for r in run_arms(settings, work, batches, report=console.print, exclude_seen=exclude_seen)]
-    if data in ("movielens", "both"):
-        work = out / "movielens"
-        work.mkdir(parents=True)
-        ml_settings = settings.model_copy(
-            update={
-                "model": settings.model.model_copy(
-                    update={"user_categorical": ("age_bucket", "gender", "occupation"), "user_numeric": ("hour_sin", "hour_cos")}
-                )
-            }
-        )
-        console.print(f"movielens-100k: first {movielens_days} days")
-        if through == "kafka":
-            counts = movielens_events(work / "events.jsonl", movielens_days)
-            batches = batches_through_kafka("movielens-100k", ml_settings, work / "events.jsonl", counts)
-        else:
-            batches = work / "batches"
-            windows = movielens_batches(batches, settings.streams.window_seconds, max_days=movielens_days)
-            console.print(f"  {windows:,} batch windows")
-        rows += [("movielens-100k", r) for r in run_arms(ml_settings, work, batches, report=console.print, exclude_seen=exclude_seen)]
-    table = format_table(rows)
-    print(table)
-    results = [
-        {"data": d, "arm": r.arm, "recall": r.recall, "units": r.units, "through": through, "exclude_seen": exclude_seen, "streams": streamed.get(d),
-         "freshness_p50_s": r.freshness_percentile(50), "freshness_p99_s": r.freshness_percentile(99), "hourly": r.hourly}
-        for d, r in rows
-    ]
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    png = plot(rows, out / "recall.png")
-    console.print(f"results in {out / 'results.json'}" + (f", plot {png}" if png else " (no plot: pip install matplotlib)"))
+def _log_tail_lines(error: Exception) -> list[str]:
+    """A dead part's log tail, to print under its error."""
+    if getattr(error, "log_path", None) is None:
+        return []
+    return [f"last lines of {error.log_path}:", *(f"  {line}" for line in error.tail)]
 
 
 @app.command("publish")
@@ -433,21 +379,11 @@ def publish_command(
 ) -> None:
     """Publish releases: a full release after each full training, the changed
     user ID embeddings every publisher.publish_interval_seconds."""
-    from freshtower.publisher.embedding_topic import EmbeddingTopic
-    from freshtower.publisher.publish import Publisher
     from freshtower.publisher.releases import ReleaseError
 
-    settings = _settings(ctx)
-    config = settings.publisher
-    topic = None
-    if config.kafka_enabled and not no_kafka:
-        topic = EmbeddingTopic(
-            settings.bootstrap_servers, settings.topics.user_embeddings, config.topic_partitions, config.topic_replication
-        )
-    stopping = {"now": False}
-    if not once:
-        signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
-        signal.signal(signal.SIGINT, lambda *_: stopping.update(now=True))
+    from freshtower.app.parts import StopFlag, publish
+
+    stopping = StopFlag() if once else StopFlag().install()
     outcomes = []
 
     def report(outcome) -> None:
@@ -457,14 +393,10 @@ def publish_command(
         console.print(f"[{colour}]{outcome.kind} {outcome.status}[/{colour}]{what}: {outcome.reason}")
 
     try:
-        with Publisher(settings, topic=topic) as publisher:
-            if once:
-                for outcome in publisher.tick(force_delta=force):
-                    report(outcome)
-            else:
-                every = f"every {config.publish_interval_seconds:g} s ({config.clock} clock)"
-                console.print(f"publishing to {settings.releases_dir} {every}; Ctrl-C stops")
-                publisher.run(should_stop=lambda: stopping["now"], max_releases=max_releases, report=report)
+        publish(
+            _settings(ctx), once=once, force=force, kafka=not no_kafka, max_releases=max_releases,
+            should_stop=stopping, report=report, say=console.print,
+        )
     except ReleaseError as error:
         console.print(f"[red]publisher stopped:[/red] {error}")
         raise typer.Exit(1)

@@ -5,30 +5,26 @@ MovieLens-100k compressed into a few days.
 The simulator makes its days in a background thread and hands each one to
 the replay as soon as it is made (so the replay starts after the first day
 is simulated, not the last); the log is also written to disk, in the
-format ``freshtower replay`` reads.
+format ``freshtower replay`` reads. ``ReplayThread`` produces a log to
+Kafka in a thread that the supervisor watches.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 
 import orjson
-from freshtower.streams.replay import LoggedEvent, load_event_log
+from freshtower.streams.replay import LoggedEvent, load_event_log, replay_events
 
 from freshtower.app import movielens
-from freshtower.app.simulator import DAY_MS, Simulator
+from freshtower.app.simulator import Simulator
+from freshtower.core.eventtime import DAY_MS
 from freshtower.core.settings import Settings
-
-# MovieLens brings its own features (freshtower/app/movielens.py)
-MOVIELENS_MODEL = {
-    "user_categorical": movielens.USER_CATEGORICAL,
-    "user_numeric": movielens.USER_NUMERIC,
-    "item_categorical": movielens.ITEM_CATEGORICAL,
-}
 
 
 class EventLog:
@@ -144,3 +140,43 @@ def sample_request(events: list[LoggedEvent], settings: Settings) -> tuple[str, 
                 features.update({k: v for k, v in (given.get(group) or {}).items() if k in known})
             break
     return user.decode(), features
+
+
+class ReplayThread(threading.Thread):
+    """``streams.replay.replay_events`` over the event log, watched."""
+
+    def __init__(self, settings: Settings, events: EventLog, speedup: float):
+        super().__init__(name="replay", daemon=True)
+        self.settings, self.log, self.speedup = settings, events, speedup
+        self.sent = 0
+        self.newest_event_ms: int | None = None
+        self.counts: dict[str, int] | None = None
+        self.error: Exception | None = None
+        self.stop_requested = threading.Event()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    def _watched(self) -> Iterator[LoggedEvent]:
+        for event in self.log:
+            self.newest_event_ms = event.ts
+            self.sent += 1
+            yield event
+
+    def run(self) -> None:
+        self.started_at = time.monotonic()
+        try:
+            self.counts = replay_events(
+                self.settings, self._watched(), speedup=self.speedup or None, should_stop=self.stop_requested.is_set
+            )
+        except Exception as error:  # noqa: BLE001 - a thread boundary: the supervisor reports it as the part "replay"
+            self.error = error
+        finally:
+            self.finished_at = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None and self.error is None and not self.stop_requested.is_set() and self.log.complete
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self.started_at is None else (self.finished_at or time.monotonic()) - self.started_at

@@ -35,10 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from freshtower.core.eventtime import DAY_MS, HOUR_MS, floor_ms
+from freshtower.core.settings import Settings
+
 AGE_BUCKETS = ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (55, "45-54"), (200, "55+"))
 USER_CATEGORICAL = ("age_bucket", "gender", "occupation")
 USER_NUMERIC = ("hour_sin", "hour_cos")
 ITEM_CATEGORICAL = ("category",)
+# The model's features for this data (fields of the settings' ``model`` section).
+MODEL_FEATURES = {"user_categorical": USER_CATEGORICAL, "user_numeric": USER_NUMERIC, "item_categorical": ITEM_CATEGORICAL}
+
+
+def with_features(settings: Settings) -> Settings:
+    """``settings`` with the model's features set to this data's (``MODEL_FEATURES``)."""
+    return settings.model_copy(update={"model": settings.model.model_copy(update=MODEL_FEATURES)})
 
 
 class DatasetMissing(FileNotFoundError):
@@ -99,7 +109,7 @@ def load_events(directory: Path | None = None, time_scale: float = 1.0) -> Movie
     for (user, ts), shown in requests.items():
         ts_ms = int((origin + (ts - origin) / time_scale) * 1000)
         request_id = f"ml-{user}-{ts}"
-        hour = (ts_ms % 86_400_000) / 3_600_000
+        hour = (ts_ms % DAY_MS) / HOUR_MS
         timed.append(
             (
                 ts_ms,
@@ -159,3 +169,62 @@ def write_events(path: Path | str, stream: MovieLensStream) -> dict[str, int]:
             handle.write(json.dumps({"topic": topic, "event": event}, separators=(",", ":")) + "\n")
             counts[topic] = counts.get(topic, 0) + 1
     return counts
+
+
+def first_days(stream: MovieLensStream, days: int) -> MovieLensStream:
+    """The requests of the first ``days`` UTC days (from the first rating's
+    day) and their clicks."""
+    end_ms = floor_ms(stream.first_ms, DAY_MS) + days * DAY_MS
+    kept = {e["request_id"] for topic, e in stream.events if topic == "impressions" and e["ts"] < end_ms}
+    events = [(topic, e) for topic, e in stream.events if e["request_id"] in kept]
+    return MovieLensStream(events, stream.first_ms, events[-1][1]["ts"], stream.ratings, sum(t == "clicks" for t, _ in events))
+
+
+def write_first_days(path: Path, days: int | None = None) -> dict[str, int]:
+    """The first ``days`` days (real time; all when None) as a replay-format
+    event log, for ``freshtower.app.streamed_batches``: the same impressions
+    and clicks ``write_batches`` joins offline."""
+    stream = load_events()
+    return write_events(path, stream if days is None else first_days(stream, days))
+
+
+def write_batches(batches_dir: Path, window_seconds: float, time_scale: float = 1.0, max_days: int | None = None) -> int:
+    """The ratings as batch files, without Kafka: each rating an impression
+    record, label 1 at the click time for ratings >= 4. The join is the
+    trivial one the data allows (every click's impression is in the same
+    request); the Kafka path is ``write_first_days`` + a streams worker.
+    Returns the number of batch windows written."""
+    from freshtower.core.batches import Sample, write_batch
+
+    stream = load_events(time_scale=time_scale)
+    end_ms = None if max_days is None else floor_ms(stream.first_ms, DAY_MS) + max_days * DAY_MS
+    click_ms: dict[tuple[str, str], int] = {}
+    for topic, event in stream.events:
+        if topic == "clicks":
+            click_ms[(event["request_id"], event["item_id"])] = event["ts"]
+    window_ms = int(window_seconds * 1000)
+    by_window: dict[int, list[Sample]] = {}
+    for topic, event in stream.events:
+        if topic != "impressions" or (end_ms is not None and event["ts"] >= end_ms):
+            continue
+        features = event["user_features"]
+        for shown in event["items"]:
+            key = (event["request_id"], shown["item_id"])
+            ts = click_ms.get(key, event["ts"])
+            sample = Sample(
+                user_id=event["user_id"],
+                item_id=shown["item_id"],
+                label=int(key in click_ms),
+                event_time_ms=ts,
+                request_id=event["request_id"],
+                position=shown["position"],
+                user_categorical=dict(features["categorical"]),
+                user_numeric=dict(features["numeric"]),
+                item_categorical=dict(shown.get("features", {})),
+                hard_negative_ids=(),
+                teacher_score=None,
+            )
+            by_window.setdefault(floor_ms(ts, window_ms), []).append(sample)
+    for start in sorted(by_window):
+        write_batch(batches_dir, start, start + window_ms, by_window[start])
+    return len(by_window)

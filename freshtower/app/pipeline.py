@@ -15,11 +15,13 @@ then replays an event log through Kafka (``freshtower/app/event_log.py``) at
 waits until every part has finished its share (``run_state.unfinished``),
 prints a summary and stops everything. Ctrl-C / SIGTERM stops every part
 and exits 130; a part that exits on its own is reported with its exit code
-and log tail, the rest are stopped, and the run exits 1.
+and log tail, the rest are stopped, and the run exits 1. The starting,
+watching and stopping is ``supervisor.Supervisor``'s; ``docs/run.md``
+describes the parts, the completion rule and every wait.
 
 Every child gets the same resolved settings through ``FRESHTOWER_*``
-variables (``child_environment``), with the run's choices on top
-(``run_settings``).
+variables (``supervisor.child_environment``), with the run's choices on
+top (``run_settings``).
 """
 
 from __future__ import annotations
@@ -28,24 +30,21 @@ import json
 import logging
 import os
 import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from freshtower.streams.replay import LoggedEvent, replay_events
 from pydantic import BaseModel
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from freshtower.app import observation
-from freshtower.app.event_log import MOVIELENS_MODEL, EventLog, SimulatedLog, file_log, movielens_log, sample_request, simulated_start_day
-from freshtower.app.processes import ChildProcess, exit_description, stop_all
+from freshtower.app import movielens, observation
+from freshtower.app.event_log import EventLog, ReplayThread, SimulatedLog, file_log, movielens_log, sample_request, simulated_start_day
 from freshtower.app.run_state import Observation, RunSummary, Settled, duration, render_summary, status_line, unfinished
+from freshtower.app.supervisor import Interrupted, PartDied, Stalled, Supervisor, child_environment, cli_command
 from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,24 +67,6 @@ class RunOptions:
     start_timeout_seconds: float = 180.0  # every part up and answering
     settle_timeout_seconds: float = 300.0  # after the replay: every part done
     stop_timeout_seconds: float = 20.0  # SIGTERM, then SIGKILL
-
-
-class PartDied(RuntimeError):
-    def __init__(self, name: str, how: str, log_path: Path | None, tail: list[str]):
-        super().__init__(f"part {name} stopped on its own ({how})")
-        self.name, self.how, self.log_path, self.tail = name, how, log_path, tail
-
-
-class Stalled(RuntimeError):
-    """A wait ran out of time; ``part`` is the one that did not finish."""
-
-    def __init__(self, message: str, part: str):
-        super().__init__(message)
-        self.part = part
-
-
-class Interrupted(RuntimeError):
-    pass
 
 
 # --- pure pieces ------------------------------------------------------------------------
@@ -147,74 +128,17 @@ def run_settings(
     return s.model_copy(update=update)
 
 
-def child_environment(settings: Settings, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment that gives a child exactly ``settings``: the parent's
-    ``FRESHTOWER_*`` variables are replaced by one variable per top-level
-    setting (sections as JSON)."""
-    env = {k: v for k, v in base.items() if not k.startswith("FRESHTOWER_")}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"FRESHTOWER_{name.upper()}"] = value.model_dump_json() if isinstance(value, BaseModel) else str(value)
-    env["PYTHONUNBUFFERED"] = "1"  # log lines reach the file at once, so a dead part's tail is complete
-    return env
-
-
-def part_commands(python: str = sys.executable) -> dict[str, list[str]]:
+def part_commands() -> dict[str, list[str]]:
     """Each part's command line, in start order; ``publish-final`` runs once
     at the end (see ``Pipeline._flush_publisher``)."""
-    cli = [python, "-m", "freshtower.app.cli", "--log-level", "info"]
     return {
-        "streams": [*cli, "streams"],
-        "train-daily": [*cli, "train", "daily", "--poll-seconds", "1"],
-        "train-online": [*cli, "train", "online", "--follow", "--poll-seconds", "0.5"],
-        "publish": [*cli, "publish"],
-        "serve": [*cli, "serve"],
-        "publish-final": [*cli, "publish", "--once", "--force"],
+        "streams": cli_command("streams"),
+        "train-daily": cli_command("train", "daily", "--poll-seconds", "1"),
+        "train-online": cli_command("train", "online", "--follow", "--poll-seconds", "0.5"),
+        "publish": cli_command("publish"),
+        "serve": cli_command("serve"),
+        "publish-final": cli_command("publish", "--once", "--force"),
     }
-
-
-# --- the replay, in a thread -------------------------------------------------------------
-
-
-class ReplayThread(threading.Thread):
-    """``streams.replay.replay_events`` over the event log, watched."""
-
-    def __init__(self, settings: Settings, events: EventLog, speedup: float):
-        super().__init__(name="replay", daemon=True)
-        self.settings, self.log, self.speedup = settings, events, speedup
-        self.sent = 0
-        self.newest_event_ms: int | None = None
-        self.counts: dict[str, int] | None = None
-        self.error: Exception | None = None
-        self.stop_requested = threading.Event()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-
-    def _watched(self) -> Iterator[LoggedEvent]:
-        for event in self.log:
-            self.newest_event_ms = event.ts
-            self.sent += 1
-            yield event
-
-    def run(self) -> None:
-        self.started_at = time.monotonic()
-        try:
-            self.counts = replay_events(
-                self.settings, self._watched(), speedup=self.speedup or None, should_stop=self.stop_requested.is_set
-            )
-        except Exception as error:  # noqa: BLE001 - a thread boundary: the supervisor reports it as the part "replay"
-            self.error = error
-        finally:
-            self.finished_at = time.monotonic()
-
-    @property
-    def finished(self) -> bool:
-        return self.finished_at is not None and self.error is None and not self.stop_requested.is_set() and self.log.complete
-
-    @property
-    def seconds(self) -> float:
-        return 0.0 if self.started_at is None else (self.finished_at or time.monotonic()) - self.started_at
 
 
 # --- the supervisor -----------------------------------------------------------------------
@@ -227,13 +151,11 @@ class Pipeline:
         self.console = console  # status and messages (stderr)
         self.out = out  # the summary (stdout)
         self.settings: Settings | None = None  # what the parts get (run_settings)
-        self.children: list[ChildProcess] = []
-        self.broker = None
         self.events: EventLog | None = None
         self.replay: ReplayThread | None = None
-        self.signal_received: int | None = None
         self.started = time.monotonic()
         self.logs_dir = settings.data_dir.resolve() / "logs"
+        self.supervisor = Supervisor(self.logs_dir, stop_timeout_seconds=options.stop_timeout_seconds, catch_signals=True)
         self.last_observation: Observation | None = None
         self.show: Callable[[str], None] = lambda text: None
         self._said: set[tuple[str, str]] = set()
@@ -257,18 +179,19 @@ class Pipeline:
         # kafka-python warns when a send waits on the GIL (the simulator thread
         # holds it for a moment); the replay reports real failures itself.
         logging.getLogger("kafka").setLevel(logging.ERROR)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         summary, failure = None, None
-        try:
-            summary = self._run()
-        except (Interrupted, PartDied, Stalled) as error:
-            failure = error
-        finally:
-            ended = self._stop_everything()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        with self.supervisor as supervisor:  # leaving it stops every part, then the broker
+            supervisor.on_signal(self._on_signal)
+            supervisor.watch_thread("simulator", lambda: self.events.error if self.events else None)
+            supervisor.watch_thread("replay", lambda: self.replay.error if self.replay else None)
+            try:
+                summary = self._run()
+            except (Interrupted, PartDied, Stalled) as error:
+                failure = error
+            finally:
+                self._stop_replay()
         if failure is not None:
-            self._report(failure, ended)
+            self._report(failure, self.supervisor.ended)
             return 130 if isinstance(failure, Interrupted) else 1
         summary.quality = observation.quality_lines(self.settings, summary.last_event_ms)  # the parts are stopped: the cores are free
         summary.wall_seconds = time.monotonic() - self.started
@@ -280,30 +203,24 @@ class Pipeline:
         """A message on the console (stderr): plain text, never wrapped (paths stay whole in logs)."""
         self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
-    def _on_signal(self, signum, frame) -> None:
-        if self.signal_received is None:
-            self.signal_received = signum
+    def _on_signal(self, signum: int) -> None:
         if self.replay is not None:
             self.replay.stop_requested.set()
         if self.events is not None:
             self.events.stop()
 
-    def _check_signal(self) -> None:
-        if self.signal_received is not None:
-            raise Interrupted()
-
     def _report(self, failure: Exception, ended: dict[str, str]) -> None:
         tail: list[str] = []
         where = None
         if isinstance(failure, Interrupted):
-            name = signal.Signals(self.signal_received).name
+            name = signal.Signals(failure.signum).name
             self._say(f"interrupted by {name} after {duration(time.monotonic() - self.started)}", "yellow")
         elif isinstance(failure, PartDied):
             self._say(f"part {failure.name} died ({failure.how}); the other parts were stopped", "red")
             tail, where = failure.tail, failure.log_path
         else:
             self._say(str(failure), "red")
-            child = next((c for c in self.children if c.name == failure.part), None)
+            child = self.supervisor.part(failure.part)
             if child is not None:
                 tail, where = child.log_tail(), child.log_path
         if self.last_observation is not None:
@@ -318,33 +235,27 @@ class Pipeline:
     # --- the run ---------------------------------------------------------------------
 
     def _run(self) -> RunSummary:
-        from freshtower.streams.broker import LocalBroker
-
         from freshtower.core.ports import free_port
 
-        o = self.options
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        bootstrap = self.user_settings.kafka
-        if bootstrap is None:
-            self.broker = LocalBroker(log_path=self.logs_dir / "broker.log").start()
-            bootstrap = self.broker.bootstrap
+        o, supervisor = self.options, self.supervisor
+        bootstrap = supervisor.bootstrap(self.user_settings.kafka)
         settings = self.settings = run_settings(
             self.user_settings,
             bootstrap=bootstrap,
             streams_web_port=free_port(),
             service_port=free_port(),
             speedup=o.speedup,
-            model=MOVIELENS_MODEL if o.movielens else None,
+            model=movielens.MODEL_FEATURES if o.movielens else None,
         )
         # The parts start (imports, consumer-group join) while the log is made.
         self.env = child_environment(settings, os.environ)
         for name, argv in part_commands().items():
             if name != "publish-final":
-                self.children.append(ChildProcess(name, argv, self.env, self.logs_dir / f"{name}.log").start())
+                supervisor.start(name, argv, self.env)
         self.worker_url = f"http://127.0.0.1:{settings.streams.web_port}"
         self.service_url = f"http://{settings.service.host}:{settings.service.port}"
         self._say(
-            f"broker {bootstrap}{' (embedded)' if self.broker else ''}; recall service {self.service_url}; "
+            f"broker {bootstrap}{' (embedded)' if supervisor.broker else ''}; recall service {self.service_url}; "
             f"streams metrics {self.worker_url}/metrics; logs {self.logs_dir}"
         )
         self.events = self._open_log()
@@ -377,21 +288,14 @@ class Pipeline:
 
     def _flush_publisher(self, rows: int) -> None:
         self._flushed = True
-        publisher = next(c for c in self.children if c.name == "publish")
-        stop_all([publisher], self.options.stop_timeout_seconds)  # it holds the store's publisher lock
-        final = ChildProcess("publish-final", part_commands()["publish-final"], self.env, self.logs_dir / "publish-final.log").start()
-        deadline = time.monotonic() + self.options.settle_timeout_seconds
-        while final.alive:
-            self._check_signal()
-            if time.monotonic() > deadline:
-                stop_all([final], self.options.stop_timeout_seconds)
-                raise Stalled(
-                    f"the final `freshtower publish --once --force` did not end within {self.options.settle_timeout_seconds:.0f} s",
-                    "publish",
-                )
-            time.sleep(0.2)
-        if final.returncode != 0:
-            raise PartDied("publish-final", exit_description(final.returncode), final.log_path, final.log_tail())
+        self.supervisor.stop("publish")  # it holds the store's publisher lock
+        self.supervisor.run_once(
+            "publish-final",
+            part_commands()["publish-final"],
+            self.env,
+            self.options.settle_timeout_seconds,
+            "the final `freshtower publish --once --force` ending",
+        )
         self._say(
             f"published the last {rows:,} changed user rows with `freshtower publish --once --force` "
             f"(not due on the event clock, and the log has ended)"
@@ -418,9 +322,7 @@ class Pipeline:
 
     def _write_run_file(self, bootstrap: str) -> None:
         """``<data_dir>/run.json``: where everything of this run is (ports, PIDs, logs)."""
-        parts = {c.name: {"pid": c.pid, "log": str(c.log_path)} for c in self.children}
-        if self.broker is not None:
-            parts["broker"] = {"pid": self.broker.process.pid, "log": str(self.logs_dir / "broker.log")}
+        parts = self.supervisor.processes()
         record = {
             "pid": os.getpid(),
             "events": str(self.events.path),
@@ -463,14 +365,16 @@ class Pipeline:
 
     def _watch(self, done: Callable[[Observation], bool], timeout: float | None, what: str, settle_for: int | None = None) -> None:
         """Observe twice a second until ``done``; a signal, a part that dies,
-        or ``timeout`` seconds end the wait with an error naming the part.
-        ``settle_for``: the log's last event time, to observe the completion
-        facts (once a second: they read every batch manifest)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        settled, next_settled = None, 0.0
-        while True:
-            self._check_signal()
-            self._check_deaths()
+        or ``timeout`` seconds end the wait with an error naming the part
+        (``Supervisor.wait``). ``settle_for``: the log's last event time, to
+        observe the completion facts (once a second: they read every batch
+        manifest)."""
+        settled: Settled | None = None
+        next_settled = 0.0
+        waiting: tuple[str, str] | None = None
+
+        def observed() -> bool:
+            nonlocal settled, next_settled, waiting
             if settle_for is not None and time.monotonic() >= next_settled:
                 settled = observation.settled(self.settings, settle_for, self.service_url)
                 next_settled = time.monotonic() + 1.0
@@ -478,26 +382,12 @@ class Pipeline:
             self._announce(obs)
             waiting = unfinished(obs) if settle_for is not None else None
             self.show(status_line(obs) + (f" | waiting: {waiting[0]}" if waiting else ""))
-            if done(obs):
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                part, why = waiting or (self._not_ready() or "replay", "not answering")
-                raise Stalled(f"{what} did not happen within {timeout:.0f} s: {part}: {why}", part)
-            time.sleep(0.5)
+            return done(obs)
 
-    def _check_deaths(self) -> None:
-        broker = self.broker
-        if broker is not None and broker.process is not None and broker.process.poll() is not None:
-            path = self.logs_dir / "broker.log"
-            tail = path.read_text(errors="replace").splitlines()[-20:] if path.is_file() else []
-            raise PartDied("broker", exit_description(broker.process.returncode), path, tail)
-        for child in self.children:
-            if not child.alive and not child.stopping:
-                raise PartDied(child.name, exit_description(child.returncode), child.log_path, child.log_tail())
-        if self.events is not None and self.events.error is not None:
-            raise PartDied("simulator", repr(self.events.error), None, [])
-        if self.replay is not None and self.replay.error is not None:
-            raise PartDied("replay", repr(self.replay.error), None, [])
+        def blame() -> tuple[str, str]:
+            return waiting or (self._not_ready() or "replay", "not answering")
+
+        self.supervisor.wait(observed, timeout, what, blame)
 
     def _not_ready(self) -> str | None:
         """The first part that does not answer yet (None: all do)."""
@@ -522,7 +412,7 @@ class Pipeline:
     def _observe(self, settled: Settled | None) -> Observation:
         r, events = self.replay, self.events
         released = observation.releases(self.settings)
-        broker_up = self.broker is not None and self.broker.process is not None and self.broker.process.poll() is None
+        parts_alive, parts_total = self.supervisor.alive()
         return Observation(
             elapsed_seconds=time.monotonic() - self.started,
             events_sent=r.sent if r else 0,
@@ -535,8 +425,8 @@ class Pipeline:
             releases_full=released.full,
             releases_embeddings=released.embeddings,
             active=released.active,
-            parts_alive=sum(c.alive for c in self.children) + broker_up,
-            parts_total=len(self.children) + (self.broker is not None),
+            parts_alive=parts_alive,
+            parts_total=parts_total,
             settled=settled,
         )
 
@@ -569,17 +459,10 @@ class Pipeline:
             logs_dir=str(self.logs_dir),
         )
 
-    def _stop_everything(self) -> dict[str, str]:
-        """Stop the replay, every part (SIGTERM, then SIGKILL), then the broker."""
+    def _stop_replay(self) -> None:
+        """Stop making and sending events (before the supervisor stops the parts)."""
         if self.events is not None:
             self.events.stop()
         if self.replay is not None:
             self.replay.stop_requested.set()
             self.replay.join(10)
-        ended = stop_all(self.children, self.options.stop_timeout_seconds)
-        if self.broker is not None and self.broker.process is not None:
-            running = self.broker.process.poll() is None
-            code = self.broker.process.returncode
-            self.broker.stop()
-            ended["broker"] = "stopped" if running else exit_description(code)
-        return ended

@@ -1,4 +1,4 @@
-"""Child processes of ``freshtower run``: each part runs as its own
+"""Child processes of a supervised run (``supervisor.py``): each part runs as its own
 ``freshtower`` subcommand, with its output in a log file, in a session of
 its own (a Ctrl-C in the terminal reaches only the supervisor, which then
 stops the parts in order), and is stopped with SIGTERM to its whole process
@@ -47,10 +47,7 @@ class ChildProcess:
         return self.process is not None and self.process.poll() is None
 
     def log_tail(self, lines: int = 20) -> list[str]:
-        if not self.log_path.is_file():
-            return []
-        with open(self.log_path, errors="replace") as handle:
-            return [line.rstrip("\n") for line in deque(handle, maxlen=lines)]
+        return log_tail(self.log_path, lines)
 
     def signal_group(self, signum: int) -> None:
         """Send ``signum`` to the child's process group (its own helpers, e.g.
@@ -61,6 +58,14 @@ class ChildProcess:
             os.killpg(self.process.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass  # the group is gone
+
+
+def log_tail(path: Path, lines: int = 20) -> list[str]:
+    """The last ``lines`` lines of a log file ([] if there is none)."""
+    if not path.is_file():
+        return []
+    with open(path, errors="replace") as handle:
+        return [line.rstrip("\n") for line in deque(handle, maxlen=lines)]
 
 
 def exit_description(returncode: int | None) -> str:

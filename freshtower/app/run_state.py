@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from freshtower.core.eventtime import DAY_SECONDS
+
 # The parts, in pipeline order: the completion rule checks them in this
 # order and names the first one that has not finished.
 PARTS = ("broker", "streams", "train-daily", "train-online", "publish", "serve")
@@ -201,7 +203,7 @@ class RunSummary:
 def render_summary(s: RunSummary) -> list[str]:
     """The summary as text lines (no markup)."""
     lines = []
-    speed = "as fast as possible" if not s.speedup else f"speed-up {s.speedup:,.0f}: a day in {duration(86400 / s.speedup)}"
+    speed = "as fast as possible" if not s.speedup else f"speed-up {s.speedup:,.0f}: a day in {duration(DAY_SECONDS / s.speedup)}"
     total = sum(s.events_by_topic.values())
     lines.append(f"{s.source}: {total:,} events replayed in {duration(s.replay_seconds)} ({speed}); whole run {duration(s.wall_seconds)}")
     by_topic = ", ".join(f"{topic} {count:,}" for topic, count in sorted(s.events_by_topic.items()))

@@ -32,15 +32,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from freshtower.core.batches import BatchRef, Sample, write_batch
+from freshtower.core.eventtime import DAY_MS, HOUR_MS, day_start_ms
 
-DAY_MS = 86_400_000
 AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55+")
 DEVICES = ("ios", "android", "web")
 
@@ -125,8 +125,7 @@ class Simulator:
         return f"c{self.item_topic[item]}"
 
     def day_start_ms(self, day: int) -> int:
-        start = datetime.combine(date.fromisoformat(self.config.start_day) + timedelta(days=day), datetime.min.time(), tzinfo=timezone.utc)
-        return int(start.timestamp() * 1000)
+        return day_start_ms(date.fromisoformat(self.config.start_day) + timedelta(days=day))
 
     def day_name(self, day: int) -> str:
         return (date.fromisoformat(self.config.start_day) + timedelta(days=day)).isoformat()
@@ -170,7 +169,7 @@ class Simulator:
         have = 0
         while have < n:
             offsets = rng.random(2 * n) * DAY_MS
-            hours = offsets / 3_600_000
+            hours = offsets / HOUR_MS
             rate = (1 + 0.8 * np.cos(2 * math.pi * (hours - 20) / 24)) / 1.8
             kept = offsets[rng.random(2 * n) < rate]
             times.append(kept)
@@ -229,7 +228,7 @@ class Simulator:
     # --- features ------------------------------------------------------------
 
     def user_features(self, user: int, ts_ms: int) -> dict:
-        hour = (ts_ms % DAY_MS) / 3_600_000
+        hour = (ts_ms % DAY_MS) / HOUR_MS
         return {
             "categorical": {
                 "age_bucket": AGE_BUCKETS[self.user_age[user]],

@@ -3,9 +3,10 @@ events are produced to Kafka (``streams.replay``) and a real ``freshtower
 streams`` worker joins them and cuts the batches.
 
 ``freshtower experiment`` uses this so that the arms it compares train on
-what the streams path writes, not on a join done in Python beside it. On
-the embedded default the broker is a local Tansu started here; with
-``FRESHTOWER_KAFKA`` set it is that cluster, and the topics and the
+what the streams path writes, not on a join done in Python beside it. The
+worker runs under the supervisor (``supervisor.py``), which on the embedded
+default also starts a local Tansu broker; with ``FRESHTOWER_KAFKA`` set the
+broker is that cluster, and the topics and the
 consumer group get names of their own (``exp-<id>-...``) so that nothing
 else on it is read or disturbed.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -29,13 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freshtower.app.observation import get_json
-from freshtower.app.pipeline import child_environment
-from freshtower.app.processes import ChildProcess, exit_description, stop_all
+from freshtower.app.supervisor import Supervisor, child_environment, cli_command
 from freshtower.core.settings import Settings
-
-
-class StreamingFailed(RuntimeError):
-    """The worker died or did not finish; the message says which and where its log is."""
 
 
 @dataclass
@@ -92,67 +87,70 @@ def stream_to_batches(
 ) -> tuple[Settings, StreamedBatches]:
     """Replay ``events_path`` through Kafka into a streams worker; return
     the settings the batches were written with (their ``batches_dir``
-    under ``data_dir``) and what the worker reported."""
-    from freshtower.streams.broker import LocalBroker
+    under ``data_dir``) and what the worker reported. The broker (when
+    embedded) and the worker run under a ``Supervisor``: a worker that
+    exits is a ``PartDied``, a wait that runs out a ``Stalled``, and both
+    are stopped however this returns."""
     from freshtower.streams.replay import replay
 
     from freshtower.core.ports import free_port
 
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     # kafka-python logs a refused connection while the broker starts and warns when a send waits
-    # on the GIL; real failures surface as ReplayError or StreamingFailed
+    # on the GIL; real failures surface as ReplayError, PartDied or Stalled
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    broker = None
-    bootstrap = settings.kafka
-    if bootstrap is None:
-        broker = LocalBroker(log_path=logs / "broker.log").start()
-        bootstrap = broker.bootstrap
-    worker_settings = streams_settings(settings, bootstrap, data_dir, free_port())
-    worker = ChildProcess(
-        "streams",
-        [sys.executable, "-m", "freshtower.app.cli", "--log-level", "info", "streams"],
-        child_environment(worker_settings, os.environ),
-        logs / "streams.log",
-    ).start()
-    url = f"http://127.0.0.1:{worker_settings.streams.web_port}/stats"
-
-    def wait_for(done: Callable[[dict], bool], timeout: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not worker.alive:
-                tail = "\n  ".join(worker.log_tail())
-                raise StreamingFailed(f"the streams worker stopped ({exit_description(worker.returncode)}); {worker.log_path}:\n  {tail}")
-            stats = get_json(url)
-            if stats is not None and stats.get("ready") and done(stats):
-                return stats
-            if time.monotonic() > deadline:
-                raise StreamingFailed(f"{what} did not happen within {timeout:.0f} s (worker log: {worker.log_path}); last stats: {stats}")
-            time.sleep(0.5)
-
-    try:
-        wait_for(lambda stats: True, start_timeout_seconds, "the streams worker starting")
+    with Supervisor(data_dir / "logs", stop_timeout_seconds=20.0) as supervisor:
+        worker_settings = streams_settings(settings, supervisor.bootstrap(settings.kafka), data_dir, free_port())
+        worker = supervisor.start("streams", cli_command("streams"), child_environment(worker_settings, os.environ))
+        stats = _WorkerStats(f"http://127.0.0.1:{worker_settings.streams.web_port}/stats", worker.log_path)
+        supervisor.wait(stats.once(lambda _: True), start_timeout_seconds, "the streams worker starting", stats.blame)
         started = time.monotonic()
         counts = replay(worker_settings, events_path)
         total = sum(counts.values())
-        st = worker_settings.streams
-        # the last impression's shown-not-clicked samples wait out the join window; their window then closes after the lateness
-        done_at = last_event_ms(events_path) + int((st.join_window_seconds + st.window_seconds + st.allowed_lateness_seconds) * 1000)
         report(f"  {total:,} events produced to Kafka in {time.monotonic() - started:.0f} s; the worker is joining them")
-        stats = wait_for(
-            lambda s: s["events_in"] >= total and (s.get("watermark_ms") or 0) >= done_at and s.get("open_requests", 0) == 0,
+        done_at = _last_window_closed_ms(worker_settings, events_path)
+        joined = supervisor.wait(
+            stats.once(lambda s: s["events_in"] >= total and (s.get("watermark_ms") or 0) >= done_at and s.get("open_requests", 0) == 0),
             finish_timeout_seconds,
             "the streams worker closing the last window",
+            stats.blame,
         )
         seconds = time.monotonic() - started
-    finally:
-        stop_all([worker], 20.0)
-        if broker is not None:
-            broker.stop()
+    return worker_settings, _figures(worker_settings, counts, joined, seconds)
+
+
+class _WorkerStats:
+    """The worker's ``/stats``, polled by the supervisor's waits."""
+
+    def __init__(self, url: str, log_path: Path):
+        self.url, self.log_path = url, log_path
+        self.last: dict | None = None
+
+    def once(self, done: Callable[[dict], bool]) -> Callable[[], dict | None]:
+        """A poll: the stats once the worker is ready and ``done(stats)``, else None."""
+
+        def poll() -> dict | None:
+            stats = self.last = get_json(self.url)
+            return stats if stats is not None and stats.get("ready") and done(stats) else None
+
+        return poll
+
+    def blame(self) -> tuple[str, str]:
+        return "streams", f"last stats {self.last} (log {self.log_path})"
+
+
+def _last_window_closed_ms(settings: Settings, events_path: Path) -> int:
+    """The watermark at which the worker has closed its last window: the last
+    impression's shown-not-clicked samples wait out the join window, their
+    window then closes after the allowed lateness."""
+    st = settings.streams
+    return last_event_ms(events_path) + int((st.join_window_seconds + st.window_seconds + st.allowed_lateness_seconds) * 1000)
+
+
+def _figures(settings: Settings, counts: dict[str, int], stats: dict, seconds: float) -> StreamedBatches:
     from freshtower.core.batches import list_batches
 
-    refs = list_batches(worker_settings.batches_dir)
-    return worker_settings, StreamedBatches(
+    refs = list_batches(settings.batches_dir)
+    return StreamedBatches(
         events=counts,
         events_read=int(stats["events_in"]),
         records=sum(r.manifest.records for r in refs),
@@ -164,4 +162,4 @@ def stream_to_batches(
     )
 
 
-__all__ = ["StreamedBatches", "StreamingFailed", "stream_to_batches", "streams_settings", "last_event_ms"]
+__all__ = ["StreamedBatches", "stream_to_batches", "streams_settings", "last_event_ms"]

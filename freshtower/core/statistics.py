@@ -59,10 +59,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from freshtower.core.eventtime import HOUR_MS, MINUTE_MS
 from freshtower.core.fingerprints import fingerprint_strings
 
-MINUTE_MS = 60_000
-HOUR_MS = 3_600_000
 HOUR_MINUTES = 60  # minute buckets in the last-hour window
 DAY_HOURS = 23  # whole hour buckets in the last-day window, before the request's hour
 

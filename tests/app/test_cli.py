@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from freshtower.app.cli import app
@@ -10,7 +11,7 @@ runner = CliRunner()
 
 
 def test_every_command_has_help():
-    for args in (["--help"], ["train", "--help"], ["train", "full", "--help"], ["train", "online", "--help"], ["simulate", "--help"], ["run", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["train", "full", "--help"], ["train", "online", "--help"], ["simulate", "--help"], ["run", "--help"], ["experiment", "--help"], ["publish", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output
@@ -48,3 +49,34 @@ def test_simulate_then_train_full_then_online(tmp_path, monkeypatch):
     result = runner.invoke(app, ["train", "online", "--max-batches", "3"])
     assert result.exit_code == 0, result.output
     assert "3 batches" in result.output
+
+
+def test_experiment_options_are_checked_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("FRESHTOWER_DATA_DIR", str(tmp_path / "data"))
+    result = runner.invoke(app, ["experiment", "--data", "nope", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--data must be simulator, movielens or both, got 'nope'" in result.output
+    result = runner.invoke(app, ["experiment", "--through", "carrier-pigeon", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--through must be kafka or direct" in result.output
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "results.json").write_text("[]")
+    result = runner.invoke(app, ["experiment", "--out", str(tmp_path / "used")])
+    assert result.exit_code == 2 and "is not empty: pass a new --out directory" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_experiment_command_prints_its_table_and_writes_the_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("FRESHTOWER_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "out"
+    tiny = ["--users", "150", "--items", "100", "--requests-per-day", "800", "--seed", "5"]
+    result = runner.invoke(app, ["experiment", "--data", "simulator", "--days", "2", "--through", "direct", "--out", str(out), *tiny])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    # one row per arm of the one data set, as in the table
+    assert [(r["data"], r["arm"]) for r in results] == [
+        ("simulator", a) for a in ("daily-full", "incremental", "full+inc/30min", "full+inc/1min")
+    ]
+    assert all(r["through"] == "direct" and r["units"] > 0 and r["streams"] is None for r in results)
+    for r in results:
+        assert f"| simulator | {r['arm']} | {r['recall']['50']:.4f} | {r['recall']['100']:.4f} |" in result.stdout
+    assert (out / "simulator" / "batches").is_dir()

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from freshtower.app.experiment import ARMS, format_table, next_tick, run_arms
+from freshtower.app.experiment import format_table
+from freshtower.app.experiment_arms import ARMS, next_tick, run_arms
 from freshtower.app.simulator import Simulator, SimulatorConfig
 from tests.conftest import make_settings
 
@@ -18,7 +19,7 @@ def test_publish_ticks_round_up_to_the_interval():
 
 
 def test_units_know_what_their_user_clicked_in_earlier_hours(tmp_path):
-    from freshtower.app.experiment import units_from
+    from freshtower.app.experiment_arms import units_from
     from freshtower.core.batches import FeatureSpec, Sample, list_batches, write_batch
 
     t0 = 1_790_000_000_000 - 1_790_000_000_000 % 3_600_000

@@ -11,10 +11,11 @@ import pytest
 from freshtower.streams.replay import load_event_log
 
 from freshtower.app.event_log import SimulatedLog
-from freshtower.app.pipeline import child_environment, run_settings
+from freshtower.app.pipeline import run_settings
 from freshtower.app.processes import ChildProcess, stop_all
 from freshtower.app.run_state import ActiveRelease, Observation, RunSummary, Settled, render_summary, status_line, unfinished
 from freshtower.app.simulator import Simulator, SimulatorConfig
+from freshtower.app.supervisor import child_environment
 from freshtower.core.settings import load_settings
 from tests.conftest import running_in_group
 
@@ -149,14 +150,22 @@ def test_the_child_environment_reproduces_the_settings(tmp_path, monkeypatch):
 
 
 def test_stop_all_kills_a_part_that_ignores_sigterm_and_its_helpers(tmp_path):
-    # A shell that ignores SIGTERM, with a helper process in its group.
-    script = "trap '' TERM; sleep 60 & sleep 60"
+    # A shell that ignores SIGTERM, with a helper process in its group; it
+    # says when the trap is set (a SIGTERM before that would end it at once).
+    script = "trap '' TERM; echo trapped; sleep 60 & sleep 60"
     child = ChildProcess("stubborn", ["sh", "-c", script], dict(os.environ), tmp_path / "stubborn.log").start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while child.log_tail() != ["trapped"]:
+        assert time.monotonic() < deadline, "the shell did not set its trap within 10 s"
+        time.sleep(0.05)
     started = time.monotonic()
     ended = stop_all([child], timeout=1.0)
     assert "killed after 1 s" in ended["stubborn"] and time.monotonic() - started < 10
-    assert running_in_group(child.pid) == []  # the helper went with it
+    # the helper went with it (a SIGKILLed process exits a moment after the signal: look for up to 5 s)
+    deadline = time.monotonic() + 5
+    while running_in_group(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running_in_group(child.pid) == []
 
 
 def test_simulated_log_hands_over_days_in_event_time_order_and_writes_the_log(tmp_path):

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from freshtower.publisher.publish import Publisher
-from freshtower.publisher.served_recall import HOUR_MS, served_recall_by_hour
+from freshtower.publisher.served_recall import served_recall_by_hour
 
 from freshtower.core.batches import FeatureSpec, list_batches
+from freshtower.core.eventtime import DAY_MS, HOUR_MS
 from tests.publisher.conftest import publisher_settings
 from tests.publisher.test_publish import train_online
 
@@ -18,7 +19,7 @@ def test_each_hour_is_scored_with_the_releases_published_from_the_clicks_before_
         store = publisher.store
     releases = {r.version: r for r in store.list()}
     refs = list_batches(settings.batches_dir)
-    day1 = refs[0].window_start_ms + 86_400_000  # the day after the full model's
+    day1 = refs[0].window_start_ms + DAY_MS  # the day after the full model's
     rows = served_recall_by_hour(store, refs, FeatureSpec.from_model(settings.model), until_ms=day1 + 6 * HOUR_MS)["2026-11-21"]
 
     assert [r.hour_start_ms for r in rows] == [day1 + h * HOUR_MS for h in range(6)]

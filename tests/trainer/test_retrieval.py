@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from freshtower.trainer.evaluation import ranking_metrics
+from freshtower.trainer.metrics import ranking_metrics
 from freshtower.trainer.retrieval import ExactRetriever, IndexSettings, build_index, recall_against_exact
 
 

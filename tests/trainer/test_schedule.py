@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from datetime import date
 
-from freshtower.trainer.schedule import MS_PER_DAY, DailyScheduler, day_start_ms, days_due
+from freshtower.trainer.schedule import DailyScheduler, days_due
+
+from freshtower.core.eventtime import HOUR_MS, day_start_ms
 
 from tests.conftest import make_settings
 
@@ -30,5 +32,5 @@ def test_wall_clock_scheduling_uses_the_clock(data_dir_with_batches):
     settings = make_settings(data_dir_with_batches, training={"full_clock": "wall", "full_delay_seconds": 900})
     scheduler = DailyScheduler(settings, clock=lambda: day_start_ms(D2) + 60_000)
     assert scheduler.due() == []  # 00:01: yesterday not yet due
-    scheduler = DailyScheduler(settings, clock=lambda: day_start_ms(D2) + MS_PER_DAY // 24)
+    scheduler = DailyScheduler(settings, clock=lambda: day_start_ms(D2) + HOUR_MS)
     assert [d.isoformat() for d in scheduler.due()] == ["2026-11-20"]
