@@ -160,11 +160,8 @@ def test_stop_all_kills_a_part_that_ignores_sigterm_and_its_helpers(tmp_path):
         time.sleep(0.05)
     started = time.monotonic()
     ended = stop_all([child], timeout=1.0)
-    assert "killed after 1 s" in ended["stubborn"] and time.monotonic() - started < 10
-    # the helper went with it (a SIGKILLed process exits a moment after the signal: look for up to 5 s)
-    deadline = time.monotonic() + 5
-    while running_in_group(child.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert "killed after 1 s" in ended["stubborn"] and time.monotonic() - started < 20
+    # the helper went with it: stop_all returns only once the group is empty
     assert running_in_group(child.pid) == []
 
 
