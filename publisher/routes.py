@@ -239,9 +239,9 @@ def releases_endpoint(live: Live) -> ReleasesResponse:
             kind=release.kind,
             parent=release.parent,
             model_version=release.model_version,
-            created_at=release.manifest["created_at"],
-            newest_click_event_time_ms=release.manifest["newest_click_event_time_ms"],
-            rows=release.manifest["rows"],
+            created_at=release.manifest.created_at,
+            newest_click_event_time_ms=release.manifest.newest_click_event_time_ms,
+            rows=release.manifest.rows,
             active=release.version == active,
             serving=release.version == serving,
         )

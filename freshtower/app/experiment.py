@@ -38,7 +38,6 @@ Pure bookkeeping lives in small functions; ``run_arms`` is the loop.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from freshtower.trainer.artifacts import full_models_dir, list_full_models, load_full_model
+from freshtower.trainer.artifacts import adopt_full_model, full_models_dir, list_full_models, load_full_model
 from freshtower.trainer.full import train_full
 from freshtower.trainer.online import OnlineTrainer, batch_key
 
@@ -375,11 +374,8 @@ def _arm_settings(settings: Settings, data_dir: Path, batches_dir: Path) -> Sett
 def _reveal(model_ref, settings: Settings) -> None:
     """Make a full model visible to an arm's online trainer (its release time has come)."""
     models = full_models_dir(settings)
-    target = models / model_ref.path.name
-    if not target.exists():
-        models.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(model_ref.path, target)
-        (models / "LATEST").write_text(model_ref.version + "\n")
+    if not (models / model_ref.version).exists():
+        adopt_full_model(model_ref, models)  # copied, sealed, then LATEST moved atomically
 
 
 def _slug(name: str) -> str:
