@@ -168,10 +168,8 @@ class LocalDirectory:
         return path
 
     def seal(self, staging: Path, version: str, manifest: str, manifest_bytes: bytes) -> None:
-        with open(staging / manifest, "wb") as handle:
-            handle.write(manifest_bytes)
-            handle.flush()
-            os.fsync(handle.fileno())
+        (staging / manifest).write_bytes(manifest_bytes)
+        fsync_file(staging / manifest)  # the directory is renamed into place below: no second copy
         fsync_dir(staging)
         final = self._path(version)
         if final.exists():
