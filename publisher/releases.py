@@ -39,11 +39,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Literal
 
 from freshtower.core.contracts import ContractError, ReleaseManifest, release_manifest_from_json
 from freshtower.core.storage import FileDigest
-from freshtower.core.versioned_store import PointerMoved, StoreError, VersionedStore
+from freshtower.core.versioned_store import ANY, PointerMoved, StoreError, VersionedStore
 
 MANIFEST = "manifest.json"
 POINTER = "ACTIVE"
@@ -232,16 +233,14 @@ class ReleaseStore:
         self.versioned.seal(staging, manifest.version, sealed)
         return self.get(manifest.version)
 
-    def activate(self, version: str, *, by: str, expected_active: str | None | object = ...) -> str | None:
+    def activate(self, version: str, *, by: str, expected_active: str | None | EllipsisType = ...) -> str | None:
         """Point ``ACTIVE`` at ``version`` (one atomic rename); returns the previous
         version. With ``expected_active``, refuse (``ActiveChanged``) if another
         activation happened since (a rollback while a delta was being built)."""
         release = self.get(version)
         entry = {"kind": release.kind, "model_version": release.model_version, "at": time.time(), "by": by}
         try:
-            if expected_active is ...:
-                return self.versioned.set_pointer(version, entry=entry)
-            return self.versioned.set_pointer(version, expected=expected_active, entry=entry)
+            return self.versioned.set_pointer(version, expected=ANY if expected_active is ... else expected_active, entry=entry)
         except PointerMoved as error:
             raise ActiveChanged(f"active release is {self.active_version()}, not {expected_active}; not activating {version}") from error
 

@@ -200,7 +200,7 @@ def previous_full_model(models_dir: Path, before_day: str) -> FullModelRef | Non
 
 def _next_version(store: VersionedStore, day: str) -> str:
     date.fromisoformat(day)
-    attempts = [key[1] for v in store.versions() if (key := _version_key(v))[0] == day]
+    attempts = [key[1] for v in store.versions() if (key := _version_key(v)) is not None and key[0] == day]
     return f"{day}.{max(attempts, default=0) + 1}"
 
 

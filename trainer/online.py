@@ -323,7 +323,7 @@ class OnlineTrainer:
             estimator=estimator_tensors(self.learner.estimator),
             catalogue=self.model.catalogue.state_dict(),
             learner_steps=int(self.learner.steps),
-            rng_state=self.learner.rng.bit_generator.state,
+            rng_state=dict(self.learner.rng.bit_generator.state),
             written_at=time.time(),
             # this process's figures so far, for monitoring (`freshtower run`'s summary)
             stats=CheckpointStats(batches=self.stats.batches, samples=self.stats.samples, rebases=self.stats.rebases),

@@ -14,9 +14,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING
 
 from freshtower.app.run_state import ActiveRelease, FullModelLine, RecallSample, Settled
 from freshtower.core.settings import Settings
+
+if TYPE_CHECKING:
+    from freshtower.publisher.releases import Release
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def releases(settings: Settings) -> Releases:
     return Releases(counts["full"], counts["embeddings"], None if active is None else active_release(active))
 
 
-def active_release(release) -> ActiveRelease:
+def active_release(release: Release) -> ActiveRelease:
     m = release.manifest
     return ActiveRelease(release.version, release.kind, release.model_version, m.newest_click_event_time_ms, m.checkpoint_event_time_ms)
 
@@ -92,7 +96,8 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
         active = store.active()
     except ReleaseError:
         active = None
-    bases, windows, checkpoints = set(), [], {}
+    bases: set[str | None] = set()  # the full models the checkpoints follow (None: one being replaced)
+    windows, checkpoints = [], {}
     for name, path in online_checkpoints(s.online_dir).items():
         try:
             checkpoint = read_online_checkpoint(path)

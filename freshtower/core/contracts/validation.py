@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 
 # Every contract dataclass carries this: unknown fields are errors, and
 # tensors (the online checkpoint) are checked with isinstance.
@@ -98,9 +98,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@cache
+_ADAPTERS: dict[type, TypeAdapter] = {}
+
+
 def _adapter(cls: type) -> TypeAdapter:
-    return TypeAdapter(cls)
+    """Built once per contract (building one compiles its validator)."""
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = TypeAdapter(cls)
+    return _ADAPTERS[cls]
 
 
 def _contract_error(error: ValidationError, where: Path | str) -> ContractError:
@@ -114,7 +119,7 @@ def _contract_error(error: ValidationError, where: Path | str) -> ContractError:
     return ContractError(where, field, message)
 
 
-def _describe(problem: dict) -> str:
+def _describe(problem: ErrorDetails) -> str:
     kind = problem["type"]
     if kind == "missing":
         return "is missing"
