@@ -6,10 +6,10 @@ Each tick (``Publisher.tick``, every ``publisher.poll_seconds``):
    was never released: user tower (``user_tower.pt``), all user ID
    embeddings, item vectors and the Faiss index built from them (exact
    below ``exact_index_below`` items, HNSW above; ``trainer/retrieval.py``).
-2. **Embeddings release**, when one is due (``delta_due``: every
+2. **Embeddings release**, when one is due (``due.delta_due``: every
    ``publish_interval_seconds`` of wall time, or of event time with
    ``clock = "event"`` for replays; at once after a full release): the user
-   ID rows that changed since the active release (``rows_to_publish``), read
+   ID rows that changed since the active release (``due.rows_to_publish``), read
    from the online trainer's checkpoint (one atomic file, so one consistent
    state; one per user partition when the trainer is scaled out,
    ``online_checkpoints``), with the newest click event time each row
@@ -25,7 +25,7 @@ recall@100 against exact search at least ``min_index_recall``. A refused
 release is reported with its reason; the active one stays.
 
 What is due is a pure function of the active release, the online
-checkpoints, the clock and the settings (``what_is_due``, from
+checkpoints, the clock and the settings (``due.what_is_due``, from
 ``full_release_due`` and ``embeddings_release_due``): the publisher acts on
 it, and ``freshtower run`` asks it whether anything is left to publish.
 
@@ -41,14 +41,15 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from freshtower.publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique
+from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_due, full_release_due
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
 from freshtower.publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
@@ -77,8 +78,8 @@ from freshtower.core.contracts import (
     RecallChecks,
     ReleaseManifest,
 )
-from freshtower.core.contracts.online_checkpoint import OnlineCheckpoint, read_online_checkpoint
-from freshtower.core.settings import PublisherConfig, Settings
+from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -99,180 +100,7 @@ class PublishOutcome:
     seconds: float = 0.0
 
 
-# --- pure pieces ---------------------------------------------------------------------
-
-
-def delta_due(clock: str, interval_s: float, *, now_s: float, last_release_s: float, newest_event_ms: int, last_event_ms: int) -> bool:
-    """Is an embeddings release due? Wall clock: ``interval_s`` seconds since
-    the active release was created. Event clock (replays): the checkpoint's
-    newest event time is ``interval_s`` past the one the active release saw.
-
-    >>> delta_due("wall", 1800, now_s=2000.0, last_release_s=100.0, newest_event_ms=0, last_event_ms=0)
-    True
-    >>> delta_due("event", 60, now_s=0.0, last_release_s=0.0, newest_event_ms=119_000, last_event_ms=60_000)
-    False
-    """
-    if clock == "wall":
-        return now_s - last_release_s >= interval_s
-    if clock == "event":
-        return newest_event_ms - last_event_ms >= interval_s * 1000
-    raise ValueError(f"publisher.clock must be 'wall' or 'event', got {clock!r}")
-
-
-def rows_to_publish(row_updated_step: np.ndarray, row_ids: list[str], since_step: int, resync: bool = False) -> np.ndarray:
-    """Rows to put in an embeddings release: changed after ``since_step``
-    (every row on a resync), never the shared default row 0 nor a free row.
-
-    >>> rows_to_publish(np.array([0, 5, 2, 7, 9]), ["", "u1", "u2", "", "u4"], since_step=2).tolist()
-    [1, 4]
-    """
-    candidates = np.arange(len(row_ids)) if resync else np.flatnonzero(row_updated_step > since_step)
-    return np.asarray([r for r in candidates.tolist() if r != 0 and row_ids[r]], dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class FullReleaseDue:
-    """Whether the full model named is still to be released, and why."""
-
-    due: bool
-    reason: str
-    model_version: str | None
-
-
-def full_release_due(model_version: str | None, *, activations: Sequence[Mapping], refused: str | None) -> FullReleaseDue:
-    """Is a full release of ``model_version`` (the publisher: the one LATEST
-    names) due? Not if there is none, if it was released before (an
-    activation of a full release of it), or if it was refused (``refused``: why).
-
-    >>> full_release_due("2026-11-21.1", activations=[], refused=None).due
-    True
-    >>> full_release_due("2026-11-21.1", activations=[{"kind": "full", "model_version": "2026-11-21.1",
-    ...     "version": "00000003-full"}], refused=None).reason
-    'full model 2026-11-21.1 was released as 00000003-full'
-    """
-    if model_version is None:
-        return FullReleaseDue(False, "no full model yet", None)
-    released = [e["version"] for e in activations if e.get("kind") == "full" and e.get("model_version") == model_version]
-    if released:
-        return FullReleaseDue(False, f"full model {model_version} was released as {released[0]}", model_version)
-    if refused is not None:
-        return FullReleaseDue(False, f"full model {model_version} was refused: {refused}", model_version)
-    return FullReleaseDue(True, f"full model {model_version} was never released", model_version)
-
-
-@dataclass(frozen=True)
-class CheckpointRows:
-    """What an embeddings release would take from one online checkpoint."""
-
-    checkpoint: OnlineCheckpoint
-    since: int  # the step the active release holds this checkpoint's rows at
-    rows: np.ndarray  # (n,) int64 rows changed since then (``rows_to_publish``)
-
-    @property
-    def resync(self) -> bool:
-        """The trainer restarted from its base: every row goes out."""
-        return self.checkpoint.step < self.since
-
-
-@dataclass(frozen=True)
-class EmbeddingsReleaseDue:
-    """Whether an embeddings release is due on top of the active release,
-    what it would hold, and why."""
-
-    scheduled: bool  # the schedule says one is due (``delta_due``; at once after a full release)
-    reason: str
-    taken: dict[str, CheckpointRows] = field(default_factory=dict)  # checkpoints following the active release's model
-    elsewhere: tuple[str, ...] = ()  # "<name> follows full model <v>" for the others
-
-    @property
-    def rows(self) -> int:
-        """Changed user rows the active release does not hold."""
-        return sum(len(t.rows) for t in self.taken.values())
-
-    @property
-    def due(self) -> bool:
-        """Scheduled, and there are rows to release."""
-        return self.scheduled and self.rows > 0
-
-
-def embeddings_release_due(
-    active: ReleaseManifest | None, checkpoints: Mapping[str, OnlineCheckpoint], *, now_s: float, config: PublisherConfig
-) -> EmbeddingsReleaseDue:
-    """Is an embeddings release due on top of ``active``, from the online
-    ``checkpoints`` (file name -> checkpoint), at wall time ``now_s``?
-    Only checkpoints that follow the active release's full model count
-    (rows trained on another full model live in another embedding space)."""
-    if active is None:
-        return EmbeddingsReleaseDue(False, "no active release: a full release comes first")
-    if not checkpoints:
-        return EmbeddingsReleaseDue(False, "no online checkpoint")
-    taken, elsewhere = {}, []
-    for name, checkpoint in sorted(checkpoints.items()):
-        if checkpoint.base_version != active.model_version:
-            elsewhere.append(f"{name} follows full model {checkpoint.base_version}")
-            continue
-        since = int(active.online_steps.get(name, 0))
-        rows = rows_to_publish(checkpoint.row_updated_step.numpy(), checkpoint.user_ids.row_ids, since, checkpoint.step < since)
-        taken[name] = CheckpointRows(checkpoint, since, rows)
-    if not taken:
-        return EmbeddingsReleaseDue(
-            False,
-            f"{'; '.join(elsewhere)}, the active release {active.version} serves {active.model_version}; "
-            "no embeddings release until they match",
-            elsewhere=tuple(elsewhere),
-        )
-    scheduled = active.kind == "full" or delta_due(
-        config.clock,
-        config.publish_interval_seconds,
-        now_s=now_s,
-        last_release_s=active.created_at,
-        newest_event_ms=max(t.checkpoint.newest_event_time_ms for t in taken.values()),
-        last_event_ms=active.checkpoint_event_time_ms,
-    )
-    due = EmbeddingsReleaseDue(scheduled, "", taken, tuple(elsewhere))
-    if not scheduled:
-        reason = f"not due ({config.clock} clock, every {config.publish_interval_seconds:g} s)"
-    elif not due.rows:
-        reason = f"no user rows changed since the active release ({_taken_summary(taken)})"
-    else:
-        reason = f"{due.rows} user rows changed since the active release {active.version}"
-    return EmbeddingsReleaseDue(scheduled, reason, taken, tuple(elsewhere))
-
-
-@dataclass(frozen=True)
-class Due:
-    """What the publisher would do now, and why."""
-
-    full: FullReleaseDue
-    embeddings: EmbeddingsReleaseDue
-
-
-def what_is_due(
-    *,
-    model_version: str | None,
-    model_refused: str | None,
-    activations: Sequence[Mapping],
-    active: ReleaseManifest | None,
-    checkpoints: Mapping[str, OnlineCheckpoint],
-    now_s: float,
-    config: PublisherConfig,
-) -> Due:
-    """The publisher's decision as a pure function of what it reads: the
-    full model it would release (``model_refused``: why it was refused, if
-    it was), the store's activations and active release, the online
-    checkpoints, and the wall clock (seconds). The publisher acts on its
-    parts; ``freshtower run`` asks it whether anything is left to publish."""
-    return Due(
-        full_release_due(model_version, activations=activations, refused=model_refused),
-        embeddings_release_due(active, checkpoints, now_s=now_s, config=config),
-    )
-
-
-def _taken_summary(taken: Mapping[str, CheckpointRows]) -> dict:
-    return {
-        name: {"step": t.checkpoint.step, "since": t.since, "rows": len(t.rows), "written_at": t.checkpoint.written_at}
-        for name, t in taken.items()
-    }
+# --- reading the inputs -------------------------------------------------------------
 
 
 _CHECKPOINT = re.compile(r"^checkpoint(-[0-9]+-of-([0-9]+))?\.pt$")
@@ -563,7 +391,7 @@ class Publisher:
             read[name] = CheckpointRead(step=checkpoint.step, since=taken.since, rows=len(rows), written_at=checkpoint.written_at)
         user_ids = [u for ids, _, _ in parts for u in ids]
         if not user_ids:
-            return PublishOutcome("embeddings", "skipped", f"no user rows changed since the active release ({_taken_summary(due.taken)})")
+            return PublishOutcome("embeddings", "skipped", f"no user rows changed since the active release ({due.summary()})")
         vectors = np.concatenate([v for _, v, _ in parts])  # (n, id_dim)
         event_times = np.concatenate([t for _, _, t in parts])  # (n,)
         id_dim = active.manifest.dims.id_dim

@@ -75,7 +75,8 @@ def full_model_versions(settings: Settings) -> tuple[str, ...]:
 def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled:
     """The facts of the completion rule that matter once the replay has
     ended (``run_state.unfinished``); reads every batch manifest."""
-    from freshtower.publisher.publish import online_checkpoints, what_is_due
+    from freshtower.publisher.due import what_is_due
+    from freshtower.publisher.publish import online_checkpoints
     from freshtower.publisher.releases import ReleaseError, ReleaseStore
     from freshtower.trainer.artifacts import full_models_dir, list_full_models, refusal, servable_full_model
     from freshtower.trainer.schedule import day_of, days_due

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from freshtower.publisher.publish import embeddings_release_due, full_release_due, what_is_due
+from freshtower.publisher.due import embeddings_release_due, full_release_due, what_is_due
 
 from freshtower.core.contracts import VocabularyState
 from freshtower.core.settings import PublisherConfig
