@@ -157,8 +157,7 @@ class LocalDirectory:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as handle:
             handle.write(line.rstrip(b"\n") + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        fsync_file(path)
 
     def stage(self, version: str) -> Path:
         self._path(version)  # a plain name
