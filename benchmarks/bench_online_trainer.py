@@ -24,6 +24,7 @@ from freshtower.trainer.online import OnlineTrainer, decode_for_training
 
 from freshtower.app.simulator import synthetic_click_samples
 from freshtower.core.batches import FeatureSpec, list_batches, write_batch
+from freshtower.core.contracts import TrainingRecord
 from freshtower.core.settings import load_settings
 
 
@@ -78,8 +79,9 @@ def main() -> None:
     model.catalogue.update(items, {"category": [f"c{i % 20}" for i in range(args.items)]}, day=0)
     model.sync_tables()
     estimator = new_estimator(settings)
-    save_full_model(full_models_dir(settings), "2026-09-21", model, estimator, {}, {
-        "data_start_ms": start_ms - 60_000, "data_end_ms": start_ms, "metrics": {}, "lineage": [], "config": settings.as_record()})
+    save_full_model(full_models_dir(settings), "2026-09-21", model, estimator, {}, TrainingRecord(
+        parent=None, from_scratch=True, data_start_ms=start_ms - 60_000, data_end_ms=start_ms, newest_click_event_time_ms=None,
+        holdout_end_ms=start_ms, metrics={}, lineage=[], config=settings.as_record()))
     print(f"setup: full model with {args.users} users x {args.dim} written in {time.perf_counter() - started:.1f} s")
 
     per_file = args.samples // args.files

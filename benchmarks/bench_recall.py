@@ -56,10 +56,12 @@ from freshtower.publisher.serving import load_state, recall
 from freshtower.publisher.user_tower import export_user_tower
 from freshtower.streams.broker import LocalBroker, resolve_binary
 from freshtower.trainer.artifacts import new_model
-from freshtower.trainer.online import CHECKPOINT_FORMAT, checkpoint_path
+from freshtower.trainer.online import checkpoint_path
 from freshtower.trainer.retrieval import FaissRetriever
 from freshtower.trainer.vocabulary import IdVocabulary
 
+from freshtower.core.contracts import ModelSummary
+from freshtower.core.contracts.online_checkpoint import CheckpointStats, OnlineCheckpoint, write_online_checkpoint
 from freshtower.core.ports import free_port
 from freshtower.core.settings import load_settings
 
@@ -138,18 +140,20 @@ def build_releases(args, settings) -> tuple[str, str]:
         holdout_recall=None,
         data_start_ms=1_795_000_000_000,
         data_end_ms=1_795_086_400_000,
+        newest_click_ms=None,
+        model=ModelSummary(version="bench.1", day="2026-11-19", parent=None, created_at=time.time(), metrics={}),
     )
     with Publisher(settings) as publisher:
         full = publisher.publish_full_inputs(inputs, now_s=time.time())
         if full.status != "published":
             raise SystemExit(f"the publisher refused the full release: {full.reason} (try a larger --ef-construction or --hnsw-m)")
         manifest = publisher.store.get(full.version).manifest
-        index_info = manifest["index"]
-        size = sum(f["bytes"] for f in manifest["files"].values())
+        index_info = manifest.index
+        size = sum(f.bytes for f in manifest.files.values())
         print(
             f"\nfull release {full.version}: {full.status} in {full.seconds:.1f} s ({size / 2**20:,.0f} MiB on disk); "
-            f"index {index_info['kind']} built in {index_info['build_seconds']:.1f} s; "
-            f"publisher's check: recall@100 vs exact {index_info['recall_at_100_vs_exact']:.4f} on {index_info['check_queries']} queries "
+            f"index {index_info.kind} built in {index_info.build_seconds:.1f} s; "
+            f"publisher's check: recall@100 vs exact {index_info.recall_at_100_vs_exact:.4f} on {index_info.check_queries} queries "
             f"(efSearch {max(args.ef_search)}); peak RSS so far {peak_rss_mib():,.0f} MiB"
         )
         del inputs, user_table, item_vectors
@@ -159,21 +163,28 @@ def build_releases(args, settings) -> tuple[str, str]:
         vocabulary.observe(user_ids[1:], day=0)
         newest_ms = 1_795_090_000_000
         changed = clustered_unit_vectors(args.users + 1, centres, args.spread, rng)
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "base_version": "bench.1",
-            "next_window_ms": newest_ms,
-            "step": 10,
-            "newest_event_time_ms": newest_ms,
-            "user_table": torch.from_numpy(changed),
-            "user_ids": vocabulary.state_dict(),
-            "row_updated_step": torch.from_numpy(np.r_[0, np.full(args.users, 10)].astype(np.int64)),
-            "row_event_time_ms": torch.from_numpy(np.r_[0, newest_ms - rng.integers(0, 3_600_000, args.users)].astype(np.int64)),
-            "written_at": time.time(),
-        }
-        checkpoint_path(settings).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, checkpoint_path(settings))
-        del payload, vocabulary
+        checkpoint = OnlineCheckpoint(
+            base_version="bench.1",
+            partition=(0, 1),
+            next_window_ms=newest_ms,
+            trained_recent=[],
+            newest_window_ms=newest_ms,
+            step=10,
+            newest_event_time_ms=newest_ms,
+            user_table=torch.from_numpy(changed),
+            user_ids=vocabulary.state(),
+            optimizer={},
+            row_updated_step=torch.from_numpy(np.r_[0, np.full(args.users, 10)].astype(np.int64)),
+            row_event_time_ms=torch.from_numpy(np.r_[0, newest_ms - rng.integers(0, 3_600_000, args.users)].astype(np.int64)),
+            estimator={},
+            catalogue={},
+            learner_steps=0,
+            rng_state={},
+            written_at=time.time(),
+            stats=CheckpointStats(batches=0, samples=0, rebases=0),
+        )
+        write_online_checkpoint(checkpoint_path(settings), checkpoint)
+        del checkpoint, vocabulary
         started = time.perf_counter()
         delta = publisher.publish_delta_if_due(now_s=time.time(), force=True)
         delta_seconds = time.perf_counter() - started

@@ -19,10 +19,9 @@ import json
 from typing import Annotated
 
 import msgspec
+from freshtower.publisher.serving import RecallResult, ServingState
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError as PydanticValidationError
-
-from freshtower.publisher.serving import RecallResult, ServingState
 
 USER_ID_MAX = 256  # characters
 USER_FEATURES_MAX = 64  # entries in user_features: a tower has a handful; a larger map is an error, not a workload

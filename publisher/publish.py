@@ -6,10 +6,10 @@ Each tick (``Publisher.tick``, every ``publisher.poll_seconds``):
    was never released: user tower (``user_tower.pt``), all user ID
    embeddings, item vectors and the Faiss index built from them (exact
    below ``exact_index_below`` items, HNSW above; ``trainer/retrieval.py``).
-2. **Embeddings release**, when one is due (``delta_due``: every
+2. **Embeddings release**, when one is due (``due.delta_due``: every
    ``publish_interval_seconds`` of wall time, or of event time with
    ``clock = "event"`` for replays; at once after a full release): the user
-   ID rows that changed since the active release (``rows_to_publish``), read
+   ID rows that changed since the active release (``due.rows_to_publish``), read
    from the online trainer's checkpoint (one atomic file, so one consistent
    state; one per user partition when the trainer is scaled out,
    ``online_checkpoints``), with the newest click event time each row
@@ -24,6 +24,11 @@ right shapes, a full model's holdout Recall@50 no more than
 recall@100 against exact search at least ``min_index_recall``. A refused
 release is reported with its reason; the active one stays.
 
+What is due is a pure function of the active release, the online
+checkpoints, the clock and the settings (``due.what_is_due``, from
+``full_release_due`` and ``embeddings_release_due``): the publisher acts on
+it, and ``freshtower run`` asks it whether anything is left to publish.
+
 Deltas build on the *active* release: after a rollback the next delta
 carries every row changed since the release rolled back to. A rolled-back
 full model is not released again; an online checkpoint that follows
@@ -37,13 +42,14 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from freshtower.publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique
+from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_due, full_release_due
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
 from freshtower.publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
@@ -52,22 +58,34 @@ from freshtower.trainer.artifacts import (
     FullModelRef,
     LoadedModel,
     full_models_dir,
-    is_refused,
     latest_full_model,
     load_full_model,
     mark_refused,
     read_manifest,
+    refusal,
 )
-from freshtower.trainer.online import load_checkpoint
 from freshtower.trainer.retrieval import ExactRetriever, FaissRetriever, IndexSettings, build_index, recall_against_exact
 
+from freshtower.core.contracts import (
+    CheckpointRead,
+    ContractError,
+    Dims,
+    EmbeddingsReleaseManifest,
+    EventTimeRange,
+    FullReleaseManifest,
+    IndexSummary,
+    ModelSummary,
+    RecallChecks,
+    ReleaseManifest,
+)
+from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-INDEX_CHECK_K = 100
+INDEX_CHECK_K = 100  # recorded as IndexSummary.recall_at_100_vs_exact
 KAFKA_NOTE = "kafka.json"
-RECALL_METRIC = "recall@50"
+RECALL_K = 50  # the holdout Recall@K a full model is checked on
 
 StageCallback = Callable[[str, str], None]  # (stage, detail): "file" name, "sealed" version, ...
 
@@ -82,35 +100,7 @@ class PublishOutcome:
     seconds: float = 0.0
 
 
-# --- pure pieces ---------------------------------------------------------------------
-
-
-def delta_due(clock: str, interval_s: float, *, now_s: float, last_release_s: float, newest_event_ms: int, last_event_ms: int) -> bool:
-    """Is an embeddings release due? Wall clock: ``interval_s`` seconds since
-    the active release was created. Event clock (replays): the checkpoint's
-    newest event time is ``interval_s`` past the one the active release saw.
-
-    >>> delta_due("wall", 1800, now_s=2000.0, last_release_s=100.0, newest_event_ms=0, last_event_ms=0)
-    True
-    >>> delta_due("event", 60, now_s=0.0, last_release_s=0.0, newest_event_ms=119_000, last_event_ms=60_000)
-    False
-    """
-    if clock == "wall":
-        return now_s - last_release_s >= interval_s
-    if clock == "event":
-        return newest_event_ms - last_event_ms >= interval_s * 1000
-    raise ValueError(f"publisher.clock must be 'wall' or 'event', got {clock!r}")
-
-
-def rows_to_publish(row_updated_step: np.ndarray, row_ids: list[str], since_step: int, resync: bool = False) -> np.ndarray:
-    """Rows to put in an embeddings release: changed after ``since_step``
-    (every row on a resync), never the shared default row 0 nor a free row.
-
-    >>> rows_to_publish(np.array([0, 5, 2, 7, 9]), ["", "u1", "u2", "", "u4"], since_step=2).tolist()
-    [1, 4]
-    """
-    candidates = np.arange(len(row_ids)) if resync else np.flatnonzero(row_updated_step > since_step)
-    return np.asarray([r for r in candidates.tolist() if r != 0 and row_ids[r]], dtype=np.int64)
+# --- reading the inputs -------------------------------------------------------------
 
 
 _CHECKPOINT = re.compile(r"^checkpoint(-[0-9]+-of-([0-9]+))?\.pt$")
@@ -144,14 +134,13 @@ class FullReleaseInputs:
     holdout_recall: float | None
     data_start_ms: int
     data_end_ms: int
-    newest_click_ms: int | None = None  # recorded by the full trainer; None for older artifacts
-    model: dict = field(default_factory=dict)  # summary of the model manifest
+    newest_click_ms: int | None  # recorded by the full trainer; None if it saw no click
+    model: ModelSummary  # the model manifest, in brief
 
 
 def full_release_inputs(loaded: LoadedModel) -> FullReleaseInputs:
     model, manifest = loaded.model, loaded.ref.manifest
     rows = len(model.user_ids)
-    metrics = manifest.get("metrics", {})
     return FullReleaseInputs(
         model_version=loaded.ref.version,
         tower=export_user_tower(model),
@@ -159,11 +148,13 @@ def full_release_inputs(loaded: LoadedModel) -> FullReleaseInputs:
         user_table=model.user_tower.id_embedding.detach()[:rows].numpy().astype(np.float32),
         item_ids=list(model.catalogue.ids),
         item_vectors=model.catalogue_vectors().numpy().astype(np.float32),
-        holdout_recall=metrics.get("exact", {}).get(RECALL_METRIC),
-        data_start_ms=int(manifest["data_start_ms"]),
-        data_end_ms=int(manifest["data_end_ms"]),
-        newest_click_ms=manifest.get("newest_click_event_time_ms"),
-        model={k: manifest.get(k) for k in ("version", "day", "parent", "created_at")} | {"metrics": metrics},
+        holdout_recall=manifest.holdout_recall(RECALL_K),
+        data_start_ms=manifest.data_start_ms,
+        data_end_ms=manifest.data_end_ms,
+        newest_click_ms=manifest.newest_click_event_time_ms,
+        model=ModelSummary(
+            version=manifest.version, day=manifest.day, parent=manifest.parent, created_at=manifest.created_at, metrics=manifest.metrics
+        ),
     )
 
 
@@ -247,7 +238,7 @@ class Publisher:
         while not should_stop():
             try:
                 outcomes = self.tick()
-            except (ReleaseError, ArtifactError, OSError) as error:
+            except (ReleaseError, ArtifactError, ContractError, OSError) as error:
                 # e.g. a checkpoint or model being replaced, a full disk: keep the
                 # active release, say why, try again next period
                 log.error("publisher tick failed, the active release stays: %s", error)
@@ -269,12 +260,10 @@ class Publisher:
         latest = latest_full_model(full_models_dir(self.settings))
         if latest is None:
             return PublishOutcome("full", "skipped", f"no full model under {full_models_dir(self.settings)} yet")
-        released = [e["version"] for e in self.store.activations() if e.get("kind") == "full" and e.get("model_version") == latest.version]
-        if released:
-            return PublishOutcome("full", "skipped", f"full model {latest.version} was released as {released[0]}")
-        if latest.version in self.refused_models or is_refused(latest):
-            reason = self.refused_models.get(latest.version, "see its REFUSED.json")
-            return PublishOutcome("full", "skipped", f"full model {latest.version} was refused: {reason}")
+        refused = self.refused_models.get(latest.version) or refusal(latest)
+        due = full_release_due(latest.version, activations=self.store.activations(), refused=refused)
+        if not due.due:
+            return PublishOutcome("full", "skipped", due.reason)
         return self.publish_full(latest, now_s=now_s)
 
     def publish_full(self, ref: FullModelRef, *, now_s: float | None = None, activate: bool = True) -> PublishOutcome:
@@ -295,7 +284,7 @@ class Publisher:
         active_full = self._chain_root(active)
         try:
             check_full_inputs(inputs)
-            active_recall = None if active_full is None else active_full.manifest["checks"].get("holdout_recall_at_50")
+            active_recall = None if active_full is None else _holdout_recall(active_full.manifest)
             check_recall_drop(inputs.holdout_recall, active_recall, self.config.max_recall_drop)
             self.on_stage("index", f"{len(inputs.item_ids)} items")
             index_started = time.perf_counter()
@@ -315,37 +304,36 @@ class Publisher:
         self._write(staging, "item_vectors.npy", lambda p: np.save(p, inputs.item_vectors))
         self._write(staging, "item_ids.json", lambda p: p.write_text(json.dumps(inputs.item_ids)))
         self._write(staging, "index.faiss", index.save)
-        manifest = {
-            "kind": "full",
-            "parent": None if active is None else active.version,
-            "full_version": version,
-            "model_version": inputs.model_version,
-            "created_at": time.time() if now_s is None else now_s,
-            "online_steps": {},  # the full model's rows are every online trainer's step 0
-            "checkpoint_event_time_ms": inputs.data_end_ms,
-            "event_time": {"start_ms": inputs.data_start_ms, "end_ms": inputs.data_end_ms},
+        manifest = FullReleaseManifest(
+            version=version,
+            parent=None if active is None else active.version,
+            full_version=version,
+            model_version=inputs.model_version,
+            created_at=time.time() if now_s is None else now_s,
+            online_steps={},  # the full model's rows are every online trainer's step 0
+            checkpoint_event_time_ms=inputs.data_end_ms,
+            event_time=EventTimeRange(start_ms=inputs.data_start_ms, end_ms=inputs.data_end_ms),
             # The newest click the full model learnt from, as its trainer
-            # recorded it; older artifacts only bound it by data_end_ms.
-            "newest_click_event_time_ms": inputs.newest_click_ms if inputs.newest_click_ms else inputs.data_end_ms - 1,
-            "newest_click_is_bound": not inputs.newest_click_ms,
-            "rows": {"user_embeddings": len(inputs.user_ids), "items": len(inputs.item_ids)},
-            "dims": {"id_dim": int(inputs.tower["id_dim"]), "output_dim": int(inputs.tower["output_dim"])},
-            "index": {
-                "kind": index.kind,
-                "settings": asdict(IndexSettings.from_publisher(self.config)),
-                "build_seconds": index_seconds,
-                f"recall_at_{INDEX_CHECK_K}_vs_exact": recall,
-                "check_queries": len(queries),
-            },
-            "checks": {
-                "holdout_recall_at_50": inputs.holdout_recall,
-                "active_holdout_recall_at_50": active_recall,
-                "max_recall_drop": self.config.max_recall_drop,
-            },
-            "model": inputs.model,
-            "config": self.settings.as_record(),
-        }
-        return self._seal_and_activate(staging, version, manifest, "full", active, activate, len(inputs.user_ids), started)
+            # recorded it; without one, only bound it by data_end_ms.
+            newest_click_event_time_ms=inputs.newest_click_ms if inputs.newest_click_ms else inputs.data_end_ms - 1,
+            newest_click_is_bound=not inputs.newest_click_ms,
+            rows={"user_embeddings": len(inputs.user_ids), "items": len(inputs.item_ids)},
+            dims=Dims(id_dim=int(inputs.tower["id_dim"]), output_dim=int(inputs.tower["output_dim"])),
+            index=IndexSummary(
+                kind=index.kind,
+                settings=asdict(IndexSettings.from_publisher(self.config)),
+                build_seconds=index_seconds,
+                recall_at_100_vs_exact=recall,
+                check_queries=len(queries),
+            ),
+            checks=RecallChecks(
+                holdout_recall_at_50=inputs.holdout_recall, active_holdout_recall_at_50=active_recall, max_recall_drop=self.config.max_recall_drop
+            ),
+            model=inputs.model,
+            config=self.settings.as_record(),
+            files={},  # listed by the store when it seals
+        )
+        return self._seal_and_activate(staging, manifest, active, activate, len(inputs.user_ids), started)
 
     def _refuse_full(self, model_version: str, reason: str, started: float) -> PublishOutcome:
         self.refused_models[model_version] = reason
@@ -364,76 +352,55 @@ class Publisher:
         paths = online_checkpoints(self.settings.online_dir)
         if not paths:
             return PublishOutcome("embeddings", "skipped", f"no online checkpoint under {self.settings.online_dir}")
-        checkpoints, elsewhere = {}, []
+        checkpoints = {}
         for name, path in paths.items():
             try:
-                checkpoint = load_checkpoint(path)
-            except ArtifactError as error:
+                checkpoints[name] = read_online_checkpoint(path)
+            except ContractError as error:
                 return PublishOutcome("embeddings", "refused", str(error))
-            if checkpoint["base_version"] == active.model_version:
-                checkpoints[name] = checkpoint
-            else:
-                elsewhere.append(f"{name} follows full model {checkpoint['base_version']}")
-        if elsewhere:
+        due = embeddings_release_due(active.manifest, checkpoints, now_s=now_s, config=self.config)
+        if due.elsewhere:
             # Rows trained on another full model live in another embedding space.
-            log.warning("not publishing from %s: the active release %s serves %s", elsewhere, active.version, active.model_version)
-        if not checkpoints:
-            return PublishOutcome(
-                "embeddings",
-                "skipped",
-                f"{'; '.join(elsewhere)}, the active release {active.version} serves {active.model_version}; "
-                "no embeddings release until they match",
-            )
-        due = active.kind == "full" or delta_due(
-            self.config.clock,
-            self.config.publish_interval_seconds,
-            now_s=now_s,
-            last_release_s=float(active.manifest["created_at"]),
-            newest_event_ms=max(int(c["newest_event_time_ms"]) for c in checkpoints.values()),
-            last_event_ms=int(active.manifest["checkpoint_event_time_ms"]),
-        )
-        if not (due or force):
-            return PublishOutcome(
-                "embeddings", "skipped", f"not due ({self.config.clock} clock, every {self.config.publish_interval_seconds:g} s)"
-            )
-        return self.publish_delta(active, checkpoints, now_s=now_s, activate=activate)
+            log.warning("not publishing from %s: the active release %s serves %s", list(due.elsewhere), active.version, active.model_version)
+        if not due.taken:
+            return PublishOutcome("embeddings", "skipped", due.reason)
+        if not (due.scheduled or force):
+            return PublishOutcome("embeddings", "skipped", due.reason)
+        return self.publish_delta(active, due, now_s=now_s, activate=activate)
 
-    def publish_delta(
-        self, active: Release, checkpoints: dict[str, dict], *, now_s: float | None = None, activate: bool = True
-    ) -> PublishOutcome:
-        """An embeddings release on top of ``active`` from the online checkpoints
-        (file name -> checkpoint; one per user partition when scaled out)."""
+    def publish_delta(self, active: Release, due: EmbeddingsReleaseDue, *, now_s: float | None = None, activate: bool = True) -> PublishOutcome:
+        """An embeddings release on top of ``active`` of the rows ``due``
+        takes from the online checkpoints (one per user partition when scaled out)."""
         started = time.perf_counter()
-        steps = dict(active.manifest["online_steps"])  # checkpoint name -> step already released
+        steps = dict(active.manifest.online_steps)  # checkpoint name -> step already released
         parts, resync, read = [], [], {}
-        for name, checkpoint in sorted(checkpoints.items()):
-            since, step = int(steps.get(name, 0)), int(checkpoint["step"])
-            if step < since:  # that trainer restarted from its base: send every row
+        for name, taken in sorted(due.taken.items()):
+            checkpoint, rows = taken.checkpoint, taken.rows
+            if taken.resync:
                 resync.append(name)
-            row_ids = ["" if r is None else r for r in checkpoint["user_ids"]["row_ids"]]
-            rows = rows_to_publish(checkpoint["row_updated_step"].numpy(), row_ids, since, step < since)
+            row_ids = checkpoint.user_ids.row_ids
             index = torch.from_numpy(rows)
             parts.append(
                 (
                     [row_ids[r] for r in rows.tolist()],
-                    checkpoint["user_table"][index].numpy().astype(np.float32),  # (n, id_dim)
-                    checkpoint["row_event_time_ms"][index].numpy().astype(np.int64),  # (n,) ms
+                    checkpoint.user_table[index].numpy().astype(np.float32),  # (n, id_dim)
+                    checkpoint.row_event_time_ms[index].numpy().astype(np.int64),  # (n,) ms
                 )
             )
-            steps[name] = step
-            read[name] = {"step": step, "since": since, "rows": len(rows), "written_at": checkpoint.get("written_at")}
+            steps[name] = checkpoint.step
+            read[name] = CheckpointRead(step=checkpoint.step, since=taken.since, rows=len(rows), written_at=checkpoint.written_at)
         user_ids = [u for ids, _, _ in parts for u in ids]
         if not user_ids:
-            return PublishOutcome("embeddings", "skipped", f"no user rows changed since the active release ({read})")
+            return PublishOutcome("embeddings", "skipped", f"no user rows changed since the active release ({due.summary()})")
         vectors = np.concatenate([v for _, v, _ in parts])  # (n, id_dim)
         event_times = np.concatenate([t for _, _, t in parts])  # (n,)
-        id_dim = int(active.manifest["dims"]["id_dim"])
+        id_dim = active.manifest.dims.id_dim
         try:
             check_finite({"user_embeddings": vectors})
             check_shape("user_embeddings", vectors, len(user_ids), id_dim)
             check_unique("user_ids", user_ids)  # partitions own disjoint users
         except ReleaseRefused as error:
-            log.warning("refused embeddings release from %s: %s; the active release stays", sorted(checkpoints), error)
+            log.warning("refused embeddings release from %s: %s; the active release stays", sorted(due.taken), error)
             return PublishOutcome("embeddings", "refused", str(error), seconds=time.perf_counter() - started)
 
         version = self.store.next_version("embeddings")
@@ -442,24 +409,25 @@ class Publisher:
         self._write(staging, "user_ids.json", lambda p: p.write_text(json.dumps(user_ids)))
         self._write(staging, "row_event_time_ms.npy", lambda p: np.save(p, event_times))
         learnt = event_times[event_times > 0]
-        manifest = {
-            "kind": "embeddings",
-            "parent": active.version,
-            "full_version": active.manifest["full_version"],
-            "model_version": active.model_version,
-            "created_at": time.time() if now_s is None else now_s,
-            "online_steps": steps,
-            "checkpoints": read,
-            "resync": resync,
-            "checkpoint_event_time_ms": max(int(c["newest_event_time_ms"]) for c in checkpoints.values()),
-            "event_time": {"start_ms": int(learnt.min()) if len(learnt) else None, "end_ms": int(learnt.max()) if len(learnt) else None},
-            "newest_click_event_time_ms": max(int(active.manifest["newest_click_event_time_ms"]), int(learnt.max()) if len(learnt) else 0),
-            "newest_click_is_bound": bool(active.manifest["newest_click_is_bound"]) and not len(learnt),
-            "rows": {"user_embeddings": len(user_ids)},
-            "dims": {"id_dim": id_dim, "output_dim": int(active.manifest["dims"]["output_dim"])},
-            "config": self.settings.as_record(),
-        }
-        return self._seal_and_activate(staging, version, manifest, "embeddings", active, activate, len(user_ids), started)
+        manifest = EmbeddingsReleaseManifest(
+            version=version,
+            parent=active.version,
+            full_version=active.manifest.full_version,
+            model_version=active.model_version,
+            created_at=time.time() if now_s is None else now_s,
+            online_steps=steps,
+            checkpoints=read,
+            resync=resync,
+            checkpoint_event_time_ms=max(t.checkpoint.newest_event_time_ms for t in due.taken.values()),
+            event_time=EventTimeRange(start_ms=int(learnt.min()) if len(learnt) else None, end_ms=int(learnt.max()) if len(learnt) else None),
+            newest_click_event_time_ms=max(active.manifest.newest_click_event_time_ms, int(learnt.max()) if len(learnt) else 0),
+            newest_click_is_bound=active.manifest.newest_click_is_bound and not len(learnt),
+            rows={"user_embeddings": len(user_ids)},
+            dims=Dims(id_dim=id_dim, output_dim=active.manifest.dims.output_dim),
+            config=self.settings.as_record(),
+            files={},  # listed by the store when it seals
+        )
+        return self._seal_and_activate(staging, manifest, active, activate, len(user_ids), started)
 
     # --- shared steps ----------------------------------------------------------------
 
@@ -467,8 +435,9 @@ class Publisher:
         write(staging / name)
         self.on_stage("file", name)
 
-    def _seal_and_activate(self, staging, version, manifest, kind, active, activate, rows, started) -> PublishOutcome:
-        release = self.store.seal(staging, version, manifest)
+    def _seal_and_activate(self, staging, manifest: ReleaseManifest, active, activate, rows, started) -> PublishOutcome:
+        version, kind = manifest.version, manifest.kind
+        release = self.store.seal(staging, manifest)
         self.on_stage("sealed", version)
         if activate:
             try:
@@ -534,3 +503,7 @@ class Publisher:
             self.store.write_note(KAFKA_NOTE, {"sent_through_sequence": release.sequence, "sent_through": release.version})
             sent += len(keep)
         return sent
+
+
+def _holdout_recall(manifest: ReleaseManifest) -> float | None:
+    return manifest.checks.holdout_recall_at_50 if isinstance(manifest, FullReleaseManifest) else None

@@ -18,9 +18,6 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from freshtower.core.settings import ServiceConfig
 from freshtower.publisher.api_models import (
     ID_PATTERN,
     USER_ID_MAX,
@@ -30,8 +27,8 @@ from freshtower.publisher.api_models import (
     RecallResponse,
     Rejection,
     ReleasesResponse,
-    ReleasesUsed,
     ReleaseSummary,
+    ReleasesUsed,
     decode_recall_request,
     recall_response_json,
 )
@@ -40,6 +37,9 @@ from freshtower.publisher.releases import ReleaseError, ReleaseNotFound, parse_v
 from freshtower.publisher.service_metrics import ServiceMetrics, endpoint_label
 from freshtower.publisher.serving import ServingState, recall
 from freshtower.publisher.user_tower import FeatureError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from freshtower.core.settings import ServiceConfig
 
 router = APIRouter()
 
@@ -239,9 +239,9 @@ def releases_endpoint(live: Live) -> ReleasesResponse:
             kind=release.kind,
             parent=release.parent,
             model_version=release.model_version,
-            created_at=release.manifest["created_at"],
-            newest_click_event_time_ms=release.manifest["newest_click_event_time_ms"],
-            rows=release.manifest["rows"],
+            created_at=release.manifest.created_at,
+            newest_click_event_time_ms=release.manifest.newest_click_event_time_ms,
+            rows=release.manifest.rows,
             active=release.version == active,
             serving=release.version == serving,
         )

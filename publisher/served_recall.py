@@ -75,7 +75,9 @@ def _hours(refs: list[BatchRef], spec: FeatureSpec, start_ms: int, end_ms: int) 
 
 def _followed_from(release: Release) -> int:
     """A full release serves from the day after its model's day (00:00 UTC, ms)."""
-    model_day_start = int(release.manifest["event_time"]["start_ms"])
+    model_day_start = release.manifest.event_time.start_ms
+    if model_day_start is None:
+        raise ValueError(f"full release {release.version} records no event-time start")
     return floor_ms(model_day_start, DAY_MS) + DAY_MS
 
 
@@ -91,7 +93,7 @@ def served_recall_by_hour(
     chains: dict[str, list[Release]] = defaultdict(list)
     for release in releases:
         if release.kind == "embeddings":
-            chains[release.manifest["full_version"]].append(release)
+            chains[release.manifest.full_version].append(release)
     roots = [r for r in releases if r.kind == "full"]
     result: dict[str, list[HourRecall]] = defaultdict(list)
     for n, root in enumerate(roots):
@@ -102,7 +104,7 @@ def served_recall_by_hour(
         frozen = served = load_state(store, root.version)
         pending = sorted(chains[root.version], key=lambda r: r.sequence)
         for start, holdout in hours:
-            while pending and int(pending[0].manifest["checkpoint_event_time_ms"]) <= start:
+            while pending and pending[0].manifest.checkpoint_event_time_ms <= start:
                 if pending[0].parent != served.version:
                     break  # a rollback split the chain: keep what was served
                 served = load_state(store, pending.pop(0).version, current=served)

@@ -41,14 +41,14 @@ from fastapi.exceptions import RequestValidationError
 # with tests in CI, it re-vendors Swagger UI 5 and ReDoc in its releases and
 # depends on nothing but FastAPI.
 from fastapi_offline import FastAPIOffline
-
-from freshtower.core.settings import Settings
 from freshtower.publisher.api_models import RecallRequest
 from freshtower.publisher.live_release import LiveRelease
 from freshtower.publisher.releases import ReleaseStore
 from freshtower.publisher.request_edge import RequestEdge
 from freshtower.publisher.routes import Rejected, malformed_request, rejected_request, router
 from freshtower.publisher.service_metrics import ServiceMetrics
+
+from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -82,8 +82,8 @@ def _load_full(release: Release, ef_search: int | None = None) -> ServingState:
         row_event_time_ms=np.zeros(len(user_ids), dtype=np.int64),
         index=index,
         item_ids=tuple(item_ids),
-        newest_click_event_time_ms=int(release.manifest["newest_click_event_time_ms"]),
-        newest_click_is_bound=bool(release.manifest["newest_click_is_bound"]),
+        newest_click_event_time_ms=release.manifest.newest_click_event_time_ms,
+        newest_click_is_bound=release.manifest.newest_click_is_bound,
         loaded_at=time.time(),
     )
 
@@ -128,7 +128,7 @@ def _apply_delta(state: ServingState, release: Release, *, copy: bool) -> Servin
         row_event_time_ms=_freeze(times) if copy else times,
         index=state.index,
         item_ids=state.item_ids,
-        newest_click_event_time_ms=max(state.newest_click_event_time_ms, int(release.manifest["newest_click_event_time_ms"]), learnt),
+        newest_click_event_time_ms=max(state.newest_click_event_time_ms, release.manifest.newest_click_event_time_ms, learnt),
         newest_click_is_bound=state.newest_click_is_bound and learnt <= 0,
         loaded_at=time.time(),
     )

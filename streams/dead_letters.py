@@ -17,10 +17,11 @@ so, with the full length and SHA-256.
 from __future__ import annotations
 
 import base64
-import hashlib
 
 import orjson
 from freshtower.streams.join import DeadLetter
+
+from freshtower.core.storage import sha256_bytes
 
 
 def encode_dead_letter(letter: DeadLetter, keep_bytes: int) -> bytes:
@@ -34,7 +35,7 @@ def encode_dead_letter(letter: DeadLetter, keep_bytes: int) -> bytes:
             "key_base64": None if letter.key is None else base64.b64encode(letter.key).decode(),
             "value_base64": None if letter.value is None else base64.b64encode(kept).decode(),
             "value_bytes": len(value),
-            "value_sha256": hashlib.sha256(value).hexdigest(),
+            "value_sha256": sha256_bytes(value),
             "value_truncated": len(kept) < len(value),
         }
     )

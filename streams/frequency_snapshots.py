@@ -17,7 +17,6 @@ hundred KB for a catalogue of tens of thousands of clicked items;
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +49,7 @@ def save_snapshot(estimator: FrequencyEstimator, path: Path, sync_directory: boo
     """Write the snapshot atomically (fsync + rename). ``sync_directory``
     False leaves the directory fsync to the caller (the batch written next
     in the same directory does one, which makes this rename durable too)."""
-    path = Path(path)
-    if sync_directory:
-        atomic_write_bytes(path, snapshot_bytes(estimator))
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(snapshot_bytes(estimator))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(path), snapshot_bytes(estimator), sync_directory=sync_directory)
 
 
 def load_snapshot(path: Path | str) -> FrequencyEstimator:

@@ -1,15 +1,18 @@
 """Versioned full-model artifacts on disk.
 
-Layout under ``<data_dir>/models/full/``::
+Layout under ``<data_dir>/models/full/`` (a ``VersionedStore``)::
 
     2026-11-21.1/            one directory per version: <data day>.<attempt>
         model.pt             weights, vocabularies, catalogue, item-frequency
                              state, optimiser state (torch.save, loads with
                              weights_only=True)
-        manifest.json        version, day, parent, created_at, event-time
-                             range learnt from, metrics, lineage (the batch
-                             files and their SHA-256), resolved config, and
-                             the SHA-256 of model.pt
+        manifest.json        ``FullModelManifest``: version, day, parent,
+                             created_at, event-time range learnt from,
+                             metrics, lineage (the batch files and their
+                             SHA-256), resolved config, and the SHA-256 and
+                             size of model.pt
+        REFUSED.json         only if the publisher refused to serve it (a note,
+                             not part of the sealed version)
     LATEST                   the newest version's name
 
 A version directory is written under a temporary name, fsynced and renamed
@@ -19,8 +22,6 @@ artifact, and a crash leaves the previous one current.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import time
@@ -32,11 +33,16 @@ import numpy as np
 import torch
 from freshtower.trainer.model import TwoTowerModel
 
+from freshtower.core.contracts import ContractError, FullModelManifest, TrainingRecord
 from freshtower.core.frequency import FrequencyEstimator
 from freshtower.core.settings import Settings, settings_from_record
-from freshtower.core.storage import atomic_write_bytes, sha256_file
+from freshtower.core.storage import FileDigest
+from freshtower.core.versioned_store import VersionedStore
 
-ARTIFACT_FORMAT = 1
+WEIGHTS_FORMAT = 1  # layout of model.pt
+WEIGHTS = "model.pt"
+POINTER = "LATEST"
+REFUSED_NOTE = "REFUSED.json"
 _VERSION = re.compile(r"^(\d{4}-\d{2}-\d{2})\.(\d+)$")
 
 
@@ -48,16 +54,45 @@ class ArtifactError(RuntimeError):
 class FullModelRef:
     version: str
     path: Path
-    manifest: dict
+    manifest: FullModelManifest
 
     @property
     def day(self) -> str:
-        return self.manifest["day"]
+        return self.manifest.day
 
     @property
     def data_end_ms(self) -> int:
         """End (exclusive) of the event time the model learnt from."""
-        return int(self.manifest["data_end_ms"])
+        return self.manifest.data_end_ms
+
+
+def _version_key(name: str) -> tuple[str, int] | None:
+    """Order of versions: by day, then attempt (``2026-11-21.10`` after ``.9``)."""
+    match = _VERSION.fullmatch(name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def check_model_version(text: str) -> str:
+    """``text`` if it names a full-model version, else ValueError.
+
+    >>> check_model_version("2026-11-21.1")
+    '2026-11-21.1'
+    """
+    if not isinstance(text, str) or _version_key(text) is None:
+        raise ValueError(f"{text!r} is not a model version (expected <YYYY-MM-DD>.<attempt>, e.g. 2026-11-21.1)")
+    return text
+
+
+def full_model_store(models_dir: Path) -> VersionedStore:
+    """The full models under ``models_dir``, behind ``LATEST``."""
+    return VersionedStore(
+        models_dir,
+        pointer=POINTER,
+        version_key=_version_key,
+        check_version=check_model_version,
+        error=ArtifactError,
+        notes=(REFUSED_NOTE,),
+    )
 
 
 def full_models_dir(settings: Settings) -> Path:
@@ -75,58 +110,68 @@ def new_estimator(settings: Settings) -> FrequencyEstimator:
     return FrequencyEstimator(f.buckets, f.hashes, f.alpha)
 
 
-def _to_tensors(state: dict) -> dict:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+def estimator_tensors(estimator: FrequencyEstimator) -> dict[str, torch.Tensor]:
+    """The estimator's state as tensors (what ``weights_only`` files hold)."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in estimator.state_dict().items()}
 
 
-def _to_arrays(state: dict) -> dict:
-    return {k: v.numpy() for k, v in state.items()}
+def estimator_from_tensors(state: dict[str, torch.Tensor]) -> FrequencyEstimator:
+    """Inverse of ``estimator_tensors``."""
+    return FrequencyEstimator.from_state_dict({k: v.numpy() for k, v in state.items()})
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def _ref(store: VersionedStore, version: str) -> FullModelRef:
+    where = store.manifest_location(version)
+    raw = store.manifest_bytes(version)
+    if raw is None:
+        raise ArtifactError(f"{where} is missing")
+    try:
+        manifest = FullModelManifest.from_json(raw, where)
+    except ContractError as error:
+        raise ArtifactError(str(error)) from error
+    if manifest.version != version:
+        raise ArtifactError(f"{where}: field 'version' is {manifest.version!r}, but the directory is {version}")
+    return FullModelRef(version, store.path_of(version), manifest)
 
 
 def list_full_models(models_dir: Path) -> list[FullModelRef]:
     """Complete versions, oldest first (by day, then attempt)."""
-    if not models_dir.is_dir():
-        return []
-    refs = []
-    for path in models_dir.iterdir():
-        match = _VERSION.match(path.name)
-        if match and (path / "manifest.json").is_file():
-            refs.append((match.group(1), int(match.group(2)), path))
-    refs.sort()
-    return [read_manifest(path) for _, _, path in refs]
+    store = full_model_store(models_dir)
+    return [_ref(store, v) for v in store.versions()]
 
 
 def read_manifest(path: Path) -> FullModelRef:
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path}: unreadable manifest.json: {error}") from error
-    return FullModelRef(manifest["version"], path, manifest)
+    """The full model in the version directory ``path``."""
+    path = Path(path)
+    return _ref(full_model_store(path.parent), path.name)
 
 
 def latest_full_model(models_dir: Path) -> FullModelRef | None:
     """The version LATEST names, or None if no full model exists yet."""
-    pointer = models_dir / "LATEST"
-    if not pointer.is_file():
+    store = full_model_store(models_dir)
+    version = store.pointer()
+    if version is None:
         return None
-    version = pointer.read_text().strip()
-    if not _VERSION.match(version):
-        raise ArtifactError(f"{pointer} names {version!r}, which is not a model version")
-    path = models_dir / version
-    if not (path / "manifest.json").is_file():
-        raise ArtifactError(f"{pointer} names {version}, but {path}/manifest.json is missing")
-    return read_manifest(path)
+    if store.manifest_bytes(version) is None:
+        raise ArtifactError(f"{models_dir / POINTER} names {version}, but {store.manifest_location(version)} is missing")
+    return _ref(store, version)
 
 
-REFUSED_NOTE = "REFUSED.json"
-
-
-def mark_refused(ref: FullModelRef, reason: str) -> None:
+def mark_refused(ref: FullModelRef, reason: str, now_s: float | None = None) -> None:
     """Record that the publisher refused to serve this model (e.g. its
     holdout recall dropped): the online trainer will not follow it and no
-    later day warm-starts from it."""
-    note = {"version": ref.version, "reason": reason, "at": time.time()}
-    atomic_write_bytes(ref.path / REFUSED_NOTE, json.dumps(note).encode())
+    later day warm-starts from it. ``now_s``: wall time (default: now)."""
+    note = {"version": ref.version, "reason": reason, "at": time.time() if now_s is None else now_s}
+    full_model_store(ref.path.parent).write_note(REFUSED_NOTE, note, version=ref.version)
+
+
+def refusal(ref: FullModelRef) -> str | None:
+    """Why the publisher refused this model, or None if it did not."""
+    note = full_model_store(ref.path.parent).read_note(REFUSED_NOTE, version=ref.version)
+    return None if note is None else str(note.get("reason", "refused"))
 
 
 def is_refused(ref: FullModelRef) -> bool:
@@ -150,9 +195,12 @@ def previous_full_model(models_dir: Path, before_day: str) -> FullModelRef | Non
     return candidates[-1] if candidates else None
 
 
-def _next_version(models_dir: Path, day: str) -> str:
+# --- writing ---------------------------------------------------------------------------
+
+
+def _next_version(store: VersionedStore, day: str) -> str:
     date.fromisoformat(day)
-    attempts = [int(m.group(2)) for p in models_dir.glob(f"{day}.*") if (m := _VERSION.match(p.name))] if models_dir.is_dir() else []
+    attempts = [key[1] for v in store.versions() if (key := _version_key(v)) is not None and key[0] == day]
     return f"{day}.{max(attempts, default=0) + 1}"
 
 
@@ -162,44 +210,56 @@ def save_full_model(
     model: TwoTowerModel,
     estimator: FrequencyEstimator,
     optimizer_state: dict,
-    manifest_fields: dict,
+    record: TrainingRecord,
 ) -> FullModelRef:
     """Write a new version atomically and point LATEST at it."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    version = _next_version(models_dir, day)
-    staging = models_dir / f".staging-{version}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        weights_path = staging / "model.pt"
-        torch.save(
-            {
-                "format": ARTIFACT_FORMAT,
-                "model": model.export_state(),
-                "estimator": _to_tensors(estimator.state_dict()),
-                "optimizer": optimizer_state,
-            },
-            weights_path,
-        )
-        manifest = {
-            "format": ARTIFACT_FORMAT,
-            "version": version,
-            "day": day,
-            "created_at": time.time(),
-            **manifest_fields,
-            "files": {"model.pt": sha256_file(weights_path)},
+    store = full_model_store(models_dir)
+    version = _next_version(store, day)
+    created_at = time.time()
+
+    def manifest(files: dict[str, FileDigest]) -> bytes:
+        fields = {name: getattr(record, name) for name in TrainingRecord.__dataclass_fields__}
+        return FullModelManifest(version=version, day=day, created_at=created_at, files=files, **fields).to_json()
+
+    with store.staging(version) as staging:
+        payload = {
+            "format": WEIGHTS_FORMAT,
+            "model": model.export_state(),
+            "estimator": estimator_tensors(estimator),
+            "optimizer": optimizer_state,
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        for path in staging.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        final = models_dir / version
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    atomic_write_bytes(models_dir / "LATEST", version.encode())
-    return read_manifest(final)
+        torch.save(payload, staging / WEIGHTS)
+        store.seal(staging, version, manifest)
+    store.set_pointer(version)
+    return _ref(store, version)
+
+
+def adopt_full_model(ref: FullModelRef, models_dir: Path) -> FullModelRef:
+    """Copy a sealed version from another store into ``models_dir`` under
+    its own name, sealed the same way, and point LATEST at it."""
+    store = full_model_store(models_dir)
+    with store.staging(ref.version) as staging:
+        for name in ref.manifest.files:
+            shutil.copyfile(ref.path / name, staging / name)
+        store.seal(staging, ref.version, lambda files: _same_files(ref, files))
+    store.set_pointer(ref.version)
+    return _ref(store, ref.version)
+
+
+def _same_files(ref: FullModelRef, files: dict[str, FileDigest]) -> bytes:
+    if files != ref.manifest.files:
+        raise ArtifactError(f"copy of {ref.path} does not match its manifest: {files} != {ref.manifest.files}")
+    return ref.manifest.to_json()
+
+
+def retain_full_models(models_dir: Path, keep: int) -> list[str]:
+    """Remove versions beyond the newest ``keep``, never the one LATEST
+    names nor the servable one (what serving and the online trainer run)."""
+    servable = servable_full_model(models_dir)
+    return full_model_store(models_dir).retain(keep, protect=() if servable is None else (servable.version,))
+
+
+# --- loading ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -212,23 +272,20 @@ class LoadedModel:
 
 
 def load_full_model(ref: FullModelRef, verify: bool = True) -> LoadedModel:
-    """Load a version, checking model.pt against its manifest checksum."""
-    weights_path = ref.path / "model.pt"
+    """Load a version, checking model.pt against its manifest (size, SHA-256)."""
+    weights_path = ref.path / WEIGHTS
     if not weights_path.is_file():
         raise ArtifactError(f"{weights_path} is missing")
     if verify:
-        expected = ref.manifest.get("files", {}).get("model.pt")
-        actual = sha256_file(weights_path)
-        if actual != expected:
-            raise ArtifactError(f"{weights_path}: SHA-256 {actual} does not match the manifest's {expected}")
+        full_model_store(ref.path.parent).verify(ref.version, ref.manifest.files, where=f"full model {ref.version}")
     try:
         payload = torch.load(weights_path, weights_only=True)
     except Exception as error:
         raise ArtifactError(f"{weights_path}: cannot load: {error}") from error
-    if payload.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{weights_path}: unsupported artifact format {payload.get('format')!r}")
-    settings = settings_from_record(ref.manifest["config"])
+    if payload.get("format") != WEIGHTS_FORMAT:
+        raise ArtifactError(f"{weights_path}: unsupported weights format {payload.get('format')!r}")
+    settings = settings_from_record(ref.manifest.config)
     model = TwoTowerModel(settings.model, settings.vocabulary)
     model.import_state(payload["model"])
-    estimator = FrequencyEstimator.from_state_dict(_to_arrays(payload["estimator"]))
+    estimator = estimator_from_tensors(payload["estimator"])
     return LoadedModel(ref, settings, model, estimator, payload.get("optimizer", {}))

@@ -54,6 +54,7 @@ from freshtower.trainer.samplers import clicked_only
 from freshtower.trainer.sparse_optim import reset_rows
 
 from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
+from freshtower.core.contracts import LineageEntry, TrainingRecord
 from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ def train_full(
         }
     )
     lineage = [
-        {"file": str(r.path.relative_to(settings.batches_dir)), "sha256": r.manifest.sha256, "positives": r.manifest.positives, "role": role}
+        LineageEntry(file=str(r.path.relative_to(settings.batches_dir)), sha256=r.manifest.sha256, positives=r.manifest.positives, role=role)
         for role, group in (("train", train_refs), ("holdout", holdout_refs))
         for r in group
     ]
@@ -270,17 +271,17 @@ def train_full(
         model,
         estimator,
         _optimizer_state(learner),
-        {
-            "parent": parent.version if parent else None,
-            "from_scratch": parent is None,
-            "data_start_ms": refs[0].window_start_ms,
-            "data_end_ms": data_end_ms,
-            "newest_click_event_time_ms": newest_click_ms or None,  # freshness of a full release
-            "holdout_end_ms": refs[-1].manifest.window_end_ms,
-            "metrics": metrics,
-            "lineage": lineage,
-            "config": settings.as_record(),
-        },
+        TrainingRecord(
+            parent=parent.version if parent else None,
+            from_scratch=parent is None,
+            data_start_ms=refs[0].window_start_ms,
+            data_end_ms=data_end_ms,
+            newest_click_event_time_ms=newest_click_ms or None,  # freshness of a full release
+            holdout_end_ms=refs[-1].manifest.window_end_ms,
+            metrics=metrics,
+            lineage=lineage,
+            config=settings.as_record(),
+        ),
     )
     return FullTrainingResult(ref, samples, train_seconds, metrics)
 

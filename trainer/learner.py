@@ -113,6 +113,14 @@ class Learner:
             return None
         return self._item_cache_store[: self._item_cache_size]
 
+    def refresh_item_cache(self) -> None:
+        """Recompute the frozen item vectors from the model's catalogue
+        (online only), e.g. after the catalogue was restored from a checkpoint."""
+        if self.trainable != "user_ids":
+            raise ValueError("only an online (user_ids) learner caches item vectors")
+        self._item_cache_store = self.model.catalogue_vectors()
+        self._item_cache_size = len(self._item_cache_store)
+
     def _cache_items(self, vectors: torch.Tensor) -> None:
         """Append vectors of new catalogue items, doubling capacity as needed."""
         store, size = self._item_cache_store, self._item_cache_size

@@ -42,8 +42,8 @@ import torch
 from freshtower.trainer.artifacts import (
     ArtifactError,
     LoadedModel,
-    _to_arrays,
-    _to_tensors,
+    estimator_from_tensors,
+    estimator_tensors,
     full_models_dir,
     load_full_model,
     servable_full_model,
@@ -54,12 +54,16 @@ from freshtower.trainer.samplers import clicked_only
 from freshtower.trainer.vocabulary import IdVocabulary
 
 from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
-from freshtower.core.frequency import FrequencyEstimator
+from freshtower.core.contracts.online_checkpoint import (
+    CheckpointStats,
+    OnlineCheckpoint,
+    read_online_checkpoint,
+    write_online_checkpoint,
+)
 from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -303,67 +307,55 @@ class OnlineTrainer:
             key: value[:rows].clone() if torch.is_tensor(value) and value.dim() >= 1 else value
             for key, value in self.learner.table_optimizer.state.get(table, {}).items()
         }
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "base_version": self.base.version,
-            "next_window_ms": int(self.next_window_ms),
-            "trained_recent": sorted(self.trained_recent),
-            "newest_window_ms": int(self._newest_window_ms),
-            "partition": [self.partition.index, self.partition.count],
-            "step": int(self.step),
-            "newest_event_time_ms": int(self.newest_event_time_ms),
-            "user_table": table.detach()[:rows].clone(),
-            "user_ids": self.model.user_ids.state_dict(),
-            "optimizer": optimizer_state,
-            "row_updated_step": torch.from_numpy(self.row_updated_step[:rows].copy()),
-            "row_event_time_ms": torch.from_numpy(self.row_event_time_ms[:rows].copy()),
-            "estimator": _to_tensors(self.learner.estimator.state_dict()),
-            "catalogue": self.model.catalogue.state_dict(),
-            "learner_steps": int(self.learner.steps),
-            "rng_state": self.learner.rng.bit_generator.state,
-            "written_at": time.time(),
+        checkpoint = OnlineCheckpoint(
+            base_version=self.base.version,
+            partition=(self.partition.index, self.partition.count),
+            next_window_ms=int(self.next_window_ms),
+            trained_recent=sorted(self.trained_recent),
+            newest_window_ms=int(self._newest_window_ms),
+            step=int(self.step),
+            newest_event_time_ms=int(self.newest_event_time_ms),
+            user_table=table.detach()[:rows].clone(),
+            user_ids=self.model.user_ids.state(),
+            optimizer=optimizer_state,
+            row_updated_step=torch.from_numpy(self.row_updated_step[:rows].copy()),
+            row_event_time_ms=torch.from_numpy(self.row_event_time_ms[:rows].copy()),
+            estimator=estimator_tensors(self.learner.estimator),
+            catalogue=self.model.catalogue.state_dict(),
+            learner_steps=int(self.learner.steps),
+            rng_state=dict(self.learner.rng.bit_generator.state),
+            written_at=time.time(),
             # this process's figures so far, for monitoring (`freshtower run`'s summary)
-            "stats": {"batches": self.stats.batches, "samples": self.stats.samples, "rebases": self.stats.rebases},
-        }
+            stats=CheckpointStats(batches=self.stats.batches, samples=self.stats.samples, rebases=self.stats.rebases),
+        )
         path = checkpoint_path(self.settings, self.partition)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_online_checkpoint(path, checkpoint)
         self._last_checkpoint = time.monotonic()
         self._unsaved_batches = 0
         self.stats.checkpoints += 1
         return path
 
-    def _restore(self, payload: dict) -> None:
+    def _restore(self, checkpoint: OnlineCheckpoint) -> None:
+        if checkpoint.partition != (self.partition.index, self.partition.count):
+            raise ArtifactError(f"checkpoint belongs to partition {list(checkpoint.partition)}, not {self.partition}")
         model = self.model
-        model.user_ids = IdVocabulary.from_state_dict(payload["user_ids"])
-        model.catalogue = ItemCatalogue.from_state_dict(payload["catalogue"])
+        model.user_ids = IdVocabulary.from_state(checkpoint.user_ids)
+        model.catalogue = ItemCatalogue.from_state_dict(checkpoint.catalogue)
         table = model.user_tower.id_embedding
-        table.data = payload["user_table"].clone()
+        table.data = checkpoint.user_table.clone()
         optimizer = self.learner.table_optimizer
-        optimizer.state[table] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in payload["optimizer"].items()}
-        self.learner.estimator = FrequencyEstimator.from_state_dict(_to_arrays(payload["estimator"]))
-        self.learner._item_cache_store = model.catalogue_vectors()
-        self.learner._item_cache_size = len(self.learner._item_cache_store)
-        if tuple(payload["partition"]) != (self.partition.index, self.partition.count):
-            raise ArtifactError(f"checkpoint belongs to partition {payload['partition']}, not {self.partition}")
-        self.next_window_ms = int(payload["next_window_ms"])
-        self.trained_recent = set(payload["trained_recent"])
-        self._newest_window_ms = int(payload["newest_window_ms"])
-        self.step = int(payload["step"])
-        self.newest_event_time_ms = int(payload["newest_event_time_ms"])
-        self.row_updated_step = payload["row_updated_step"].numpy().copy()
-        self.row_event_time_ms = payload["row_event_time_ms"].numpy().copy()
-        self.learner.steps = int(payload["learner_steps"])
-        self.learner.rng.bit_generator.state = payload["rng_state"]
+        optimizer.state[table] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in checkpoint.optimizer.items()}
+        self.learner.estimator = estimator_from_tensors(checkpoint.estimator)
+        self.learner.refresh_item_cache()
+        self.next_window_ms = checkpoint.next_window_ms
+        self.trained_recent = set(checkpoint.trained_recent)
+        self._newest_window_ms = checkpoint.newest_window_ms
+        self.step = checkpoint.step
+        self.newest_event_time_ms = checkpoint.newest_event_time_ms
+        self.row_updated_step = checkpoint.row_updated_step.numpy().copy()
+        self.row_event_time_ms = checkpoint.row_event_time_ms.numpy().copy()
+        self.learner.steps = checkpoint.learner_steps
+        self.learner.rng.bit_generator.state = checkpoint.rng_state
 
     @classmethod
     def start(cls, settings: Settings, partition: Partition = Partition()) -> "OnlineTrainer":
@@ -375,26 +367,15 @@ class OnlineTrainer:
                 f"no full model under {full_models_dir(settings)}: run `freshtower train full --day YYYY-MM-DD` first"
             )
         path = checkpoint_path(settings, partition)
-        payload = load_checkpoint(path) if path.is_file() else None
-        if payload is not None and payload["base_version"] != latest.version:
-            log.info("checkpoint is based on %s, newest full model is %s: re-basing", payload["base_version"], latest.version)
-            payload = None
+        checkpoint = read_online_checkpoint(path) if path.is_file() else None
+        if checkpoint is not None and checkpoint.base_version != latest.version:
+            log.info("checkpoint is based on %s, newest full model is %s: re-basing", checkpoint.base_version, latest.version)
+            checkpoint = None
         trainer = cls(settings, load_full_model(latest), partition)
-        if payload is not None:
-            trainer._restore(payload)
+        if checkpoint is not None:
+            trainer._restore(checkpoint)
             log.info("resumed online trainer at window %d (step %d)", trainer.next_window_ms, trainer.step)
         return trainer
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Read an online checkpoint (tensors, lists and dicts only)."""
-    try:
-        payload = torch.load(path, weights_only=True)
-    except Exception as error:
-        raise ArtifactError(f"{path}: cannot load online checkpoint: {error}") from error
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
-    return payload
 
 
 def decode_for_training(ref: BatchRef, spec: FeatureSpec) -> SampleColumns:

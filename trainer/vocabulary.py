@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 from freshtower.trainer.fingerprint_table import FingerprintTable
 
+from freshtower.core.contracts import VocabularyState
 from freshtower.core.fingerprints import fingerprint_strings
 
 DEFAULT_ROW = 0
@@ -191,31 +192,40 @@ class IdVocabulary:
         """Row -> ID (None for the default row and free rows)."""
         return list(self._row_ids)
 
-    # --- persistence (plain lists and arrays: loads with weights_only) -------
+    # --- persistence (plain lists: loads with weights_only) ----------------------
 
-    def state_dict(self) -> dict:
-        return {
-            "min_count": self.min_count,
-            "expiry_days": self.expiry_days,
-            "row_ids": ["" if r is None else r for r in self._row_ids],
-            "last_seen": self._last_seen[: len(self._row_ids)].tolist(),
-            "pending_ids": list(self._pending.keys()),
-            "pending": [v for v in self._pending.values()],
-        }
+    def state(self) -> VocabularyState:
+        """What is saved of the vocabulary (the contract readers see)."""
+        return VocabularyState(
+            min_count=self.min_count,
+            expiry_days=self.expiry_days,
+            row_ids=["" if r is None else r for r in self._row_ids],
+            last_seen=self._last_seen[: len(self._row_ids)].tolist(),
+            pending_ids=list(self._pending.keys()),
+            pending=[list(v) for v in self._pending.values()],
+        )
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "IdVocabulary":
-        vocab = cls(min_count=int(state["min_count"]), expiry_days=state["expiry_days"])
-        row_ids = [None if r == "" else r for r in state["row_ids"]]
+    def from_state(cls, state: VocabularyState) -> "IdVocabulary":
+        vocab = cls(min_count=state.min_count, expiry_days=state.expiry_days)
+        row_ids: list[str | None] = [None if r == "" else r for r in state.row_ids]
         row_ids[DEFAULT_ROW] = None
         vocab._row_ids = row_ids
         vocab._rows = {r: i for i, r in enumerate(row_ids) if r is not None}
         if len(vocab._rows) != sum(r is not None for r in row_ids):
             raise ValueError("vocabulary state lists an ID on two rows")
         vocab._free_rows = [i for i, r in enumerate(row_ids) if r is None and i != DEFAULT_ROW]
-        last_seen = np.asarray(state["last_seen"], dtype=np.int32)
+        last_seen = np.asarray(state.last_seen, dtype=np.int32)
         vocab._last_seen = np.zeros(max(16, len(row_ids)), dtype=np.int32)
         vocab._last_seen[: len(last_seen)] = last_seen
-        vocab._pending = {k: [int(v[0]), int(v[1])] for k, v in zip(state["pending_ids"], state["pending"])}
+        vocab._pending = {k: [int(v[0]), int(v[1])] for k, v in zip(state.pending_ids, state.pending)}
         vocab._reindex()
         return vocab
+
+    def state_dict(self) -> dict:
+        """``state()`` as plain lists and dicts, for torch.save."""
+        return self.state().to_payload()
+
+    @classmethod
+    def from_state_dict(cls, payload: dict) -> "IdVocabulary":
+        return cls.from_state(VocabularyState.from_payload(payload))

@@ -64,7 +64,7 @@ def train_full_command(
     settings = _settings(ctx)
     if workers > 1:
         ref = train_full_parallel(settings, day, workers, from_scratch=from_scratch)
-        metrics = ref.manifest["metrics"]
+        metrics = ref.manifest.metrics
         console.print(f"wrote full model [bold]{ref.version}[/bold] with {workers} workers; holdout {metrics.get('exact')}")
         print(json.dumps({"version": ref.version, "path": str(ref.path), "metrics": metrics}, default=str))
         return

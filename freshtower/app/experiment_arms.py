@@ -39,7 +39,6 @@ Pure bookkeeping lives in small functions; ``run_arms`` is the loop.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from freshtower.trainer.artifacts import full_models_dir, list_full_models, load_full_model
+from freshtower.trainer.artifacts import adopt_full_model, full_models_dir, list_full_models, load_full_model
 from freshtower.trainer.full import train_full
 from freshtower.trainer.metrics import recall_per_unit, relevant_positions, top_k
 from freshtower.trainer.online import OnlineTrainer, batch_key
@@ -56,7 +55,6 @@ from freshtower.trainer.online import OnlineTrainer, batch_key
 from freshtower.core.batches import BatchRef, FeatureSpec, list_batches, read_batch
 from freshtower.core.eventtime import DAY_MS, HOUR_MS, day_name, day_start_ms, floor_ms
 from freshtower.core.settings import Settings
-from freshtower.core.storage import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -388,19 +386,8 @@ def _arm_settings(settings: Settings, data_dir: Path, batches_dir: Path) -> Sett
 def _reveal(model_ref, settings: Settings) -> None:
     """Make a full model visible to an arm's online trainer (its release time has come)."""
     models = full_models_dir(settings)
-    target = models / model_ref.path.name
-    if not target.exists():
-        models.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(model_ref.path, target)
-        _point_latest(models, model_ref.version)
-
-
-def _point_latest(models_dir: Path, version: str) -> None:
-    """Point an arm's full-model store at ``version`` once its files are in
-    place: ``LATEST`` replaced atomically, as ``trainer.artifacts`` writes it
-    and ``OnlineTrainer.rebase_if_newer`` reads it. The one place the
-    experiment writes a store pointer; a store call for it replaces this."""
-    atomic_write_bytes(models_dir / "LATEST", version.encode())
+    if not (models / model_ref.version).exists():
+        adopt_full_model(model_ref, models)  # copied, sealed, then LATEST moved atomically
 
 
 def _slug(name: str) -> str:

@@ -14,9 +14,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING
 
 from freshtower.app.run_state import ActiveRelease, FullModelLine, RecallSample, Settled
 from freshtower.core.settings import Settings
+
+if TYPE_CHECKING:
+    from freshtower.publisher.releases import Release
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +61,9 @@ def releases(settings: Settings) -> Releases:
     return Releases(counts["full"], counts["embeddings"], None if active is None else active_release(active))
 
 
-def active_release(release) -> ActiveRelease:
+def active_release(release: Release) -> ActiveRelease:
     m = release.manifest
-    return ActiveRelease(
-        release.version, release.kind, release.model_version, int(m["newest_click_event_time_ms"]), int(m["checkpoint_event_time_ms"])
-    )
+    return ActiveRelease(release.version, release.kind, release.model_version, m.newest_click_event_time_ms, m.checkpoint_event_time_ms)
 
 
 def full_model_versions(settings: Settings) -> tuple[str, ...]:
@@ -73,13 +75,15 @@ def full_model_versions(settings: Settings) -> tuple[str, ...]:
 def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled:
     """The facts of the completion rule that matter once the replay has
     ended (``run_state.unfinished``); reads every batch manifest."""
-    from freshtower.publisher.publish import delta_due, online_checkpoints, rows_to_publish
+    from freshtower.publisher.due import what_is_due
+    from freshtower.publisher.publish import online_checkpoints
     from freshtower.publisher.releases import ReleaseError, ReleaseStore
-    from freshtower.trainer.artifacts import ArtifactError, full_models_dir, is_refused, list_full_models, servable_full_model
-    from freshtower.trainer.online import load_checkpoint
+    from freshtower.trainer.artifacts import full_models_dir, list_full_models, refusal, servable_full_model
     from freshtower.trainer.schedule import day_of, days_due
 
     from freshtower.core.batches import list_batches
+    from freshtower.core.contracts import ContractError
+    from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 
     s = settings
     refs = list_batches(s.batches_dir)
@@ -93,36 +97,28 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
         active = store.active()
     except ReleaseError:
         active = None
-    handled = servable is not None and (
-        is_refused(servable) or any(e.get("kind") == "full" and e.get("model_version") == servable.version for e in store.activations())
-    )
-    bases, windows, pending, pending_due = set(), [], 0, False
+    bases: set[str | None] = set()  # the full models the checkpoints follow (None: one being replaced)
+    windows, checkpoints = [], {}
     for name, path in online_checkpoints(s.online_dir).items():
         try:
-            checkpoint = load_checkpoint(path)
-        except ArtifactError:
+            checkpoint = read_online_checkpoint(path)
+        except ContractError:
             bases.add(None)  # being replaced: look again next second
             continue
-        bases.add(checkpoint["base_version"])
-        windows.append(int(checkpoint["newest_window_ms"]))
-        if active is None or checkpoint["base_version"] != active.model_version:
-            continue
-        # What the publisher would put in its next embeddings release, and
-        # whether its own schedule says that release is due.
-        row_ids = ["" if r is None else r for r in checkpoint["user_ids"]["row_ids"]]
-        since = int(active.manifest["online_steps"].get(name, 0))
-        step = int(checkpoint["step"])
-        rows = len(rows_to_publish(checkpoint["row_updated_step"].numpy(), row_ids, since, step < since))
-        pending += rows
-        if rows and not pending_due:
-            pending_due = active.kind == "full" or delta_due(
-                s.publisher.clock,
-                s.publisher.publish_interval_seconds,
-                now_s=time.time(),
-                last_release_s=float(active.manifest["created_at"]),
-                newest_event_ms=int(checkpoint["newest_event_time_ms"]),
-                last_event_ms=int(active.manifest["checkpoint_event_time_ms"]),
-            )
+        bases.add(checkpoint.base_version)
+        windows.append(checkpoint.newest_window_ms)
+        checkpoints[name] = checkpoint
+    # What the publisher would do now, by its own rule.
+    publisher = what_is_due(
+        model_version=None if servable is None else servable.version,
+        model_refused=None if servable is None else refusal(servable),
+        activations=store.activations(),
+        active=None if active is None else active.manifest,
+        checkpoints=checkpoints,
+        now_s=time.time(),
+        config=s.publisher,
+    )
+    handled = servable is not None and not publisher.full.due
     st = s.streams
     return Settled(
         # the last impression's label-0 samples land join_window later, and
@@ -134,8 +130,8 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
         servable_model_handled=handled,
         checkpoint_base=bases.pop() if len(bases) == 1 else None,
         checkpoint_newest_window_ms=min(windows) if windows else None,
-        rows_pending=pending,
-        rows_pending_due=pending_due,
+        rows_pending=publisher.embeddings.rows,
+        rows_pending_due=publisher.embeddings.due,
         serving=(get_json(service_url + "/v1/releases") or {}).get("serving"),
     )
 
@@ -157,29 +153,29 @@ def batch_figures(settings: Settings) -> tuple[int, dict[str, int], int, int]:
 
 def full_model_lines(settings: Settings) -> list[FullModelLine]:
     from freshtower.publisher.releases import ReleaseStore
-    from freshtower.trainer.artifacts import REFUSED_NOTE, full_models_dir, is_refused, list_full_models
+    from freshtower.trainer.artifacts import full_models_dir, list_full_models, refusal
 
     released = {e["model_version"]: e["version"] for e in ReleaseStore(settings.releases_dir).activations() if e.get("kind") == "full"}
     lines = []
     for m in list_full_models(full_models_dir(settings)):
-        metrics = m.manifest.get("metrics", {})
-        refused = json.loads((m.path / REFUSED_NOTE).read_text()).get("reason") if is_refused(m) else None
-        recall = metrics.get("exact", {}).get("recall@50")
-        lines.append(FullModelLine(m.version, int(metrics.get("train_samples", 0)), recall, released.get(m.version), refused))
+        lines.append(FullModelLine(m.version, m.manifest.train_samples, m.manifest.holdout_recall(50), released.get(m.version), refusal(m)))
     return lines
 
 
 def online_figures(settings: Settings) -> dict:
     """The online checkpoint's figures (batches, samples, re-bases, base)."""
+    from dataclasses import asdict
+
     from freshtower.publisher.publish import online_checkpoints
-    from freshtower.trainer.online import load_checkpoint
+
+    from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 
     figures: dict = {}
     for path in online_checkpoints(settings.online_dir).values():
-        checkpoint = load_checkpoint(path)
-        for key, value in checkpoint.get("stats", {}).items():
+        checkpoint = read_online_checkpoint(path)
+        for key, value in asdict(checkpoint.stats).items():
             figures[key] = figures.get(key, 0) + value
-        figures["base"] = checkpoint["base_version"]
+        figures["base"] = checkpoint.base_version
     return figures
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(directory: Path) -> None:
@@ -27,7 +30,30 @@ def fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, sync_directory: bool = True) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it
+    and rename it over ``path``: readers see the old content or the new.
+
+    ``sync_directory`` False leaves the directory fsync (which makes the
+    rename durable) to the caller, e.g. when a second file is written into
+    the same directory next and syncs it for both.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_directory:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
     """Write, fsync and rename into place, so readers see all or nothing.
 
     >>> import tempfile
@@ -36,26 +62,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     >>> target.read_bytes()
     b'2026-11-21.1'
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, lambda handle: handle.write(data), sync_directory=sync_directory)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def sha256_bytes(data: bytes) -> str:
-    """Hex SHA-256 of ``data``.
+def sha256_bytes(data: bytes | memoryview) -> str:
+    """Hex SHA-256 of ``data`` (any bytes-like object).
 
     >>> sha256_bytes(b"")
     'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
@@ -70,3 +85,37 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileDigest:
+    """What a manifest records of each file it lists."""
+
+    sha256: str  # hex
+    bytes: int  # size
+
+
+def file_digest(path: Path) -> FileDigest:
+    """SHA-256 and size of a file.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "rows"
+    >>> _ = path.write_bytes(b"0123456789")
+    >>> file_digest(path)  # sha256(b"0123456789"), worked out with hashlib
+    FileDigest(sha256='84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882', bytes=10)
+    """
+    return FileDigest(sha256=sha256_file(path), bytes=Path(path).stat().st_size)
+
+
+def digest_mismatch(path: Path, expected: FileDigest) -> str | None:
+    """Why ``path`` does not match ``expected`` (missing, size, SHA-256), or None."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != expected.bytes:
+        return f"{path} has {size} bytes, the manifest says {expected.bytes} (so its SHA-256 cannot match either)"
+    actual = sha256_file(path)
+    if actual != expected.sha256:
+        return f"{path} SHA-256 {actual} does not match the manifest's {expected.sha256}"
+    return None

@@ -134,8 +134,8 @@ def test_run_replays_two_days_through_every_part_to_its_summary(start_run):
     models = list_full_models(data / "models" / "full")
     assert [m.day for m in models] == [first_day, second_day]
     for m in models:
-        recall = m.manifest["metrics"]["exact"]["recall@50"]
-        assert f"full model {m.version}: {m.manifest['metrics']['train_samples']:,} samples, holdout Recall@50 {recall:.4f}" in summary
+        recall = m.manifest.metrics["exact"]["recall@50"]
+        assert f"full model {m.version}: {m.manifest.metrics['train_samples']:,} samples, holdout Recall@50 {recall:.4f}" in summary
 
     # Releases: the first day's model, then embeddings releases on top of it
     # or of the next day's; the active one learnt up to the last clicks.

@@ -12,8 +12,8 @@ import pytest
 from freshtower.core.fingerprints import fingerprint_strings
 from freshtower.core.statistics import (
     COUNT_COLUMNS,
-    FEATURE_NAMES,
     DAY,
+    FEATURE_NAMES,
     HOUR,
     Interactions,
     ItemStatistics,

@@ -91,7 +91,7 @@ def test_a_broker_outage_does_not_stop_releases_and_the_rows_are_sent_later(data
         assert publisher.store.read_note("kafka.json") is None and topic.sent == []
         topic.down = False
         publisher.tick(now_s=1.0)  # nothing new to release; the topic catches up
-        users = publisher.store.get(full.version).manifest["rows"]["user_embeddings"] - 1  # all but the default row
+        users = publisher.store.get(full.version).manifest.rows["user_embeddings"] - 1  # all but the default row
         assert topic.sent == [(full.version, users), (delta.version, delta.rows)]
         publisher.tick(now_s=2.0)
         assert len(topic.sent) == 2  # sent once

@@ -8,7 +8,6 @@ from freshtower.publisher.item_cache import CatalogueItems, ItemTowerCache
 from freshtower.core.fingerprints import fingerprint_strings
 from tests.publisher.prerank_world import small_model
 
-
 STRANGERS = ["stranger", "other", "nobody", "who"]  # IDs the model does not know
 
 

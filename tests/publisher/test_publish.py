@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,8 +14,10 @@ from freshtower.publisher.publish import Publisher, online_checkpoints
 from freshtower.publisher.releases import ReleaseStore
 from freshtower.publisher.serving import load_state
 from freshtower.trainer.artifacts import full_models_dir, latest_full_model, load_full_model, save_full_model
-from freshtower.trainer.online import OnlineTrainer, checkpoint_path, load_checkpoint
+from freshtower.trainer.online import OnlineTrainer, checkpoint_path
 
+from freshtower.core.contracts import TrainingRecord
+from freshtower.core.contracts.online_checkpoint import OnlineCheckpoint, read_online_checkpoint, write_online_checkpoint
 from tests.publisher.conftest import DAY1, publisher_settings
 
 
@@ -38,12 +41,22 @@ def copy_full_model(settings, day: str, *, recall_at_50=None, poison: bool = Fal
     if poison:
         with torch.no_grad():
             loaded.model.user_tower.mlp[0].weight[3, 5] = float("nan")
-    fields = {k: loaded.ref.manifest[k] for k in ("data_start_ms", "data_end_ms", "holdout_end_ms", "config", "metrics")}
-    fields["metrics"] = json.loads(json.dumps(fields["metrics"]))
+    manifest = loaded.ref.manifest
+    metrics = json.loads(json.dumps(manifest.metrics))
     if recall_at_50 is not None:
-        fields["metrics"]["exact"]["recall@50"] = recall_at_50
-    fields["parent"] = loaded.ref.version
-    return save_full_model(full_models_dir(settings), day, loaded.model, loaded.estimator, {}, fields)
+        metrics["exact"]["recall@50"] = recall_at_50
+    record = TrainingRecord(
+        parent=loaded.ref.version,
+        from_scratch=False,
+        data_start_ms=manifest.data_start_ms,
+        data_end_ms=manifest.data_end_ms,
+        newest_click_event_time_ms=manifest.newest_click_event_time_ms,
+        holdout_end_ms=manifest.holdout_end_ms,
+        metrics=metrics,
+        lineage=manifest.lineage,
+        config=manifest.config,
+    )
+    return save_full_model(full_models_dir(settings), day, loaded.model, loaded.estimator, {}, record)
 
 
 def test_full_release_then_embeddings_releases_of_the_rows_changed_since(data_dir):
@@ -58,21 +71,21 @@ def test_full_release_then_embeddings_releases_of_the_rows_changed_since(data_di
 
         # The full release: every user row of the full model, its items, an exact index (300 items < 100k).
         model = load_full_model(latest_full_model(full_models_dir(settings))).model
-        assert full_release.manifest["rows"] == {"user_embeddings": len(model.user_ids), "items": len(model.catalogue)}
-        assert full_release.manifest["index"]["kind"] == "IndexFlatIP"
-        assert full_release.manifest["index"]["recall_at_100_vs_exact"] == pytest.approx(1.0)
+        assert full_release.manifest.rows == {"user_embeddings": len(model.user_ids), "items": len(model.catalogue)}
+        assert full_release.manifest.index.kind == "IndexFlatIP"
+        assert full_release.manifest.index.recall_at_100_vs_exact == pytest.approx(1.0)
 
         # The delta: exactly the rows the trainer changed (step > 0), with the checkpoint's values.
-        checkpoint = load_checkpoint(checkpoint_path(settings))
-        row_ids = checkpoint["user_ids"]["row_ids"]
-        changed = {row_ids[r] for r in np.flatnonzero(checkpoint["row_updated_step"].numpy() > 0)}
+        checkpoint = read_online_checkpoint(checkpoint_path(settings))
+        row_ids = checkpoint.user_ids.row_ids
+        changed = {row_ids[r] for r in np.flatnonzero(checkpoint.row_updated_step.numpy() > 0)}
         rows = release_rows(delta_release)
         assert set(rows) == changed and len(changed) > 10
         for user_id in list(rows)[:20]:
-            np.testing.assert_array_equal(rows[user_id], checkpoint["user_table"][row_ids.index(user_id)].numpy())
+            np.testing.assert_array_equal(rows[user_id], checkpoint.user_table[row_ids.index(user_id)].numpy())
         times = np.load(delta_release.file("row_event_time_ms.npy"))
-        assert delta_release.manifest["newest_click_event_time_ms"] == int(times.max())
-        assert delta_release.manifest["online_steps"] == {"checkpoint.pt": trainer.step}
+        assert delta_release.manifest.newest_click_event_time_ms == int(times.max())
+        assert delta_release.manifest.online_steps == {"checkpoint.pt": trainer.step}
 
         # More training: the next delta holds only the rows changed after the first one's step.
         first_step = trainer.step
@@ -81,9 +94,9 @@ def test_full_release_then_embeddings_releases_of_the_rows_changed_since(data_di
         assert outcome.status == "skipped" and "not due" in outcome.reason
         outcome = publisher.publish_delta_if_due(now_s=1000.0 + 60)
         assert outcome.status == "published"
-        checkpoint = load_checkpoint(checkpoint_path(settings))
-        row_ids = checkpoint["user_ids"]["row_ids"]
-        expected = {row_ids[r] for r in np.flatnonzero(checkpoint["row_updated_step"].numpy() > first_step)}
+        checkpoint = read_online_checkpoint(checkpoint_path(settings))
+        row_ids = checkpoint.user_ids.row_ids
+        expected = {row_ids[r] for r in np.flatnonzero(checkpoint.row_updated_step.numpy() > first_step)}
         assert set(release_rows(store.get(outcome.version))) == expected
         assert store.get(outcome.version).parent == delta.version
 
@@ -98,9 +111,9 @@ def test_catalogues_above_the_threshold_get_an_hnsw_index_checked_against_exact_
     settings = publisher_settings(data_dir, publisher={"exact_index_below": 100, "hnsw_m": 8, "hnsw_ef_search": 200})
     with Publisher(settings) as publisher:
         outcome = publisher.publish_full_if_new(now_s=0.0)
-        index = publisher.store.get(outcome.version).manifest["index"]
-    assert index["kind"] == "hnsw" and index["settings"]["hnsw_m"] == 8
-    assert 0.9 <= index["recall_at_100_vs_exact"] <= 1.0 and index["check_queries"] == 200
+        index = publisher.store.get(outcome.version).manifest.index
+    assert index.kind == "hnsw" and index.settings["hnsw_m"] == 8
+    assert 0.9 <= index.recall_at_100_vs_exact <= 1.0 and index.check_queries == 200
     state = load_state(publisher.store, outcome.version, ef_search=150)
     assert state.index.index.hnsw.efSearch == 150
 
@@ -111,14 +124,14 @@ def test_event_clock_releases_when_event_time_has_moved_an_interval(data_dir):
     train_online(settings, 1)
     with Publisher(settings) as publisher:
         assert [o.status for o in publisher.tick(now_s=0.0)] == ["published", "published"]  # full, then its first delta at once
-        last = publisher.store.active().manifest["checkpoint_event_time_ms"]
+        last = publisher.store.active().manifest.checkpoint_event_time_ms
         train_online(settings, 1)
         assert publisher.publish_delta_if_due(now_s=0.0).status == "skipped"  # 10 minutes of events: not due
         # The end of a replayed log: what was learnt goes out although not due.
         assert [o.status for o in publisher.tick(now_s=0.0, force_delta=True)] == ["skipped", "published"]
-        last = publisher.store.active().manifest["checkpoint_event_time_ms"]
+        last = publisher.store.active().manifest.checkpoint_event_time_ms
         train_online(settings, 3)
-        newest = load_checkpoint(checkpoint_path(settings))["newest_event_time_ms"]
+        newest = read_online_checkpoint(checkpoint_path(settings)).newest_event_time_ms
         assert newest - last >= 1_800_000
         assert publisher.publish_delta_if_due(now_s=0.0).status == "published"  # wall time never moved
 
@@ -128,7 +141,7 @@ def test_full_models_with_nan_or_a_recall_drop_beyond_the_margin_are_refused(dat
     settings = publisher_settings(data_dir, publisher={"max_recall_drop": 0.02})
     with Publisher(settings) as publisher:
         first = publisher.tick(now_s=0.0)[0]
-        active_recall = publisher.store.get(first.version).manifest["checks"]["holdout_recall_at_50"]
+        active_recall = publisher.store.get(first.version).manifest.checks.holdout_recall_at_50
         assert active_recall > 0.1
         copy_full_model(settings, DAY1, recall_at_50=active_recall - recall_drop, poison=poison)
         outcome = publisher.publish_full_if_new()
@@ -205,7 +218,7 @@ def test_a_publisher_killed_mid_release_leaves_the_previous_release_active_and_i
         publisher.tick(now_s=0.0)
     store = ReleaseStore(settings.releases_dir)
     active = store.active_version()
-    before = {r.version: r.manifest["files"] for r in store.list()}
+    before = {r.version: r.manifest.files for r in store.list()}
     served = load_state(store, active)
     train_online(settings, 2)
     copy_full_model(settings, DAY1)
@@ -217,7 +230,7 @@ def test_a_publisher_killed_mid_release_leaves_the_previous_release_active_and_i
         assert store.active_version() == active  # the pointer never moved
         for version in store.chain(active):
             store.verify(version.version)  # every file of the active chain still matches its checksum
-        assert {v: store.get(v).manifest["files"] for v in before} == before
+        assert {v: store.get(v).manifest.files for v in before} == before
         state = load_state(store, active)
         np.testing.assert_array_equal(state.id_table, served.id_table)
 
@@ -238,45 +251,43 @@ def test_a_publisher_killed_mid_release_leaves_the_previous_release_active_and_i
         assert delta.status == "published" and store.active_version() == delta.version
 
 
-def split_checkpoint(checkpoint: dict, owner: np.ndarray, partition: int) -> dict:
+def split_checkpoint(checkpoint: OnlineCheckpoint, owner: np.ndarray, partition: int) -> OnlineCheckpoint:
     """The checkpoint one of two user-partitioned trainers would hold: rows
     it does not own look untouched (step 0), as in a trainer that never saw them."""
-    part = dict(checkpoint)
-    steps = checkpoint["row_updated_step"].clone()
+    steps = checkpoint.row_updated_step.clone()
     steps[torch.from_numpy(owner != partition)] = 0
-    part["row_updated_step"] = steps
-    return part
+    return dataclasses.replace(checkpoint, row_updated_step=steps)
 
 
 def test_checkpoints_of_user_partitions_are_released_together_each_from_its_own_step(data_dir):
     settings = publisher_settings(data_dir)
     train_online(settings, 3)
     single = checkpoint_path(settings)
-    checkpoint = load_checkpoint(single)
-    rows = len(checkpoint["user_ids"]["row_ids"])
+    checkpoint = read_online_checkpoint(single)
+    rows = len(checkpoint.user_ids.row_ids)
     owner = np.arange(rows) % 2  # user partition of each row
     for k in (0, 1):
-        torch.save(split_checkpoint(checkpoint, owner, k), settings.online_dir / f"checkpoint-{k}-of-2.pt")
+        write_online_checkpoint(settings.online_dir / f"checkpoint-{k}-of-2.pt", split_checkpoint(checkpoint, owner, k))
     # the single checkpoint left from before scaling out is ignored: were it read, its rows would clash
     assert sorted(online_checkpoints(settings.online_dir)) == ["checkpoint-0-of-2.pt", "checkpoint-1-of-2.pt"]
     with Publisher(settings) as publisher:
         full, delta = publisher.tick(now_s=0.0)
         assert delta.status == "published", delta
         release = publisher.store.get(delta.version)
-        row_ids = checkpoint["user_ids"]["row_ids"]
-        changed = {row_ids[r] for r in np.flatnonzero(checkpoint["row_updated_step"].numpy() > 0)}
+        row_ids = checkpoint.user_ids.row_ids
+        changed = {row_ids[r] for r in np.flatnonzero(checkpoint.row_updated_step.numpy() > 0)}
         assert set(release_rows(release)) == changed  # the union of both partitions
-        step = int(checkpoint["step"])
-        assert release.manifest["online_steps"] == {"checkpoint-0-of-2.pt": step, "checkpoint-1-of-2.pt": step}
+        step = checkpoint.step
+        assert release.manifest.online_steps == {"checkpoint-0-of-2.pt": step, "checkpoint-1-of-2.pt": step}
 
         # Partition 1 trains on (one more step, two of its rows); partition 0 does not move.
-        moved = load_checkpoint(settings.online_dir / "checkpoint-1-of-2.pt")
+        moved = read_online_checkpoint(settings.online_dir / "checkpoint-1-of-2.pt")
         mine = np.flatnonzero((owner == 1) & (np.arange(rows) > 0))[:2]
-        moved["step"] = step + 1
-        moved["row_updated_step"][torch.from_numpy(mine)] = step + 1
-        moved["user_table"][torch.from_numpy(mine)] += 0.5
-        torch.save(moved, settings.online_dir / "checkpoint-1-of-2.pt")
+        moved = dataclasses.replace(moved, step=step + 1)
+        moved.row_updated_step[torch.from_numpy(mine)] = step + 1
+        moved.user_table[torch.from_numpy(mine)] += 0.5
+        write_online_checkpoint(settings.online_dir / "checkpoint-1-of-2.pt", moved)
         second = publisher.publish_delta_if_due(now_s=1e6)
         assert second.status == "published" and second.rows == 2
         assert set(release_rows(publisher.store.get(second.version))) == {row_ids[r] for r in mine}
-        assert publisher.store.get(second.version).manifest["online_steps"]["checkpoint-1-of-2.pt"] == step + 1
+        assert publisher.store.get(second.version).manifest.online_steps["checkpoint-1-of-2.pt"] == step + 1

@@ -5,6 +5,49 @@ import json
 import pytest
 from freshtower.publisher.releases import ActiveChanged, ReleaseError, ReleaseNotFound, ReleaseStore, parse_version
 
+from freshtower.core.contracts import (
+    CheckpointRead,
+    Dims,
+    EmbeddingsReleaseManifest,
+    EventTimeRange,
+    FullReleaseManifest,
+    IndexSummary,
+    ModelSummary,
+    RecallChecks,
+    ReleaseManifest,
+)
+from freshtower.core.storage import FileDigest
+
+
+def release_manifest(version: str, kind: str, parent: str | None = None, model_version: str = "2026-11-20.1") -> ReleaseManifest:
+    """A small manifest of either kind, its files to be listed when sealed."""
+    common = dict(
+        version=version,
+        parent=parent,
+        full_version=version if kind == "full" else "00000001-full",
+        model_version=model_version,
+        created_at=1_000.0,
+        online_steps={} if kind == "full" else {"checkpoint.pt": 3},
+        checkpoint_event_time_ms=60_000,
+        event_time=EventTimeRange(start_ms=0, end_ms=60_000),
+        newest_click_event_time_ms=59_000,
+        newest_click_is_bound=False,
+        rows={"user_embeddings": 2},
+        dims=Dims(id_dim=4, output_dim=8),
+        config={},
+        files={},
+    )
+    if kind == "full":
+        return FullReleaseManifest(
+            **common,
+            index=IndexSummary(kind="IndexFlatIP", settings={}, build_seconds=0.1, recall_at_100_vs_exact=1.0, check_queries=10),
+            checks=RecallChecks(holdout_recall_at_50=0.3, active_holdout_recall_at_50=None, max_recall_drop=0.02),
+            model=ModelSummary(version=model_version, day="2026-11-20", parent=None, created_at=900.0, metrics={}),
+        )
+    return EmbeddingsReleaseManifest(
+        **common, checkpoints={"checkpoint.pt": CheckpointRead(step=3, since=0, rows=2, written_at=950.0)}, resync=[]
+    )
+
 
 def make_release(
     store: ReleaseStore, kind: str, parent: str | None = None, model_version: str = "2026-11-20.1", payload: bytes = b"rows"
@@ -12,7 +55,7 @@ def make_release(
     version = store.next_version(kind)
     staging = store.staging_dir(version)
     (staging / "user_embeddings.npy").write_bytes(payload)
-    store.seal(staging, version, {"kind": kind, "parent": parent, "model_version": model_version})
+    store.seal(staging, release_manifest(version, kind, parent, model_version))
     return version
 
 
@@ -45,8 +88,8 @@ def test_manifest_lists_sha256_and_size_of_every_file_and_verify_catches_a_flipp
     version = make_release(store, "full", payload=b"0123456789")
     release = store.verify(version)
     # sha256(b"0123456789") worked out with hashlib
-    assert release.manifest["files"] == {
-        "user_embeddings.npy": {"sha256": "84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882", "bytes": 10}
+    assert release.manifest.files == {
+        "user_embeddings.npy": FileDigest(sha256="84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882", bytes=10)
     }
     path = release.path / "user_embeddings.npy"
     path.write_bytes(b"0123456788")  # same size, one byte differs
@@ -66,7 +109,7 @@ def test_releases_are_immutable(tmp_path):
     staging = store.staging_dir(version)
     (staging / "user_embeddings.npy").write_bytes(b"other")
     with pytest.raises(ReleaseError, match="immutable"):
-        store.seal(staging, version, {"kind": "full", "parent": None, "model_version": "m"})
+        store.seal(staging, release_manifest(version, "full", model_version="m"))
 
 
 def test_retention_keeps_the_newest_the_active_chain_and_what_they_need(tmp_path):
@@ -92,7 +135,7 @@ def test_a_chain_with_a_missing_link_is_an_error_naming_it(tmp_path):
     f1 = make_release(store, "full")
     d1 = make_release(store, "embeddings", f1)
     d2 = make_release(store, "embeddings", d1)
-    store._remove(d1)
+    store.versioned.remove(d1)
     with pytest.raises(ReleaseError, match=f"needs {d1}, which is gone"):
         store.chain(d2)
     with pytest.raises(ReleaseNotFound):

@@ -27,5 +27,5 @@ def test_each_hour_is_scored_with_the_releases_published_from_the_clicks_before_
     served = [r.release for r in rows]
     assert len(set(served)) == 3 and served == sorted(served)  # the full release, then each delta once its data is in the past
     for row in rows:
-        assert int(releases[row.release].manifest["checkpoint_event_time_ms"]) <= row.hour_start_ms or row.release == full
+        assert releases[row.release].manifest.checkpoint_event_time_ms <= row.hour_start_ms or row.release == full
         assert 0.0 <= row.frozen <= 1.0 and 0.0 <= row.served <= 1.0 and row.users > 0

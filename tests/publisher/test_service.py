@@ -103,7 +103,7 @@ def test_round_trip_checkpoint_publish_serve_recall_follows_new_clicks(data_dir)
     assert after["freshness"]["newest_click_event_time_ms"] > before["freshness"]["newest_click_event_time_ms"]
     assert (
         after["freshness"]["newest_click_event_time_ms"]
-        == ReleaseStore(settings.releases_dir).get(second.version).manifest["newest_click_event_time_ms"]
+        == ReleaseStore(settings.releases_dir).get(second.version).manifest.newest_click_event_time_ms
     )
     # What the service returned is what exact search over the online trainer's own model returns.
     model = trainer.model
@@ -200,8 +200,8 @@ def test_rollback_needs_the_admin_token_and_serves_the_older_release(published):
 
         model = read_manifest(full_models_dir(settings) / "2026-11-20.1").manifest
         assert not recall["freshness"]["is_upper_bound"]
-        assert recall["freshness"]["newest_click_event_time_ms"] == model["newest_click_event_time_ms"]
-        assert model["newest_click_event_time_ms"] < model["data_end_ms"]
+        assert recall["freshness"]["newest_click_event_time_ms"] == model.newest_click_event_time_ms
+        assert model.newest_click_event_time_ms < model.data_end_ms
         listing = http.get("/v1/releases").json()
         assert listing["active"] == listing["serving"] == full
         assert [(r["version"], r["active"]) for r in listing["releases"]] == [(full, True), (first, False)]
@@ -293,7 +293,7 @@ def test_embedding_endpoint_metrics_and_openapi(published):
         http.post("/v1/recall", json={"user_id": "stranger", "k": 0})
         metrics = http.get("/metrics").text
         values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
-        newest = manifest["newest_click_event_time_ms"] / 1000
+        newest = manifest.newest_click_event_time_ms / 1000
         assert values["freshtower_embeddings_newest_click_event_time_seconds"] == pytest.approx(newest)
         age = values["freshtower_embeddings_freshness_age_seconds"]
         assert age == pytest.approx(time.time() - newest, abs=60)

@@ -25,11 +25,11 @@ def test_two_data_parallel_workers_match_one_process(data_dir_with_batches, tmp_
     single = singles[0]
 
     one = [s.metrics["exact"]["recall@50"] for s in singles]
-    two = parallel.manifest["metrics"]["exact"]["recall@50"]
+    two = parallel.manifest.metrics["exact"]["recall@50"]
     print(f"holdout Recall@50: 1 process (seeds 0, 1) {one[0]:.4f} {one[1]:.4f}, 2 workers {two:.4f}")
     assert abs(two - sum(one) / 2) < 0.1
-    assert parallel.manifest["metrics"]["workers"] == 2  # and the replicas were checked identical
+    assert parallel.manifest.metrics["workers"] == 2  # and the replicas were checked identical
     # Every click was learnt exactly once across the two workers.
-    assert parallel.manifest["metrics"]["train_samples"] == pytest.approx(single.samples, rel=0.1)
+    assert parallel.manifest.metrics["train_samples"] == pytest.approx(single.samples, rel=0.1)
     loaded = load_full_model(parallel)
     assert loaded.model.user_ids.admitted == load_full_model(single.ref).model.user_ids.admitted

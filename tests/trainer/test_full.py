@@ -21,20 +21,20 @@ def test_full_training_writes_a_versioned_artifact_with_lineage(data_dir_with_ba
     first = train_full(settings, DAY0)
     assert first.ref.version == f"{DAY0}.1"
     manifest = first.ref.manifest
-    assert manifest["parent"] is None and manifest["from_scratch"] is True
+    assert manifest.parent is None and manifest.from_scratch is True
     day_files = list_batches(settings.batches_dir, DAY0)
-    assert len(manifest["lineage"]) == len(day_files)
-    assert {e["sha256"] for e in manifest["lineage"]} == {r.manifest.sha256 for r in day_files}
-    assert {e["role"] for e in manifest["lineage"]} == {"train", "holdout"}
-    assert 0 < manifest["metrics"]["exact"]["recall@50"] <= 1
-    assert manifest["metrics"]["faiss"]["recall@50"] == pytest.approx(manifest["metrics"]["exact"]["recall@50"])
-    assert manifest["config"]["training"]["mode"] == "listwise"
+    assert len(manifest.lineage) == len(day_files)
+    assert {e.sha256 for e in manifest.lineage} == {r.manifest.sha256 for r in day_files}
+    assert {e.role for e in manifest.lineage} == {"train", "holdout"}
+    assert 0 < manifest.metrics["exact"]["recall@50"] <= 1
+    assert manifest.metrics["faiss"]["recall@50"] == pytest.approx(manifest.metrics["exact"]["recall@50"])
+    assert manifest.config["training"]["mode"] == "listwise"
     assert latest_full_model(full_models_dir(settings)).version == first.ref.version
 
     second = train_full(settings, DAY1)
-    assert second.ref.manifest["parent"] == first.ref.version  # warm start from yesterday
+    assert second.ref.manifest.parent == first.ref.version  # warm start from yesterday
     again = train_full(settings, DAY1)
-    assert again.ref.version == f"{DAY1}.2" and again.ref.manifest["parent"] == first.ref.version
+    assert again.ref.version == f"{DAY1}.2" and again.ref.manifest.parent == first.ref.version
 
     # Warm start keeps yesterday's users: a user seen only on day 0 keeps a row.
     day0 = load_full_model(first.ref).model.user_ids
@@ -116,7 +116,7 @@ def test_missing_day_and_changed_shape_are_clear_errors(data_dir_with_batches):
     wider = make_settings(data_dir_with_batches, model={"id_dim": 32})
     with pytest.raises(ArtifactError, match="--from-scratch"):
         train_full(wider, DAY1)
-    assert train_full(wider, DAY1, from_scratch=True).ref.manifest["from_scratch"] is True
+    assert train_full(wider, DAY1, from_scratch=True).ref.manifest.from_scratch is True
 
 
 def test_a_tampered_artifact_is_refused(data_dir_with_batches):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from freshtower.trainer.metrics import hits_per_unit, ranking_metrics, recall_per_unit, relevant_positions, top_k
 
 

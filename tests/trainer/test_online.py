@@ -177,8 +177,11 @@ def test_a_windows_part_files_count_at_that_windows_start():
 
 def test_a_caught_up_follower_checkpoints_its_last_batches_without_waiting_for_a_new_one(data_dir):
     import time
+    from dataclasses import asdict
 
-    from freshtower.trainer.online import checkpoint_path, load_checkpoint
+    from freshtower.trainer.online import checkpoint_path
+
+    from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 
     settings = make_settings(data_dir, training={"checkpoint_every_seconds": 0.2})
     trainer = OnlineTrainer.start(settings)
@@ -193,7 +196,7 @@ def test_a_caught_up_follower_checkpoints_its_last_batches_without_waiting_for_a
     def saved_everything() -> bool:
         # Polled while following: stop once the checkpoint on disk holds every batch.
         if path.is_file() and trainer.stats.batches == batches:
-            seen.update(load_checkpoint(path)["stats"])
+            seen.update(asdict(read_online_checkpoint(path).stats))
             return seen["batches"] == batches
         return time.monotonic() > deadline
 

@@ -5,7 +5,6 @@ from datetime import date
 from freshtower.trainer.schedule import DailyScheduler, days_due
 
 from freshtower.core.eventtime import HOUR_MS, day_start_ms
-
 from tests.conftest import make_settings
 
 D1, D2, D3 = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)

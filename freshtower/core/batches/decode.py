@@ -6,7 +6,6 @@ manifest's SHA-256 first.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from freshtower.core.batches.framing import record_frames
 from freshtower.core.batches.layout import BatchRef
 from freshtower.core.batches.schema import BatchFormatError, FeatureSpec, SampleColumns, empty_columns
 from freshtower.core.fingerprints import PAD, fingerprint_ranges
+from freshtower.core.storage import sha256_bytes
 
 
 def _decode_strings(values: list[bytes], path, what: str) -> list[str]:
@@ -207,7 +207,7 @@ def read_batch(ref: BatchRef, spec: FeatureSpec, *, positives_only: bool = True,
     if verify_checksum:
         if len(data) != manifest.total_bytes:
             raise BatchFormatError(path, len(data), f"file has {len(data)} bytes, manifest says {manifest.total_bytes}")
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_bytes(data)
         if digest != manifest.sha256:
             raise BatchFormatError(path, None, f"SHA-256 {digest} does not match manifest {manifest.sha256}")
     end = manifest.positive_bytes if positives_only else None
@@ -217,7 +217,7 @@ def read_batch(ref: BatchRef, spec: FeatureSpec, *, positives_only: bool = True,
     digest_matches = False
     if expected_digest is not None:
         section = memoryview(data)[:end] if end is not None else data
-        digest = hashlib.sha256(section).hexdigest()
+        digest = sha256_bytes(section)
         digest_matches = digest == expected_digest
         if not digest_matches:
             record_frames(path, data, end)  # raises at the first bad record, if there is one

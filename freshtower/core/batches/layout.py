@@ -5,7 +5,6 @@ incomplete and ignored); the listing readers poll.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -16,7 +15,7 @@ from pathlib import Path
 from freshtower.core.batches.encode import encode_sample
 from freshtower.core.batches.framing import frame_record
 from freshtower.core.batches.schema import FORMAT_VERSION, BatchFormatError, Sample
-from freshtower.core.storage import atomic_write_bytes
+from freshtower.core.storage import atomic_write_bytes, sha256_bytes
 
 
 @dataclass(frozen=True)
@@ -171,8 +170,8 @@ def write_batch(
         shown=len(shown),
         positive_bytes=len(positive_frames),
         total_bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        positive_sha256=hashlib.sha256(positive_frames).hexdigest(),
+        sha256=sha256_bytes(data),
+        positive_sha256=sha256_bytes(positive_frames),
         min_event_time_ms=min(times) if times else None,
         max_event_time_ms=max(times) if times else None,
         late_records=late_records,

@@ -1,0 +1,152 @@
+"""The release manifest: ``<releases_dir>/<8 digits>-<kind>/manifest.json``.
+
+Two kinds share most fields: a ``full`` release (user tower, every user
+ID row, item vectors and their index) and an ``embeddings`` release (the
+user ID rows changed since its parent). Written (last, when the release is
+sealed) by the publisher through ``publisher.releases.ReleaseStore``; read
+through it by the recall service, served-recall scoring and ``freshtower
+run``. ``format`` is the schema version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from freshtower.core.contracts.validation import CONTRACT_CONFIG, ContractError, as_json_bytes, check_schema_version, decode_json
+from freshtower.core.storage import FileDigest
+
+RELEASE_SCHEMA = 1
+CONTRACT = "release manifest"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventTimeRange:
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    start_ms: int | None
+    end_ms: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dims:
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    id_dim: int  # user ID embedding width
+    output_dim: int  # tower output (item vector) width
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexSummary:
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    kind: str  # "IndexFlatIP" (exact) or "hnsw"
+    settings: dict[str, Any]  # IndexSettings
+    build_seconds: float
+    recall_at_100_vs_exact: float  # of the index against exact search, on check_queries user vectors
+    check_queries: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecallChecks:
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    holdout_recall_at_50: float | None  # of the model released
+    active_holdout_recall_at_50: float | None  # of the full release active when it was checked
+    max_recall_drop: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSummary:
+    """The released full model's manifest, in brief."""
+
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    version: str
+    day: str
+    parent: str | None
+    created_at: float
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointRead:
+    """What an embeddings release took from one online checkpoint."""
+
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    step: int  # the checkpoint's step
+    since: int  # rows changed after this step were taken
+    rows: int
+    written_at: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ReleaseFields:
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    format: int = RELEASE_SCHEMA
+    version: str  # <8-digit sequence>-<kind>
+    parent: str | None  # the release this one was built on (a delta applies on top of it)
+    full_version: str  # the full release at the root of its chain
+    model_version: str  # the full model whose towers it belongs to
+    created_at: float  # wall time, seconds
+    online_steps: dict[str, int]  # checkpoint file -> step whose rows it holds ({} for full: step 0)
+    checkpoint_event_time_ms: int  # newest event time the trainers had learnt from
+    event_time: EventTimeRange  # of the clicks its rows learnt from
+    newest_click_event_time_ms: int  # freshness: the newest click anything served learnt from
+    newest_click_is_bound: bool  # True: newest_click_event_time_ms is only an upper bound
+    rows: dict[str, int]  # "user_embeddings" (and "items" for full)
+    dims: Dims
+    config: dict[str, Any]  # the publisher's resolved settings
+    files: dict[str, FileDigest]  # every file of the release
+
+    def to_json(self) -> bytes:
+        return as_json_bytes(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FullReleaseManifest(_ReleaseFields):
+    kind: Literal["full"] = "full"
+    index: IndexSummary
+    checks: RecallChecks
+    model: ModelSummary
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingsReleaseManifest(_ReleaseFields):
+    kind: Literal["embeddings"] = "embeddings"
+    checkpoints: dict[str, CheckpointRead]  # checkpoint file -> what was taken from it
+    resync: list[str]  # checkpoints whose trainer restarted from its base: every row was sent
+
+
+ReleaseManifest = FullReleaseManifest | EmbeddingsReleaseManifest
+_KINDS: dict[str, type[FullReleaseManifest] | type[EmbeddingsReleaseManifest]] = {
+    "full": FullReleaseManifest,
+    "embeddings": EmbeddingsReleaseManifest,
+}
+
+
+def release_manifest_from_json(raw: bytes, where: Path | str = "<release manifest>") -> ReleaseManifest:
+    """Read either kind (by its ``kind`` field).
+
+    >>> manifest = EmbeddingsReleaseManifest(version="00000002-embeddings", parent="00000001-full",
+    ...     full_version="00000001-full", model_version="2026-11-20.1", created_at=0.0, online_steps={"checkpoint.pt": 7},
+    ...     checkpoint_event_time_ms=60_000, event_time=EventTimeRange(start_ms=1_000, end_ms=59_000),
+    ...     newest_click_event_time_ms=59_000, newest_click_is_bound=False, rows={"user_embeddings": 2},
+    ...     dims=Dims(id_dim=16, output_dim=32), config={}, files={},
+    ...     checkpoints={"checkpoint.pt": CheckpointRead(step=7, since=0, rows=2, written_at=None)}, resync=[])
+    >>> release_manifest_from_json(manifest.to_json()) == manifest
+    True
+    """
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ContractError(where, None, f"not JSON: {error}") from None
+    check_schema_version(data, CONTRACT, RELEASE_SCHEMA, where)
+    cls = _KINDS.get(data.get("kind"))
+    if cls is None:
+        raise ContractError(where, "kind", f"is {data.get('kind')!r}: expected one of {sorted(_KINDS)}")
+    return decode_json(cls, raw, CONTRACT, RELEASE_SCHEMA, where)
