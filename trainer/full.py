@@ -266,7 +266,7 @@ def train_full(
 
     model.eval()
     if not len(holdout):
-        log.warning("full model %s: no holdout clicks in the first %.0f s of the next day (not written yet?)", day, training.holdout_seconds)
+        log.warning("full model %s: no holdout clicks in the next day's first %.0f s (not written yet?)", day, training.holdout_seconds)
     metrics = evaluate(model, holdout, settings.evaluation.ks, IndexSettings.from_publisher(settings.publisher))
     if parent_metrics is not None and "exact" in parent_metrics:
         metrics["parent"] = {"version": parent.version, "exact": parent_metrics["exact"]}

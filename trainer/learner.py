@@ -367,7 +367,9 @@ class Learner:
             row_weights = None if hard_rows == 0 else torch.where(has_hard, 1.0 - neg.hard_fraction, 1.0)  # (B,)
             # The probabilities come floored (candidate_probabilities): the loss only guards log(0).
             if self.collective is None:
-                easy = losses.in_batch_softmax_loss(user_vectors, positive_vectors, temperature, probabilities, keys, row_weights=row_weights)
+                easy = losses.in_batch_softmax_loss(
+                    user_vectors, positive_vectors, temperature, probabilities, keys, row_weights=row_weights
+                )
             else:  # negatives from every worker's batch, as one process would have them
                 candidates, candidate_mask, offset = self.collective.gather_rows(positive_vectors)  # (W * B_max, D)
                 all_probabilities = self.collective.gather_rows(probabilities)[0] if probabilities is not None else None

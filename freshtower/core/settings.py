@@ -46,7 +46,7 @@ class VocabularyConfig(_Section):
     item_min_count: int = Field(1, ge=1, description="sightings before an item ID gets its own row")
     expiry_days: int = Field(30, ge=1, description="an ID unseen this many days loses its row")
     pending_clicks: int = Field(
-        100_000, ge=0, description="online: clicks of users not yet admitted, kept to be learnt once a row is admitted (oldest dropped first)"
+        100_000, ge=0, description="online: clicks of users not yet admitted, learnt once their row is (oldest dropped first)"
     )
 
 
