@@ -81,7 +81,7 @@ def main() -> None:
     estimator = new_estimator(settings)
     save_full_model(full_models_dir(settings), "2026-09-21", model, estimator, {}, TrainingRecord(
         parent=None, from_scratch=True, data_start_ms=start_ms - 60_000, data_end_ms=start_ms, newest_click_event_time_ms=None,
-        holdout_end_ms=start_ms, metrics={}, lineage=[], config=settings.as_record()))
+        holdout_start_ms=start_ms, holdout_end_ms=start_ms, metrics={}, lineage=[], config=settings.as_record()))
     print(f"setup: full model with {args.users} users x {args.dim} written in {time.perf_counter() - started:.1f} s")
 
     per_file = args.samples // args.files

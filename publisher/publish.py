@@ -20,7 +20,9 @@ Each tick (``Publisher.tick``, every ``publisher.poll_seconds``):
 
 Checks before anything becomes active (``checks.py``): no NaN/inf, the
 right shapes, a full model's holdout Recall@50 no more than
-``max_recall_drop`` below the active full release's, and the new index's
+``max_recall_drop`` below the active full release's (a model whose holdout,
+the next day's first minutes, holds no click, as for a stream's last day,
+has nothing to compare and skips this one), and the new index's
 recall@100 against exact search at least ``min_index_recall``. A refused
 release is reported with its reason; the active one stays.
 
@@ -285,7 +287,8 @@ class Publisher:
         try:
             check_full_inputs(inputs)
             active_recall = None if active_full is None else _holdout_recall(active_full.manifest)
-            check_recall_drop(inputs.holdout_recall, active_recall, self.config.max_recall_drop)
+            if inputs.model.metrics.get("clicks") != 0:  # no holdout clicks (a stream's last day): nothing to compare
+                check_recall_drop(inputs.holdout_recall, active_recall, self.config.max_recall_drop)
             self.on_stage("index", f"{len(inputs.item_ids)} items")
             index_started = time.perf_counter()
             index = build_index(inputs.item_vectors, IndexSettings.from_publisher(self.config))

@@ -4,19 +4,28 @@ epoch, every parameter, warm-started from the previous full model.
 Steps (``train_full``):
 
 1. Warm start from the newest full model of an earlier day (random init
-   only with ``from_scratch`` or when none exists), expire IDs and items
-   unseen for ``expiry_days``.
-2. Time split: the trailing batches holding ``holdout_fraction`` of the
-   day's clicks are the holdout; the model learns from the rest, and its
-   ``data_end_ms`` is the holdout's start, so the online trainer that forks
-   from it learns the holdout period too.
+   only with ``from_scratch`` or when none exists), its row-wise Adagrad
+   sums multiplied by ``accumulator_decay``; expire IDs and items unseen
+   for ``expiry_days``.
+2. Every batch of the day is training data: the model's ``data_end_ms`` is
+   the end of the day's last batch, where the online trainer that forks
+   from it starts.
 3. Pass 1, in time order, one file at a time: fill the catalogue (clicked
    and shown records), count ID sightings, update the item-frequency
    estimator, and scatter the clicked samples at random over shard files
    (an external shuffle: memory holds one shard, never the day).
 4. Pass 2: shards in random order, each permuted, cut into minibatches,
    learnt once.
-5. Evaluate on the holdout (exact and Faiss), write the versioned artifact.
+5. Evaluate on the holdout, the first ``holdout_seconds`` of the next day
+   (``holdout_batches``), which this model has not learnt; the parent model
+   is scored on the same clicks. Write the versioned artifact.
+
+The holdout is the quality gate's data (the publisher refuses a model whose
+holdout Recall@50 drops too far): the next day's model and the online
+trainer learn it, so no click is kept from training. The daily schedule
+waits ``full_delay_seconds`` (default 900) after midnight, longer than the
+default holdout of 600 s, so it is on disk when training starts; a model
+trained before (or for the stream's last day) has an empty holdout.
 
 A NaN or infinite loss raises ``NonFiniteLossError`` and nothing is written.
 """
@@ -48,7 +57,7 @@ from freshtower.trainer.artifacts import (
     save_full_model,
 )
 from freshtower.trainer.evaluation import evaluate, holdout_from_samples
-from freshtower.trainer.learner import Learner, event_day
+from freshtower.trainer.learner import MS_PER_DAY, Learner, event_day
 from freshtower.trainer.retrieval import IndexSettings
 from freshtower.trainer.samplers import clicked_only
 from freshtower.trainer.sparse_optim import reset_rows
@@ -78,20 +87,18 @@ class FullTrainingResult:
         return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def split_holdout(refs: list[BatchRef], fraction: float) -> tuple[list[BatchRef], list[BatchRef]]:
-    """(training, holdout): the holdout is the trailing batches that hold
-    about ``fraction`` of the clicks (at least one batch when fraction > 0
-    and there are two or more batches)."""
-    if fraction <= 0 or len(refs) < 2:
-        return list(refs), []
-    total = sum(r.manifest.positives for r in refs)
-    wanted = fraction * total
-    held = 0
-    cut = len(refs)
-    while cut > 1 and held < wanted:
-        cut -= 1
-        held += refs[cut].manifest.positives
-    return refs[:cut], refs[cut:]
+def holdout_batches(batches_dir: Path, day: str, seconds: float) -> tuple[int, int, list[BatchRef]]:
+    """(start_ms, end_ms, batches) of day ``day``'s holdout: the batches of
+    the next day whose windows start in its first ``seconds``.
+
+    >>> holdout_batches(Path("/nonexistent"), "2026-11-20", 600)[:2]  # 2026-11-21 00:00 to 00:10 UTC
+    (1795219200000, 1795219800000)
+    """
+    start_ms = (date.fromisoformat(day).toordinal() - date(1970, 1, 1).toordinal() + 1) * MS_PER_DAY
+    end_ms = start_ms + int(seconds * 1000)
+    next_day = date.fromordinal(date.fromisoformat(day).toordinal() + 1).isoformat()
+    refs = list_batches(batches_dir, next_day) if Path(batches_dir, next_day).is_dir() else []
+    return start_ms, end_ms, [r for r in refs if start_ms <= r.window_start_ms < end_ms]
 
 
 def _optimizer_state(learner: Learner) -> dict:
@@ -103,14 +110,18 @@ def _optimizer_state(learner: Learner) -> dict:
     return {"dense": learner.dense_optimizer.state_dict(), "tables": tables}
 
 
-def _restore_optimizer_state(learner: Learner, saved: dict) -> None:
+def _restore_optimizer_state(learner: Learner, saved: dict, accumulator_decay: float) -> None:
+    """The parent's optimiser state, its row-wise Adagrad sums multiplied by
+    ``accumulator_decay``: plain Adagrad sums only grow, so a row learnt for
+    d days would step ~1/sqrt(d) as far and long-lived rows would freeze;
+    decayed once a day they stay below ``1 / (1 - decay)`` days' worth."""
     if not saved:
         return
     learner.dense_optimizer.load_state_dict(saved["dense"])
     for (table, _), total in zip(learner.model.table_vocabularies(), saved["tables"]):
         if total is not None:
             padded = torch.zeros(table.shape[0], dtype=total.dtype)
-            padded[: len(total)] = total
+            padded[: len(total)] = total * accumulator_decay
             learner.table_optimizer.state[table]["sum"] = padded
 
 
@@ -171,11 +182,22 @@ def train_full(
     learner.collective = collective
     learner.update_frequencies = False  # pass 1 follows the day in time order
     if parent is not None:
-        _restore_optimizer_state(learner, saved_optimizer)
+        _restore_optimizer_state(learner, saved_optimizer, training.accumulator_decay)
+    holdout_start_ms, holdout_end_ms, holdout_refs = holdout_batches(settings.batches_dir, day, training.holdout_seconds)
+    holdout = None
+    parent_metrics = None
+    if main:
+        holdout = holdout_from_samples(SampleColumns.concat([read_batch(r, spec) for r in holdout_refs], spec))
+        if parent is not None and len(holdout):
+            # The parent on the same clicks, before it learns this day: the
+            # paired baseline for the gate.
+            model.eval()
+            parent_metrics = evaluate(model, holdout, settings.evaluation.ks, None)
+            model.train()
     today = date.fromisoformat(day).toordinal() - date(1970, 1, 1).toordinal()
     expired = _expire(learner, today, settings.vocabulary.expiry_days)
 
-    train_refs, holdout_refs = split_holdout(refs, training.holdout_fraction)
+    train_refs = refs  # every click of the day
     total_positives = sum(r.manifest.positives for r in train_refs)
     shards = training.shuffle_shards or max(1, math.ceil(total_positives / training.shuffle_shard_records))
     rng = np.random.default_rng(seed)  # the same on every worker: same shard assignment
@@ -244,8 +266,11 @@ def train_full(
         return None
 
     model.eval()
-    holdout_samples = SampleColumns.concat([read_batch(r, spec) for r in holdout_refs], spec)
-    metrics = evaluate(model, holdout_from_samples(holdout_samples), settings.evaluation.ks, IndexSettings.from_publisher(settings.publisher))
+    if not len(holdout):
+        log.warning("full model %s: no holdout clicks in the next day's first %.0f s (not written yet?)", day, training.holdout_seconds)
+    metrics = evaluate(model, holdout, settings.evaluation.ks, IndexSettings.from_publisher(settings.publisher))
+    if parent_metrics is not None and "exact" in parent_metrics:
+        metrics["parent"] = {"version": parent.version, "exact": parent_metrics["exact"]}
     metrics.update(
         {
             "train_samples": samples,
@@ -264,7 +289,7 @@ def train_full(
         for role, group in (("train", train_refs), ("holdout", holdout_refs))
         for r in group
     ]
-    data_end_ms = holdout_refs[0].window_start_ms if holdout_refs else refs[-1].manifest.window_end_ms
+    data_end_ms = refs[-1].manifest.window_end_ms  # the online trainer forks here: nothing skipped, nothing learnt twice
     ref = save_full_model(
         models_dir,
         day,
@@ -277,7 +302,8 @@ def train_full(
             data_start_ms=refs[0].window_start_ms,
             data_end_ms=data_end_ms,
             newest_click_event_time_ms=newest_click_ms or None,  # freshness of a full release
-            holdout_end_ms=refs[-1].manifest.window_end_ms,
+            holdout_start_ms=holdout_start_ms,  # the next day's first holdout_seconds
+            holdout_end_ms=holdout_end_ms,
             metrics=metrics,
             lineage=lineage,
             config=settings.as_record(),

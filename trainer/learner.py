@@ -12,12 +12,22 @@ model; ``user_vectors`` and ``item_vectors`` are the model's.
 Negatives per training mode (see ``TrainingConfig``):
 
 - listwise + ``in_batch``: softmax over the batch's positives with the logQ
-  correction and accidental-hit removal; with hard negatives the loss is
-  ``(1 - h) * in_batch + h * softmax(positive, hard negatives)`` where
-  ``h = hard_fraction`` (the 50/50 easy/hard mix as equal loss weight).
-- every other combination draws ``num_negatives`` explicit negatives per
-  positive, ``round(n * hard_fraction)`` of them hard (topped up with easy
-  ones), easy ones from the catalogue (p ~ clicks^0.75) or from the batch.
+  correction and accidental-hit removal. With hard negatives each row's
+  loss is its own mix, ``(1 - h) * in_batch_i + h * softmax_i(positive,
+  hard negatives)`` with ``h = hard_fraction`` (the 50/50 easy/hard mix as
+  equal loss weight); a row without hard negatives keeps the full in-batch
+  loss, and every row weighs the same in the batch mean.
+- every other combination draws ``negatives_per_positive`` explicit
+  negatives per positive (2 pointwise, 4 otherwise), ``round(n *
+  hard_fraction)`` of them hard (topped up with easy ones), easy ones from
+  the catalogue (p ~ clicks^0.75) or from the batch.
+
+Corrections, composed (docs/trainer.md, "Corrections and their
+composition"): positives are re-sampled with expected multiplicity
+``m(p)`` (mean 1 over the clicks), so an item appears among the in-batch
+candidates with probability ``q = p * m(p) / mean(m)``, and that ``q``
+(not the click share ``p``) is what the logQ correction subtracts;
+``p`` is floored at the frequency estimator's resolution.
 """
 
 from __future__ import annotations
@@ -29,14 +39,17 @@ import numpy as np
 import torch
 from freshtower.trainer import losses
 from freshtower.trainer.model import TwoTowerModel
+from freshtower.trainer.pending_clicks import PendingClicks
 from freshtower.trainer.samplers import (
     CatalogueSampler,
     clicked_only,
+    expected_multiplicity,
     hard_negative_matrix,
     in_batch_negatives,
     mix_negatives,
     popularity_weights,
-    positive_multiplicity,
+    stochastic_round,
+    unit_mean_reference,
 )
 from freshtower.trainer.sparse_optim import ROW_NOISE_STD, RowWiseAdagrad
 from freshtower.trainer.vocabulary import DEFAULT_ROW
@@ -71,6 +84,7 @@ class Learner:
         *,
         trainable: Literal["all", "user_ids"],
         seed: int = 0,
+        pending: PendingClicks | None = None,
     ):
         self.model = model
         self.training = training
@@ -105,6 +119,11 @@ class Learner:
             self._item_cache_size = len(self._item_cache_store)
         else:
             raise ValueError(f"trainable must be 'all' or 'user_ids', got {trainable!r}")
+        # Online, the clicks of users the frequency filter has not admitted
+        # yet wait here for their row (the full trainer counts a whole day
+        # before it learns, so it needs none).
+        self.pending = pending
+        self._new_user_rows = np.zeros(0, np.int64)  # rows admitted by the last observe
 
     @property
     def item_cache(self) -> torch.Tensor | None:
@@ -161,12 +180,11 @@ class Learner:
         if len(positives):
             if observe:
                 self.observe(positives, event_day(int(positives.event_time_ms.max())))
-            item_fingerprints = positives.item_id_fingerprints()
             if self.update_frequencies:
-                self.estimator.update(positives.item_ids, item_fingerprints)
-            probabilities = self.estimator.probability(fingerprints=item_fingerprints)
-            if self.training.positive_resampling.enabled:
-                positives, probabilities = self._resample(positives, probabilities)
+                self.estimator.update(positives.item_ids, positives.item_id_fingerprints())
+            if observe and self.pending is not None and self.model.user_ids.min_count > 1:
+                positives = self._with_released_clicks(positives)
+            positives, probabilities = self.candidate_probabilities(positives)
         if self.collective is not None:
             return self._learn_parallel(positives if len(positives) else None, probabilities, where)
         if len(positives) == 0:
@@ -178,10 +196,18 @@ class Learner:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
         updated = self._updated_user_rows(user_inputs.id_rows)
+        self._set_row_gradient_scale(len(positives))
         for optimizer in self.optimizers:
             optimizer.step()
         self.steps += 1
         return LearnResult(float(loss.detach()), len(positives), updated, int(positives.event_time_ms.max()))
+
+    def _set_row_gradient_scale(self, samples: int) -> None:
+        """Row-wise Adagrad learns from the summed loss's gradient (see
+        ``RowWiseAdagrad``): the mean loss's, times the minibatch's samples."""
+        if isinstance(self.table_optimizer, RowWiseAdagrad):
+            for group in self.table_optimizer.param_groups:
+                group["gradient_scale"] = float(max(samples, 1))
 
     def _forward(self, positives: SampleColumns, probabilities: np.ndarray):
         model = self.model
@@ -195,6 +221,46 @@ class Learner:
         positive_items = model.catalogue.indices(positives.item_ids, positives.item_id_fingerprints())  # observe added them
         user_vectors = model.user_tower(user_inputs, sparse=True)  # (B, D)
         return user_inputs, user_vectors, self._loss(positives, user_vectors, positive_items, probabilities)
+
+    def _with_released_clicks(self, positives: SampleColumns) -> SampleColumns:
+        """Hold the clicks of users still without a row; put the held clicks
+        of the users this minibatch admitted in front of it. Runs after the
+        estimator counted the minibatch: held clicks were counted when they
+        arrived."""
+        rows = self.model.user_ids.lookup(positives.user_ids, positives.user_id_fingerprints())
+        released = self.pending.hold_and_release(positives, rows, self._new_user_rows)
+        if released is None:
+            return positives
+        known = self.model.catalogue.indices(released.item_ids, released.item_id_fingerprints()) >= 0
+        if not known.all():  # an item expired from the catalogue since (a re-base onto a compacted one)
+            released = released.take(np.flatnonzero(known))
+        return SampleColumns.concat([released, positives], self.pending.spec)
+
+    def candidate_probabilities(self, positives: SampleColumns) -> tuple[SampleColumns, np.ndarray]:
+        """The positives to learn from (re-sampled if configured) and, for
+        each, the probability with which its item appears among a minibatch's
+        in-batch candidates: what the logQ correction subtracts.
+
+        ``p`` is the estimator's click share, floored at its resolution. With
+        re-sampling, item i is kept ``m_i`` times on average, so it appears
+        with probability ``q_i = p_i * m_i / sum_j(p_j * m_j)``; the
+        denominator is the clicks' mean multiplicity, estimated on this
+        minibatch (1 by construction with the default reference share).
+        """
+        p = np.maximum(self.estimator.probability(fingerprints=positives.item_id_fingerprints()), self.estimator.resolution)
+        cfg = self.training.positive_resampling
+        if not cfg.enabled:
+            return positives, p
+        reference = cfg.reference_share
+        if reference is None:
+            reference = unit_mean_reference(p, cfg.exponent, cfg.min_multiplicity, cfg.max_multiplicity)
+        expected = expected_multiplicity(p, cfg.exponent, reference, cfg.min_multiplicity, cfg.max_multiplicity)
+        q = p * expected / expected.mean()
+        repeats = stochastic_round(expected, self.rng)
+        if np.all(repeats == 1):
+            return positives, q
+        order = np.repeat(np.arange(len(positives)), repeats)
+        return positives.take(order), q[order]
 
     def _learn_parallel(self, positives: SampleColumns | None, probabilities, where: str) -> LearnResult:
         """One data-parallel step. Every worker runs the same collectives in
@@ -220,6 +286,7 @@ class Learner:
         global_loss = collective.all_reduce_sum(float(scaled.detach()))
         losses.check_finite(torch.tensor(global_loss), f"{where} (any worker)")
         updated = self._updated_user_rows(user_inputs.id_rows) if user_inputs is not None else np.zeros(0, np.int64)
+        self._set_row_gradient_scale(int(total))  # the summed gradients are the global mean's
         for optimizer in self.optimizers:
             optimizer.step()
         self.steps += 1
@@ -249,6 +316,7 @@ class Learner:
         """Count sightings, admit new IDs, grow the tables and the catalogue."""
         model = self.model
         users, items = positives.user_id_fingerprints(), positives.item_id_fingerprints()
+        user_table = model.user_tower.id_embedding
         if self.trainable == "all":
             new_rows = model.observe_users(
                 positives.user_ids, positives.user_categorical, day, users, positives.user_categorical_value_fingerprints()
@@ -259,21 +327,12 @@ class Learner:
             # feature values and items keep reading the default rows.
             new_rows = {id(model.user_tower.id_embedding): model.user_ids.observe(positives.user_ids, day, users)}
         added = model.catalogue.update(positives.item_ids, positives.item_categorical, day, items)
+        self._new_user_rows = new_rows[id(user_table)]
         model.sync_tables(new_rows, self.optimizers, ROW_NOISE_STD if self.trainable == "all" else 0.0)
         if self.item_cache is not None and len(added):
             with torch.no_grad():
                 fresh = model.item_vectors(model.catalogue_inputs(added))  # (A, D)
             self._cache_items(fresh)
-
-    def _resample(self, positives: SampleColumns, probabilities: np.ndarray) -> tuple[SampleColumns, np.ndarray]:
-        cfg = self.training.positive_resampling
-        repeats = positive_multiplicity(
-            probabilities, self.rng, cfg.exponent, cfg.reference_share, cfg.min_multiplicity, cfg.max_multiplicity
-        )
-        if np.all(repeats == 1):
-            return positives, probabilities
-        order = np.repeat(np.arange(len(positives)), repeats)
-        return positives.take(order), probabilities[order]
 
     def _catalogue_sampler(self) -> CatalogueSampler:
         size = len(self.model.catalogue)
@@ -308,27 +367,36 @@ class Learner:
             positive_vectors = _gather(vectors, rows[:, 0])  # (B, D)
             probabilities = torch.from_numpy(positive_probabilities).float() if neg.logq_correction else None
             keys = torch.from_numpy(positive_items) if neg.remove_accidental_hits else None
+            mask = torch.from_numpy(hard >= 0)  # (B, H)
+            has_hard = mask.any(dim=1)  # (B,)
+            hard_rows = int(has_hard.sum())
+            # Each row's own easy/hard mix: a row with hard negatives weighs
+            # (1 - h) on its in-batch part, one without keeps weight 1.
+            row_weights = None if hard_rows == 0 else torch.where(has_hard, 1.0 - neg.hard_fraction, 1.0)  # (B,)
+            # The probabilities come floored (candidate_probabilities): the loss only guards log(0).
             if self.collective is None:
-                easy = losses.in_batch_softmax_loss(user_vectors, positive_vectors, temperature, probabilities, keys)
+                easy = losses.in_batch_softmax_loss(
+                    user_vectors, positive_vectors, temperature, probabilities, keys, row_weights=row_weights
+                )
             else:  # negatives from every worker's batch, as one process would have them
-                candidates, mask, offset = self.collective.gather_rows(positive_vectors)  # (W * B_max, D)
+                candidates, candidate_mask, offset = self.collective.gather_rows(positive_vectors)  # (W * B_max, D)
                 all_probabilities = self.collective.gather_rows(probabilities)[0] if probabilities is not None else None
                 all_keys = self.collective.gather_rows(keys)[0] if keys is not None else None
                 targets = offset + torch.arange(b)
                 easy = losses.in_batch_softmax_loss(
-                    user_vectors, candidates, temperature, all_probabilities, all_keys, targets, keys, mask
+                    user_vectors, candidates, temperature, all_probabilities, all_keys, targets, keys, candidate_mask,
+                    row_weights=row_weights,
                 )
-            mask = torch.from_numpy(hard >= 0)  # (B, H)
-            has_hard = mask.any(dim=1)
-            if not bool(has_hard.any()):
+            if hard_rows == 0:
                 return easy
             hard_vectors = _gather(vectors, rows[:, 1:])  # (B, H, D)
             positive_cos = (user_vectors * positive_vectors).sum(-1)  # (B,)
             hard_cos = torch.einsum("bd,bhd->bh", user_vectors, hard_vectors)  # (B, H)
             hard_loss = losses.sampled_softmax_loss(positive_cos[has_hard], hard_cos[has_hard], temperature, mask[has_hard])
-            return (1 - neg.hard_fraction) * easy + neg.hard_fraction * hard_loss
+            # mean over the rows with hard negatives, back to a share of the whole batch's mean
+            return easy + neg.hard_fraction * hard_loss * (hard_rows / b)
 
-        n = neg.num_negatives
+        n = self.training.negatives_per_positive
         hard = self._hard_negatives(positives, positive_items, n) if neg.hard_fraction > 0 else np.full((b, 0), -1)
         if neg.easy_source == "catalogue":
             easy = self._catalogue_sampler().sample((b, n), self.rng)

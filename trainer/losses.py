@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 _MASKED = -1e9  # a logit that softmax turns into 0 without producing NaN
+# Callers floor sampling probabilities at their estimator's resolution
+# (``FrequencyEstimator.resolution``); this default only keeps log() finite.
+_LOG_GUARD = 1e-30
 
 
 def cosine_logits(user_vectors: torch.Tensor, item_vectors: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -24,14 +27,19 @@ def cosine_logits(user_vectors: torch.Tensor, item_vectors: torch.Tensor, temper
     return user_vectors @ item_vectors.T / temperature
 
 
-def sampling_probability_correction(logits: torch.Tensor, item_probabilities: torch.Tensor) -> torch.Tensor:
-    """logQ correction: ``logits - log(clip(p, 1e-6, 1))`` per candidate column.
+def sampling_probability_correction(
+    logits: torch.Tensor, item_probabilities: torch.Tensor, probability_floor: float = _LOG_GUARD
+) -> torch.Tensor:
+    """logQ correction: ``logits - log(clip(p, floor, 1))`` per candidate column.
 
     Popular items appear more often as in-batch negatives; subtracting their
-    log sampling probability removes that bias. Training only: serving uses
-    the plain cosine.
+    log sampling probability removes that bias. ``p`` must be the
+    probability with which the item appears among the candidates (after any
+    re-sampling of the batch), and ``probability_floor`` the smallest
+    probability the caller can tell apart (its estimator's resolution).
+    Training only: serving uses the plain cosine.
     """
-    return logits - torch.log(item_probabilities.clamp(1e-6, 1.0)).unsqueeze(0)
+    return logits - torch.log(item_probabilities.clamp(probability_floor, 1.0)).unsqueeze(0)
 
 
 def remove_accidental_hits(
@@ -62,16 +70,20 @@ def in_batch_softmax_loss(
     targets: torch.Tensor | None = None,
     positive_keys: torch.Tensor | None = None,
     candidate_mask: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    probability_floor: float = _LOG_GUARD,
 ) -> torch.Tensor:
     """Listwise loss with in-batch negatives: row i's positive is item i, the
     other items of the batch are its negatives.
 
     (B, D) users, (N, D) candidate items (N = B: the rows' clicked items);
-    ``item_probabilities`` (N,) turns on the logQ correction; ``item_keys``
-    (N,) removes accidental hits. Data-parallel training passes the items of
-    every worker's batch: ``targets`` (B,) then gives each row's own column,
-    ``positive_keys`` (B,) its item key and ``candidate_mask`` (N,) the real
-    (not padding) columns.
+    ``item_probabilities`` (N,) turns on the logQ correction (floored at
+    ``probability_floor``); ``item_keys`` (N,) removes accidental hits.
+    Data-parallel training passes the items of every worker's batch:
+    ``targets`` (B,) then gives each row's own column, ``positive_keys`` (B,)
+    its item key and ``candidate_mask`` (N,) the real (not padding) columns.
+    ``row_weights`` (B,) weighs each row's cross-entropy: the loss is
+    ``mean_i(w_i * loss_i)`` (default: every row weighs 1).
 
     Columns with equal keys must be copies of one item (same vector, same
     probability). In-batch (no ``targets``), each distinct item becomes one
@@ -83,9 +95,9 @@ def in_batch_softmax_loss(
         raise ValueError("in-batch softmax needs at least one candidate")
     column_bias = None  # (N,) added to every row's logits
     if item_probabilities is not None:
-        column_bias = -torch.log(item_probabilities.clamp(1e-6, 1.0))  # the logQ correction
+        column_bias = -torch.log(item_probabilities.clamp(probability_floor, 1.0))  # the logQ correction
     if item_keys is not None and targets is None and positive_keys is None and candidate_mask is None:
-        return _distinct_columns(user_vectors, item_vectors, 1.0 / temperature, column_bias, item_keys)
+        return _distinct_columns(user_vectors, item_vectors, 1.0 / temperature, column_bias, item_keys, row_weights)
     if candidate_mask is not None:
         padding = torch.where(candidate_mask, 0.0, _MASKED).to(user_vectors.dtype)
         column_bias = padding if column_bias is None else column_bias + padding
@@ -99,7 +111,9 @@ def in_batch_softmax_loss(
             excluded[torch.arange(b), targets] = False
     if targets is None:
         targets = torch.arange(b, device=user_vectors.device)
-    return _InBatchSoftmaxCrossEntropy.apply(user_vectors, item_vectors, 1.0 / temperature, column_bias, excluded, None, targets)
+    return _InBatchSoftmaxCrossEntropy.apply(
+        user_vectors, item_vectors, 1.0 / temperature, column_bias, excluded, None, targets, row_weights
+    )
 
 
 def _distinct_columns(
@@ -108,6 +122,7 @@ def _distinct_columns(
     inverse_temperature: float,
     column_bias: torch.Tensor | None,
     item_keys: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The in-batch softmax with accidental hits removed, over distinct items.
 
@@ -131,14 +146,16 @@ def _distinct_columns(
     inverse = inverse.reshape(-1)[:b]  # the rows' own items (N = B here)
     if len(first) == len(keys):  # nothing repeats
         targets = torch.arange(b, device=user_vectors.device)
-        return _InBatchSoftmaxCrossEntropy.apply(user_vectors, item_vectors, inverse_temperature, column_bias, None, None, targets)
+        return _InBatchSoftmaxCrossEntropy.apply(
+            user_vectors, item_vectors, inverse_temperature, column_bias, None, None, targets, row_weights
+        )
     columns = torch.from_numpy(first)
     log_counts = torch.from_numpy(np.log(counts)).to(user_vectors.dtype)
     bias = log_counts if column_bias is None else column_bias.index_select(0, columns) + log_counts
     rows = np.flatnonzero(counts[inverse] > 1)  # rows whose own item has copies
     own = (torch.from_numpy(rows), torch.from_numpy(inverse[rows]), -log_counts[inverse[rows]])
     return _InBatchSoftmaxCrossEntropy.apply(
-        user_vectors, item_vectors.index_select(0, columns), inverse_temperature, bias, None, own, torch.from_numpy(inverse)
+        user_vectors, item_vectors.index_select(0, columns), inverse_temperature, bias, None, own, torch.from_numpy(inverse), row_weights
     )
 
 
@@ -152,7 +169,7 @@ class _InBatchSoftmaxCrossEntropy(torch.autograd.Function):
     gradients against the plain composition."""
 
     @staticmethod
-    def forward(ctx, users, items, inverse_temperature, column_bias, excluded, cell_bias, targets):
+    def forward(ctx, users, items, inverse_temperature, column_bias, excluded, cell_bias, targets, row_weights=None):
         if column_bias is None:
             logits = torch.mm(users, items.T).mul_(inverse_temperature)  # (B, N)
         else:
@@ -167,8 +184,11 @@ class _InBatchSoftmaxCrossEntropy(torch.autograd.Function):
         exponentials = logits.sub_(row_max).exp_()  # unnormalised softmax, in place
         sums = exponentials.sum(dim=1, keepdim=True)  # (B, 1)
         log_normaliser = row_max.squeeze(1) + torch.log(sums.squeeze(1))  # logsumexp, (B,)
-        loss = (log_normaliser - target_logits).mean()
-        ctx.save_for_backward(users, items, exponentials, sums, targets)
+        row_losses = log_normaliser - target_logits  # (B,)
+        if row_weights is not None:
+            row_losses = row_losses * row_weights
+        loss = row_losses.mean()
+        ctx.save_for_backward(users, items, exponentials, sums, targets, row_weights)
         ctx.inverse_temperature = inverse_temperature
         ctx.consumed = False
         return loss
@@ -179,14 +199,19 @@ class _InBatchSoftmaxCrossEntropy(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("in_batch_softmax_loss: backward twice (retain_graph) is not supported")
         ctx.consumed = True
-        users, items, grad_logits, sums, targets = ctx.saved_tensors
+        users, items, grad_logits, sums, targets, row_weights = ctx.saved_tensors
         b = grad_logits.shape[0]
         scale = grad_loss * (ctx.inverse_temperature / b)  # d loss / d (u . v) = scale * (softmax - onehot)
-        grad_logits.mul_(scale / sums)  # the softmax's normalisation, folded into the scaling pass
-        grad_logits[torch.arange(b), targets] -= scale
+        if row_weights is None:
+            grad_logits.mul_(scale / sums)  # the softmax's normalisation, folded into the scaling pass
+            grad_logits[torch.arange(b), targets] -= scale
+        else:
+            row_scale = scale * row_weights.unsqueeze(1)  # (B, 1)
+            grad_logits.mul_(row_scale / sums)
+            grad_logits[torch.arange(b), targets] -= row_scale.squeeze(1)
         grad_users = grad_logits @ items if ctx.needs_input_grad[0] else None
         grad_items = grad_logits.T @ users if ctx.needs_input_grad[1] else None
-        return grad_users, grad_items, None, None, None, None, None
+        return grad_users, grad_items, None, None, None, None, None, None
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

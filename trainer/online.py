@@ -3,7 +3,14 @@ one pass, and updates only the user ID embedding rows present in each
 batch (see ``Learner`` with ``trainable="user_ids"``).
 
 - It forks from the newest full model and trains every batch whose window
-  starts at or after that model's ``data_end_ms``.
+  starts at or after that model's ``data_end_ms`` (the end of the day the
+  full model learnt, all of it). The fork carries the full model's
+  row-wise Adagrad sums of the user ID table, so the first online steps
+  are as long as the full trainer's last ones rather than first steps
+  from zero.
+- Clicks of users the frequency filter has not admitted yet are held
+  (``PendingClicks``, at most ``vocabulary.pending_clicks``) and learnt
+  in the minibatch that admits the user.
 - When a newer full model appears (one the publisher has not refused) it re-bases: it forks again from that
   model and catches up on the batches since its data ended.
 - It records, per user row, the step that last changed it and the newest
@@ -50,7 +57,9 @@ from freshtower.trainer.artifacts import (
 )
 from freshtower.trainer.catalogue import ItemCatalogue
 from freshtower.trainer.learner import Learner
+from freshtower.trainer.pending_clicks import PendingClicks
 from freshtower.trainer.samplers import clicked_only
+from freshtower.trainer.sparse_optim import RowWiseAdagrad
 from freshtower.trainer.vocabulary import IdVocabulary
 
 from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
@@ -141,7 +150,15 @@ class OnlineTrainer:
         self.base = base.ref
         self.model = base.model
         self.model.eval()
-        self.learner = Learner(self.model, self.settings.training, base.estimator, trainable="user_ids", seed=self.settings.training.seed)
+        pending = getattr(getattr(self, "learner", None), "pending", None)
+        if pending is None:
+            pending = PendingClicks(self.settings.vocabulary.pending_clicks, self.spec)
+        else:  # a re-base: the new model learnt the clicks of the users it admitted
+            pending.rebase(lambda fingerprints: self.model.user_ids.lookup([], fingerprints), base.ref.data_end_ms)
+        self.learner = Learner(
+            self.model, self.settings.training, base.estimator, trainable="user_ids", seed=self.settings.training.seed, pending=pending
+        )
+        _carry_user_id_accumulators(self.learner, base)
         self.next_window_ms = base.ref.data_end_ms  # frontier: earlier windows are done
         self.trained_recent: set[str] = set()  # batches trained at or after the frontier
         self._newest_window_ms = base.ref.data_end_ms
@@ -322,6 +339,7 @@ class OnlineTrainer:
             row_event_time_ms=torch.from_numpy(self.row_event_time_ms[:rows].copy()),
             estimator=estimator_tensors(self.learner.estimator),
             catalogue=self.model.catalogue.state_dict(),
+            pending_clicks=self.learner.pending.state_dict(),
             learner_steps=int(self.learner.steps),
             rng_state=dict(self.learner.rng.bit_generator.state),
             written_at=time.time(),
@@ -347,6 +365,7 @@ class OnlineTrainer:
         optimizer.state[table] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in checkpoint.optimizer.items()}
         self.learner.estimator = estimator_from_tensors(checkpoint.estimator)
         self.learner.refresh_item_cache()
+        self.learner.pending = PendingClicks.from_state_dict(checkpoint.pending_clicks, self.spec, self.settings.vocabulary.pending_clicks)
         self.next_window_ms = checkpoint.next_window_ms
         self.trained_recent = set(checkpoint.trained_recent)
         self._newest_window_ms = checkpoint.newest_window_ms
@@ -376,6 +395,25 @@ class OnlineTrainer:
             trainer._restore(checkpoint)
             log.info("resumed online trainer at window %d (step %d)", trainer.next_window_ms, trainer.step)
         return trainer
+
+
+def _carry_user_id_accumulators(learner: Learner, base: LoadedModel) -> None:
+    """Start the online row-wise Adagrad from the full model's sums for the
+    user ID table (the first table it saved), not from zero: from zero, one
+    minibatch moves a row by a median 37% of its norm, undoing the full
+    model. Rows admitted online start from zero, as new rows do in full
+    training. SparseAdam keeps its own (fresh) state."""
+    if not isinstance(learner.table_optimizer, RowWiseAdagrad):
+        return
+    tables = (base.optimizer_state or {}).get("tables") or []
+    if not tables or tables[0] is None:
+        return
+    table = learner.model.user_tower.id_embedding
+    saved = tables[0]
+    sums = torch.zeros(table.shape[0], dtype=table.dtype)
+    rows = min(len(saved), table.shape[0])
+    sums[:rows] = saved[:rows]
+    learner.table_optimizer.state[table]["sum"] = sums
 
 
 def decode_for_training(ref: BatchRef, spec: FeatureSpec) -> SampleColumns:

@@ -10,7 +10,8 @@
   (``hard_negative_matrix``, from the records' hard negative IDs).
 - ``mix_negatives`` combines them (default 50% easy, 50% hard).
 - ``positive_multiplicity`` down-samples popular positives and up-samples
-  rare ones.
+  rare ones, relative to a reference share that keeps the clicks' mean
+  multiplicity at 1 (``unit_mean_reference``).
 
 Every function takes its random generator; nothing reads a global seed.
 """
@@ -150,22 +151,77 @@ def mix_negatives(
     return np.where(columns < taken, from_hard, from_easy).astype(np.int64)
 
 
-def positive_multiplicity(
+def unit_mean_reference(click_probabilities: np.ndarray, exponent: float, min_multiplicity: float, max_multiplicity: float) -> float:
+    """The reference share p_ref at which the clicks' mean multiplicity is 1.
+
+    ``click_probabilities`` are the clicks' item shares, one per click (a
+    minibatch is a sample of the click stream), so the mean of
+    ``clip((p_ref / p) ** exponent, min, max)`` over them estimates the
+    stream's mean multiplicity. It grows with p_ref; bisection on log p_ref
+    finds where it is 1. An absolute p_ref cannot do this: 1e-3 keeps 0.42 of
+    a 300-item Zipf stream and up-samples a 1M-item one about twofold.
+
+    >>> p = np.array([0.5, 0.5, 0.01, 0.01])
+    >>> reference = unit_mean_reference(p, 0.5, 0.1, 3.0)
+    >>> round(float(expected_multiplicity(p, 0.5, reference, 0.1, 3.0).mean()), 6)
+    1.0
+    """
+    p = np.maximum(np.asarray(click_probabilities, dtype=np.float64), 1e-300)
+    if len(p) == 0 or exponent == 0:
+        return float(np.median(p)) if len(p) else 1.0
+    log_p = np.log(p)
+    # Below min(p) * min^(1/e) every click sits at the floor (mean = min <= 1);
+    # above max(p) * max^(1/e) at the cap (mean = max >= 1).
+    low = log_p.min() + np.log(min_multiplicity) / exponent
+    high = log_p.max() + np.log(max_multiplicity) / exponent
+    scaled = -exponent * log_p  # log m = exponent * (log p_ref - log p)
+    log_min, log_max = np.log(min_multiplicity), np.log(max_multiplicity)
+    for _ in range(40):  # the bracket is at most ~60 nats wide: 2^-40 of it
+        middle = 0.5 * (low + high)
+        if np.exp(np.clip(exponent * middle + scaled, log_min, log_max)).mean() < 1.0:
+            low = middle
+        else:
+            high = middle
+    return float(np.exp(0.5 * (low + high)))
+
+
+def expected_multiplicity(
     click_probabilities: np.ndarray,
-    rng: np.random.Generator,
     exponent: float,
     reference_share: float,
     min_multiplicity: float,
     max_multiplicity: float,
 ) -> np.ndarray:
+    """``clip((reference_share / p) ** exponent, min, max)`` per positive: an
+    item clicked more often than the reference share is down-sampled, a
+    rarer one up-sampled."""
+    p = np.maximum(np.asarray(click_probabilities, dtype=np.float64), 1e-12)
+    return np.clip((reference_share / p) ** exponent, min_multiplicity, max_multiplicity)
+
+
+def stochastic_round(expected: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Integers with expectation ``expected``: floor, plus one with the
+    fractional part's probability."""
+    whole = np.floor(expected)
+    return (whole + (rng.random(len(expected)) < expected - whole)).astype(np.int64)
+
+
+def positive_multiplicity(
+    click_probabilities: np.ndarray,
+    rng: np.random.Generator,
+    exponent: float,
+    reference_share: float | None,
+    min_multiplicity: float,
+    max_multiplicity: float,
+) -> np.ndarray:
     """How many times to use each positive: 0, 1, 2, ...
 
-    The expected multiplicity is ``(reference_share / p) ** exponent`` clipped
-    to [min, max]: an item clicked more often than the reference share is
-    down-sampled, a rarer one up-sampled. Stochastic rounding keeps the
-    expectation exact.
+    The expected multiplicity is ``expected_multiplicity``; with
+    ``reference_share`` None the reference is ``unit_mean_reference`` of
+    these clicks, so they keep their number on average. Stochastic rounding
+    keeps the expectation exact.
     """
-    p = np.maximum(np.asarray(click_probabilities, dtype=np.float64), 1e-12)
-    expected = np.clip((reference_share / p) ** exponent, min_multiplicity, max_multiplicity)
-    whole = np.floor(expected)
-    return (whole + (rng.random(len(p)) < expected - whole)).astype(np.int64)
+    if reference_share is None:
+        reference_share = unit_mean_reference(click_probabilities, exponent, min_multiplicity, max_multiplicity)
+    expected = expected_multiplicity(click_probabilities, exponent, reference_share, min_multiplicity, max_multiplicity)
+    return stochastic_round(expected, rng)

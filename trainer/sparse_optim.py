@@ -23,12 +23,21 @@ class RowWiseAdagrad(torch.optim.Optimizer):
 
     For each row r with gradient g_r (dim,):
     ``s_r += mean(g_r ** 2)``; ``w_r -= lr * g_r / (sqrt(s_r) + eps)``.
+
+    ``gradient_scale`` (a param-group entry, set per step by the caller)
+    multiplies the gradient first. The trainers set it to the minibatch's
+    sample count, so g_r is the gradient of the summed loss, one row's own
+    samples: the sums then mean the same whatever the minibatch size (the
+    full trainer's 1,024, an online file's few dozen), and a trainer that
+    forks from another's sums continues its steps instead of restarting
+    them (with a mean loss, 17x smaller minibatches give 17x larger
+    gradients, which swamp the carried sums).
     """
 
     def __init__(self, params, lr: float = 0.05, eps: float = 1e-8, initial_accumulator: float = 0.0):
         if lr <= 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
-        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator=initial_accumulator))
+        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator=initial_accumulator, gradient_scale=1.0))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -52,6 +61,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     values = grad
                 if values.numel() == 0:
                     continue
+                if group["gradient_scale"] != 1.0:
+                    values = values * group["gradient_scale"]
                 state = self.state[param]
                 if "sum" not in state:
                     state["sum"] = torch.full((param.shape[0],), group["initial_accumulator"], dtype=param.dtype, device=param.device)

@@ -12,10 +12,21 @@ several hash arrays the estimate takes the largest gap (collisions only
 shorten gaps). A step is one occurrence of any item, so ``1 / B`` estimates
 an item's share of the stream (its click share, fed with clicks).
 
-One addition to the paper, documented here: ``B`` starts at 0, so for its
-first ~1/alpha sightings the moving average under-estimates the gap. As in
-Adam, the estimate is debiased by ``1 - (1 - alpha) ** n`` (n = sightings of
-that cell), which makes early estimates usable.
+Two additions to the paper, documented here:
+
+- A cell's first sighting only starts its clock (``A <- t``): there is no
+  gap before it. The paper's rule would take ``t - 0``, the steps since the
+  stream began, as the first gap, and an item first seen late in the stream
+  would stay estimated far too rare for hundreds of sightings (an item of
+  share 0.01 first seen at step 800,000: 48x too low after 100 sightings).
+  Until its second sighting an item has no estimate (probability 0).
+- ``B`` starts at 0, so for its first ~1/alpha gaps the moving average
+  under-estimates the gap. As in Adam, the estimate is debiased by
+  ``1 - (1 - alpha) ** n`` (n = gaps seen in that cell: sightings - 1),
+  which makes early estimates usable.
+
+``resolution`` is the smallest share the arrays can tell apart (see there);
+the trainers use it as the floor of sampling probabilities.
 
 Pure numpy: no clocks, files or Kafka; the step counter is the only time.
 """
@@ -92,35 +103,61 @@ class FrequencyEstimator:
             group = np.cumsum(first) - 1
             previous = np.where(first, self.last_step[h, b], np.concatenate(([0], t[:-1])))
             gaps = (t - previous).astype(np.float64)
+            # A cell never seen before has no gap at its first occurrence:
+            # that occurrence only starts the clock.
+            gaps[first & (self.sightings[h, b] == 0)] = 0.0
             rank = np.arange(n) - starts[group]  # 0 for a bucket's first occurrence
             weights = keep ** (sizes[group] - 1 - rank)
             contribution = np.bincount(group, weights=self.alpha * weights * gaps, minlength=len(starts))
             cells = b[starts]
+            # A fresh cell's gap is 0, so its extra decay step is harmless.
             self.gap[h, cells] = keep ** sizes * self.gap[h, cells] + contribution
             self.last_step[h, cells] = t[starts + sizes - 1]
             self.sightings[h, cells] += sizes
         self.step += n
 
     def expected_gap(self, item_ids: Sequence[str] | None = None, fingerprints: np.ndarray | None = None) -> np.ndarray:
-        """Debiased gap estimate per item (steps); 0 where never seen.
+        """Debiased gap estimate per item (steps); 0 where there is none yet.
 
-        An item is never-seen if any of its cells is (collisions can only
-        fill cells, never empty them), as in a count-min sketch."""
+        An item has none if any of its cells has seen fewer than two
+        occurrences, i.e. no gap (collisions can only fill cells, never
+        empty them), as in a count-min sketch."""
         if fingerprints is None:
             fingerprints = fingerprint_strings(item_ids or [])
         buckets = self._buckets(fingerprints)
         rows = np.arange(self.hashes)[:, None]
         gap = self.gap[rows, buckets]
-        seen = self.sightings[rows, buckets]
+        gaps_seen = self.sightings[rows, buckets] - 1  # the first sighting has no gap
         with np.errstate(divide="ignore", invalid="ignore"):
-            debiased = np.where(seen > 0, gap / (1.0 - (1.0 - self.alpha) ** seen), 0.0)
-        return np.where((seen > 0).all(axis=0), debiased.max(axis=0), 0.0)
+            debiased = np.where(gaps_seen > 0, gap / (1.0 - (1.0 - self.alpha) ** gaps_seen), 0.0)
+        return np.where((gaps_seen > 0).all(axis=0), debiased.max(axis=0), 0.0)
 
     def probability(self, item_ids: Sequence[str] | None = None, fingerprints: np.ndarray | None = None) -> np.ndarray:
-        """Estimated share of the stream per item, ``1 / gap``; 0 where never seen."""
+        """Estimated share of the stream per item, ``1 / gap``; 0 where there
+        is no estimate yet (never seen, or seen once)."""
         gap = self.expected_gap(item_ids, fingerprints)
         with np.errstate(divide="ignore"):
             return np.where(gap > 0, 1.0 / np.maximum(gap, 1.0), 0.0)
+
+    @property
+    def resolution(self) -> float:
+        """The smallest share the estimator can tell apart, ``1 / min(step, buckets)``.
+
+        Two limits: a gap longer than the stream so far cannot be measured
+        (shares below ``1 / step``), and each array spreads the whole stream
+        over ``buckets`` cells, so an item's cell also carries the traffic of
+        the items hashed with it, on average ``1 / buckets`` of the stream:
+        rarer items all read about that. Trainers floor sampling
+        probabilities here; more buckets resolve a longer tail.
+
+        >>> FrequencyEstimator(buckets=1024).resolution  # nothing seen yet
+        1.0
+        >>> est = FrequencyEstimator(buckets=1024)
+        >>> est.update([f"i{k % 300}" for k in range(5000)])
+        >>> est.resolution == 1 / 1024
+        True
+        """
+        return 1.0 / max(1, min(self.step, self.buckets))
 
     # --- persistence ---------------------------------------------------------
 

@@ -45,13 +45,18 @@ class VocabularyConfig(_Section):
     user_min_count: int = Field(2, ge=1, description="sightings before a user ID gets its own row")
     item_min_count: int = Field(1, ge=1, description="sightings before an item ID gets its own row")
     expiry_days: int = Field(30, ge=1, description="an ID unseen this many days loses its row")
+    pending_clicks: int = Field(
+        100_000, ge=0, description="online: clicks of users not yet admitted, learnt once their row is (oldest dropped first)"
+    )
 
 
 class NegativesConfig(_Section):
     """Where negatives come from. Shown-but-not-clicked is never one of them."""
 
     easy_source: Literal["in_batch", "catalogue"] = "in_batch"
-    num_negatives: int = Field(4, ge=1, description="negatives per positive when sampled explicitly")
+    num_negatives: int | None = Field(
+        None, ge=1, description="negatives per positive when sampled explicitly; unset: 2 pointwise (1:2), 4 otherwise"
+    )
     hard_fraction: float = Field(0.5, ge=0, le=1, description="share of hard (ranking-dropped) negatives")
     popularity_exponent: float = Field(0.75, description="catalogue sampler draws items with p ~ clicks**exponent")
     logq_correction: bool = Field(True, description="subtract log p_i from in-batch logits (training only)")
@@ -64,9 +69,13 @@ class PositiveResamplingConfig(_Section):
 
     enabled: bool = True
     exponent: float = Field(0.5, ge=0)
-    reference_share: float = Field(1e-3, gt=0, description="p_ref: an item with this click share keeps multiplicity 1")
-    min_multiplicity: float = Field(0.1, gt=0)
-    max_multiplicity: float = Field(3.0, gt=0)
+    reference_share: float | None = Field(
+        None,
+        gt=0,
+        description="p_ref; unset: chosen per minibatch so its clicks' mean multiplicity is 1, at any catalogue size",
+    )
+    min_multiplicity: float = Field(0.1, gt=0, le=1)
+    max_multiplicity: float = Field(3.0, ge=1)
 
 
 class FrequencyConfig(_Section):
@@ -87,7 +96,12 @@ class TrainingConfig(_Section):
     full_embedding_learning_rate: float = Field(0.05, gt=0, description="row-sparse optimiser, full trainer")
     online_learning_rate: float = Field(0.05, gt=0, description="row-sparse optimiser, online trainer")
     online_optimizer: Literal["rowwise_adagrad", "sparse_adam"] = "rowwise_adagrad"
-    holdout_fraction: float = Field(0.05, ge=0, lt=1, description="last share of the day (event time) held out")
+    holdout_seconds: float = Field(
+        600.0, ge=0, description="the quality gate's data: the first this many seconds of the next day, which day D's model has not learnt"
+    )
+    accumulator_decay: float = Field(
+        0.5, gt=0, le=1, description="row-wise Adagrad sums are multiplied by this at each daily warm start (1: never forget)"
+    )
     shuffle_shards: int = Field(0, ge=0, description="external-shuffle shards; 0 picks from the record count")
     shuffle_shard_records: int = Field(2_000_000, ge=1000, description="records per shard when picking")
     checkpoint_every_seconds: float = Field(60.0, ge=0, description="online checkpoint period (wall clock)")
@@ -102,6 +116,15 @@ class TrainingConfig(_Section):
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0: all cores, but one left to the online trainer's decoder")
     negatives: NegativesConfig = NegativesConfig()
     positive_resampling: PositiveResamplingConfig = PositiveResamplingConfig()
+
+    @property
+    def negatives_per_positive(self) -> int:
+        """Explicit negatives per positive: the configured count, else 2 for
+        pointwise (the design's 1:2 to 1:3; 2 keeps the 50/50 easy/hard mix
+        exact) and 4 for pairwise and sampled listwise."""
+        if self.negatives.num_negatives is not None:
+            return self.negatives.num_negatives
+        return 2 if self.mode == "pointwise" else 4
 
 
 class EvaluationConfig(_Section):

@@ -46,6 +46,7 @@ def full_model_manifest() -> FullModelManifest:
         data_start_ms=1_795_219_200_000,
         data_end_ms=1_795_295_000_000,
         newest_click_event_time_ms=1_795_294_999_000,
+        holdout_start_ms=1_795_305_000_000,
         holdout_end_ms=1_795_305_600_000,
         metrics={"exact": {"recall@50": 0.31}, "train_samples": 4_200, "expired": {"users": 3}},
         lineage=[LineageEntry(file="2026-11-21/000000.tfrecord", sha256="cd" * 32, positives=12, role="train")],
@@ -117,6 +118,7 @@ def online_checkpoint() -> OnlineCheckpoint:
         row_event_time_ms=torch.tensor([0, 1_795_295_170_000, 0, 1_795_295_100_000]),
         estimator={"last_step": torch.zeros(2, 8, dtype=torch.int64)},
         catalogue={"ids": ["i1"]},
+        pending_clicks={"capacity": 100, "clicks": {}},
         learner_steps=9,
         rng_state=np.random.default_rng(0).bit_generator.state,
         written_at=1_795_301_800.0,
@@ -158,7 +160,7 @@ def test_the_online_checkpoint_round_trips_through_its_torch_file(tmp_path):
     assert back.partition == (1, 2) and back.user_ids.row_ids == ["", "u1", "", "u3"] and back.rows == 4
     # the file is a plain dict of tensors and lists: it loads with weights_only, partition as a list
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == 1 and raw["partition"] == [1, 2] and raw["user_ids"]["row_ids"] == ["", "u1", "", "u3"]
+    assert raw["format"] == 2 and raw["partition"] == [1, 2] and raw["user_ids"]["row_ids"] == ["", "u1", "", "u3"]
     assert not list(path.parent.glob(".*tmp*"))  # written under a temporary name, renamed into place
 
 
@@ -189,8 +191,8 @@ def test_an_unknown_schema_version_is_refused_naming_the_file_and_the_field(tmp_
     with pytest.raises(ContractError, match="r/manifest.json: field 'format' is 7: this freshtower reads release manifest schema version 1"):
         release_manifest_from_json(json.dumps(data).encode(), "r/manifest.json")
     path = tmp_path / "checkpoint.pt"
-    torch.save({"format": 2}, path)
-    with pytest.raises(ContractError, match=f"{path}: field 'format' is 2: this freshtower reads online checkpoint schema version 1"):
+    torch.save({"format": 1}, path)
+    with pytest.raises(ContractError, match=f"{path}: field 'format' is 1: this freshtower reads online checkpoint schema version 2"):
         read_online_checkpoint(path)
 
 

@@ -9,17 +9,20 @@ from freshtower.core.frequency import FrequencyEstimator
 
 def sequential_reference(estimator: FrequencyEstimator, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The paper's rule, one occurrence at a time (the oracle for the
-    vectorised update)."""
+    vectorised update); a cell's first occurrence only starts its clock."""
     last = estimator.last_step.copy()
     gap = estimator.gap.copy()
+    seen = estimator.sightings.copy()
     buckets = estimator._buckets(fingerprint_strings(item_ids))
     step = estimator.step
     for n in range(len(item_ids)):
         step += 1
         for h in range(estimator.hashes):
             b = buckets[h, n]
-            gap[h, b] = (1 - estimator.alpha) * gap[h, b] + estimator.alpha * (step - last[h, b])
+            if seen[h, b]:
+                gap[h, b] = (1 - estimator.alpha) * gap[h, b] + estimator.alpha * (step - last[h, b])
             last[h, b] = step
+            seen[h, b] += 1
     return last, gap
 
 
@@ -51,9 +54,54 @@ def test_stationary_stream_matches_exact_shares():
     estimate = estimator.probability(ids)
     top = np.argsort(-exact)[:50]
     relative_error = np.abs(estimate[top] - exact[top]) / exact[top]
+    print(f"steady stream, top 50 items: median relative error {np.median(relative_error):.3f}, max {relative_error.max():.3f}")
     assert np.median(relative_error) < 0.08
     assert relative_error.max() < 0.3
     assert estimator.probability(["never-seen"])[0] == 0.0
+
+
+def test_an_item_first_seen_mid_stream_is_estimated_at_its_share_after_100_sightings():
+    # 800,000 steps of a steady 500-item stream, then 10 new items at a share
+    # of 0.01 each. Each new item's estimate is read just after its 100th
+    # sighting: 99 gaps of mean 100 steps, so the moving average (alpha
+    # 0.01, debiased) reads ~0.01 with ~10% noise. The paper's rule would
+    # take the first gap as ~800,000 steps and read ~2e-4 (48x too low).
+    rng = np.random.default_rng(5)
+    p = zipf_probabilities(500)
+    ids = np.array([f"i{i}" for i in range(500)] + [f"new{k}" for k in range(10)])
+    estimator = FrequencyEstimator(buckets=1 << 14, hashes=2, alpha=0.01)
+    steady = rng.choice(500, size=800_000, p=p)
+    for start in range(0, len(steady), 20_000):
+        estimator.update(ids[steady[start : start + 20_000]].tolist())
+    mixed = rng.choice(510, size=150_000, p=np.concatenate([0.9 * p, np.full(10, 0.01)]))
+    hundredth = sorted((np.flatnonzero(mixed == 500 + k)[99], k) for k in range(10))
+    done, ratios = 0, np.zeros(10)
+    for position, k in hundredth:
+        estimator.update(ids[mixed[done : position + 1]].tolist())
+        done = position + 1
+        ratios[k] = estimator.probability([f"new{k}"])[0] / 0.01
+    print(f"new items after 100 sightings: estimate / share {np.round(ratios, 3).tolist()}")
+    assert np.median(np.abs(ratios - 1)) < 0.1
+    assert np.mean(np.abs(ratios - 1) < 0.2) >= 0.8  # ~1 in 10 falls outside 20% by chance (seeded)
+    assert np.all(np.abs(ratios - 1) < 0.35)
+
+
+def test_one_sighting_gives_no_estimate_and_the_second_gives_the_gap():
+    estimator = FrequencyEstimator(buckets=1 << 16, hashes=2, alpha=0.01)  # 11 items: no collisions
+    estimator.update([f"f{k % 10}" for k in range(500)])  # 500 steps of other items
+    estimator.update(["new"])  # step 501: only starts the clock
+    assert estimator.probability(["new"])[0] == 0.0
+    estimator.update([f"f{k % 10}" for k in range(49)] + ["new"])  # seen again 50 steps later
+    # one gap of 50, debiased by 1 - 0.99^1: exactly 50 steps -> 0.02
+    assert estimator.probability(["new"])[0] == pytest.approx(0.02, rel=1e-9)
+
+
+def test_resolution_is_one_over_the_smaller_of_steps_and_buckets():
+    estimator = FrequencyEstimator(buckets=1 << 10, hashes=2)
+    estimator.update([f"i{k}" for k in range(100)])
+    assert estimator.resolution == 1 / 100  # a share below 1/100 needs a gap longer than the stream
+    estimator.update([f"i{k % 100}" for k in range(5000)])
+    assert estimator.resolution == 1 / 1024  # collisions: a cell carries ~1/buckets of the stream
 
 
 def test_estimates_follow_a_popularity_shift():

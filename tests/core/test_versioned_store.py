@@ -197,7 +197,7 @@ def test_a_full_model_is_adopted_into_another_store_sealed_and_pointed_at(tmp_pa
     settings = make_settings(tmp_path / "data")
     record = TrainingRecord(
         parent=None, from_scratch=True, data_start_ms=0, data_end_ms=60_000, newest_click_event_time_ms=None,
-        holdout_end_ms=120_000, metrics={}, lineage=[], config=settings.as_record(),
+        holdout_start_ms=60_000, holdout_end_ms=120_000, metrics={}, lineage=[], config=settings.as_record(),
     )  # fmt: skip
     source = tmp_path / "source"
     refs = [save_full_model(source, day, new_model(settings), new_estimator(settings), {}, record) for day in ("2026-11-20", "2026-11-21")]

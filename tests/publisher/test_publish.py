@@ -51,6 +51,7 @@ def copy_full_model(settings, day: str, *, recall_at_50=None, poison: bool = Fal
         data_start_ms=manifest.data_start_ms,
         data_end_ms=manifest.data_end_ms,
         newest_click_event_time_ms=manifest.newest_click_event_time_ms,
+        holdout_start_ms=manifest.holdout_start_ms,
         holdout_end_ms=manifest.holdout_end_ms,
         metrics=metrics,
         lineage=manifest.lineage,
@@ -130,10 +131,25 @@ def test_event_clock_releases_when_event_time_has_moved_an_interval(data_dir):
         # The end of a replayed log: what was learnt goes out although not due.
         assert [o.status for o in publisher.tick(now_s=0.0, force_delta=True)] == ["skipped", "published"]
         last = publisher.store.active().manifest.checkpoint_event_time_ms
-        train_online(settings, 3)
+        train_online(settings, 4)  # three ten-minute windows may fall a few seconds short of 30 minutes of event time
         newest = read_online_checkpoint(checkpoint_path(settings)).newest_event_time_ms
         assert newest - last >= 1_800_000
         assert publisher.publish_delta_if_due(now_s=0.0).status == "published"  # wall time never moved
+
+
+def test_a_full_model_without_holdout_clicks_is_not_refused_for_lacking_a_recall(data_dir):
+    # The holdout is the next day's first minutes; for a stream's last day
+    # it holds no click, so there is no figure to compare: not a drop.
+    settings = publisher_settings(data_dir, publisher={"max_recall_drop": 0.02})
+    with Publisher(settings) as publisher:
+        publisher.tick(now_s=0.0)
+        ref = copy_full_model(settings, DAY1)
+        manifest = json.loads((ref.path / "manifest.json").read_text())
+        manifest["metrics"] = {"users": 0, "clicks": 0, "items": manifest["metrics"]["items"]}  # what evaluate reports
+        (ref.path / "manifest.json").write_text(json.dumps(manifest))
+        outcome = publisher.publish_full_if_new()
+        assert outcome.status == "published", outcome
+        assert publisher.store.get(outcome.version).manifest.checks.holdout_recall_at_50 is None
 
 
 @pytest.mark.parametrize("poison, recall_drop, status", [(True, 0.0, "refused"), (False, 0.10, "refused"), (False, 0.01, "published")])

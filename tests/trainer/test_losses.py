@@ -28,8 +28,11 @@ def test_logq_correction_subtracts_log_probability_per_column():
     # row 1: [0 + 0.6931, 1.6 + 1.3863] -> log(1 + e^-2.2931) = 0.096172; mean 0.368660
     loss = losses.in_batch_softmax_loss(A, B, 0.5, item_probabilities=torch.tensor([0.5, 0.25]))
     assert loss.item() == pytest.approx(0.3686596, abs=1e-6)
-    corrected = losses.sampling_probability_correction(torch.zeros(1, 2), torch.tensor([1.0, 1e-9]))
-    assert corrected[0].tolist() == pytest.approx([0.0, -math.log(1e-6)])  # p is clipped at 1e-6
+    corrected = losses.sampling_probability_correction(torch.zeros(1, 2), torch.tensor([1.0, 1e-9]), probability_floor=1e-4)
+    assert corrected[0].tolist() == pytest.approx([0.0, -math.log(1e-4)])  # p is clipped at the caller's floor, 1e-4
+    floored = losses.in_batch_softmax_loss(A, B, 0.5, item_probabilities=torch.tensor([1e-9, 1e-9]), probability_floor=1e-4)
+    # both columns clipped to 1e-4 gain the same +9.21: the plain loss again
+    assert floored.item() == pytest.approx(losses.in_batch_softmax_loss(A, B, 0.5).item(), abs=1e-5)
 
 
 def test_accidental_hits_mask_the_same_item_off_the_diagonal():
@@ -107,7 +110,9 @@ def test_in_batch_softmax_over_a_wider_candidate_set_with_padding():
     assert loss.item() == pytest.approx(0.2775007, abs=1e-6)
 
 
-def _reference_in_batch_softmax(users, items, temperature, probabilities, keys, targets=None, positive_keys=None, mask=None):
+def _reference_in_batch_softmax(
+    users, items, temperature, probabilities, keys, targets=None, positive_keys=None, mask=None, row_weights=None
+):
     """The plain composition the fused loss replaces: the oracle."""
     logits = losses.cosine_logits(users, items, temperature)
     if probabilities is not None:
@@ -118,11 +123,14 @@ def _reference_in_batch_softmax(users, items, temperature, probabilities, keys, 
         logits = logits.masked_fill(~mask.unsqueeze(0), -1e9)
     if targets is None:
         targets = torch.arange(len(users))
+    if row_weights is not None:
+        return (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * row_weights).mean()
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("distributed", [False, True])
-def test_fused_in_batch_softmax_matches_the_plain_composition_in_value_and_gradients(distributed):
+def test_fused_in_batch_softmax_matches_the_plain_composition_in_value_and_gradients(distributed, weighted):
     generator = torch.Generator().manual_seed(3)
     b, d = 12, 5
     keys = torch.tensor([1, 2, 3, 1, 4, 5, 6, 2, 7, 8, 9, 1])  # repeats: accidental hits are masked
@@ -138,15 +146,18 @@ def test_fused_in_batch_softmax_matches_the_plain_composition_in_value_and_gradi
         probabilities = torch.cat([torch.ones(1, dtype=torch.float64), probabilities, torch.ones(1, dtype=torch.float64)])
         extra = {"targets": torch.arange(1, b + 1), "positive_keys": keys, "mask": torch.tensor([False] + [True] * b + [False])}
     column_keys = torch.cat([torch.tensor([-1]), keys, torch.tensor([-1])]) if distributed else keys
+    # rows weighted as the easy/hard mix weighs them: 0.5 with hard negatives, 1 without
+    row_weights = torch.tensor([0.5, 1.0] * (b // 2), dtype=torch.float64) if weighted else None
     results = []
     for function in ("fused", "reference"):
         u, v = users.clone().requires_grad_(True), items.clone().requires_grad_(True)
         if function == "fused":
             loss = losses.in_batch_softmax_loss(
-                u, v, 0.1, probabilities, column_keys, extra.get("targets"), extra.get("positive_keys"), extra.get("mask")
+                u, v, 0.1, probabilities, column_keys, extra.get("targets"), extra.get("positive_keys"), extra.get("mask"),
+                row_weights=row_weights,
             )
         else:
-            loss = _reference_in_batch_softmax(u, v, 0.1, probabilities, column_keys, **extra)
+            loss = _reference_in_batch_softmax(u, v, 0.1, probabilities, column_keys, **extra, row_weights=row_weights)
         (2.5 * loss).backward()  # an upstream gradient other than 1
         # per item: the copies' gradients summed (the fused in-batch form puts them on the first copy)
         per_item = torch.zeros(11, d, dtype=torch.float64).index_add_(0, column_keys.clamp_min(0), v.grad)

@@ -202,3 +202,96 @@ def test_a_caught_up_follower_checkpoints_its_last_batches_without_waiting_for_a
 
     trainer.run(follow=True, poll_seconds=0.05, should_stop=saved_everything, prefetch=False)
     assert seen.get("batches") == batches and seen["samples"] == trainer.stats.samples > 0
+
+
+def test_the_fork_starts_where_the_full_models_data_ends(data_dir):
+    # The day-0 model learnt every day-0 batch, so the online trainer forked
+    # from it starts at the first batch of day 1: it neither skips a window
+    # nor learns one the full model learnt (a trailing holdout would leave
+    # the last 5% of day 0 to the online trainer alone).
+    settings = make_settings(data_dir)
+    trainer = OnlineTrainer.start(settings)
+    day0, day1 = list_batches(settings.batches_dir, DAY0), list_batches(settings.batches_dir, DAY1)
+    assert trainer.base.data_end_ms == day0[-1].manifest.window_end_ms
+    assert [r.path for r in trainer.pending()[: len(day1)]] == [r.path for r in day1]
+    trained_files = {e.file for e in trainer.base.manifest.lineage if e.role == "train"}
+    assert trained_files == {str(r.path.relative_to(settings.batches_dir)) for r in day0}
+
+
+def _relative_updates(table_before, table_after, rows) -> np.ndarray:
+    before, after = table_before[rows], table_after[rows]
+    return ((after - before).norm(dim=1) / before.norm(dim=1).clamp_min(1e-12)).numpy()
+
+
+def test_the_first_online_step_moves_rows_as_far_as_the_full_trainers_last_steps(tmp_path, simulated_batches, monkeypatch):
+    # Row-wise Adagrad scales a row's step by 1/sqrt(its squared-gradient
+    # sum). After two full days (each user's row updated ~11 times a day,
+    # the day-0 sums halved at the warm start) the full trainer's last steps
+    # are ~1/sqrt(16) of a first step. Forked with fresh (zero) sums, the
+    # first online minibatch takes first steps, ~4x longer, and undoes the
+    # full model; carried over, it continues at the full trainer's pace
+    # (within 2x). Rows admitted in a step are left out (new rows start from
+    # zero sums in both trainers).
+    from freshtower.trainer.learner import Learner
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(simulated_batches, data_dir / "batches")
+    settings = make_settings(data_dir)
+    steps: list[tuple[str, np.ndarray]] = []
+    original = Learner.learn
+
+    def recording_learn(self, samples, where="", observe=True):
+        table = self.model.user_tower.id_embedding
+        known_rows, before = len(self.model.user_ids), table.detach().clone()
+        result = original(self, samples, where, observe)
+        rows = torch.from_numpy(result.updated_user_rows[result.updated_user_rows < known_rows])
+        steps.append((self.trainable, _relative_updates(before, table.detach(), rows)))
+        return result
+
+    train_full(settings, DAY0)
+    monkeypatch.setattr(Learner, "learn", recording_learn)
+    train_full(settings, DAY1)
+    full_last = np.median(np.concatenate([r for kind, r in steps if kind == "all"][-3:]))
+    trainer = OnlineTrainer.start(settings)
+    trainer.learn_batch(trainer.pending()[0])
+    online_first = np.median(np.concatenate([r for kind, r in steps if kind == "user_ids"]))
+    print(f"median relative row update: full trainer's last 3 steps {full_last:.4f}, first online batch {online_first:.4f}")
+    assert 0.5 < online_first / full_last < 2
+
+
+def test_a_new_users_first_clicks_are_learnt_once_the_row_is_admitted(data_dir, monkeypatch):
+    # user_min_count = 2: a new user's first click reads the default row,
+    # which online training never moves. The click is held and learnt in
+    # the minibatch that admits the user, so every click of a user admitted
+    # online reaches the loss with the user's own row.
+    from freshtower.trainer.learner import Learner
+
+    settings = make_settings(data_dir, training={"positive_resampling": {"enabled": False}})
+    given: dict[str, int] = {}
+    with_row: dict[str, int] = {}
+    learn, forward = Learner.learn, Learner._forward
+
+    def recording_learn(self, samples, where="", observe=True):
+        for user in (u for u, label in zip(samples.user_ids, samples.labels) if label == 1):
+            given[user] = given.get(user, 0) + 1
+        return learn(self, samples, where, observe)
+
+    def recording_forward(self, positives, probabilities):
+        rows = self.model.user_ids.lookup(positives.user_ids)
+        for user in (u for u, row in zip(positives.user_ids, rows.tolist()) if row):
+            with_row[user] = with_row.get(user, 0) + 1
+        return forward(self, positives, probabilities)
+
+    trainer = OnlineTrainer.start(settings)
+    known = set(filter(None, trainer.model.user_ids.row_ids()))
+    monkeypatch.setattr(Learner, "learn", recording_learn)
+    monkeypatch.setattr(Learner, "_forward", recording_forward)
+    trainer.run(max_batches=len(list_batches(settings.batches_dir, DAY1)), prefetch=False)
+    admitted = set(filter(None, trainer.model.user_ids.row_ids())) - known
+    short = {u: (with_row.get(u, 0), given[u]) for u in admitted if with_row.get(u, 0) != given[u]}
+    missing = sum(given[u] - with_row.get(u, 0) for u in short)
+    print(f"{len(admitted)} users admitted online, {sum(given[u] for u in admitted)} of their clicks; "
+          f"{len(short)} of them with {missing} clicks learnt without their row")
+    assert len(admitted) >= 10
+    assert not short
+    assert len(trainer.learner.pending) <= settings.vocabulary.pending_clicks

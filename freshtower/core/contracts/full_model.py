@@ -40,10 +40,11 @@ class TrainingRecord:
 
     parent: str | None  # the version it warm-started from
     from_scratch: bool
-    data_start_ms: int  # event time learnt from: [data_start_ms, data_end_ms)
-    data_end_ms: int  # the holdout's start; the online trainer forks from here
+    data_start_ms: int  # event time learnt from: [data_start_ms, data_end_ms), the whole day
+    data_end_ms: int  # the end of the day; the online trainer forks from here
     newest_click_event_time_ms: int | None  # freshness of a full release
-    holdout_end_ms: int
+    holdout_start_ms: int  # the gate's clicks: [holdout_start_ms, holdout_end_ms), the next day's
+    holdout_end_ms: int  # first training.holdout_seconds, which the next models do learn
     metrics: dict[str, Any]  # holdout evaluation ("exact", "faiss": {"recall@K": ...}) and training figures
     lineage: list[LineageEntry]
     config: dict[str, Any]  # the resolved settings (Settings.as_record())
@@ -62,7 +63,7 @@ class FullModelManifest(TrainingRecord):
     """
     >>> manifest = FullModelManifest(version="2026-11-21.1", day="2026-11-21", created_at=0.0, parent=None,
     ...     from_scratch=True, data_start_ms=0, data_end_ms=60_000, newest_click_event_time_ms=59_000,
-    ...     holdout_end_ms=120_000, metrics={"exact": {"recall@50": 0.25}}, lineage=[], config={},
+    ...     holdout_start_ms=60_000, holdout_end_ms=120_000, metrics={"exact": {"recall@50": 0.25}}, lineage=[], config={},
     ...     files={"model.pt": FileDigest(sha256="0" * 64, bytes=10)})
     >>> FullModelManifest.from_json(manifest.to_json()) == manifest
     True

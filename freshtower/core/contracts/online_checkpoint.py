@@ -20,7 +20,7 @@ from freshtower.core.contracts.validation import CONTRACT_CONFIG, ContractError,
 from freshtower.core.contracts.vocabulary import VocabularyState
 from freshtower.core.storage import atomic_write
 
-CHECKPOINT_SCHEMA = 1
+CHECKPOINT_SCHEMA = 2
 CONTRACT = "online checkpoint"
 
 
@@ -56,6 +56,7 @@ class OnlineCheckpoint:
     row_event_time_ms: torch.Tensor  # (R,) int64: newest event time each row learnt from, ms
     estimator: dict[str, torch.Tensor]  # item-frequency estimator state
     catalogue: dict[str, Any]  # item catalogue state
+    pending_clicks: dict[str, Any]  # clicks of users not admitted yet, learnt when admitted (trainer.pending_clicks)
     learner_steps: int
     rng_state: dict[str, Any]  # numpy bit generator state of the learner
     written_at: float  # wall time, seconds
