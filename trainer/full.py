@@ -160,19 +160,7 @@ def train_full(
     if training.threads:
         torch.set_num_threads(training.threads)
 
-    parent = None if from_scratch else previous_full_model(models_dir, day)
-    if parent is None:
-        log.info("full training %s from random init (%s)", day, "requested" if from_scratch else "no earlier full model")
-        model, estimator, saved_optimizer = new_model(settings), new_estimator(settings), {}
-    else:
-        loaded = load_full_model(parent)
-        if loaded.settings.model != settings.model:
-            raise ArtifactError(
-                f"model shape changed since {parent.version} ({parent.path}); retrain with --from-scratch"
-            )
-        model, estimator, saved_optimizer = loaded.model, loaded.estimator, loaded.optimizer_state
-        log.info("full training %s warm-started from %s", day, parent.version)
-
+    parent, model, estimator, saved_optimizer = _warm_start(settings, models_dir, day, from_scratch)
     seed = training.seed + date.fromisoformat(day).toordinal()
     rank, world = (collective.rank, collective.world) if collective else (0, 1)
     main = rank == 0
@@ -184,16 +172,7 @@ def train_full(
     if parent is not None:
         _restore_optimizer_state(learner, saved_optimizer, training.accumulator_decay)
     holdout_start_ms, holdout_end_ms, holdout_refs = holdout_batches(settings.batches_dir, day, training.holdout_seconds)
-    holdout = None
-    parent_metrics = None
-    if main:
-        holdout = holdout_from_samples(SampleColumns.concat([read_batch(r, spec) for r in holdout_refs], spec))
-        if parent is not None and len(holdout):
-            # The parent on the same clicks, before it learns this day: the
-            # paired baseline for the gate.
-            model.eval()
-            parent_metrics = evaluate(model, holdout, settings.evaluation.ks, None)
-            model.train()
+    holdout, parent_metrics = _holdout(settings, spec, model, parent, holdout_refs) if main else (None, None)
     today = date.fromisoformat(day).toordinal() - date(1970, 1, 1).toordinal()
     expired = _expire(learner, today, settings.vocabulary.expiry_days)
 
@@ -202,59 +181,12 @@ def train_full(
     shards = training.shuffle_shards or max(1, math.ceil(total_positives / training.shuffle_shard_records))
     rng = np.random.default_rng(seed)  # the same on every worker: same shard assignment
     mine = [s for s in range(shards) if s % world == rank]
-    shard_sizes = np.zeros(shards, dtype=np.int64)
-    newest_click_ms = 0
     scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-", dir=_scratch_root(settings)))
     try:
-        # Pass 1: time order.
-        shard_files = {s: open(scratch / f"shard-{s:04d}.pkl", "wb") for s in mine}
-        try:
-            for n, ref in enumerate(train_refs):
-                records = read_batch(ref, spec, positives_only=False)
-                file_day = event_day(ref.window_start_ms)
-                model.catalogue.update(records.item_ids, records.item_categorical, file_day)
-                positives = clicked_only(records)
-                if len(positives):
-                    newest_click_ms = max(newest_click_ms, int(positives.event_time_ms.max()))
-                learner.observe(positives, file_day)
-                estimator.update(positives.item_ids)
-                assignment = rng.integers(0, shards, size=len(positives))
-                shard_sizes += np.bincount(assignment, minlength=shards)
-                for s in mine:
-                    chosen = np.flatnonzero(assignment == s)
-                    if len(chosen):
-                        pickle.dump(positives.take(chosen), shard_files[s], protocol=pickle.HIGHEST_PROTOCOL)
-                if progress:
-                    progress("read", n + 1, len(train_refs))
-        finally:
-            for handle in shard_files.values():
-                handle.close()
-
-        # Pass 2: shuffled, one epoch. Data-parallel workers split the shards
-        # and the global batch; every step is a collective, so a worker that
-        # runs out of data keeps exchanging gradients until the others finish.
-        batch_size = max(1, training.batch_size // world)
-        order_of_shards = [s for s in rng.permutation(shards).tolist() if s in shard_files]
-        steps = int(sum(-(-int(shard_sizes[s]) // batch_size) for s in order_of_shards))
-        total_steps = collective.all_reduce_max(steps) if collective else steps
-        samples = 0
-        losses_seen: list[float] = []
-        started = time.perf_counter()
-        done = 0
-        for s in order_of_shards:
-            shard = _load_shard(scratch / f"shard-{s:04d}.pkl", spec)
-            order = rng.permutation(len(shard))
-            for start in range(0, len(order), batch_size):
-                minibatch = shard.take(order[start : start + batch_size])
-                result = learner.learn(minibatch, where=f"{day} shard {s} minibatch {start // batch_size}", observe=False)
-                samples += result.samples
-                losses_seen.append(result.loss)
-                done += len(minibatch)
-                if progress:
-                    progress("train", done * world, total_positives)
-        for extra in range(total_steps - steps):
-            learner.sync_only_step(where=f"{day} worker {rank} idle step {extra}")
-        train_seconds = time.perf_counter() - started
+        shard_sizes, newest_click_ms = _scatter_in_time_order(learner, estimator, train_refs, spec, rng, shards, mine, scratch, progress)
+        samples, losses_seen, train_seconds = _learn_shuffled(
+            learner, day, spec, rng, shard_sizes, mine, scratch, collective, total_positives, progress
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if collective:
@@ -284,32 +216,121 @@ def train_full(
             "items": len(model.catalogue),
         }
     )
-    lineage = [
-        LineageEntry(file=str(r.path.relative_to(settings.batches_dir)), sha256=r.manifest.sha256, positives=r.manifest.positives, role=role)
+    record = TrainingRecord(
+        parent=parent.version if parent else None,
+        from_scratch=parent is None,
+        data_start_ms=refs[0].window_start_ms,
+        data_end_ms=refs[-1].manifest.window_end_ms,  # the online trainer forks here: nothing skipped, nothing learnt twice
+        newest_click_event_time_ms=newest_click_ms or None,  # freshness of a full release
+        holdout_start_ms=holdout_start_ms,  # the next day's first holdout_seconds
+        holdout_end_ms=holdout_end_ms,
+        metrics=metrics,
+        lineage=_lineage(settings, train_refs, holdout_refs),
+        config=settings.as_record(),
+    )
+    ref = save_full_model(models_dir, day, model, estimator, _optimizer_state(learner), record)
+    return FullTrainingResult(ref, samples, train_seconds, metrics)
+
+
+def _warm_start(settings: Settings, models_dir: Path, day: str, from_scratch: bool):
+    """(parent, model, estimator, saved optimiser state): the newest full
+    model of an earlier day, or a random init."""
+    parent = None if from_scratch else previous_full_model(models_dir, day)
+    if parent is None:
+        log.info("full training %s from random init (%s)", day, "requested" if from_scratch else "no earlier full model")
+        return None, new_model(settings), new_estimator(settings), {}
+    loaded = load_full_model(parent)
+    if loaded.settings.model != settings.model:
+        raise ArtifactError(f"model shape changed since {parent.version} ({parent.path}); retrain with --from-scratch")
+    log.info("full training %s warm-started from %s", day, parent.version)
+    return parent, loaded.model, loaded.estimator, loaded.optimizer_state
+
+
+def _holdout(settings: Settings, spec: FeatureSpec, model, parent: FullModelRef | None, holdout_refs: list[BatchRef]):
+    """The holdout clicks and, with a parent, the parent's metrics on them
+    before it learns this day: the paired baseline for the gate."""
+    holdout = holdout_from_samples(SampleColumns.concat([read_batch(r, spec) for r in holdout_refs], spec))
+    if parent is None or not len(holdout):
+        return holdout, None
+    model.eval()
+    parent_metrics = evaluate(model, holdout, settings.evaluation.ks, None)
+    model.train()
+    return holdout, parent_metrics
+
+
+def _scatter_in_time_order(learner: Learner, estimator, refs, spec, rng, shards: int, mine: list[int], scratch: Path, progress):
+    """Pass 1, in time order, one file at a time: the catalogue, ID
+    sightings and the frequency estimator follow the day; the clicked
+    samples are scattered at random over shard files (an external shuffle).
+    Returns (samples per shard, newest click's event time)."""
+    model = learner.model
+    shard_sizes = np.zeros(shards, dtype=np.int64)
+    newest_click_ms = 0
+    shard_files = {s: open(scratch / f"shard-{s:04d}.pkl", "wb") for s in mine}
+    try:
+        for n, ref in enumerate(refs):
+            records = read_batch(ref, spec, positives_only=False)
+            file_day = event_day(ref.window_start_ms)
+            model.catalogue.update(records.item_ids, records.item_categorical, file_day)
+            positives = clicked_only(records)
+            if len(positives):
+                newest_click_ms = max(newest_click_ms, int(positives.event_time_ms.max()))
+            learner.observe(positives, file_day)
+            estimator.update(positives.item_ids)
+            assignment = rng.integers(0, shards, size=len(positives))
+            shard_sizes += np.bincount(assignment, minlength=shards)
+            for s in mine:
+                chosen = np.flatnonzero(assignment == s)
+                if len(chosen):
+                    pickle.dump(positives.take(chosen), shard_files[s], protocol=pickle.HIGHEST_PROTOCOL)
+            if progress:
+                progress("read", n + 1, len(refs))
+    finally:
+        for handle in shard_files.values():
+            handle.close()
+    return shard_sizes, newest_click_ms
+
+
+def _learn_shuffled(
+    learner: Learner, day: str, spec, rng, shard_sizes, mine: list[int], scratch: Path, collective, total_positives: int, progress
+):
+    """Pass 2: this worker's shards in random order, each permuted, cut into
+    minibatches, learnt once. Data-parallel workers split the shards and the
+    global batch; every step is a collective, so a worker that runs out of
+    data keeps exchanging gradients until the others finish. Returns
+    (samples learnt, losses, seconds)."""
+    world = collective.world if collective else 1
+    rank = collective.rank if collective else 0
+    batch_size = max(1, learner.training.batch_size // world)
+    order_of_shards = [s for s in rng.permutation(len(shard_sizes)).tolist() if s in mine]
+    steps = int(sum(-(-int(shard_sizes[s]) // batch_size) for s in order_of_shards))
+    total_steps = collective.all_reduce_max(steps) if collective else steps
+    samples, done, losses_seen = 0, 0, []
+    started = time.perf_counter()
+    for s in order_of_shards:
+        shard = _load_shard(scratch / f"shard-{s:04d}.pkl", spec)
+        order = rng.permutation(len(shard))
+        for start in range(0, len(order), batch_size):
+            minibatch = shard.take(order[start : start + batch_size])
+            result = learner.learn(minibatch, where=f"{day} shard {s} minibatch {start // batch_size}", observe=False)
+            samples += result.samples
+            losses_seen.append(result.loss)
+            done += len(minibatch)
+            if progress:
+                progress("train", done * world, total_positives)
+    for extra in range(total_steps - steps):
+        learner.sync_only_step(where=f"{day} worker {rank} idle step {extra}")
+    return samples, losses_seen, time.perf_counter() - started
+
+
+def _lineage(settings: Settings, train_refs: list[BatchRef], holdout_refs: list[BatchRef]) -> list[LineageEntry]:
+    return [
+        LineageEntry(
+            file=str(r.path.relative_to(settings.batches_dir)), sha256=r.manifest.sha256, positives=r.manifest.positives, role=role
+        )
         for role, group in (("train", train_refs), ("holdout", holdout_refs))
         for r in group
     ]
-    data_end_ms = refs[-1].manifest.window_end_ms  # the online trainer forks here: nothing skipped, nothing learnt twice
-    ref = save_full_model(
-        models_dir,
-        day,
-        model,
-        estimator,
-        _optimizer_state(learner),
-        TrainingRecord(
-            parent=parent.version if parent else None,
-            from_scratch=parent is None,
-            data_start_ms=refs[0].window_start_ms,
-            data_end_ms=data_end_ms,
-            newest_click_event_time_ms=newest_click_ms or None,  # freshness of a full release
-            holdout_start_ms=holdout_start_ms,  # the next day's first holdout_seconds
-            holdout_end_ms=holdout_end_ms,
-            metrics=metrics,
-            lineage=lineage,
-            config=settings.as_record(),
-        ),
-    )
-    return FullTrainingResult(ref, samples, train_seconds, metrics)
 
 
 def _parallel_worker(collective, settings: Settings, day: str, from_scratch: bool) -> None:
