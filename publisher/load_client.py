@@ -101,97 +101,117 @@ def run_load(
 ) -> LoadResult:
     """Drive ``connections`` keep-alive sockets until ``max_requests`` are
     answered or ``seconds`` pass; ``requests`` are full HTTP requests sent in turn."""
-    result = LoadResult(connections=connections)
-    statuses: Counter = Counter()
-    selector = selectors.DefaultSelector()
-    sent = 0
-    cpu_started, started = time.process_time(), time.perf_counter()
-    deadline = started + seconds
+    return _LoadLoop(host, port, requests, connections, seconds, max_requests, timeout).run()
 
-    def send_next(connection: _Connection) -> None:
-        nonlocal sent
-        connection.pending = requests[sent % len(requests)]
-        sent += 1
+
+class _LoadLoop:
+    """One ``selectors`` loop over the sockets of one ``run_load`` call."""
+
+    def __init__(self, host, port, requests, connections, seconds, max_requests, timeout):
+        self.host, self.port, self.requests = host, port, requests
+        self.connections, self.max_requests, self.timeout = connections, max_requests, timeout
+        self.result = LoadResult(connections=connections)
+        self.statuses: Counter = Counter()
+        self.selector = selectors.DefaultSelector()
+        self.sent = 0
+        self.seconds = seconds
+        self.deadline = 0.0
+
+    def run(self) -> LoadResult:
+        cpu_started, started = time.process_time(), time.perf_counter()
+        self.deadline = started + self.seconds
+        for _ in range(min(self.connections, self.max_requests)):
+            self.open_one()
+        while self.selector.get_map():
+            now = time.perf_counter()
+            events = self.selector.select(timeout=max(0.0, min(1.0, self.deadline + self.timeout - now)))
+            if not events:
+                self.time_out_silent()
+            for key, mask in events:
+                self.on_event(key.data, mask)
+        result = self.result
+        result.wall_seconds = time.perf_counter() - started
+        result.cpu_seconds = time.process_time() - cpu_started
+        result.statuses = dict(self.statuses)
+        return result
+
+    def more(self) -> bool:
+        return self.sent < self.max_requests and time.perf_counter() < self.deadline
+
+    def send_next(self, connection: _Connection) -> None:
+        connection.pending = self.requests[self.sent % len(self.requests)]
+        self.sent += 1
         connection.started = time.perf_counter()
-        _flush(connection)
+        self.flush(connection)
 
-    def _flush(connection: _Connection) -> None:
+    def flush(self, connection: _Connection) -> None:
         try:
             written = connection.sock.send(connection.pending)
         except BlockingIOError:
             written = 0
         connection.pending = connection.pending[written:]
-        selector.modify(connection.sock, selectors.EVENT_WRITE if connection.pending else selectors.EVENT_READ, connection)
+        self.selector.modify(connection.sock, selectors.EVENT_WRITE if connection.pending else selectors.EVENT_READ, connection)
 
-    def open_one() -> None:
-        connection = _Connection(host, port, timeout)
-        selector.register(connection.sock, selectors.EVENT_READ, connection)
-        send_next(connection)
+    def open_one(self) -> None:
+        connection = _Connection(self.host, self.port, self.timeout)
+        self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+        self.send_next(connection)
 
-    def fail(connection: _Connection, error: str) -> None:
-        result.failure_count += 1
-        if len(result.failures) < 20:
-            result.failures.append(error)
-        selector.unregister(connection.sock)
+    def note_failure(self, error: str) -> None:
+        self.result.failure_count += 1
+        if len(self.result.failures) < 20:
+            self.result.failures.append(error)
+
+    def fail(self, connection: _Connection, error: str) -> None:
+        self.note_failure(error)
+        self.selector.unregister(connection.sock)
         connection.close()
-        if sent < max_requests and time.perf_counter() < deadline:
+        if self.more():
             try:
-                open_one()
+                self.open_one()
             except OSError as reconnect_error:
-                result.failure_count += 1
-                if len(result.failures) < 20:
-                    result.failures.append(f"reconnect: {reconnect_error!r}")
+                self.note_failure(f"reconnect: {reconnect_error!r}")
 
-    for _ in range(min(connections, max_requests)):
-        open_one()
-    while selector.get_map():
-        now = time.perf_counter()
-        events = selector.select(timeout=max(0.0, min(1.0, deadline + timeout - now)))
-        if not events:
-            for key in list(selector.get_map().values()):
-                connection = key.data
-                if time.perf_counter() - connection.started > timeout:
-                    fail(connection, f"no answer within {timeout} s")
-            continue
-        for key, mask in events:
-            connection: _Connection = key.data
-            if mask & selectors.EVENT_WRITE:
-                try:
-                    _flush(connection)
-                except OSError as error:
-                    fail(connection, repr(error))
-                continue
+    def time_out_silent(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            if time.perf_counter() - key.data.started > self.timeout:
+                self.fail(key.data, f"no answer within {self.timeout} s")
+
+    def on_event(self, connection: _Connection, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
             try:
-                chunk = connection.sock.recv(1 << 16)
-            except BlockingIOError:
-                continue
+                self.flush(connection)
             except OSError as error:
-                fail(connection, repr(error))
-                continue
-            if not chunk:
-                fail(connection, "connection closed by the server before the answer")
-                continue
-            connection.buffer += chunk
-            complete = _response_complete(connection.buffer)
-            if complete is None:
-                continue
-            status, total, closes = complete
-            result.latencies.append(time.perf_counter() - connection.started)
-            statuses[str(status)] += 1
-            result.requests += 1
-            del connection.buffer[:total]
-            more = sent < max_requests and time.perf_counter() < deadline
-            if closes or not more:
-                selector.unregister(connection.sock)
-                connection.close()
-                if closes and more:
-                    open_one()
-            else:
-                send_next(connection)
-    result.wall_seconds = time.perf_counter() - started
-    result.cpu_seconds = time.process_time() - cpu_started
-    result.statuses = dict(statuses)
-    return result
+                self.fail(connection, repr(error))
+            return
+        try:
+            chunk = connection.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self.fail(connection, repr(error))
+            return
+        if not chunk:
+            self.fail(connection, "connection closed by the server before the answer")
+            return
+        connection.buffer += chunk
+        complete = _response_complete(connection.buffer)
+        if complete is not None:
+            self.on_answer(connection, *complete)
+
+    def on_answer(self, connection: _Connection, status: int, total: int, closes: bool) -> None:
+        self.result.latencies.append(time.perf_counter() - connection.started)
+        self.statuses[str(status)] += 1
+        self.result.requests += 1
+        del connection.buffer[:total]
+        more = self.more()
+        if closes or not more:
+            self.selector.unregister(connection.sock)
+            connection.close()
+            if closes and more:
+                self.open_one()
+        else:
+            self.send_next(connection)
 
 
 def serve_canned(host: str, port: int, body_bytes: int) -> None:
