@@ -36,6 +36,10 @@ from faust.types import TP
 
 log = logging.getLogger(__name__)
 
+# A fetch response (long-polled for fetch_max_wait_ms, 0.5 s by default) at
+# least this recent makes a partition's high watermark current.
+FETCH_FRESH_SECONDS = 3.0
+
 
 def true_end_offsets(bootstrap: str, reported: Mapping[TP, int], timeout: float = 10.0) -> dict[TP, int]:
     """High watermarks from fetch responses, starting just before the
@@ -83,9 +87,14 @@ class Consumer(faust_aiokafka.Consumer):
         by the caller) or committed up to the high watermark of the last
         fetch response. Such a partition is idle, not merely slow, and must
         not hold the event-time watermark back. Delivered-but-unprocessed
-        events (Faust's stream buffer) do not count."""
+        events (Faust's stream buffer) do not count. Nor does a partition
+        whose last fetch response is older than ``FETCH_FRESH_SECONDS``: its
+        high watermark is stale (the broker is down or restarting), so the
+        worker cannot know it is at the end, and an idle clock must not move
+        the watermark past events the broker still holds."""
         assigned: set[str] = set()
         caught_up: set[str] = set()
+        now_ms = time.time() * 1000
         for tp in self.assignment():
             if tp.topic not in topics:
                 continue
@@ -94,9 +103,20 @@ class Consumer(faust_aiokafka.Consumer):
             highwater = self.highwater(tp)
             if highwater is None:
                 continue
+            fetched_ms = self.last_fetch_ms(tp)
+            if fetched_ms is None or now_ms - fetched_ms > FETCH_FRESH_SECONDS * 1000:
+                continue
             if max(processed.get(name, 0), self._committed_offset[tp] or 0) >= highwater:
                 caught_up.add(name)
         return assigned, caught_up
+
+    def last_fetch_ms(self, tp: TP) -> float | None:
+        """Wall-clock ms of the last fetch response that carried ``tp``
+        (aiokafka updates it on every response, with or without records)."""
+        try:
+            return self._thread._ensure_consumer().last_poll_timestamp(tp)
+        except (AssertionError, AttributeError):  # not assigned, or not started
+            return None
 
     def uncommitted_partitions(self, topics: set[str], processed: dict[tuple[str, int], int]) -> set[int]:
         """Partition numbers with an offset of ``topics`` processed

@@ -238,7 +238,7 @@ class Pipeline:
         from freshtower.core.ports import free_port
 
         o, supervisor = self.options, self.supervisor
-        bootstrap = supervisor.bootstrap(self.user_settings.kafka)
+        bootstrap = supervisor.bootstrap(self.user_settings.kafka, self.user_settings.durable_broker)
         settings = self.settings = run_settings(
             self.user_settings,
             bootstrap=bootstrap,

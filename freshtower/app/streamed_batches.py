@@ -99,7 +99,7 @@ def stream_to_batches(
     # on the GIL; real failures surface as ReplayError, PartDied or Stalled
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     with Supervisor(data_dir / "logs", stop_timeout_seconds=20.0) as supervisor:
-        worker_settings = streams_settings(settings, supervisor.bootstrap(settings.kafka), data_dir, free_port())
+        worker_settings = streams_settings(settings, supervisor.bootstrap(settings.kafka, settings.durable_broker), data_dir, free_port())
         worker = supervisor.start("streams", cli_command("streams"), child_environment(worker_settings, os.environ))
         stats = _WorkerStats(f"http://127.0.0.1:{worker_settings.streams.web_port}/stats", worker.log_path)
         supervisor.wait(stats.once(lambda _: True), start_timeout_seconds, "the streams worker starting", stats.blame)

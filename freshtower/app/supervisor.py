@@ -26,6 +26,7 @@ Used by ``freshtower run`` (every part) and by ``freshtower experiment``
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ from freshtower.app.processes import ChildProcess, exit_description, log_tail, s
 from freshtower.core.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class PartDied(RuntimeError):
@@ -98,6 +100,9 @@ class Supervisor:
         self.parts: dict[str, ChildProcess] = {}  # long-running: an exit is a death
         self.one_shots: list[ChildProcess] = []  # run to their end: stopped on exit if still running
         self.broker = None  # streams.broker.LocalBroker when embedded
+        self.object_store = None  # streams.durable_broker.ObjectStoreServer under a durable broker
+        self.broker_restarts = 0  # a durable broker that died, started again on its port
+        self.max_broker_restarts = 10
         self.signal_received: int | None = None
         self.ended: dict[str, str] = {}  # after exit: how each part ended
         self._threads: dict[str, Callable[[], BaseException | None]] = {}
@@ -141,16 +146,28 @@ class Supervisor:
     def broker_log(self) -> Path:
         return self.logs_dir / "broker.log"
 
-    def bootstrap(self, kafka: str | None) -> str:
+    @property
+    def object_store_log(self) -> Path:
+        return self.logs_dir / "object-store.log"
+
+    def bootstrap(self, kafka: str | None, durable: bool = False) -> str:
         """``kafka`` when set (a cluster of the user's), else an embedded
         broker started now on a free loopback port; its bootstrap address.
-        A broker that does not come up is a ``PartDied``."""
+        ``durable``: the broker's storage is an S3 server started first
+        (``streams.durable_broker``), and a broker that dies is started
+        again on its port. A broker that does not come up is a ``PartDied``."""
         if kafka is not None:
             return kafka
         from freshtower.streams.broker import BrokerError, LocalBroker
 
         try:
-            self.broker = LocalBroker(log_path=self.broker_log).start()
+            if durable:
+                from freshtower.streams.durable_broker import ObjectStoreServer, durable_broker
+
+                self.object_store = ObjectStoreServer(log_path=self.object_store_log).start()
+                self.broker = durable_broker(self.object_store, log_path=self.broker_log).start()
+            else:
+                self.broker = LocalBroker(log_path=self.broker_log).start()
         except BrokerError as error:
             raise PartDied("broker", str(error), self.broker_log, log_tail(self.broker_log)) from error
         return self.broker.bootstrap
@@ -161,6 +178,23 @@ class Supervisor:
             raise ValueError(f"a part named {name} was started already")
         child = self.parts[name] = ChildProcess(name, argv, env, self.logs_dir / f"{name}.log").start()
         return child
+
+    def _broker_ended(self, broker) -> None:
+        """A durable broker lost nothing when it died: start it again on its
+        port (as a process manager would), up to ``max_broker_restarts``.
+        A memory broker took every topic with it: that ends the run."""
+        how = exit_description(broker.process.returncode)
+        if self.object_store is None or self.broker_restarts >= self.max_broker_restarts:
+            raise PartDied("broker", how, self.broker_log, log_tail(self.broker_log))
+        from freshtower.streams.broker import BrokerError
+
+        self.broker_restarts += 1
+        log.warning("broker %s; starting it again on %s (restart %d)", how, broker.bootstrap, self.broker_restarts)
+        broker.stop()
+        try:
+            broker.start()
+        except BrokerError as error:
+            raise PartDied("broker", f"{how}, and did not start again: {error}", self.broker_log, log_tail(self.broker_log)) from error
 
     def watch_thread(self, name: str, error: Callable[[], BaseException | None]) -> None:
         """Treat an in-process thread as a part: ``error()`` not None is its death."""
@@ -175,7 +209,7 @@ class Supervisor:
             raise Interrupted(self.signal_received)
         broker = self.broker
         if broker is not None and broker.process is not None and broker.process.poll() is not None:
-            raise PartDied("broker", exit_description(broker.process.returncode), self.broker_log, log_tail(self.broker_log))
+            self._broker_ended(broker)
         for child in self.parts.values():
             if not child.alive and not child.stopping:
                 raise PartDied(child.name, exit_description(child.returncode), child.log_path, child.log_tail())
@@ -254,4 +288,6 @@ class Supervisor:
             code = broker.process.returncode
             broker.stop()
             ended["broker"] = "stopped" if running else exit_description(code)
+        if self.object_store is not None:
+            self.object_store.stop()  # after the broker: it holds the broker's storage
         return ended

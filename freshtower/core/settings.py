@@ -267,6 +267,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("freshtower-data"), description="batches, models, checkpoints, releases")
     kafka: str | None = Field(None, description="host:port of a real Kafka; unset starts the embedded broker")
     broker_port: int = Field(9092, ge=1, le=65535, description="port of the embedded broker on 127.0.0.1")
+    durable_broker: bool = Field(
+        False, description="the embedded broker stores topics and offsets in an S3 server (moto) started beside it, and survives a restart"
+    )
     model: ModelConfig = ModelConfig()
     vocabulary: VocabularyConfig = VocabularyConfig()
     frequency: FrequencyConfig = FrequencyConfig()
