@@ -192,7 +192,12 @@ class StreamsConfig(_Section):
     max_items_per_event: int = Field(1000, ge=1, description="most items in one impression or rank log")
     app_id: str = Field("freshtower-streams", description="Faust app ID: consumer group and changelog-topic prefix")
     micro_batch_size: int = Field(2000, ge=1, description="most events the agent processes at once (a fetched batch is split)")
-    commit_interval_seconds: float = Field(2.8, gt=0, description="Faust's periodic offset commit (state is in the changelog first)")
+    commit_interval_seconds: float = Field(
+        2.8, gt=0, description="Faust's periodic offset commit (the worker also commits after every delivered micro-batch)"
+    )
+    max_uncommitted_micro_batches: int = Field(
+        4, ge=1, description="processed micro-batches not yet committed before the worker waits: bounds what a crash delivers again"
+    )
     idle_seconds: float = Field(10.0, gt=0, description="no event for this long (wall clock): the watermark follows the clock")
     idle_advance_rate: float = Field(
         1.0, ge=0, description="event-time seconds the watermark moves per idle wall second (1: real time; replays may use more; 0: never)"

@@ -173,7 +173,16 @@ def test_bad_events_go_to_dead_letters_and_the_good_ones_still_arrive(kafka_brok
 
 def test_a_worker_killed_mid_stream_restarts_without_losing_or_duplicating_a_record(kafka_broker, tmp_path, day_log, worker_factory):
     simulator, path, counts, expected, last_ts = day_log
-    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data")
+    # Small micro-batches make the redelivery bound (below) tight, and Faust's periodic commit is
+    # pushed out of the run: the worker's own commits after each delivered micro-batch must hold it.
+    settings = streams_settings(
+        kafka_broker.bootstrap,
+        tmp_path / "data",
+        micro_batch_size=200,
+        max_uncommitted_micro_batches=2,
+        commit_interval_seconds=60,
+        window_seconds=3 * 3600,
+    )
     replay(settings, path)
     first = worker_factory(settings, "first")
     before = first.wait_for(lambda s: s["records_out"] >= 0.5 * len(expected), 180, "half of the records written")
@@ -185,7 +194,12 @@ def test_a_worker_killed_mid_stream_restarts_without_losing_or_duplicating_a_rec
     stats = second.wait_for(finished(last_ts, settings), 240, "the rest of the day after the restart")
     assert stats["recovered_open_requests"] > 0  # join state came back from the changelog
     assert stats["dead_letters"] == 0, stats["counters"]  # replayed events are duplicates, not orphans
-    assert stats["duplicates"] < 0.1 * sum(counts.values())  # committed offsets kept up with processing
+    # Offsets are committed right after each micro-batch's output is delivered, so what the second
+    # worker reads again (and recognises as duplicates; the log itself has none) is at most what was
+    # in flight at the kill: the uncommitted micro-batches plus the one being processed.
+    s = settings.streams
+    redelivery_bound = (s.max_uncommitted_micro_batches + 1) * s.micro_batch_size
+    assert stats["duplicates"] <= redelivery_bound, (stats["duplicates"], redelivery_bound, stats["counters"])
     assert second.stop() == 0
 
     # One join-state lineage per partition across the restart: the state
