@@ -132,6 +132,7 @@ def test_bad_events_go_to_dead_letters_and_the_good_ones_still_arrive(kafka_brok
     click = {"event_id": "bad-1", "request_id": "d0-r5", "user_id": "u1", "item_id": "i1", "ts": day + 3_600_000}
     bad = {
         "invalid_json": (t.clicks, b"u1", b'{"event_id": "x", '),
+        "empty_message": (t.impressions, b"u1", b""),
         "missing_field": (t.clicks, b"u1", msgspec.json.encode({k: v for k, v in click.items() if k != "item_id"})),
         "wrong_type": (t.clicks, b"u1", msgspec.json.encode(click | {"ts": str(click["ts"])})),
         "bad_timestamp": (t.clicks, b"u1", msgspec.json.encode(click | {"ts": -5})),
