@@ -184,8 +184,17 @@ class StreamsConfig(_Section):
     window_seconds: float = Field(60.0, gt=0, description="batch window width; down to a few seconds")
     allowed_lateness_seconds: float = Field(10.0, ge=0)
     join_window_seconds: float = Field(1800.0, gt=0, description="click must come within this of its impression")
-    max_future_seconds: float = Field(300.0, ge=0, description="events further ahead of the watermark are rejected")
+    max_future_seconds: float = Field(
+        300.0, ge=0, description="events further ahead of their partition's stream (its latest accepted event) are rejected"
+    )
     max_event_bytes: int = Field(256 * 1024, ge=1024)
+    watermark_quantile: float = Field(
+        0.9, gt=0, le=1, description="a partition's event time is this quantile of its recent events (a minority cannot move it)"
+    )
+    watermark_sample: int = Field(64, ge=1, description="recent events per topic partition that the watermark quantile is taken over")
+    max_lateness_seconds: float | None = Field(
+        None, ge=0, description="impressions / rank logs further behind the watermark are dead-lettered (default: half the join window)"
+    )
     partitions: int = Field(4, ge=1)
     # --- the streams worker (streams/app.py); see docs/streams.md ---
     max_id_length: int = Field(256, ge=1, description="longest accepted ID or feature value (characters)")
