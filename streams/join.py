@@ -48,6 +48,7 @@ from sys import intern
 from typing import Mapping, MutableMapping
 
 from freshtower.streams.events import CLICK, IMPRESSION, RANK_LOG, Click, Impression, InvalidEvent, Limits, RankLog, parse_event
+from freshtower.streams.dedup import JoinedIds
 from freshtower.streams.watermark import SourceClock
 from freshtower.streams.windows import assign_window, open_from_after
 
@@ -64,6 +65,7 @@ class JoinSettings:
     watermark_quantile: float = 0.9
     watermark_sample: int = 64
     max_lateness_ms: int | None = None  # None: half the join window
+    dedup_horizon_ms: int = 86_400_000
 
     @property
     def effective_max_lateness_ms(self) -> int:
@@ -91,6 +93,7 @@ class JoinSettings:
             watermark_quantile=streams.watermark_quantile,
             watermark_sample=streams.watermark_sample,
             max_lateness_ms=max_lateness_ms,
+            dedup_horizon_ms=int(round(streams.dedup_horizon_seconds * 1000)),
             limits=Limits(
                 max_event_bytes=streams.max_event_bytes,
                 max_id_length=streams.max_id_length,
@@ -182,6 +185,8 @@ class JoinCore:
         # watermark is the minimum of their times, so a partition read ahead
         # of the others cannot close windows the others still feed.
         self.clocks: dict[tuple[str, int], SourceClock] = {}
+        # Event IDs of requests already written out (streams/dedup.py).
+        self.joined_ids = JoinedIds(settings.dedup_horizon_ms, settings.join_window_ms + settings.window_ms + settings.lateness_ms)
         self.counters: Counter[str] = Counter()
         self.dirty: dict[str, int] = {}
         self.deleted: dict[str, int] = {}
@@ -273,11 +278,18 @@ class JoinCore:
             bounds[source] = clock.ahead_bound(times, now_ms, s.max_future_ms)
         # The watermark moves only after the batch, so one lateness bound serves it all.
         late_before = None if self.watermark_ms is None else self.watermark_ms - s.effective_max_lateness_ms
-        for message, kind, event in valid:
+        joined_ids = self.joined_ids
+        written_out = joined_ids.seen_many([event.event_id for _, _, event in valid])
+        for (message, kind, event), copy in zip(valid, written_out):
             source = (message.topic, message.partition)
             try:
                 if event.ts > bounds[source]:
                     self._reject_future(event.ts, clocks[source], bounds[source], now_ms)
+                if copy:  # its request was written out already: a copy, whatever partition, however late
+                    counters["duplicates." + kind] += 1
+                    continue
+                if joined_ids.too_late(event.ts, self.watermark_ms):
+                    self._reject_too_late(event.ts)
                 if kind == CLICK:
                     self._on_click(event, message, dead)
                 elif kind == IMPRESSION:
@@ -330,6 +342,7 @@ class JoinCore:
         for request_id in self._finalizable:
             state = self.requests.get(request_id)
             if state is not None and self._is_finalized(state):
+                self.joined_ids.add(_event_ids(request_id, state), state["impression"]["ts"])
                 del self.requests[request_id]
                 self.dirty.pop(request_id, None)
                 self.deleted[request_id] = state["partition"]
@@ -355,6 +368,15 @@ class JoinCore:
         raise InvalidEvent(
             "future_timestamp",
             f"ts {ts} is {where} (streams.max_future_seconds = {self.settings.max_future_ms / 1000:,.0f} s)",
+        )
+
+    def _reject_too_late(self, ts: int) -> None:
+        horizon = self.settings.dedup_horizon_ms
+        raise InvalidEvent(
+            "too_late",
+            f"ts {ts} is {(self.watermark_ms - ts) / 1000:,.0f} s behind the watermark {self.watermark_ms}, past the dedup horizon "
+            f"(streams.dedup_horizon_seconds = {horizon / 1000:,.0f} s after its request was written out): "
+            f"a copy of an event written out then can no longer be recognised",
         )
 
     def _reject_late(self, kind: str, event_id: str, ts: int) -> None:
@@ -566,6 +588,7 @@ class JoinCore:
         if self.watermark_ms is None:
             return
         self._expire_waiting(result.dead_letters)
+        self.joined_ids.expire(self.watermark_ms)
         s = self.settings
         target = open_from_after(self.watermark_ms, s.window_ms, s.lateness_ms)
         if self.open_from_ms is not None and target <= self.open_from_ms:
@@ -659,6 +682,16 @@ class JoinCore:
         self.counters["late_records"] += late
         self.counters["windows_closed"] += 1
         return ClosedWindow(window, window + self.settings.window_ms, samples, late)
+
+
+def _event_ids(request_id: str, state: dict) -> list[str]:
+    """Every event ID a written-out request's state holds."""
+    ids = [state["impression"]["event_id"]]
+    ids += [click[1] for click in state["clicks"].values()]
+    ids += state["ignored_event_ids"]
+    if state["rank"] is not None:
+        ids += [f"{request_id}/{stage}" for stage in state["rank"]["stages"]]
+    return ids
 
 
 def _partition_mismatch(kind: str, event_id: str, request_id: str, state: dict, partition: int):

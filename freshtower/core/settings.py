@@ -192,6 +192,9 @@ class StreamsConfig(_Section):
         0.9, gt=0, le=1, description="a partition's event time is this quantile of its recent events (a minority cannot move it)"
     )
     watermark_sample: int = Field(64, ge=1, description="recent events per topic partition that the watermark quantile is taken over")
+    dedup_horizon_seconds: float = Field(
+        86_400.0, ge=0, description="written-out event IDs are remembered this long (event time); older copies are dead-lettered too_late"
+    )
     max_lateness_seconds: float | None = Field(
         None, ge=0, description="impressions / rank logs further behind the watermark are dead-lettered (default: half the join window)"
     )

@@ -42,7 +42,7 @@ def displaced(events: list, share: float, seed: int) -> tuple[list, set]:
     return keep, {(e.topic, e.partition, e.offset) for e in picked}
 
 
-def run_log(core: JoinCore, events: list, batch: int = 500) -> tuple[list, list]:
+def run_log(core: JoinCore, events: list, batch: int = 500, flush_to_ms: int | None = None) -> tuple[list, list]:
     partitions = {(e.topic, e.partition) for e in events}
     samples, dead = [], []
     for i in range(0, len(events), batch):
@@ -50,7 +50,7 @@ def run_log(core: JoinCore, events: list, batch: int = 500) -> tuple[list, list]
         dead += result.dead_letters
         samples += [s for w in result.closed for s in w.samples]
         core.finalize()
-    result = core.advance(core.watermark_ms + 3 * 3_600_000)
+    result = core.advance(core.watermark_ms + 3 * 3_600_000 if flush_to_ms is None else flush_to_ms)
     dead += result.dead_letters
     samples += [s for w in result.closed for s in w.samples]
     core.finalize()
