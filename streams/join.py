@@ -49,6 +49,7 @@ from typing import Mapping, MutableMapping
 
 from freshtower.streams.events import CLICK, IMPRESSION, RANK_LOG, Click, Impression, InvalidEvent, Limits, RankLog, parse_event
 from freshtower.streams.dedup import JoinedIds
+from freshtower.streams.placement import Placement
 from freshtower.streams.watermark import SourceClock
 from freshtower.streams.windows import assign_window, open_from_after
 
@@ -66,6 +67,7 @@ class JoinSettings:
     watermark_sample: int = 64
     max_lateness_ms: int | None = None  # None: half the join window
     dedup_horizon_ms: int = 86_400_000
+    partitions: int | None = None  # input partition count: events not on murmur2(user_id)'s are dead-lettered; None: not checked
 
     @property
     def effective_max_lateness_ms(self) -> int:
@@ -94,6 +96,7 @@ class JoinSettings:
             watermark_sample=streams.watermark_sample,
             max_lateness_ms=max_lateness_ms,
             dedup_horizon_ms=int(round(streams.dedup_horizon_seconds * 1000)),
+            partitions=streams.partitions if streams.check_partitioner else None,
             limits=Limits(
                 max_event_bytes=streams.max_event_bytes,
                 max_id_length=streams.max_id_length,
@@ -186,6 +189,7 @@ class JoinCore:
         # of the others cannot close windows the others still feed.
         self.clocks: dict[tuple[str, int], SourceClock] = {}
         # Event IDs of requests already written out (streams/dedup.py).
+        self.placement = None if settings.partitions is None else Placement(settings.partitions)
         self.joined_ids = JoinedIds(settings.dedup_horizon_ms, settings.join_window_ms + settings.window_ms + settings.lateness_ms)
         self.counters: Counter[str] = Counter()
         self.dirty: dict[str, int] = {}
@@ -283,6 +287,8 @@ class JoinCore:
         for (message, kind, event), copy in zip(valid, written_out):
             source = (message.topic, message.partition)
             try:
+                if self.placement is not None and self.placement.partition(message.key) != message.partition:
+                    raise InvalidEvent("wrong_partitioner", self.placement.reason(message.key, message.partition))
                 if event.ts > bounds[source]:
                     self._reject_future(event.ts, clocks[source], bounds[source], now_ms)
                 if copy:  # its request was written out already: a copy, whatever partition, however late

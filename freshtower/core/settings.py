@@ -192,6 +192,9 @@ class StreamsConfig(_Section):
         0.9, gt=0, le=1, description="a partition's event time is this quantile of its recent events (a minority cannot move it)"
     )
     watermark_sample: int = Field(64, ge=1, description="recent events per topic partition that the watermark quantile is taken over")
+    check_partitioner: bool = Field(
+        True, description="dead-letter events not on the partition murmur2(user_id) gives (producers must use murmur2)"
+    )
     dedup_horizon_seconds: float = Field(
         86_400.0, ge=0, description="written-out event IDs are remembered this long (event time); older copies are dead-lettered too_late"
     )

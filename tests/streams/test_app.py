@@ -338,3 +338,52 @@ def test_a_worker_joining_mid_stream_takes_over_partitions_with_their_join_state
     writers = {(ref.manifest.extras["partition"], ref.manifest.extras["writer"]) for ref in list_batches(settings.batches_dir)}
     assert len(writers) == len({p for p, _ in writers}) == settings.streams.partitions
     assert stop_all([first, second]) == [0, 0]
+
+
+def test_events_from_a_librdkafka_producer_join_with_murmur2_or_are_dead_lettered_saying_what_to_set(kafka_broker, tmp_path, worker_factory):
+    import confluent_kafka
+
+    simulator = Simulator(SimulatorConfig(users=200, items=100, topics=5, requests_per_day=600, seed=14))
+    path = tmp_path / "events.jsonl"
+    simulator.write_events(path, [0])
+    expected = expected_samples(simulator, [0])
+    settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data")
+    t = settings.topics
+    worker = worker_factory(settings)
+    worker.wait_for(lambda s: True, 90, "a ready worker")
+    lines = [msgspec.json.decode(line) for line in path.read_bytes().splitlines()]
+    # Impressions and rank logs from kafka-python (murmur2), clicks from confluent-kafka: half of
+    # the users with partitioner=murmur2_random, half with librdkafka's default (CRC32).
+    from freshtower.streams.replay import LoggedEvent, replay_events
+
+    others = [LoggedEvent(r["event"]["ts"], {"impressions": t.impressions, "rank-logs": t.rank_logs}[r["topic"]],
+                          r["event"]["user_id"].encode(), msgspec.json.encode(r["event"])) for r in lines if r["topic"] != "clicks"]
+    replay_events(settings, sorted(others, key=lambda e: e.ts))
+    clicks = sorted((r["event"] for r in lines if r["topic"] == "clicks"), key=lambda e: e["ts"])
+    producers = {
+        "murmur2_random": confluent_kafka.Producer({"bootstrap.servers": settings.bootstrap_servers, "partitioner": "murmur2_random"}),
+        "consistent_random": confluent_kafka.Producer({"bootstrap.servers": settings.bootstrap_servers}),
+    }
+    by_partitioner = Counter()
+    for click in clicks:
+        name = "murmur2_random" if int(click["user_id"][1:]) % 2 == 0 else "consistent_random"
+        producers[name].produce(t.clicks, key=click["user_id"].encode(), value=msgspec.json.encode(click))
+        by_partitioner[name] += 1
+    for producer in producers.values():
+        assert producer.flush(30) == 0
+    del producers  # librdkafka clients close when collected: before the session's broker stops
+    last_ts = max(s.event_time_ms for s in expected.values())
+    worker.wait_for(finished(last_ts, settings), 180, "every window written")
+
+    letters = [decode_dead_letter(r.value) for r in read_topic(settings.bootstrap_servers, t.dead_letters)]
+    wrong = [d for d in letters if d["code"] == "wrong_partitioner"]
+    assert wrong and all("partitioner=murmur2_random" in d["reason"] for d in wrong)
+    wrong_users = {d["key"].decode() for d in wrong}
+    assert all(int(u[1:]) % 2 == 1 for u in wrong_users)  # only the CRC32 producer's clicks, and only where CRC32 differs
+    # Every click placed by murmur2 joined: its samples are as the simulator's.
+    written = batch_keys(settings.batches_dir)
+    for key in expected:
+        user = next(s.user_id for s in [expected[key]])
+        if int(user[1:]) % 2 == 0:
+            assert written[key] == 1, key
+    assert worker.stop() == 0
