@@ -117,6 +117,11 @@ class StreamProcessor:
         self.recovered_open_requests: int | None = None
         self.pending: set[int] = set()  # partitions whose windows closed: commit, then finalize
         self.in_flight: collections.deque = collections.deque()  # (delivery futures, messages) not acked yet
+        # Micro-batches processed whose offsets no finished commit covers yet
+        # (acked or not) are what a crash now would deliver again. Counted in
+        # micro-batch sequence numbers: processed, acked, covered by a commit.
+        self.processed_seq = self.acked_seq = self.committed_seq = 0
+        self.commit_task: asyncio.Task | None = None
         self.last_batch_end = time.monotonic()
         self.last_idle_tick: float | None = None
         self._caught_up_since: dict = {}  # topic partition -> when it was first seen read to its end
@@ -133,6 +138,7 @@ class StreamProcessor:
         self.needs_rebuild = True
         self.recovered = True
         self.processed.clear()  # offsets restart from the committed ones
+        self.committed_seq = self.acked_seq = self.processed_seq  # nothing of the old assignment is pending
 
     def _state_mapping(self):
         store = self.requests.data
@@ -225,6 +231,7 @@ class StreamProcessor:
             # The previous micro-batch is acked by now, so a commit here
             # covers everything processed before the last window close.
             await self._commit_and_finalize()
+            await self._bound_redelivery()
             processed = self.processed
             for m in messages:
                 processed[m.topic, m.partition] = m.offset + 1
@@ -235,7 +242,9 @@ class StreamProcessor:
             # delivery raises and stops the worker, unacked). The next
             # micro-batch is processed while these are in flight.
             self.in_flight.append((await self._emit(results), messages))
-            await self._ack_delivered(wait=len(self.in_flight) > 4)
+            self.processed_seq += 1
+            await self._ack_delivered(wait=False)
+            self._commit_soon()
             self.last_batch_end = time.monotonic()
             self.busy_seconds += self.last_batch_end - started
             self.micro_batches += 1
@@ -259,6 +268,7 @@ class StreamProcessor:
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, self.processed)
             idle = now - self.last_batch_end >= s.idle_seconds and assigned <= caught_up
             await self._ack_delivered(wait=idle)
+            self._commit_soon()
             if not idle:
                 self.last_idle_tick = None
             else:
@@ -387,6 +397,52 @@ class StreamProcessor:
             for message in messages:
                 ack(message)
             self.in_flight.popleft()
+            self.acked_seq += 1
+
+    # --- offsets: committed soon after delivery, the redelivery bounded ------------
+    #
+    # Faust commits acked offsets every ``commit_interval_seconds``; on its own
+    # that let a crash deliver again whatever the worker processed in the last
+    # interval plus the micro-batches in flight, a share of the stream that grows
+    # with the worker's speed (thousands of events a second). So every ack is
+    # followed by a commit in the background (one at a time), and a micro-batch
+    # is processed only while fewer than ``max_uncommitted_micro_batches`` are
+    # processed but not covered by a finished commit: a crash delivers again at
+    # most that many micro-batches plus the one being processed.
+
+    def _commit_soon(self) -> None:
+        """Start a background commit of what is acked, unless one runs."""
+        task = self.commit_task
+        if task is not None:
+            if not task.done():
+                return
+            self.commit_task = None
+            task.result()  # a failed commit stops the worker (its events are read again)
+        if self.acked_seq > self.committed_seq:
+            self.commit_task = asyncio.ensure_future(self._commit_acked())
+
+    async def _commit_acked(self) -> None:
+        """Commit every acked offset; afterwards the micro-batches acked
+        before the call are covered."""
+        covers = self.acked_seq
+        consumer = self.app.consumer
+        # Two calls: if a periodic commit is running, the first only waits
+        # for it, and it may have started before our last acks.
+        await consumer.commit()
+        await consumer.commit()
+        self.committed_seq = max(self.committed_seq, covers)
+
+    async def _bound_redelivery(self) -> None:
+        """Before a micro-batch: wait until fewer than the allowed number of
+        processed micro-batches are uncommitted."""
+        if self.processed_seq - self.committed_seq < self.settings.streams.max_uncommitted_micro_batches:
+            return
+        await self._ack_delivered(wait=True)
+        if self.commit_task is not None:
+            task, self.commit_task = self.commit_task, None
+            await task
+        if self.acked_seq > self.committed_seq:
+            await self._commit_acked()
 
     async def _commit_and_finalize(self) -> None:
         if not self.pending:
@@ -395,8 +451,10 @@ class StreamProcessor:
         consumer = self.app.consumer
         # Two calls: if a periodic commit is running, the first only waits
         # for it, and it may have started before our last acks.
+        covers = self.acked_seq
         await consumer.commit()
         await consumer.commit()
+        self.committed_seq = max(self.committed_seq, covers)
         # A partition's progress is recorded only once the commit covers all
         # it processed; one revoked meanwhile (its commit discarded) belongs
         # to another worker now and is left to it.

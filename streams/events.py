@@ -196,7 +196,9 @@ def parse_event(kind: str, key: bytes | None, value: bytes | None, limits: Limit
     freshtower.streams.events.InvalidEvent: click: Object missing required field `item_id`
     """
     if value is None:
-        raise InvalidEvent("invalid_json", f"{kind}: message has no value")
+        raise InvalidEvent("empty_message", f"{kind}: empty message (no value: a tombstone or a producer that sent none)")
+    if not value.strip():
+        raise InvalidEvent("empty_message", f"{kind}: empty message ({len(value)} bytes{', whitespace only' if value else ''})")
     if len(value) > limits.max_event_bytes:
         raise InvalidEvent("oversized", f"{kind}: payload is {len(value):,} bytes (limit {limits.max_event_bytes:,})")
     try:

@@ -26,7 +26,14 @@ Rules (see docs/streams.md):
 - A record whose window is already closed goes to the first open window
   and counts as late. A window closes when the watermark passes its end
   plus the allowed lateness; the watermark is the smallest, over the input
-  partitions still being read, of each partition's largest event time.
+  partitions still being read, of each one's robust event time
+  (``streams/watermark.py``: a high quantile of its recent events, which a
+  minority of out-of-order events cannot move).
+- An event more than ``max_future`` ahead of its topic partition's stream
+  is dead-lettered (``future_timestamp``, "ahead of the stream"); an
+  impression or rank log more than ``max_lateness`` behind the watermark
+  is dead-lettered (``behind_watermark``): its clicks may have expired as
+  orphans already, and joining it would write their items as not clicked.
 - A request is deleted after the window holding its label-0 samples is
   closed *and* the offsets of its events are committed (``finalize``), so
   a replay after a crash can never re-create it.
@@ -41,6 +48,9 @@ from sys import intern
 from typing import Mapping, MutableMapping
 
 from freshtower.streams.events import CLICK, IMPRESSION, RANK_LOG, Click, Impression, InvalidEvent, Limits, RankLog, parse_event
+from freshtower.streams.dedup import JoinedIds
+from freshtower.streams.placement import Placement
+from freshtower.streams.watermark import SourceClock
 from freshtower.streams.windows import assign_window, open_from_after
 
 from freshtower.core.batches import Sample
@@ -53,6 +63,15 @@ class JoinSettings:
     join_window_ms: int = 1_800_000
     max_future_ms: int = 300_000
     limits: Limits = Limits()
+    watermark_quantile: float = 0.9
+    watermark_sample: int = 64
+    max_lateness_ms: int | None = None  # None: half the join window
+    dedup_horizon_ms: int = 86_400_000
+    partitions: int | None = None  # input partition count: events not on murmur2(user_id)'s are dead-lettered; None: not checked
+
+    @property
+    def effective_max_lateness_ms(self) -> int:
+        return self.join_window_ms // 2 if self.max_lateness_ms is None else self.max_lateness_ms
 
     @classmethod
     def from_config(cls, streams) -> "JoinSettings":
@@ -61,11 +80,23 @@ class JoinSettings:
             raise ValueError(
                 f"streams.window_seconds must be whole seconds (batch files are named by second), got {streams.window_seconds}"
             )
+        join_window_ms = int(round(streams.join_window_seconds * 1000))
+        max_lateness_ms = None if streams.max_lateness_seconds is None else int(round(streams.max_lateness_seconds * 1000))
+        if max_lateness_ms is not None and max_lateness_ms >= join_window_ms:
+            raise ValueError(
+                f"streams.max_lateness_seconds ({streams.max_lateness_seconds}) must be below streams.join_window_seconds "
+                f"({streams.join_window_seconds}): a later impression's clicks may have expired as orphans already"
+            )
         return cls(
             window_ms=int(round(streams.window_seconds * 1000)),
             lateness_ms=int(round(streams.allowed_lateness_seconds * 1000)),
-            join_window_ms=int(round(streams.join_window_seconds * 1000)),
+            join_window_ms=join_window_ms,
             max_future_ms=int(round(streams.max_future_seconds * 1000)),
+            watermark_quantile=streams.watermark_quantile,
+            watermark_sample=streams.watermark_sample,
+            max_lateness_ms=max_lateness_ms,
+            dedup_horizon_ms=int(round(streams.dedup_horizon_seconds * 1000)),
+            partitions=streams.partitions if streams.check_partitioner else None,
             limits=Limits(
                 max_event_bytes=streams.max_event_bytes,
                 max_id_length=streams.max_id_length,
@@ -153,10 +184,13 @@ class JoinCore:
         progress = progress or {}
         self.open_from_ms: int | None = progress.get("open_from_ms")
         self.watermark_ms: int | None = progress.get("watermark_ms")
-        # Largest event time per input partition (topic, partition): the
-        # watermark is their minimum, so a partition read ahead of the
-        # others cannot close windows the others still feed.
-        self.partition_time: dict[tuple[str, int], int] = {}
+        # The clock of each input topic partition (topic, partition): the
+        # watermark is the minimum of their times, so a partition read ahead
+        # of the others cannot close windows the others still feed.
+        self.clocks: dict[tuple[str, int], SourceClock] = {}
+        # Event IDs of requests already written out (streams/dedup.py).
+        self.placement = None if settings.partitions is None else Placement(settings.partitions)
+        self.joined_ids = JoinedIds(settings.dedup_horizon_ms, settings.join_window_ms + settings.window_ms + settings.lateness_ms)
         self.counters: Counter[str] = Counter()
         self.dirty: dict[str, int] = {}
         self.deleted: dict[str, int] = {}
@@ -188,6 +222,11 @@ class JoinCore:
                     self._window_requests.setdefault(window, set()).add(request_id)
             self._window_requests.setdefault(state["label0_window"], set()).add(request_id)
 
+    @property
+    def partition_time(self) -> dict[tuple[str, int], int]:
+        """Each input topic partition's robust event time."""
+        return {source: clock.time for source, clock in self.clocks.items() if clock.time is not None}
+
     def progress(self) -> dict:
         return {"open_from_ms": self.open_from_ms, "watermark_ms": self.watermark_ms}
 
@@ -214,35 +253,62 @@ class JoinCore:
         dead = result.dead_letters
         limits = self.settings.limits
         counters = self.counters
-        partition_time = self.partition_time
+        clocks = self.clocks
         kinds = self.kinds
         seen = Counter()
-        # The watermark moves only after the batch, so one bound serves it all.
-        reference = now_ms if self.watermark_ms is None else max(self.watermark_ms, now_ms)
-        future_limit = reference + self.settings.max_future_ms
+        s = self.settings
+        # Two passes: validate the batch first, so that each topic partition's
+        # "ahead of the stream" bound can take this batch's own events into account.
+        valid = []
+        batch_times: dict[tuple[str, int], list[int]] = {}
         for message in messages:
             kind = kinds[message.topic]
             seen[kind] += 1
             try:
                 event = parse_event(kind, message.key, message.value, limits)
-                if event.ts > future_limit:
-                    self._reject_future(event.ts, reference)
+            except InvalidEvent as error:
+                self._dead_letter(dead, error, message)
+                continue
+            valid.append((message, kind, event))
+            times = batch_times.get((message.topic, message.partition))
+            if times is None:
+                times = batch_times[message.topic, message.partition] = []
+            times.append(event.ts)
+        bounds = {}
+        for source, times in batch_times.items():
+            clock = clocks.get(source)
+            if clock is None:
+                clock = clocks[source] = SourceClock(s.watermark_quantile, s.watermark_sample)
+            bounds[source] = clock.ahead_bound(times, now_ms, s.max_future_ms)
+        # The watermark moves only after the batch, so one lateness bound serves it all.
+        late_before = None if self.watermark_ms is None else self.watermark_ms - s.effective_max_lateness_ms
+        joined_ids = self.joined_ids
+        written_out = joined_ids.seen_many([event.event_id for _, _, event in valid])
+        for (message, kind, event), copy in zip(valid, written_out):
+            source = (message.topic, message.partition)
+            try:
+                if self.placement is not None and self.placement.partition(message.key) != message.partition:
+                    raise InvalidEvent("wrong_partitioner", self.placement.reason(message.key, message.partition))
+                if event.ts > bounds[source]:
+                    self._reject_future(event.ts, clocks[source], bounds[source], now_ms)
+                if copy:  # its request was written out already: a copy, whatever partition, however late
+                    counters["duplicates." + kind] += 1
+                    continue
+                if joined_ids.too_late(event.ts, self.watermark_ms):
+                    self._reject_too_late(event.ts)
                 if kind == CLICK:
                     self._on_click(event, message, dead)
                 elif kind == IMPRESSION:
-                    self._on_impression(event, message.partition, dead)
+                    self._on_impression(event, message.partition, dead, late_before)
                 else:
-                    self._on_rank_log(event, message.partition)
+                    self._on_rank_log(event, message.partition, late_before)
             except InvalidEvent as error:
-                dead.append(
-                    DeadLetter(error.code, error.message, message.topic, message.partition, message.offset, message.key, message.value)
-                )
-                counters["dead_letters." + error.code] += 1
+                self._dead_letter(dead, error, message)
                 continue
-            # Valid events (duplicates included) move their partition's time.
-            source = (message.topic, message.partition)
-            if event.ts > partition_time.get(source, -1):
-                partition_time[source] = event.ts
+            # Valid events (duplicates included) feed their partition's clock.
+            clocks[source].add(event.ts)
+        for source in batch_times:
+            clocks[source].settle()
         for kind, n in seen.items():
             counters["events_in." + kind] += n
         self._update_watermark(partitions, idle)
@@ -282,6 +348,7 @@ class JoinCore:
         for request_id in self._finalizable:
             state = self.requests.get(request_id)
             if state is not None and self._is_finalized(state):
+                self.joined_ids.add(_event_ids(request_id, state), state["impression"]["ts"])
                 del self.requests[request_id]
                 self.dirty.pop(request_id, None)
                 self.deleted[request_id] = state["partition"]
@@ -295,14 +362,35 @@ class JoinCore:
 
     # --- events -----------------------------------------------------------------
 
-    def _reject_future(self, ts: int, reference: int) -> None:
-        # The reference is the watermark, or the wall clock when it is ahead
-        # (before the first event, or replaying history): a far-future event
-        # would otherwise drag the watermark along and close every window.
+    def _dead_letter(self, dead: list, error: InvalidEvent, message) -> None:
+        dead.append(DeadLetter(error.code, error.message, message.topic, message.partition, message.offset, message.key, message.value))
+        self.counters["dead_letters." + error.code] += 1
+
+    def _reject_future(self, ts: int, clock: SourceClock, bound: int, now_ms: int) -> None:
+        if ts > now_ms + self.settings.max_future_ms:
+            where = f"ahead of the wall clock {now_ms}"
+        else:
+            where = f"ahead of the stream: the bulk of its topic partition's recent events is at {clock.bulk_ms}, bound {bound}"
         raise InvalidEvent(
             "future_timestamp",
-            f"ts {ts} is {(ts - reference) / 1000:,.0f} s ahead of the watermark/clock {reference} "
-            f"(limit {self.settings.max_future_ms / 1000:,.0f} s)",
+            f"ts {ts} is {where} (streams.max_future_seconds = {self.settings.max_future_ms / 1000:,.0f} s)",
+        )
+
+    def _reject_too_late(self, ts: int) -> None:
+        horizon = self.settings.dedup_horizon_ms
+        raise InvalidEvent(
+            "too_late",
+            f"ts {ts} is {(self.watermark_ms - ts) / 1000:,.0f} s behind the watermark {self.watermark_ms}, past the dedup horizon "
+            f"(streams.dedup_horizon_seconds = {horizon / 1000:,.0f} s after its request was written out): "
+            f"a copy of an event written out then can no longer be recognised",
+        )
+
+    def _reject_late(self, kind: str, event_id: str, ts: int) -> None:
+        raise InvalidEvent(
+            "behind_watermark",
+            f"{kind} {event_id!r}: ts {ts} is {(self.watermark_ms - ts) / 1000:,.0f} s behind the watermark {self.watermark_ms} "
+            f"(limit streams.max_lateness_seconds = {self.settings.effective_max_lateness_ms / 1000:,.0f} s): "
+            f"its clicks may have expired already",
         )
 
     def _new_state(self, user_id: str, partition: int) -> dict:
@@ -334,10 +422,13 @@ class JoinCore:
         window = state["label0_window"]
         return window is not None and self.open_from_ms is not None and window < self.open_from_ms
 
-    def _on_impression(self, event: Impression, partition: int, dead: list) -> None:
+    def _on_impression(self, event: Impression, partition: int, dead: list, late_before: int | None = None) -> None:
         request_id = event.request_id
         state = self.requests.get(request_id)
+        late = late_before is not None and event.ts < late_before
         if state is None:
+            if late:
+                self._reject_late("impression", event.event_id, event.ts)
             state = self._new_state(event.user_id, partition)
             self.requests[request_id] = state
         elif state["partition"] != partition:
@@ -350,6 +441,8 @@ class JoinCore:
                 "conflicting_impression",
                 f"impression {event.event_id!r}: request {request_id!r} already has impression {state['impression']['event_id']!r}",
             )
+        elif late:
+            self._reject_late("impression", event.event_id, event.ts)
         if state["user"] != event.user_id:
             raise InvalidEvent(
                 "user_mismatch",
@@ -445,10 +538,13 @@ class JoinCore:
             self.counters["joined_clicks"] += 1
         self.dirty[request_id] = state["partition"]
 
-    def _on_rank_log(self, event: RankLog, partition: int) -> None:
+    def _on_rank_log(self, event: RankLog, partition: int, late_before: int | None = None) -> None:
         request_id = event.request_id
         state = self.requests.get(request_id)
+        late = late_before is not None and event.ts < late_before
         if state is None:
+            if late:
+                self._reject_late("rank log", event.event_id, event.ts)
             state = self._new_state(event.user_id, partition)
             self.requests[request_id] = state
         elif state["partition"] != partition:
@@ -459,11 +555,13 @@ class JoinCore:
                 f"rank log {event.event_id!r}: user {event.user_id!r}, but request {request_id!r} belongs to {state['user']!r}",
             )
         rank = state["rank"]
-        if rank is None:
-            rank = state["rank"] = {"ts": event.ts, "stages": [], "hard": [], "scores": {}}
-        if event.stage in rank["stages"]:
+        if rank is not None and event.stage in rank["stages"]:
             self.counters["duplicates.rank_log"] += 1
             return
+        if late:
+            self._reject_late("rank log", event.event_id, event.ts)
+        if rank is None:
+            rank = state["rank"] = {"ts": event.ts, "stages": [], "hard": [], "scores": {}}
         if self._is_finalized(state):
             self.counters["rank_logs_after_finalization"] += 1
             return
@@ -496,6 +594,7 @@ class JoinCore:
         if self.watermark_ms is None:
             return
         self._expire_waiting(result.dead_letters)
+        self.joined_ids.expire(self.watermark_ms)
         s = self.settings
         target = open_from_after(self.watermark_ms, s.window_ms, s.lateness_ms)
         if self.open_from_ms is not None and target <= self.open_from_ms:
@@ -528,7 +627,10 @@ class JoinCore:
             state["pending_clicks"] = keep
             rank_waiting = state["rank"] is not None and state["rank"]["ts"] + join_window > watermark
             if keep or rank_waiting:
-                self._push_expiry(request_id, state)
+                # The next deadline among what still waits (a rank log that
+                # expired already must not bring it back to now: that looped).
+                times = [p[2] for p in keep] + ([state["rank"]["ts"]] if rank_waiting else [])
+                heapq.heappush(self._expiry, (min(times) + join_window, request_id))
                 self.dirty[request_id] = state["partition"]
             else:
                 if state["rank"] is not None:
@@ -586,6 +688,16 @@ class JoinCore:
         self.counters["late_records"] += late
         self.counters["windows_closed"] += 1
         return ClosedWindow(window, window + self.settings.window_ms, samples, late)
+
+
+def _event_ids(request_id: str, state: dict) -> list[str]:
+    """Every event ID a written-out request's state holds."""
+    ids = [state["impression"]["event_id"]]
+    ids += [click[1] for click in state["clicks"].values()]
+    ids += state["ignored_event_ids"]
+    if state["rank"] is not None:
+        ids += [f"{request_id}/{stage}" for stage in state["rank"]["stages"]]
+    return ids
 
 
 def _partition_mismatch(kind: str, event_id: str, request_id: str, state: dict, partition: int):

@@ -54,9 +54,13 @@ class PartitionedJoin:
         for request_id in [r for r, state in requests.items() if state["partition"] not in progress]:
             del requests[request_id]
         self.cores: dict[int, JoinCore] = {}
+        joined_ids = None
         for partition, stored in sorted(progress.items()):
             core = self.cores[partition] = JoinCore(settings, requests, stored, self.kinds, partition=partition)
             core.counters = self.counters
+            # One memory of written-out event IDs for all of the worker's partitions:
+            # a copy that arrives on another partition is recognised too.
+            joined_ids = core.joined_ids = joined_ids or core.joined_ids
 
     def process(self, messages, now_ms: int, assigned: set[TopicPartition], caught_up: set[TopicPartition]) -> list[tuple[int, StepResult]]:
         """A micro-batch of raw messages (any partitions, in arrival order),

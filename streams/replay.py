@@ -3,8 +3,12 @@
 The log holds one ``{"topic": "impressions" | "clicks" | "rank-logs",
 "event": {...}}`` per line (what ``freshtower simulate --events`` writes).
 Events are produced with kafka-python, keyed by ``user_id``, in event-time
-order (a log out of order is sorted, stably, in memory), either as fast as
-possible or paced at ``speedup`` event-time seconds per wall second.
+order (a log out of order is sorted, stably, in memory) or, with
+``file_order`` (``--file-order``), in the order of the file, disorder and
+all, as a producer replaying a raw log would; either as fast as possible or
+paced at ``speedup`` event-time seconds per wall second (paced by each
+event's time relative to the first one's; an event behind that is sent at
+once).
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ def _topic_names(settings: Settings) -> dict[str, str]:
     }
 
 
-def load_event_log(path: Path | str, settings: Settings) -> list[LoggedEvent]:
-    """Every event of the log, in event-time order."""
+def load_event_log(path: Path | str, settings: Settings, *, file_order: bool = False) -> list[LoggedEvent]:
+    """Every event of the log, in event-time order (``file_order``: as in the file)."""
     names = _topic_names(settings)
     events: list[LoggedEvent] = []
     in_order = True
@@ -73,7 +77,7 @@ def load_event_log(path: Path | str, settings: Settings) -> list[LoggedEvent]:
                 in_order = False
             last_ts = ts
             events.append(LoggedEvent(ts, topic, user_id.encode(), orjson.dumps(event)))
-    if not in_order:
+    if not in_order and not file_order:
         events.sort(key=lambda e: e.ts)  # stable: equal times keep the log's order
     return events
 
@@ -87,11 +91,13 @@ def replay(
     should_stop: Callable[[], bool] = lambda: False,
     linger_ms: int = 20,
     batch_bytes: int = 256 * 1024,
+    file_order: bool = False,
 ) -> dict[str, int]:
     """Produce the log; return counts per topic. ``speedup`` None: as fast
     as possible; else wait so that event time runs ``speedup`` times faster
-    than the wall clock."""
-    events = load_event_log(path, settings)
+    than the wall clock. ``file_order``: send the lines as they stand in the
+    file, not sorted by event time."""
+    events = load_event_log(path, settings, file_order=file_order)
     return replay_events(
         settings, events, speedup=speedup, progress=progress, should_stop=should_stop, linger_ms=linger_ms, batch_bytes=batch_bytes
     )

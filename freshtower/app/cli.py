@@ -214,8 +214,11 @@ def replay_command(
     speedup: float = typer.Option(
         0.0, "--speedup", min=0.0, help="Event-time seconds per wall second (3600: an hour a second); 0: as fast as possible."
     ),
+    file_order: bool = typer.Option(
+        False, "--file-order", help="Send the lines in file order, out-of-order events as they are (default: sorted by event time)."
+    ),
 ) -> None:
-    """Produce an event log into the Kafka topics in event-time order, keyed by user_id."""
+    """Produce an event log into the Kafka topics in event-time order (or file order), keyed by user_id."""
     from freshtower.streams.replay import ReplayError, replay
 
     settings = _settings(ctx)
@@ -226,7 +229,7 @@ def replay_command(
             progress.update(task, completed=done, total=total)
 
         try:
-            counts = replay(settings, events, speedup=speedup or None, progress=on_progress)
+            counts = replay(settings, events, speedup=speedup or None, progress=on_progress, file_order=file_order)
         except ReplayError as error:
             console.print(f"[red]replay stopped:[/red] {error}")
             raise typer.Exit(1)

@@ -184,15 +184,35 @@ class StreamsConfig(_Section):
     window_seconds: float = Field(60.0, gt=0, description="batch window width; down to a few seconds")
     allowed_lateness_seconds: float = Field(10.0, ge=0)
     join_window_seconds: float = Field(1800.0, gt=0, description="click must come within this of its impression")
-    max_future_seconds: float = Field(300.0, ge=0, description="events further ahead of the watermark are rejected")
+    max_future_seconds: float = Field(
+        300.0, ge=0, description="events further ahead of their partition's stream (its latest accepted event) are rejected"
+    )
     max_event_bytes: int = Field(256 * 1024, ge=1024)
+    watermark_quantile: float = Field(
+        0.9, gt=0, le=1, description="a partition's event time is this quantile of its recent events (a minority cannot move it)"
+    )
+    watermark_sample: int = Field(64, ge=1, description="recent events per topic partition that the watermark quantile is taken over")
+    check_partitioner: bool = Field(
+        True, description="dead-letter events not on the partition murmur2(user_id) gives (producers must use murmur2)"
+    )
+    dedup_horizon_seconds: float = Field(
+        86_400.0, ge=0, description="written-out event IDs are remembered this long (event time); older copies are dead-lettered too_late"
+    )
+    max_lateness_seconds: float | None = Field(
+        None, ge=0, description="impressions / rank logs further behind the watermark are dead-lettered (default: half the join window)"
+    )
     partitions: int = Field(4, ge=1)
     # --- the streams worker (streams/app.py); see docs/streams.md ---
     max_id_length: int = Field(256, ge=1, description="longest accepted ID or feature value (characters)")
     max_items_per_event: int = Field(1000, ge=1, description="most items in one impression or rank log")
     app_id: str = Field("freshtower-streams", description="Faust app ID: consumer group and changelog-topic prefix")
     micro_batch_size: int = Field(2000, ge=1, description="most events the agent processes at once (a fetched batch is split)")
-    commit_interval_seconds: float = Field(2.8, gt=0, description="Faust's periodic offset commit (state is in the changelog first)")
+    commit_interval_seconds: float = Field(
+        2.8, gt=0, description="Faust's periodic offset commit (the worker also commits after every delivered micro-batch)"
+    )
+    max_uncommitted_micro_batches: int = Field(
+        4, ge=1, description="processed micro-batches not yet committed before the worker waits: bounds what a crash delivers again"
+    )
     idle_seconds: float = Field(10.0, gt=0, description="no event for this long (wall clock): the watermark follows the clock")
     idle_advance_rate: float = Field(
         1.0, ge=0, description="event-time seconds the watermark moves per idle wall second (1: real time; replays may use more; 0: never)"

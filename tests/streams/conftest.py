@@ -41,6 +41,9 @@ def streams_settings(bootstrap: str, data_dir: Path, **streams) -> Settings:
             "commit_interval_seconds": 1,
             "web_port": free_port(),
             "log_every_seconds": 2,
+            # The simulated days are sparse history (minutes between a partition's events at night):
+            # the "ahead of the stream" bound must allow for quiet spells (docs/streams.md).
+            "max_future_seconds": 3600,
         }
         | streams,
         frequency={"buckets": 1 << 14},

@@ -62,6 +62,14 @@ def test_every_simulated_event_is_valid_and_round_trips():
     assert seen == {Impression, Click, RankLog}
 
 
+@pytest.mark.parametrize("value, size", [(b"", "0 bytes"), (b"  \n", "3 bytes, whitespace only"), (None, "no value")])
+def test_an_empty_message_is_called_an_empty_message(value, size):
+    with pytest.raises(InvalidEvent) as error:
+        parse_event(CLICK, b"u1", value)
+    assert error.value.code == "empty_message"
+    assert "empty message" in error.value.message and size in error.value.message
+
+
 def test_optional_features_default_to_empty_and_unknown_fields_are_ignored():
     event = parse(IMPRESSION, changed(IMPRESSION_OK, user_features=..., added_later="fine"))
     assert event.user_features.categorical == {} and event.items[1].features == {}

@@ -47,6 +47,16 @@ def test_a_log_out_of_order_is_replayed_in_event_time_order(tmp_path, small_log)
     assert times == sorted(times) and len(times) == len(lines)
 
 
+def test_file_order_keeps_the_logs_disorder(tmp_path, small_log):
+    path, _ = small_log
+    lines = path.read_text().splitlines()
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(reversed(lines)) + "\n")
+    settings = streams_settings("127.0.0.1:1", tmp_path)
+    times = [e.ts for e in load_event_log(shuffled, settings, file_order=True)]
+    assert times == [json.loads(line)["event"]["ts"] for line in reversed(lines)] and times != sorted(times)
+
+
 def test_speedup_paces_event_time_against_the_wall_clock(kafka_broker, tmp_path):
     # Four events spread over 3 s of event time, at 2x: about 1.5 s.
     path = tmp_path / "paced.jsonl"

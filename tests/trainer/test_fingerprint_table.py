@@ -37,6 +37,41 @@ def test_string_fingerprints_are_stable_and_distinct():
     fingerprints = fingerprint_strings(ids)
     assert len(set(fingerprints.tolist())) == len(ids)
     assert np.all(fingerprints != 0)
-    # Part of stored state (frequency buckets): pinned.
-    assert fingerprint_strings(["u1"]).tolist() == fingerprint_strings(["u1"]).tolist()
     assert fingerprint_strings(["ab", "abc"]).tolist()[0] != fingerprint_strings(["abc"]).tolist()[0]
+
+
+# Part of stored state (frequency buckets, statistics keys): a change of the
+# hash would silently orphan every stored bucket. Literal values, computed
+# once with the pure-Python reference below (the docstring's description).
+GOLDEN = {
+    "": 0xE9E0033E3BADAF36,
+    "u1": 0x0D6BCC7BE135F5EC,
+    "i42": 0x83DDBA480B88EF91,
+    "user-12345678": 0x93233B21CFD854BB,  # two 8-byte words, the second partial
+    "é": 0x1B13CEB1C5D2C52B,  # UTF-8 bytes, not code points
+    "a" * 17: 0xB1BCB76BC669ADCE,
+}
+
+
+def _reference_fingerprint(text: str) -> int:
+    """SplitMix64 over little-endian 8-byte words of the UTF-8 bytes."""
+    m = 2**64 - 1
+
+    def mix(h):
+        h ^= h >> 30
+        h = (h * 0xBF58476D1CE4E5B9) & m
+        h ^= h >> 27
+        h = (h * 0x94D049BB133111EB) & m
+        return h ^ (h >> 31)
+
+    data = text.encode()
+    h = 0x243F6A8885A308D3 ^ ((len(data) * 0x9E3779B97F4A7C15) & m)
+    for k in range((len(data) + 7) // 8):
+        word = int.from_bytes(data[8 * k : 8 * k + 8].ljust(8, b"\0"), "little")
+        h = mix(h ^ ((word + 0x9E3779B97F4A7C15 * (k + 1)) & m))
+    return mix(h) or 1
+
+
+def test_string_fingerprints_are_pinned_to_literal_values():
+    assert fingerprint_strings(list(GOLDEN)).tolist() == list(GOLDEN.values())
+    assert [_reference_fingerprint(text) for text in GOLDEN] == list(GOLDEN.values())
