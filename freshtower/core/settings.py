@@ -153,6 +153,7 @@ class PrerankConfig(_Section):
         (64, 32), min_length=1, description="upper layers over [user, item, cross] -> one logit (per candidate; most of the cost)"
     )
     category_feature: str = Field("category", description="item categorical feature that keys the (user, category) statistics")
+    teacher_stage: str = Field("rank", description="rank-log stage whose candidates and scores a ranking sample holds")
     ctr_prior: float = Field(0.05, gt=0, lt=1, description="smoothed CTR = (clicks + prior * strength) / (impressions + strength)")
     ctr_prior_strength: float = Field(20.0, gt=0, description="pseudo-impressions behind ctr_prior")
     max_candidates: int = Field(10_000, ge=1, description="most candidates one pre-ranking request may score")
@@ -191,6 +192,9 @@ class StreamsConfig(_Section):
     max_id_length: int = Field(256, ge=1, description="longest accepted ID or feature value (characters)")
     max_items_per_event: int = Field(1000, ge=1, description="most items in one impression or rank log")
     app_id: str = Field("freshtower-streams", description="Faust app ID: consumer group and changelog-topic prefix")
+    ranking_samples: bool = Field(
+        True, description="write ranking samples and statistics rows beside each batch (requests with a rank log of prerank.teacher_stage)"
+    )
     micro_batch_size: int = Field(2000, ge=1, description="most events the agent processes at once (a fetched batch is split)")
     commit_interval_seconds: float = Field(2.8, gt=0, description="Faust's periodic offset commit (state is in the changelog first)")
     idle_seconds: float = Field(10.0, gt=0, description="no event for this long (wall clock): the watermark follows the clock")
