@@ -154,6 +154,13 @@ class PrerankConfig(_Section):
     )
     category_feature: str = Field("category", description="item categorical feature that keys the (user, category) statistics")
     teacher_stage: str = Field("rank", description="rank-log stage whose candidates and scores a ranking sample holds")
+    # --- daily training (trainer/prerank_full.py) and its quality gate ---
+    batch_requests: int = Field(64, ge=1, description="requests (with all their candidates) per training minibatch")
+    eval_top_k: int = Field(10, ge=1, description="quality: the ranker's top k ...")
+    eval_keep: int = Field(100, ge=1, description="... recalled in the pre-ranker's top keep; NDCG@keep against the ranker's scores")
+    max_quality_drop: float = Field(
+        0.02, ge=0, description="the publisher refuses a pre-ranker whose holdout NDCG falls more than this below its parent's"
+    )
     ctr_prior: float = Field(0.05, gt=0, lt=1, description="smoothed CTR = (clicks + prior * strength) / (impressions + strength)")
     ctr_prior_strength: float = Field(20.0, gt=0, description="pseudo-impressions behind ctr_prior")
     max_candidates: int = Field(10_000, ge=1, description="most candidates one pre-ranking request may score")
