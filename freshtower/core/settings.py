@@ -260,6 +260,11 @@ class ServiceConfig(_Section):
     max_request_bytes: int = Field(
         65536, ge=1024, description="largest request body in bytes; a larger one is refused with 413 before it is read"
     )
+    max_prerank_request_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="largest POST /v1/prerank or /v1/recommend body (10,000 candidate IDs are ~150 KB)"
+    )
+    max_recommend_recall: int = Field(10_000, ge=1, description="largest recall_k (N) a /v1/recommend request may ask for")
+    max_recommend_keep: int = Field(1000, ge=1, description="largest keep (M) a /v1/recommend or /v1/prerank request may ask for")
     # one-row user towers gain nothing from more threads
     torch_threads: int = Field(1, ge=0, description="torch threads in `freshtower serve`; 0 keeps torch's default")
     hnsw_ef_search: int | None = Field(None, ge=1, description="override the efSearch stored in a release's HNSW index (speed vs recall)")
