@@ -167,3 +167,18 @@ def test_a_release_without_a_preranker_answers_503(tmp_path, released):
 
 
 assert ThreeTowerPreranker  # the model the release's prerank.pt holds
+
+
+def test_the_run_summary_shows_the_preranker_and_one_recommend_answer(released):
+    from freshtower.publisher.service import ServiceThread
+
+    from freshtower.app.observation import prerank_lines
+    from freshtower.app.run_state import RunSummary, render_summary
+
+    settings, sim, preranker, version = released
+    with ServiceThread(create_app(settings)) as service:
+        lines = prerank_lines(settings, service.url, sim.user_id(3), FEATURES, recall_k=50, keep=10)
+    assert lines[0].startswith(f"prerank    {preranker.ref.version} in release {version}")
+    assert lines[1].startswith(f"recommend  user {sim.user_id(3)}: 50 recalled -> 10 pre-ranked")
+    summary = RunSummary("sim", 1.0, 1.0, 0.0, {}, 0, {}, 0, {}, 0, 0, 60.0, [], {}, 1, 0, None, 0, None, prerank=lines)
+    assert all(f"  {line}" in render_summary(summary) for line in lines)
