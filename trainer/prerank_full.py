@@ -168,7 +168,7 @@ def prepare(settings: Settings, refs: list[BatchRef], spec: FeatureSpec, items: 
     return Prepared(columns, encode_statistics(statistics_counts(columns, items), p.ctr_prior, p.ctr_prior_strength))
 
 
-def _item_categorical(model: ThreeTowerPreranker, ids: list[str], categories: list[str]) -> dict[str, list[str]]:
+def item_categorical_of(model: ThreeTowerPreranker, ids: list[str], categories: list[str]) -> dict[str, list[str]]:
     """Item features of candidates: the category from the sample, the rest from the catalogue."""
     name = model.prerank_config.category_feature
     indices = model.catalogue.indices(ids)
@@ -190,7 +190,7 @@ def _item_categorical(model: ThreeTowerPreranker, ids: list[str], categories: li
 def model_inputs(model: ThreeTowerPreranker, columns: RankingColumns):
     """(user inputs (R rows), item inputs (N rows), request of each candidate)."""
     users = model.user_inputs(columns.user_ids, columns.user_categorical, columns.user_numeric)
-    items = model.item_inputs(columns.candidate_ids, _item_categorical(model, columns.candidate_ids, columns.categories))
+    items = model.item_inputs(columns.candidate_ids, item_categorical_of(model, columns.candidate_ids, columns.categories))
     return users, items, torch.from_numpy(columns.request_of())
 
 
@@ -222,10 +222,10 @@ def evaluate_preranker(model: ThreeTowerPreranker, prepared: Prepared, settings:
 
 def _observe(model: ThreeTowerPreranker, columns: RankingColumns, today: int, optimizers) -> None:
     new = model.observe_users(columns.user_ids, columns.user_categorical, today)
-    new.update(model.observe_items(columns.candidate_ids, _item_categorical(model, columns.candidate_ids, columns.categories), today))
+    new.update(model.observe_items(columns.candidate_ids, item_categorical_of(model, columns.candidate_ids, columns.categories), today))
     known = [i for i, c in enumerate(columns.categories) if c]
     ids = [columns.candidate_ids[i] for i in known]
-    model.catalogue.update(ids, _item_categorical(model, ids, [columns.categories[i] for i in known]), today)
+    model.catalogue.update(ids, item_categorical_of(model, ids, [columns.categories[i] for i in known]), today)
     model.sync_tables(new, optimizers)
 
 

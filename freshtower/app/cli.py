@@ -197,6 +197,25 @@ def train_daily_command(
         scheduler.run(train, should_stop=lambda: stopping["now"], poll_seconds=poll_seconds)
 
 
+@app.command("prerank-experiment")
+def prerank_experiment_command(
+    ctx: typer.Context,
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Simulated worlds (seeds 0..n-1)."),
+    requests_per_day: int = typer.Option(1000, "--requests-per-day", min=10),
+    candidates: int = typer.Option(200, "--candidates", min=2, help="Candidates the ranker scores per request."),
+    users: int = typer.Option(300, "--users", min=2),
+    items: int = typer.Option(2000, "--items", min=10),
+) -> None:
+    """Pre-ranking quality vs the ranker and clicks: three-tower arms and the two-tower model, over seeds."""
+    from freshtower.app.prerank_experiment import run_prerank_experiment
+    from freshtower.app.simulator import SimulatorConfig
+
+    world = SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, candidates_per_request=candidates)
+    result = run_prerank_experiment(list(range(seeds)), world, say=console.print)
+    for line in result.table():
+        print(line)
+
+
 @app.command("broker")
 def broker_command(ctx: typer.Context) -> None:
     """Run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1 until Ctrl-C.
