@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 class LiveRelease:
     """Build it on the event loop that serves (the app's lifespan): its lock belongs there."""
 
-    def __init__(self, store: ReleaseStore, metrics: ServiceMetrics, ef_search: int | None = None):
+    def __init__(self, store: ReleaseStore, metrics: ServiceMetrics, ef_search: int | None = None, prerank_config=None):
         self.store = store
         self.metrics = metrics
         self.ef_search = ef_search  # HNSW efSearch set on every loaded index (None: as published)
+        self.prerank_config = prerank_config  # the service's [prerank]: item cache size, most candidates
         self.state: ServingState | None = None
         self.refused: dict[str, str] = {}  # version -> why it is not served
         self._swap_lock = asyncio.Lock()
@@ -41,7 +42,9 @@ class LiveRelease:
 
     async def _load(self, version: str) -> ServingState:
         """Load and verify ``version`` off the event loop; raises ReleaseError."""
-        return await asyncio.to_thread(load_state, self.store, version, self.state, self.ef_search)
+        return await asyncio.to_thread(
+            load_state, self.store, version, self.state, self.ef_search, self.prerank_config, self.metrics.prerank_timing
+        )
 
     def _swap(self, state: ServingState) -> None:
         self.state = state  # the hot swap: one reference assignment

@@ -53,6 +53,7 @@ import torch
 from freshtower.publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique
 from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_due, full_release_due
 from freshtower.publisher.embedding_topic import EmbeddingTopic
+from freshtower.publisher.prerank_release import write_prerank_files
 from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
 from freshtower.publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
 from freshtower.trainer.artifacts import (
@@ -307,6 +308,13 @@ class Publisher:
         self._write(staging, "item_vectors.npy", lambda p: np.save(p, inputs.item_vectors))
         self._write(staging, "item_ids.json", lambda p: p.write_text(json.dumps(inputs.item_ids)))
         self._write(staging, "index.faiss", index.save)
+        try:  # the pre-ranker rides along; a pre-ranker that cannot be read never stops the retrieval release
+            prerank = write_prerank_files(staging, self.settings, on_file=lambda name: self.on_stage("file", name))
+        except (ArtifactError, OSError, KeyError, ValueError) as error:
+            log.warning("full release without a pre-ranker: %s", error)
+            prerank = None
+        if prerank is not None:
+            log.info("full release carries pre-ranker %s", prerank["model_version"])
         manifest = FullReleaseManifest(
             version=version,
             parent=None if active is None else active.version,

@@ -26,9 +26,10 @@ class BodyTooLarge(Exception):
 
 
 class RequestEdge:
-    def __init__(self, app, max_request_bytes: int):
+    def __init__(self, app, max_request_bytes: int, large_paths: dict[str, int] | None = None):
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.large_paths = dict(large_paths or {})  # path -> its own limit (pre-ranking bodies carry thousands of IDs)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -36,7 +37,7 @@ class RequestEdge:
             return
         started = time.perf_counter()
         metrics: ServiceMetrics = scope["app"].state.metrics
-        limit = self.max_request_bytes
+        limit = self.large_paths.get(scope["path"], self.max_request_bytes)
         declared = None
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -78,12 +79,14 @@ class RequestEdge:
 
     async def _too_large(self, scope, send, metrics: ServiceMetrics, what: str) -> None:
         endpoint = endpoint_label(scope["path"])
+        limit = self.large_paths.get(scope["path"], self.max_request_bytes)
+        setting = "service.max_prerank_request_bytes" if scope["path"] in self.large_paths else "service.max_request_bytes"
         metrics.rejected.labels(endpoint, "body_too_large").inc()
         if endpoint == "recall":
             metrics.bad_request.inc()
         body = json.dumps(
             {
-                "detail": f"request body too large: {what}, over the limit service.max_request_bytes = {self.max_request_bytes:,} bytes",
+                "detail": f"request body too large: {what}, over the limit {setting} = {limit:,} bytes",
                 "reason": "body_too_large",
             }
         ).encode()

@@ -45,6 +45,7 @@ from freshtower.publisher.api_models import RecallRequest
 from freshtower.publisher.live_release import LiveRelease
 from freshtower.publisher.releases import ReleaseStore
 from freshtower.publisher.request_edge import RequestEdge
+from freshtower.publisher.prerank_routes import prerank_router
 from freshtower.publisher.routes import Rejected, malformed_request, rejected_request, router
 from freshtower.publisher.service_metrics import ServiceMetrics
 
@@ -59,7 +60,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     store = ReleaseStore(settings.releases_dir)
     metrics = ServiceMetrics(serving=lambda: live.state)  # read at scrape time, after `live` exists
-    live = LiveRelease(store, metrics, ef_search=settings.service.hnsw_ef_search)  # on the serving loop
+    live = LiveRelease(store, metrics, ef_search=settings.service.hnsw_ef_search, prerank_config=settings.prerank)  # on the serving loop
     app.state.live_release, app.state.metrics = live, metrics
     try:
         await live.refresh()
@@ -84,9 +85,13 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(prerank_router)
     app.add_exception_handler(RequestValidationError, malformed_request)
     app.add_exception_handler(Rejected, rejected_request)
-    app.add_middleware(RequestEdge, max_request_bytes=settings.service.max_request_bytes)
+    large = settings.service.max_prerank_request_bytes
+    app.add_middleware(
+        RequestEdge, max_request_bytes=settings.service.max_request_bytes, large_paths={"/v1/prerank": large, "/v1/recommend": large}
+    )
     _declare_recall_body(app)
     return app
 

@@ -25,6 +25,8 @@ def endpoint_label(path: str) -> str:
         return "embedding"
     if path.startswith("/v1/releases/"):
         return "activate"
+    if path in ("/v1/prerank", "/v1/recommend"):
+        return path.rsplit("/", 1)[1]
     return "other"
 
 
@@ -77,6 +79,43 @@ class ServiceMetrics:
         Gauge("freshtower_release_loaded_timestamp_seconds", "wall time the served state was loaded", registry=r).set_function(
             of_state(lambda s: s.loaded_at)
         )
+
+        # --- pre-ranking ---
+        self.prerank_requests = Counter(
+            "freshtower_prerank_requests", "pre-ranking requests by endpoint (prerank, recommend) and outcome", ["endpoint", "outcome"], registry=r
+        )
+        self.prerank_stage = Histogram(
+            "freshtower_prerank_stage_seconds",
+            "pre-ranking time per stage and tower (features, user_tower, item_tower, cross_tower, upper_layers, sort)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prerank_latency = Histogram(
+            "freshtower_prerank_latency_seconds", "in-process time of a pre-ranking request, by endpoint", ["endpoint"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prerank_unknown = Counter("freshtower_prerank_unknown_candidates", "candidates the pre-ranker did not know (scored cold)", registry=r)
+
+        def of_cache(value) -> Callable[[], float]:
+            def read() -> float:
+                state = serving()
+                prerank = None if state is None else state.prerank
+                return math.nan if prerank is None else float(value(prerank.cache_stats()))
+
+            return read
+
+        for name, doc, value in (
+            ("freshtower_prerank_item_cache_hit_rate", "item-tower cache hits / lookups since the release loaded", lambda c: c.hit_rate),
+            ("freshtower_prerank_item_cache_items", "items in the item-tower cache", lambda c: c.size),
+            ("freshtower_prerank_item_cache_hits", "candidates served from the item-tower cache", lambda c: c.hits),
+            ("freshtower_prerank_item_cache_misses", "candidates the item tower computed (cache misses)", lambda c: c.misses),
+            ("freshtower_prerank_item_cache_evictions", "items evicted from the item-tower cache", lambda c: c.evictions),
+        ):
+            Gauge(name, doc, registry=r).set_function(of_cache(value))
+
+    def prerank_timing(self, stage: str, seconds: float) -> None:
+        self.prerank_stage.labels(stage).observe(seconds)
 
     def swapped(self, state: ServingState) -> None:
         self.swaps.inc()

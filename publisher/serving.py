@@ -23,9 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from freshtower.publisher.prerank_serving import PrerankState, load_prerank
 from freshtower.publisher.releases import Release, ReleaseError, ReleaseStore
 from freshtower.publisher.user_tower import ServingUserTower
 from freshtower.trainer.retrieval import FaissRetriever
+
+from freshtower.core.settings import PrerankConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ServingState:
     newest_click_event_time_ms: int  # the newest click any embedding here learnt from
     newest_click_is_bound: bool  # True while only the full model's data bound it
     loaded_at: float  # wall time, seconds
+    prerank: PrerankState | None = None  # the full release's pre-ranker, if it carries one
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def _freeze(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _load_full(release: Release, ef_search: int | None = None) -> ServingState:
+def _load_full(release: Release, ef_search: int | None = None, prerank_config=None, on_timing=None) -> ServingState:
     where = f"release {release.version}"
     tower = ServingUserTower.load(release.file("user_tower.pt"))
     user_ids = json.loads(release.file("user_ids.json").read_text())
@@ -85,6 +89,7 @@ def _load_full(release: Release, ef_search: int | None = None) -> ServingState:
         newest_click_event_time_ms=release.manifest.newest_click_event_time_ms,
         newest_click_is_bound=release.manifest.newest_click_is_bound,
         loaded_at=time.time(),
+        prerank=load_prerank(release, prerank_config or PrerankConfig(), on_timing),
     )
 
 
@@ -131,10 +136,18 @@ def _apply_delta(state: ServingState, release: Release, *, copy: bool) -> Servin
         newest_click_event_time_ms=max(state.newest_click_event_time_ms, release.manifest.newest_click_event_time_ms, learnt),
         newest_click_is_bound=state.newest_click_is_bound and learnt <= 0,
         loaded_at=time.time(),
+        prerank=state.prerank,
     )
 
 
-def load_state(store: ReleaseStore, version: str, current: ServingState | None = None, ef_search: int | None = None) -> ServingState:
+def load_state(
+    store: ReleaseStore,
+    version: str,
+    current: ServingState | None = None,
+    ef_search: int | None = None,
+    prerank_config: PrerankConfig | None = None,
+    on_timing=None,
+) -> ServingState:
     """Verify and load what serving ``version`` needs. Raises ``ReleaseError``
     (naming the release and file) if anything is missing or corrupt.
     ``ef_search`` overrides the HNSW efSearch stored in the index."""
@@ -146,7 +159,7 @@ def load_state(store: ReleaseStore, version: str, current: ServingState | None =
     for link in chain:
         store.verify(link.version)
     try:
-        state = _load_full(chain[0], ef_search)
+        state = _load_full(chain[0], ef_search, prerank_config, on_timing)
     except (OSError, ValueError, RuntimeError) as error:
         if isinstance(error, ReleaseError):
             raise

@@ -56,6 +56,7 @@ from freshtower.streams.faust_transport import Transport
 from freshtower.streams.join import JoinSettings, StepResult
 from freshtower.streams.metrics import StreamMetrics
 from freshtower.streams.partitions import PartitionedJoin
+from freshtower.streams.ranking_samples import RankingSampleEmitter
 from freshtower.streams.sink import BatchSink, written_windows
 from freshtower.streams.topics import input_topics
 
@@ -180,6 +181,7 @@ class StreamProcessor:
                 partition=p,
                 written=written,
                 encoder=self.encoder,
+                emitter=self._new_emitter(),
             )
             for p, core in self.join.cores.items()
         }
@@ -193,6 +195,12 @@ class StreamProcessor:
             {p: core.open_from_ms for p, core in self.join.cores.items()},
             {p: core.watermark_ms for p, core in self.join.cores.items()},
         )
+
+    def _new_emitter(self) -> RankingSampleEmitter | None:
+        if not self.settings.streams.ranking_samples:
+            return None
+        p = self.settings.prerank
+        return RankingSampleEmitter(p.category_feature, p.teacher_stage, self.join_settings.join_window_ms)
 
     # --- the agent's and the timer's work ------------------------------------------
 

@@ -138,6 +138,9 @@ class ClosedWindow:
     end_ms: int
     samples: list[Sample]
     late_records: int
+    # (request_id, state) of the requests whose label-0 window this is: their
+    # whole story is known now (``streams/ranking_samples.py`` reads it)
+    requests: list[tuple[str, dict]] = field(default_factory=list)
 
     @property
     def clicked_item_ids(self) -> list[str]:
@@ -567,6 +570,7 @@ class JoinCore:
             return
         rank["stages"].append(event.stage)
         item_ids, kept = event.item_ids, event.kept
+        rank.setdefault("lists", {})[event.stage] = [list(item_ids), list(event.scores), list(kept)]  # ranking samples
         # Teacher scores matter only for items that go on (only shown items
         # become samples); the last stage to score an item wins.
         rank["scores"].update([(i, score) for i, score, k in zip(item_ids, event.scores, kept) if k])
@@ -641,6 +645,7 @@ class JoinCore:
 
     def _close(self, window: int) -> ClosedWindow:
         samples: list[Sample] = []
+        finished: list[tuple[str, dict]] = []
         late = 0
         for request_id in sorted(self._window_requests.pop(window)):
             state = self.requests[request_id]
@@ -682,12 +687,13 @@ class JoinCore:
                         )
                         late += bool(state["label0_late"])
                 self._finalizable.append(request_id)
+                finished.append((request_id, state))
         positives = sum(s.label for s in samples)
         self.counters["records_out.label1"] += positives
         self.counters["records_out.label0"] += len(samples) - positives
         self.counters["late_records"] += late
         self.counters["windows_closed"] += 1
-        return ClosedWindow(window, window + self.settings.window_ms, samples, late)
+        return ClosedWindow(window, window + self.settings.window_ms, samples, late, finished)
 
 
 def _event_ids(request_id: str, state: dict) -> list[str]:

@@ -20,6 +20,10 @@ from pathlib import Path
 
 from freshtower.streams.frequency_snapshots import load_snapshot, save_snapshot, snapshot_name
 from freshtower.streams.join import ClosedWindow
+from freshtower.streams.ranking_samples import RankingSampleEmitter
+
+from freshtower.core.batches.ranking import read_statistics_rows, write_ranking_samples, write_statistics_rows
+from freshtower.core.eventtime import HOUR_MS
 
 from freshtower.core.batches import RequestSharingEncoder, batch_stem, list_batches, window_stem, write_batch
 from freshtower.core.frequency import FrequencyEstimator
@@ -48,8 +52,10 @@ class BatchSink:
         stale_windows: set[int] | None = None,
         partition: int | None = None,
         encoder: RequestSharingEncoder | None = None,
+        emitter: RankingSampleEmitter | None = None,
     ):
         self.batches_dir = Path(batches_dir)
+        self.emitter = emitter  # ranking samples and statistics rows beside each batch (None: neither)
         self.writer_id = writer_id
         self.estimator = estimator
         self.stale_windows = stale_windows or set()
@@ -69,6 +75,7 @@ class BatchSink:
         partition: int | None = None,
         written: dict[str, set[int]] | None = None,
         encoder: RequestSharingEncoder | None = None,
+        emitter: RankingSampleEmitter | None = None,
     ) -> "BatchSink":
         """Resume: the estimator from the snapshot of the last window this
         writer closed for good, and the batches it may have to replace.
@@ -88,7 +95,9 @@ class BatchSink:
         if written is None:
             written = written_windows(batches_dir, open_from_ms)
         stale = {w for w in written.get(writer_id, ()) if open_from_ms is None or w >= open_from_ms}
-        sink = cls(batches_dir, writer_id, estimator, stale, partition, encoder)
+        if emitter is not None and open_from_ms is not None:
+            emitter.restore(_statistics_rows_before(batches_dir, part, open_from_ms))
+        sink = cls(batches_dir, writer_id, estimator, stale, partition, encoder, emitter)
         sink.progress = SinkProgress(window, estimator.step)
         if sink.stale_windows:
             log.info("%d batches at or after the open window may be rewritten or removed", len(sink.stale_windows))
@@ -106,6 +115,15 @@ class BatchSink:
         extras = {"writer": self.writer_id, "frequency_state": frequency_file, "frequency_step": self.estimator.step}
         if self.partition is not None:
             extras["partition"] = self.partition
+        if self.emitter is not None:
+            # beside the batch, before its manifest: complete whenever the batch is
+            emitted = self.emitter.emit(window)
+            for key, entry in (
+                ("ranking_samples", write_ranking_samples(directory, stem, emitted.samples)),
+                ("statistics_rows", write_statistics_rows(directory, stem, emitted.rows)),
+            ):
+                if entry is not None:
+                    extras[key] = entry
         ref = write_batch(
             self.batches_dir,
             window.start_ms,
@@ -148,7 +166,8 @@ class BatchSink:
                 day, stem = batch_stem(start, self.part)
                 directory = self.batches_dir / day
                 # Manifest first: without it the batch no longer exists for readers.
-                for name in (f"{stem}.json", f"{stem}.tfrecord", snapshot_name(f"{stem}.tfrecord")):
+                names = (f"{stem}.json", f"{stem}.tfrecord", snapshot_name(f"{stem}.tfrecord"), f"{stem}.ranking.tfrecord", f"{stem}.stats.npz")
+                for name in names:
                     (directory / name).unlink(missing_ok=True)
                 removed.append(start)
                 log.warning("removed stale batch %s/%s: its window closed empty after a restart", day, stem)
@@ -172,3 +191,21 @@ def written_windows(batches_dir: Path, from_ms: int | None) -> dict[str, set[int
             if writer is not None:
                 windows.setdefault(writer, set()).add(ref.window_start_ms)
     return windows
+
+
+def _statistics_rows_before(batches_dir: Path, part: str | None, before_ms: int):
+    """The statistics rows of ``part``'s batches in the day (and hour) before
+    ``before_ms``, oldest first: what a restarted emitter counts again."""
+    start = before_ms - 25 * HOUR_MS
+    days = sorted({window_stem(start - start % 1000)[0], window_stem(before_ms - before_ms % 1000)[0]})
+    suffix = "" if part is None else f"-{part}"
+    for day in days:
+        if not (batches_dir / day).is_dir():
+            continue
+        for ref in list_batches(batches_dir, day):
+            if start <= ref.window_start_ms < before_ms and ref.manifest_path.stem.endswith(suffix):
+                if part is None and "-" in ref.manifest_path.stem:
+                    continue
+                rows = read_statistics_rows(ref)
+                if rows is not None:
+                    yield rows

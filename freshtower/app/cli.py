@@ -97,6 +97,31 @@ def _print_full_model(result) -> None:
     print(json.dumps({"version": result.ref.version, "path": str(result.ref.path), "metrics": metrics}, default=str))
 
 
+@train_app.command("prerank")
+def train_prerank_command(
+    ctx: typer.Context,
+    day: str = typer.Option(..., "--day", help="The day whose ranking samples to train on, YYYY-MM-DD (UTC)."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Random init instead of warm-starting from the previous pre-ranker."),
+) -> None:
+    """Train the three-tower pre-ranker on a day's ranking samples: shuffled, one epoch, warm start."""
+    from freshtower.trainer.prerank_full import train_prerank_full
+
+    result = train_prerank_full(_settings(ctx), day, from_scratch=from_scratch)
+    if result is None:
+        console.print(f"no ranking samples for {day} (a stream without rank logs): no pre-ranker trained")
+        return
+    _print_preranker(result)
+
+
+def _print_preranker(result) -> None:
+    metrics = {k: v for k, v in result.metrics.items() if k not in ("distillation", "expired")}
+    console.print(
+        f"wrote pre-ranker [bold]{result.ref.version}[/bold]: {result.requests:,} requests, {result.candidates:,} candidates "
+        f"in {result.train_seconds:.1f} s"
+    )
+    print(json.dumps({"version": result.ref.version, "path": str(result.ref.path), "metrics": metrics}, default=str))
+
+
 @train_app.command("online")
 def train_online_command(
     ctx: typer.Context,
@@ -144,6 +169,7 @@ def train_daily_command(
     production, event time with FRESHTOWER_TRAINING__FULL_CLOCK=event)."""
     from freshtower.trainer.full import train_full
     from freshtower.trainer.losses import NonFiniteLossError
+    from freshtower.trainer.prerank_full import train_prerank_full
     from freshtower.trainer.schedule import DailyScheduler
 
     settings = _settings(ctx)
@@ -154,6 +180,10 @@ def train_daily_command(
 
     def train(day: str) -> None:
         try:
+            # the pre-ranker first: the publisher releases both once the full model lands
+            preranker = train_prerank_full(settings, day)
+            if preranker is not None:
+                console.print(f"pre-ranker {preranker.ref.version}: {preranker.requests:,} requests")
             result = train_full(settings, day)
         except NonFiniteLossError as error:
             console.print(f"[red]full training for {day} stopped:[/red] {error}")
@@ -165,6 +195,25 @@ def train_daily_command(
         scheduler.run_once(train)
     else:
         scheduler.run(train, should_stop=lambda: stopping["now"], poll_seconds=poll_seconds)
+
+
+@app.command("prerank-experiment")
+def prerank_experiment_command(
+    ctx: typer.Context,
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Simulated worlds (seeds 0..n-1)."),
+    requests_per_day: int = typer.Option(1000, "--requests-per-day", min=10),
+    candidates: int = typer.Option(200, "--candidates", min=2, help="Candidates the ranker scores per request."),
+    users: int = typer.Option(300, "--users", min=2),
+    items: int = typer.Option(2000, "--items", min=10),
+) -> None:
+    """Pre-ranking quality vs the ranker and clicks: three-tower arms and the two-tower model, over seeds."""
+    from freshtower.app.prerank_experiment import run_prerank_experiment
+    from freshtower.app.simulator import SimulatorConfig
+
+    world = SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, candidates_per_request=candidates)
+    result = run_prerank_experiment(list(range(seeds)), world, say=console.print)
+    for line in result.table():
+        print(line)
 
 
 @app.command("broker")

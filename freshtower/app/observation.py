@@ -219,3 +219,37 @@ def quality_lines(settings: Settings, until_ms: int) -> list[str]:
             f"daily model alone {frozen:.4f}, with the embeddings releases learnt before each hour {served:.4f}"
         )
     return lines
+
+
+def prerank_lines(settings: Settings, service_url: str, user_id: str, features: dict, recall_k: int = 100, keep: int = 10) -> list[str]:
+    """The served pre-ranker (from the active full release) and one
+    ``/v1/recommend`` answer, as summary lines (none without a pre-ranker)."""
+    import json
+
+    from freshtower.publisher.releases import ReleaseError, ReleaseStore
+
+    try:
+        store = ReleaseStore(settings.releases_dir)
+        active = store.active()
+        root = None if active is None else store.chain(active.version)[0]
+    except (ReleaseError, OSError) as error:
+        log.warning("reading the active release for the pre-ranker line: %s", error)
+        return []
+    if root is None or "prerank.json" not in root.manifest.files:
+        return [f"prerank    none in the active release{'' if root is None else ' ' + root.version} (no ranking samples, or refused)"]
+    note = json.loads(root.file("prerank.json").read_text())
+    metrics = note.get("metrics", {})
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and ("ndcg" in k or "top" in k or "auc" in k))
+    lines = [f"prerank    {note['model_version']} in release {root.version}: {note['items']:,} items; holdout {figures or 'n/a'}"]
+    answer = get_json(
+        service_url + "/v1/recommend", timeout=10, body={"user_id": user_id, "user_features": features, "recall_k": recall_k, "keep": keep}
+    )
+    if not answer or "items" not in answer:
+        log.warning("sample recommend request for %s failed: %s", user_id, answer)
+        return lines
+    top = ", ".join(f"{i['item_id']} {i['score']:.2f}" for i in answer["items"][:5])
+    lines.append(
+        f"recommend  user {user_id}: {answer['candidates']} recalled -> {len(answer['items'])} pre-ranked, top {top}; "
+        f"cache hits {answer['item_cache']['hits']}, unknown {len(answer['unknown_ids'])}"
+    )
+    return lines

@@ -456,6 +456,7 @@ class Pipeline:
             active=obs.active,
             rows_not_due=obs.settled.rows_pending if obs.settled else 0,
             recall=None if request is None else observation.recall_sample(self.service_url, *request),
+            prerank=[] if request is None else observation.prerank_lines(s, self.service_url, *request[:2]),
             logs_dir=str(self.logs_dir),
         )
 

@@ -197,6 +197,7 @@ class RunSummary:
     rows_not_due: int
     recall: RecallSample | None
     quality: list[str] = field(default_factory=list)  # optional lines (next-hour Recall@50)
+    prerank: list[str] = field(default_factory=list)  # the served pre-ranker and one /v1/recommend answer
     logs_dir: str = ""
 
 
@@ -251,6 +252,7 @@ def render_summary(s: RunSummary) -> list[str]:
                 else "user row as the full model left it"
             )
         )
+    lines.extend(f"  {line}" for line in s.prerank)
     lines.extend(f"  {line}" for line in s.quality)
     if s.logs_dir:
         lines.append(f"  logs       {s.logs_dir}")

@@ -153,6 +153,14 @@ class PrerankConfig(_Section):
         (64, 32), min_length=1, description="upper layers over [user, item, cross] -> one logit (per candidate; most of the cost)"
     )
     category_feature: str = Field("category", description="item categorical feature that keys the (user, category) statistics")
+    teacher_stage: str = Field("rank", description="rank-log stage whose candidates and scores a ranking sample holds")
+    # --- daily training (trainer/prerank_full.py) and its quality gate ---
+    batch_requests: int = Field(64, ge=1, description="requests (with all their candidates) per training minibatch")
+    eval_top_k: int = Field(10, ge=1, description="quality: the ranker's top k ...")
+    eval_keep: int = Field(100, ge=1, description="... recalled in the pre-ranker's top keep; NDCG@keep against the ranker's scores")
+    max_quality_drop: float = Field(
+        0.02, ge=0, description="the publisher refuses a pre-ranker whose holdout NDCG falls more than this below its parent's"
+    )
     ctr_prior: float = Field(0.05, gt=0, lt=1, description="smoothed CTR = (clicks + prior * strength) / (impressions + strength)")
     ctr_prior_strength: float = Field(20.0, gt=0, description="pseudo-impressions behind ctr_prior")
     max_candidates: int = Field(10_000, ge=1, description="most candidates one pre-ranking request may score")
@@ -206,6 +214,9 @@ class StreamsConfig(_Section):
     max_id_length: int = Field(256, ge=1, description="longest accepted ID or feature value (characters)")
     max_items_per_event: int = Field(1000, ge=1, description="most items in one impression or rank log")
     app_id: str = Field("freshtower-streams", description="Faust app ID: consumer group and changelog-topic prefix")
+    ranking_samples: bool = Field(
+        True, description="write ranking samples and statistics rows beside each batch (requests with a rank log of prerank.teacher_stage)"
+    )
     micro_batch_size: int = Field(2000, ge=1, description="most events the agent processes at once (a fetched batch is split)")
     commit_interval_seconds: float = Field(
         2.8, gt=0, description="Faust's periodic offset commit (the worker also commits after every delivered micro-batch)"
@@ -269,6 +280,11 @@ class ServiceConfig(_Section):
     max_request_bytes: int = Field(
         65536, ge=1024, description="largest request body in bytes; a larger one is refused with 413 before it is read"
     )
+    max_prerank_request_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="largest POST /v1/prerank or /v1/recommend body (10,000 candidate IDs are ~150 KB)"
+    )
+    max_recommend_recall: int = Field(10_000, ge=1, description="largest recall_k (N) a /v1/recommend request may ask for")
+    max_recommend_keep: int = Field(1000, ge=1, description="largest keep (M) a /v1/recommend or /v1/prerank request may ask for")
     # one-row user towers gain nothing from more threads
     torch_threads: int = Field(1, ge=0, description="torch threads in `freshtower serve`; 0 keeps torch's default")
     hnsw_ef_search: int | None = Field(None, ge=1, description="override the efSearch stored in a release's HNSW index (speed vs recall)")

@@ -154,6 +154,10 @@ def test_run_replays_two_days_through_every_part_to_its_summary(start_run):
     recall_line = next(line for line in summary.splitlines() if line.strip().startswith("recall"))
     assert "10 items" in recall_line and active.version in recall_line
     assert "quality" in summary and "next-hour Recall@50" in summary
+    # The pre-ranker of the active full release, and one /v1/recommend answer through it.
+    prerank_line = next(line for line in summary.splitlines() if line.strip().startswith("prerank"))
+    assert store.chain(active.version)[0].version in prerank_line and "holdout" in prerank_line, prerank_line
+    assert any(line.strip().startswith("recommend  user") and "pre-ranked" in line for line in summary.splitlines()), summary
 
     # Every part was stopped.
     assert all(not running_in_group(part["pid"]) for part in parts.values())

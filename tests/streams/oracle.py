@@ -66,3 +66,29 @@ def assert_samples_match(actual: list, expected: dict) -> None:
         )
         assert tuple(s.hard_negative_ids) == tuple(e.hard_negative_ids), (s, e)
         assert abs(s.teacher_score - e.teacher_score) < 1e-4, (s, e)  # the rank log rounds scores to 4 decimals
+
+
+def stream_batches(simulator: Simulator, days, batches_dir: Path, join_window_ms: int = 600_000, category: str = "category") -> None:
+    """The simulator's events of ``days`` through one partition's join and
+    sink (ranking samples and statistics rows included), every window closed."""
+    import json
+
+    from freshtower.streams.join import JoinCore, JoinSettings
+    from freshtower.streams.ranking_samples import RankingSampleEmitter
+    from freshtower.streams.sink import BatchSink
+
+    from freshtower.core.frequency import FrequencyEstimator
+
+    settings = JoinSettings(window_ms=60_000, lateness_ms=10_000, join_window_ms=join_window_ms)
+    sink = BatchSink(batches_dir, "w", FrequencyEstimator(buckets=1 << 12, hashes=2, alpha=0.05), partition=0,
+                     emitter=RankingSampleEmitter(category, "rank", join_window_ms))
+    core = JoinCore(settings, {}, partition=0)
+    events = raw_events(simulator, days, partitions=1)
+    for start in range(0, len(events), 500):
+        chunk = events[start : start + 500]
+        for window in core.process(chunk, now_ms=json.loads(chunk[-1].value)["ts"]).closed:
+            sink.write(window)
+        core.finalize()
+    for window in core.advance(simulator.day_start_ms(max(days) + 1) + 2 * join_window_ms).closed:
+        sink.write(window)
+    core.finalize()

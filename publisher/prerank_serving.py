@@ -1,0 +1,132 @@
+"""What the service pre-ranks with: the pre-ranker of the served full
+release, its item cache and the published statistics, and one request.
+
+Loaded with the full release (``load_prerank``; None when the release has
+no pre-ranker): the model from ``prerank.pt``, the item cache filled from
+the precomputed ``prerank_item_rows.npy`` (most wanted first: catalogue
+order, at most ``prerank.item_cache_size`` items; the rest are computed on
+a miss), the statistics snapshots of ``statistics.npz``. Scoring holds a
+lock (the scorer's buffers are shared); unknown candidates are scored as
+cold items and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from freshtower.publisher.item_cache import CacheStats, CatalogueItems, ItemTowerCache
+from freshtower.publisher.prerank_release import PRERANK_NOTE, STATISTICS_FILE, load_statistics
+from freshtower.publisher.prerank_scorer import PrerankScorer, PrerankScores
+from freshtower.publisher.releases import Release, ReleaseError
+from freshtower.publisher.user_tower import FeatureError
+from freshtower.trainer.prerank_model import ThreeTowerPreranker
+
+from freshtower.core.settings import PrerankConfig, settings_from_record
+from freshtower.core.statistics import CountsSnapshot
+
+Timing = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class PrerankState:
+    model_version: str  # the pre-ranker's version (models/prerank/<day>.<n>)
+    day: str
+    data_end_ms: int
+    statistics_as_of_ms: int | None  # None: the release carried no statistics (all read 0)
+    model: ThreeTowerPreranker
+    cache: ItemTowerCache
+    scorer: PrerankScorer
+    lock: threading.Lock
+    max_candidates: int
+
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats()
+
+
+def _empty(channels: int) -> CountsSnapshot:
+    return CountsSnapshot(0, np.zeros(0, np.uint64), np.zeros((0, 2, channels), np.int64))
+
+
+def load_prerank(release: Release, config: PrerankConfig, on_timing: Timing | None = None) -> PrerankState | None:
+    """The pre-ranker of a full release (None: it has none). ``config``: the
+    service's ``[prerank]`` (cache size, most candidates)."""
+    if PRERANK_NOTE not in release.manifest.files:
+        return None
+    note = json.loads(release.file(PRERANK_NOTE).read_text())
+    trained = settings_from_record(note["config"])
+    model = ThreeTowerPreranker(trained.model, trained.prerank, trained.vocabulary)
+    payload = torch.load(release.file("prerank.pt"), weights_only=True)
+    model.import_state(payload["model"])
+    model.eval()
+    ids = json.loads(release.file("prerank_item_ids.json").read_text())
+    rows = torch.from_numpy(np.load(release.file("prerank_item_rows.npy")))
+    codes = np.load(release.file("prerank_item_codes.npy"))
+    if rows.shape[0] != len(ids) or len(codes) != len(ids):
+        raise ReleaseError(f"release {release.version}: {len(ids)} pre-ranker item IDs, rows {tuple(rows.shape)}, {len(codes)} codes")
+    cache = ItemTowerCache(config.item_cache_size, model.cold_item_row(), CatalogueItems(model), on_timing=on_timing)
+    cache.fill(ids, rows, codes)
+    if STATISTICS_FILE in release.manifest.files:
+        snapshots = load_statistics(release.file(STATISTICS_FILE))
+        items, by_category, by_user, as_of = snapshots.items, snapshots.by_category, snapshots.by_user, snapshots.as_of_ms
+    else:
+        items, by_category, by_user, as_of = _empty(2), _empty(2), _empty(1), None
+    scorer = PrerankScorer(model, cache, items, (by_category, by_user), config.max_candidates, on_timing=on_timing)
+    return PrerankState(note["model_version"], note["day"], int(note["data_end_ms"]), as_of, model, cache, scorer, threading.Lock(),
+                        config.max_candidates)
+
+
+@dataclass(frozen=True)
+class PrerankAnswer:
+    item_ids: list[str]  # the kept candidates, best first
+    logits: list[float]
+    unknown_ids: list[str]  # candidates the pre-ranker does not know (scored as cold items)
+    cold_start: bool  # the pre-ranker has no row of this user
+    hits: int
+    misses: int
+    statistics_as_of_ms: int | None
+    seconds: dict[str, float]
+
+
+def _user_inputs(model: ThreeTowerPreranker, user_id: str, features: Mapping[str, object]):
+    known = set(model.user_categorical) | set(model.user_numeric)
+    unknown = sorted(set(features) - known)
+    if unknown:
+        raise FeatureError(f"unknown user features {unknown}; the pre-ranker knows {sorted(known)}")
+    categorical = {}
+    for name in model.user_categorical:
+        value = features.get(name, "")
+        if not isinstance(value, str):
+            raise FeatureError(f"user feature {name!r} is categorical: send a string, not {type(value).__name__}")
+        categorical[name] = [value]
+    numeric = np.zeros((1, len(model.user_numeric)), dtype=np.float32)
+    for j, name in enumerate(model.user_numeric):
+        value = features.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise FeatureError(f"user feature {name!r} is numeric: send a finite number, not {value!r}")
+        numeric[0, j] = value
+    return model.user_inputs([user_id], categorical, numeric)
+
+
+def prerank(state: PrerankState, user_id: str, features: Mapping[str, object], candidate_ids: Sequence[str], keep: int | None) -> PrerankAnswer:
+    """Score ``candidate_ids`` for one user and keep the ``keep`` best (all when None).
+    Raises ``FeatureError`` for features that do not fit, ``ValueError`` past ``max_candidates``."""
+    inputs = _user_inputs(state.model, user_id, features)
+    cold_start = int(inputs.id_rows[0]) == 0
+    with state.lock:
+        scores: PrerankScores = state.scorer.score(user_id, inputs, list(candidate_ids), keep)
+    order = scores.order.tolist()
+    return PrerankAnswer(
+        item_ids=[candidate_ids[i] for i in order],
+        logits=scores.logits[order].astype(float).tolist(),
+        unknown_ids=scores.unknown_ids,
+        cold_start=cold_start,
+        hits=scores.hits,
+        misses=scores.misses,
+        statistics_as_of_ms=state.statistics_as_of_ms,
+        seconds=scores.seconds,
+    )
