@@ -5,9 +5,19 @@ no vector in the full release's index, so it cannot be retrieved. The
 online trainers add every clicked item to their catalogue (ID and
 categorical features, saved in each checkpoint), and the item tower is
 frozen online: the vector the full model gives such an item is computable
-now. Its ID was never admitted by the full model, so it reads the shared
-default (cold-start) ID row; its categorical features read their tables
-(an unseen value reads that table's default row too).
+now. Its categorical features read their tables (an unseen value reads
+that table's default row). Its ID was never admitted by the full model,
+so it has no ID row of its own; ``publisher.new_item_id_row`` says which
+it reads:
+
+- ``feature_mean`` (the default): the mean ID row of the full catalogue's
+  items with the same categorical values (of all its items where none
+  has them), the usual mean-embedding start for a new ID;
+- ``default``: the table's shared default row, which is also where a new
+  ID's row starts in training. With every item admitted at its first
+  sighting (``vocabulary.item_min_count = 1``) that row is never trained,
+  and the vectors it gives rank born items too low to be retrieved (see
+  docs/service.md for the measurement).
 
 ``new_catalogue_items`` is the pure part (which items, with which
 features); ``FrozenItemTower`` runs the full model's item tower on them
@@ -21,6 +31,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,6 +39,7 @@ from freshtower.trainer.artifacts import load_full_model, read_manifest
 from freshtower.trainer.model import TwoTowerModel
 
 EMBED_CHUNK = 65536  # items per item-tower call
+IdRow = Literal["feature_mean", "default"]
 
 
 @dataclass(frozen=True)
@@ -87,23 +99,47 @@ class FrozenItemTower:
 
     def __init__(self, models_dir: Path):
         self.models_dir = Path(models_dir)
-        self._loaded: tuple[str, TwoTowerModel] | None = None
+        self._loaded: tuple[str, TwoTowerModel, dict[tuple[str, ...], torch.Tensor]] | None = None
 
     def model(self, version: str) -> TwoTowerModel:
         if self._loaded is None or self._loaded[0] != version:
             model = load_full_model(read_manifest(self.models_dir / version)).model
             model.eval()
-            self._loaded = (version, model)
+            self._loaded = (version, model, feature_mean_rows(model))
         return self._loaded[1]
 
-    def embed(self, version: str, items: CatalogueItems) -> NewItemVectors:
+    def embed(self, version: str, items: CatalogueItems, id_row: IdRow = "feature_mean") -> NewItemVectors:
         """Vectors of ``items`` by the item tower of full model ``version``."""
         model = self.model(version)
+        means = self._loaded[2]
+        names = model.item_categorical
         started = time.perf_counter()
         parts = [np.zeros((0, model.config.output_dim), np.float32)]
         with torch.no_grad():
             for start in range(0, len(items), EMBED_CHUNK):
                 end = min(start + EMBED_CHUNK, len(items))
                 inputs = model.item_inputs(items.item_ids[start:end], {k: v[start:end] for k, v in items.categorical.items()})
-                parts.append(model.item_vectors(inputs).numpy().astype(np.float32))  # (chunk, D)
+                if id_row == "feature_mean":
+                    keys = zip(*(items.categorical.get(name, [""] * len(items))[start:end] for name in names))
+                    id_vectors = torch.stack([means.get(tuple(key), means[()]) for key in keys])  # (chunk, id_dim)
+                    vectors = model.item_tower.from_id_vectors(id_vectors, inputs)
+                else:
+                    vectors = model.item_vectors(inputs)
+                parts.append(vectors.numpy().astype(np.float32))  # (chunk, D)
         return NewItemVectors(list(items.item_ids), np.concatenate(parts), time.perf_counter() - started)
+
+
+def feature_mean_rows(model: TwoTowerModel) -> dict[tuple[str, ...], torch.Tensor]:
+    """The mean item ID row per tuple of categorical values among the
+    catalogue's items with a row of their own; ``()`` holds the mean over
+    all of them (the table's default row if there are none)."""
+    table = model.item_tower.id_embedding.detach()
+    rows = model.item_ids.lookup(model.catalogue.ids)  # (N,) int64; 0: no row of its own
+    own = np.flatnonzero(rows > 0)
+    means: dict[tuple[str, ...], torch.Tensor] = {(): table[torch.from_numpy(rows[own])].mean(0) if len(own) else table[0]}
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, values in zip(own.tolist(), model.catalogue.features_of(own.tolist())):
+        groups.setdefault(tuple(values), []).append(int(rows[index]))
+    for key, members in groups.items():
+        means[key] = table[torch.as_tensor(members)].mean(0)
+    return means

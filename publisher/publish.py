@@ -455,7 +455,7 @@ class Publisher:
         known = self._full_release_items(active)
         items = new_catalogue_items(known, [t.checkpoint.catalogue for _, t in sorted(due.taken.items())])
         try:
-            embedded = self.item_tower.embed(active.model_version, items)
+            embedded = self.item_tower.embed(active.model_version, items, self.config.new_item_id_row)
         except (ArtifactError, ContractError, OSError, KeyError, ValueError) as error:
             raise ReleaseRefused(f"cannot embed {len(items)} new items with full model {active.model_version}: {error}") from error
         check_shape("new_item_vectors", embedded.vectors, len(items), active.manifest.dims.output_dim)

@@ -238,6 +238,9 @@ class PublisherConfig(_Section):
     new_item_vectors: bool = Field(
         True, description="embeddings releases carry the frozen item tower's vectors of items first seen since the full release"
     )
+    new_item_id_row: Literal["feature_mean", "default"] = Field(
+        "feature_mean", description="ID row a new item is embedded with: mean row of the items sharing its features, or the default row"
+    )
 
 
 class ServiceConfig(_Section):

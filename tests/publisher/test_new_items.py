@@ -109,7 +109,7 @@ def test_an_item_born_after_the_full_release_is_retrieved_after_an_embeddings_re
         wait_until_serving(http, delta.version)
         state = load_state(store, delta.version)
         request, rank = best_placed(state, requests, "born-1")
-        assert rank < catalogue  # the user whose vector points at it most (its cold ID row ranks it low for everyone)
+        assert rank < catalogue  # the user whose vector points at it most; k = rank + 1 below
         after = http.post("/v1/recall", json={**request, "k": rank + 1}).json()
         everything = http.post("/v1/recall", json={**request, "k": catalogue + len(BORN)}).json()
         metrics = http.get("/metrics").text
@@ -151,11 +151,31 @@ def test_the_manifest_lists_the_new_item_files_with_their_checksums_and_the_froz
     assert sorted(ids) == sorted(BORN)
     model = load_full_model(model_ref).model
     assert "born-1" not in model.item_ids and "c-unseen" not in model.item_values["category"]
+    # publisher.new_item_id_row = feature_mean: the mean ID row of the catalogue's items of its category;
+    # born-2's category was never seen: the mean of every item's row, and the category table's default row
+    table = model.item_tower.id_embedding.detach()
+    in_c3 = [i for i, f in zip(model.catalogue.ids, model.catalogue.features_of(range(len(model.catalogue)))) if f == ("c3",)]
+    assert in_c3
+    mean_rows = {"c3": table[model.item_ids.lookup(in_c3)].mean(0), "c-unseen": table[model.item_ids.lookup(model.catalogue.ids)].mean(0)}
+    inputs = model.item_inputs(ids, {"category": [BORN[i] for i in ids]})
     with torch.no_grad():
-        expected = model.item_vectors(model.item_inputs(ids, {"category": [BORN[i] for i in ids]})).numpy()
-    np.testing.assert_allclose(np.load(release.file("new_item_vectors.npy")), expected, atol=1e-6)
-    # born-2's unseen category reads the default row like its ID: the two differ only by category
-    assert not np.allclose(expected[0], expected[1])
+        expected = model.item_tower.from_id_vectors(torch.stack([mean_rows[BORN[i]] for i in ids]), inputs).numpy()
+        default_row = model.item_vectors(inputs).numpy()
+    np.testing.assert_allclose(np.load(release.file("new_item_vectors.npy")), expected, atol=1e-5)
+    assert not np.allclose(expected, default_row, atol=1e-3)
+
+    # new_item_id_row = default: the ID table's default row, as the model's own item_vectors reads an unknown ID
+    default_settings = publisher_settings(data_dir, publisher={"new_item_id_row": "default"})
+    with Publisher(default_settings) as publisher:
+        train_more = OnlineTrainer.start(default_settings)
+        train_more.run(max_batches=1, prefetch=False)
+        again = publisher.publish_delta_if_due(now_s=1e6)
+    assert again.status == "published", again.reason
+    release = ReleaseStore(settings.releases_dir).get(again.version)
+    ids = json.loads(release.file("new_item_ids.json").read_text())
+    with torch.no_grad():
+        default_row = model.item_vectors(model.item_inputs(ids, {"category": [BORN[i] for i in ids]})).numpy()
+    np.testing.assert_allclose(np.load(release.file("new_item_vectors.npy")), default_row, atol=1e-6)
 
 
 def test_each_release_carries_every_item_born_so_far_and_a_swap_leaves_the_served_state_alone(born):
