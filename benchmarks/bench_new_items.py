@@ -161,7 +161,12 @@ def run_seed(seed: int, args) -> dict[str, dict[str, float]]:
                 items = np.asarray(samples.item_ids, dtype=object)
                 is_born = np.isin(items, list(born))
                 known = np.isin(items, list(seen))
-                parts = {"born_today": is_born, "born_seen_before_hour": is_born & known, "older": ~is_born, "all": np.ones(len(items), bool)}
+                parts = {
+                    "born_today": is_born,
+                    "born_seen_before_hour": is_born & known,
+                    "older": ~is_born,
+                    "all": np.ones(len(items), bool),
+                }
                 for name, state in states.items():
                     for part, keep in parts.items():
                         scored = recall_or_none(state, samples, keep)

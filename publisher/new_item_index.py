@@ -82,8 +82,8 @@ def merge_top_k(
     -1 marks padding (fewer than k found), placed last.
 
     >>> s, r = merge_top_k(np.array([[0.9, 0.5]]), np.array([[3, 1]]), np.array([[0.7, -1.0]]), np.array([[0, -1]]), 10, 3)
-    >>> s.tolist(), r.tolist()
-    ([[0.8999999761581543, 0.699999988079071, 0.5]], [[3, 10, 1]])
+    >>> [round(float(x), 2) for x in s[0]], r.tolist()
+    ([0.9, 0.7, 0.5], [[3, 10, 1]])
     """
     scores = np.concatenate([scores, new_scores], axis=1).astype(np.float32)  # (Q, k1 + k2)
     rows = np.concatenate([rows, np.where(new_rows >= 0, new_rows + offset, -1)], axis=1)

@@ -155,7 +155,9 @@ def _apply_delta(state: ServingState, release: Release, *, copy: bool, new_items
         item_set=state.item_set,
         index_settings=state.index_settings,
         new_items=(
-            NewItemIndex.of_release(release, state.item_set, state.tower.output_dim, state.index_settings) if new_items else NewItemIndex.empty()
+            NewItemIndex.of_release(release, state.item_set, state.tower.output_dim, state.index_settings)
+            if new_items
+            else NewItemIndex.empty()
         ),
         newest_click_event_time_ms=max(state.newest_click_event_time_ms, release.manifest.newest_click_event_time_ms, learnt),
         newest_click_is_bound=state.newest_click_is_bound and learnt <= 0,
