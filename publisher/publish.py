@@ -54,6 +54,7 @@ from freshtower.publisher.checks import ReleaseRefused, check_finite, check_inde
 from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_due, full_release_due
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.prerank_release import write_prerank_files
+from freshtower.publisher.new_items import FrozenItemTower, NewItemVectors, new_catalogue_items
 from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
 from freshtower.publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
 from freshtower.trainer.artifacts import (
@@ -78,9 +79,11 @@ from freshtower.core.contracts import (
     FullReleaseManifest,
     IndexSummary,
     ModelSummary,
+    NewItems,
     RecallChecks,
     ReleaseManifest,
 )
+from freshtower.core.contracts.release_manifest import NEW_ITEM_IDS, NEW_ITEM_VECTORS
 from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 from freshtower.core.settings import Settings
 
@@ -206,6 +209,8 @@ class Publisher:
         self.topic = topic
         self.on_stage = on_stage or (lambda stage, detail: None)
         self.refused_models: dict[str, str] = {}  # full model version -> why (not retried by this process)
+        self.item_tower = FrozenItemTower(full_models_dir(settings))  # embeds new items for embeddings releases
+        self._full_items: tuple[str, frozenset[str]] | None = None  # (full release, its item IDs)
         self._lock = None
 
     def __enter__(self) -> Publisher:
@@ -410,6 +415,7 @@ class Publisher:
             check_finite({"user_embeddings": vectors})
             check_shape("user_embeddings", vectors, len(user_ids), id_dim)
             check_unique("user_ids", user_ids)  # partitions own disjoint users
+            new_items = self._new_item_vectors(active, due) if self.config.new_item_vectors else None
         except ReleaseRefused as error:
             log.warning("refused embeddings release from %s: %s; the active release stays", sorted(due.taken), error)
             return PublishOutcome("embeddings", "refused", str(error), seconds=time.perf_counter() - started)
@@ -419,6 +425,11 @@ class Publisher:
         self._write(staging, "user_embeddings.npy", lambda p: np.save(p, vectors))
         self._write(staging, "user_ids.json", lambda p: p.write_text(json.dumps(user_ids)))
         self._write(staging, "row_event_time_ms.npy", lambda p: np.save(p, event_times))
+        rows = {"user_embeddings": len(user_ids)}
+        if new_items is not None:
+            self._write(staging, NEW_ITEM_IDS, lambda p: p.write_text(json.dumps(new_items.item_ids)))
+            self._write(staging, NEW_ITEM_VECTORS, lambda p: np.save(p, new_items.vectors))
+            rows["new_items"] = len(new_items.item_ids)
         learnt = event_times[event_times > 0]
         manifest = EmbeddingsReleaseManifest(
             version=version,
@@ -433,12 +444,43 @@ class Publisher:
             event_time=EventTimeRange(start_ms=int(learnt.min()) if len(learnt) else None, end_ms=int(learnt.max()) if len(learnt) else None),
             newest_click_event_time_ms=max(active.manifest.newest_click_event_time_ms, int(learnt.max()) if len(learnt) else 0),
             newest_click_is_bound=active.manifest.newest_click_is_bound and not len(learnt),
-            rows={"user_embeddings": len(user_ids)},
+            rows=rows,
             dims=Dims(id_dim=id_dim, output_dim=active.manifest.dims.output_dim),
             config=self.settings.as_record(),
             files={},  # listed by the store when it seals
+            new_items=None if new_items is None else NewItems(
+                count=len(new_items.item_ids), seen_since_ms=self._full_data_end_ms(active), seconds=new_items.seconds
+            ),
         )
         return self._seal_and_activate(staging, manifest, active, activate, len(user_ids), started)
+
+    def _new_item_vectors(self, active: Release, due: EmbeddingsReleaseDue) -> NewItemVectors:
+        """Every item the online trainers' catalogues hold that the chain's
+        full release does not (all of them, not only those since ``active``:
+        a release is complete on its own), embedded by the frozen item tower
+        of the release's full model. Raises ReleaseRefused when they cannot
+        be computed or do not fit."""
+        known = self._full_release_items(active)
+        items = new_catalogue_items(known, [t.checkpoint.catalogue for _, t in sorted(due.taken.items())])
+        try:
+            embedded = self.item_tower.embed(active.model_version, items, self.config.new_item_id_row)
+        except (ArtifactError, ContractError, OSError, KeyError, ValueError) as error:
+            raise ReleaseRefused(f"cannot embed {len(items)} new items with full model {active.model_version}: {error}") from error
+        check_shape("new_item_vectors", embedded.vectors, len(items), active.manifest.dims.output_dim)
+        check_finite({"new_item_vectors": embedded.vectors})
+        check_unique("new_item_ids", embedded.item_ids)
+        return embedded
+
+    def _full_release_items(self, active: Release) -> frozenset[str]:
+        full_version = active.manifest.full_version
+        if self._full_items is None or self._full_items[0] != full_version:
+            full = self.store.get(full_version)
+            self._full_items = (full_version, frozenset(json.loads(full.file("item_ids.json").read_text())))
+        return self._full_items[1]
+
+    def _full_data_end_ms(self, active: Release) -> int:
+        end = self.store.get(active.manifest.full_version).manifest.event_time.end_ms
+        return int(end) if end is not None else 0
 
     # --- shared steps ----------------------------------------------------------------
 

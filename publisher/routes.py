@@ -190,6 +190,8 @@ async def recall_endpoint(request: Request) -> Response:
     metrics.ok.inc()
     if result.cold_start:
         metrics.cold_start.inc()
+    if result.new_items:
+        metrics.recall_new_items.inc(result.new_items)
     return Response(recall_response_json(query.user_id, result, state, time.time()), media_type="application/json")
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from freshtower.publisher.releases import Release, ReleaseStore
-from freshtower.publisher.serving import ServingState, load_state
+from freshtower.publisher.serving import ServingState, load_state, search, served_item_ids
 from freshtower.trainer.evaluation import Holdout, holdout_from_samples
 from freshtower.trainer.metrics import ranking_metrics, relevant_positions
 
@@ -51,8 +51,8 @@ def state_recall(state: ServingState, holdout: Holdout, k: int) -> float:
     if numeric.shape[1] != len(tower.numeric):
         raise ValueError(f"holdout has {numeric.shape[1]} numeric features, release {state.version}'s tower {len(tower.numeric)}")
     vectors = tower.vectors(state.id_table[rows], categorical, numeric)  # (U, D)
-    _, retrieved = state.index.search(vectors, min(k, len(state.item_ids)))  # (U, k)
-    position = {item: i for i, item in enumerate(state.item_ids)}
+    retrieved = search(state, vectors, k)  # (U, k): the full release's items, then those born since
+    position = {item: i for i, item in enumerate(served_item_ids(state))}
     relevant = [relevant_positions(position.get(item, -1) for item in sorted(clicked)) for clicked in holdout.clicked]
     return ranking_metrics(retrieved, relevant, (k,))[f"recall@{k}"]
 

@@ -76,6 +76,17 @@ class ServiceMetrics:
             "wall time now minus the event time of the newest click the served embeddings learnt from",
             registry=r,
         ).set_function(of_state(lambda s: time.time() - s.newest_click_event_time_ms / 1000))
+        Gauge(
+            "freshtower_new_items_served",
+            "items born since the full release that the served state retrieves (beside the full release's index)",
+            registry=r,
+        ).set_function(of_state(lambda s: len(s.new_items)))
+        Gauge("freshtower_index_items_served", "items of the full release's index", registry=r).set_function(
+            of_state(lambda s: len(s.item_ids))
+        )
+        self.recall_new_items = Counter(
+            "freshtower_recall_new_items", "items born since the full release returned in recall answers", registry=r
+        )
         Gauge("freshtower_release_loaded_timestamp_seconds", "wall time the served state was loaded", registry=r).set_function(
             of_state(lambda s: s.loaded_at)
         )

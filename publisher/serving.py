@@ -7,6 +7,13 @@ service swaps the whole object when the active release changes; a request
 reads the reference once, so it never sees half of a swap. The arrays are
 marked read-only: a state is never changed after it is built.
 
+An embeddings release may also carry the vectors of items born since
+the full release: they are served from a second, small index beside the
+full release's (``publisher/new_item_index.py``), rebuilt from each
+release's file while the state is built, and a search merges the two by
+cosine. The full release's index is shared by every state of its chain
+and never changed.
+
 Loading checks every file against its manifest's SHA-256 first
 (``ReleaseStore.verify``); a release that fails is refused and the current
 state stays. Moving to a child of the current release (the usual case, a
@@ -24,9 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from freshtower.publisher.prerank_serving import PrerankState, load_prerank
+from freshtower.publisher.new_item_index import NewItemIndex, merge_top_k
 from freshtower.publisher.releases import Release, ReleaseError, ReleaseStore
 from freshtower.publisher.user_tower import ServingUserTower
-from freshtower.trainer.retrieval import FaissRetriever
+from freshtower.trainer.retrieval import FaissRetriever, IndexSettings
+
+from freshtower.core.contracts import FullReleaseManifest
 
 from freshtower.core.settings import PrerankConfig
 
@@ -41,8 +51,11 @@ class ServingState:
     user_rows: Mapping[str, int]  # user ID -> row of id_table (not mutated after build)
     id_table: np.ndarray  # (R, id_dim) float32; row 0 is the cold-start embedding
     row_event_time_ms: np.ndarray  # (R,) int64: newest click each row learnt from; 0 = as the full model left it
-    index: FaissRetriever
+    index: FaissRetriever  # the full release's items (shared by the chain, never changed)
     item_ids: tuple[str, ...]
+    item_set: frozenset[str]  # the same IDs, for membership checks
+    index_settings: IndexSettings  # the full release's, for the new-item index
+    new_items: NewItemIndex  # items born since the full release (this release's); rows follow item_ids in searches
     newest_click_event_time_ms: int  # the newest click any embedding here learnt from
     newest_click_is_bound: bool  # True while only the full model's data bound it
     loaded_at: float  # wall time, seconds
@@ -55,6 +68,7 @@ class RecallResult:
     scores: list[float]  # cosine
     cold_start: bool  # the user has no published row: the default row 0 was used
     user_event_time_ms: int | None  # newest click the user's own row learnt from (None: not learnt online)
+    new_items: int = 0  # of item_ids, how many were born since the full release
 
 
 def _freeze(array: np.ndarray) -> np.ndarray:
@@ -75,6 +89,11 @@ def _load_full(release: Release, ef_search: int | None = None, prerank_config=No
         raise ReleaseError(f"{where}: user_embeddings {table.shape} does not fit {len(user_ids)} IDs x {tower.id_dim}")
     if len(index) != len(item_ids) or index.index.d != tower.output_dim:
         raise ReleaseError(f"{where}: index holds {len(index)} x {index.index.d}, expected {len(item_ids)} x {tower.output_dim}")
+    settings = release.manifest.index.settings if isinstance(release.manifest, FullReleaseManifest) else {}
+    try:
+        index_settings = IndexSettings(**settings)
+    except TypeError as error:
+        raise ReleaseError(f"{where}: manifest field 'index.settings' does not fit: {error}") from error
     return ServingState(
         version=release.version,
         full_version=release.version,
@@ -86,6 +105,9 @@ def _load_full(release: Release, ef_search: int | None = None, prerank_config=No
         row_event_time_ms=np.zeros(len(user_ids), dtype=np.int64),
         index=index,
         item_ids=tuple(item_ids),
+        item_set=frozenset(item_ids),
+        index_settings=index_settings,
+        new_items=NewItemIndex.empty(),
         newest_click_event_time_ms=release.manifest.newest_click_event_time_ms,
         newest_click_is_bound=release.manifest.newest_click_is_bound,
         loaded_at=time.time(),
@@ -93,9 +115,11 @@ def _load_full(release: Release, ef_search: int | None = None, prerank_config=No
     )
 
 
-def _apply_delta(state: ServingState, release: Release, *, copy: bool) -> ServingState:
-    """``state`` with ``release``'s rows on top; ``copy`` leaves ``state``
-    untouched (it may be serving requests right now)."""
+def _apply_delta(state: ServingState, release: Release, *, copy: bool, new_items: bool = True) -> ServingState:
+    """``state`` with ``release``'s rows on top and its new items beside the
+    full index; ``copy`` leaves ``state`` untouched (it may be serving
+    requests right now). ``new_items=False`` skips building the new-item
+    index (a link in the middle of a chain: the last one's replaces it)."""
     where = f"release {release.version}"
     if release.kind != "embeddings" or release.parent != state.version or release.model_version != state.model_version:
         raise ReleaseError(f"{where} ({release.kind}, parent {release.parent}) does not apply to {state.version}")
@@ -133,6 +157,13 @@ def _apply_delta(state: ServingState, release: Release, *, copy: bool) -> Servin
         row_event_time_ms=_freeze(times) if copy else times,
         index=state.index,
         item_ids=state.item_ids,
+        item_set=state.item_set,
+        index_settings=state.index_settings,
+        new_items=(
+            NewItemIndex.of_release(release, state.item_set, state.tower.output_dim, state.index_settings)
+            if new_items
+            else NewItemIndex.empty()
+        ),
         newest_click_event_time_ms=max(state.newest_click_event_time_ms, release.manifest.newest_click_event_time_ms, learnt),
         newest_click_is_bound=state.newest_click_is_bound and learnt <= 0,
         loaded_at=time.time(),
@@ -164,8 +195,8 @@ def load_state(
         if isinstance(error, ReleaseError):
             raise
         raise ReleaseError(f"release {chain[0].version}: cannot load: {error}") from error
-    for link in chain[1:]:
-        state = _apply_delta(state, link, copy=False)  # a private state: no copies needed
+    for n, link in enumerate(chain[1:], start=2):
+        state = _apply_delta(state, link, copy=False, new_items=n == len(chain))  # a private state: no copies needed
     _freeze(state.id_table)
     _freeze(state.row_event_time_ms)
     return state
@@ -180,14 +211,38 @@ def recall(state: ServingState, user_id: str, features: Mapping[str, object], k:
     row = 0 if cold_start else row
     user_vector = state.tower.vector(state.id_table[row], features)  # (D,)
     scores, indices = state.index.search_one(user_vector, min(k, len(state.item_ids)))  # (k,), (k,)
+    new_items = state.new_items
+    if new_items.index is not None:
+        new_scores, new_indices = new_items.index.search_one(user_vector, min(k, len(new_items)))
+        merged_scores, merged = merge_top_k(scores[None], indices[None], new_scores[None], new_indices[None], len(state.item_ids), k)
+        scores, indices = merged_scores[0], merged[0]
     if len(indices) and indices[-1] < 0:  # fewer than k found: Faiss pads with -1 at the end
         found = indices >= 0
         scores, indices = scores[found], indices[found]
-    item_ids = state.item_ids
+    item_ids, born, full_size = state.item_ids, new_items.item_ids, len(state.item_ids)
     event_time = 0 if cold_start else int(state.row_event_time_ms[row])
     return RecallResult(
-        item_ids=[item_ids[i] for i in indices.tolist()],
+        item_ids=[item_ids[i] if i < full_size else born[i - full_size] for i in indices.tolist()],
         scores=scores.tolist(),
         cold_start=cold_start,
         user_event_time_ms=event_time or None,
+        new_items=int((indices >= full_size).sum()),
     )
+
+
+def search(state: ServingState, vectors: np.ndarray, k: int) -> np.ndarray:
+    """(U, k) rows of the top-k items for (U, D) user ``vectors``, over the
+    full release's index and the new items beside it: rows below
+    ``len(state.item_ids)`` index ``item_ids``, the others ``new_items``
+    (shifted by that length); -1 pads past the last item found."""
+    k = min(k, len(state.item_ids) + len(state.new_items))
+    scores, rows = state.index.search(vectors, min(k, len(state.item_ids)))  # (U, k1)
+    if state.new_items.index is not None:
+        new_scores, new_rows = state.new_items.index.search(vectors, min(k, len(state.new_items)))  # (U, k2)
+        scores, rows = merge_top_k(scores, rows, new_scores, new_rows, len(state.item_ids), k)
+    return rows
+
+
+def served_item_ids(state: ServingState) -> tuple[str, ...]:
+    """Item ID per row of ``search``: the full release's, then the new items."""
+    return state.item_ids + state.new_items.item_ids

@@ -266,6 +266,12 @@ class PublisherConfig(_Section):
     kafka_enabled: bool = Field(True, description="also send released user embeddings to topics.user_embeddings")
     topic_partitions: int = Field(4, ge=1, description="partitions of the compacted user-embeddings topic")
     topic_replication: int = Field(1, ge=1, description="replication factor of that topic (1 on the embedded broker)")
+    new_item_vectors: bool = Field(
+        True, description="embeddings releases carry the frozen item tower's vectors of items first seen since the full release"
+    )
+    new_item_id_row: Literal["feature_mean", "default"] = Field(
+        "feature_mean", description="ID row a new item is embedded with: mean row of the items sharing its features, or the default row"
+    )
 
 
 class ServiceConfig(_Section):

@@ -21,6 +21,7 @@ from freshtower.core.contracts import (
     IndexSummary,
     LineageEntry,
     ModelSummary,
+    NewItems,
     RecallChecks,
     VocabularyState,
     release_manifest_from_json,
@@ -94,10 +95,11 @@ def embeddings_release_manifest() -> EmbeddingsReleaseManifest:
         event_time=EventTimeRange(start_ms=None, end_ms=None),
         newest_click_event_time_ms=1_795_296_799_000,
         newest_click_is_bound=False,
-        rows={"user_embeddings": 78},
+        rows={"user_embeddings": 78, "new_items": 5},
         dims=Dims(id_dim=64, output_dim=64),
         config={},
-        files={"user_embeddings.npy": DIGEST},
+        files={"user_embeddings.npy": DIGEST, "new_item_ids.json": DIGEST, "new_item_vectors.npy": DIGEST},
+        new_items=NewItems(count=5, seen_since_ms=1_795_219_200_000, seconds=0.01),
     )
 
 
@@ -188,7 +190,12 @@ def test_an_unknown_schema_version_is_refused_naming_the_file_and_the_field(tmp_
         FullModelManifest.from_json(json.dumps(data).encode(), "models/x/manifest.json")
     data = json.loads(full_release_manifest().to_json())
     data["format"] = 7
-    with pytest.raises(ContractError, match="r/manifest.json: field 'format' is 7: this freshtower reads release manifest schema version 1"):
+    with pytest.raises(ContractError, match="r/manifest.json: field 'format' is 7: this freshtower reads release manifest schema version 2"):
+        release_manifest_from_json(json.dumps(data).encode(), "r/manifest.json")
+    data = json.loads(embeddings_release_manifest().to_json())
+    data["format"] = 1  # written before embeddings releases carried new items
+    del data["new_items"]
+    with pytest.raises(ContractError, match="r/manifest.json: field 'format' is 1: this freshtower reads release manifest schema version 2"):
         release_manifest_from_json(json.dumps(data).encode(), "r/manifest.json")
     path = tmp_path / "checkpoint.pt"
     torch.save({"format": 1}, path)
@@ -204,6 +211,10 @@ def test_a_missing_field_is_named_with_its_file():
     data = json.loads(embeddings_release_manifest().to_json())
     del data["checkpoints"]["checkpoint-1-of-2.pt"]["step"]
     with pytest.raises(ContractError, match=r"^r.json: field 'checkpoints.checkpoint-1-of-2.pt.step' is missing$"):
+        release_manifest_from_json(json.dumps(data).encode(), "r.json")
+    data = json.loads(embeddings_release_manifest().to_json())
+    del data["new_items"]["count"]
+    with pytest.raises(ContractError, match=r"^r.json: field 'new_items.count' is missing$"):
         release_manifest_from_json(json.dumps(data).encode(), "r.json")
 
 

@@ -2,7 +2,8 @@
 
 Two kinds share most fields: a ``full`` release (user tower, every user
 ID row, item vectors and their index) and an ``embeddings`` release (the
-user ID rows changed since its parent). Written (last, when the release is
+user ID rows changed since its parent, and the vectors of the items first
+seen since its full release). Written (last, when the release is
 sealed) by the publisher through ``publisher.releases.ReleaseStore``; read
 through it by the recall service, served-recall scoring and ``freshtower
 run``. ``format`` is the schema version.
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from freshtower.core.contracts.validation import CONTRACT_CONFIG, ContractError, as_json_bytes, check_schema_version, decode_json
 from freshtower.core.storage import FileDigest
 
-RELEASE_SCHEMA = 1
+RELEASE_SCHEMA = 2  # 2: embeddings releases carry new_items
 CONTRACT = "release manifest"
 
 
@@ -84,6 +85,23 @@ class CheckpointRead:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NewItems:
+    """The items an embeddings release adds to its full release's index:
+    every item first seen since the full model's data ended (not only since
+    the parent release), embedded by that model's frozen item tower."""
+
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    count: int  # rows of new_item_vectors.npy, IDs in new_item_ids.json
+    seen_since_ms: int  # first seen in batches at or after this event time (the full model's data end)
+    seconds: float  # to embed them
+
+
+NEW_ITEM_IDS = "new_item_ids.json"
+NEW_ITEM_VECTORS = "new_item_vectors.npy"
+
+
+@dataclass(frozen=True, kw_only=True)
 class _ReleaseFields:
     __pydantic_config__ = CONTRACT_CONFIG
 
@@ -120,6 +138,7 @@ class EmbeddingsReleaseManifest(_ReleaseFields):
     kind: Literal["embeddings"] = "embeddings"
     checkpoints: dict[str, CheckpointRead]  # checkpoint file -> what was taken from it
     resync: list[str]  # checkpoints whose trainer restarted from its base: every row was sent
+    new_items: NewItems | None = None  # None: publisher.new_item_vectors was off (no new-item files)
 
 
 ReleaseManifest = FullReleaseManifest | EmbeddingsReleaseManifest
