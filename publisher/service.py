@@ -43,7 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from freshtower.publisher.api_models import RecallRequest
 from freshtower.publisher.live_release import LiveRelease
-from freshtower.publisher.releases import ReleaseStore
+from freshtower.publisher.release_store import open_release_store
 from freshtower.publisher.request_edge import RequestEdge
 from freshtower.publisher.routes import Rejected, malformed_request, rejected_request, router
 from freshtower.publisher.service_metrics import ServiceMetrics
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the active release before the first request, follow the pointer until shutdown."""
     settings: Settings = app.state.settings
-    store = ReleaseStore(settings.releases_dir)
+    store = open_release_store(settings)
     metrics = ServiceMetrics(serving=lambda: live.state)  # read at scrape time, after `live` exists
     live = LiveRelease(store, metrics, ef_search=settings.service.hnsw_ef_search)  # on the serving loop
     app.state.live_release, app.state.metrics = live, metrics
