@@ -15,9 +15,12 @@ Endpoints (``freshtower.publisher.routes``; bodies in ``api_models``):
 - ``GET /healthz``, ``GET /metrics`` (Prometheus, incl. freshness).
 
 ``create_app`` only builds the app; the lifespan loads the active release
-(nothing happens at import or construction) into one ``LiveRelease`` on
-``app.state``, beside the metrics and the settings, and starts the watcher
-that hot-swaps it when the pointer moves (``live_release``).
+(nothing happens at import or construction) from the release store
+(``publisher.release_store``: a directory or an S3 bucket) into one
+``LiveRelease`` on ``app.state``, beside the metrics and the settings, and
+starts the watcher that hot-swaps it when the pointer moves
+(``live_release``); with ``service.follow_topic`` it also follows the
+user-embeddings topic between releases (``topic_follower``).
 """
 
 from __future__ import annotations
@@ -66,9 +69,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except Exception:  # start anyway (503 until a release loads); the watcher retries
         log.exception("no release loaded at start from %s", store.root)
     watcher = asyncio.create_task(live.watch(settings.service.poll_seconds))
+    if settings.service.follow_topic:  # rows of newer releases between swaps (topic_follower)
+        live.follow(settings.bootstrap_servers, settings.topics.user_embeddings)
     try:
         yield
     finally:
+        if live.follower is not None:
+            await asyncio.to_thread(live.follower.stop)
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
