@@ -78,10 +78,10 @@ def parse_store_url(url: str) -> StoreLocation:
     StoreLocation(scheme='s3', path=None, bucket='releases', prefix='prod/eu/')
     >>> parse_store_url("file:///srv/releases").path
     PosixPath('/srv/releases')
-    >>> parse_store_url("s3://b/../x")
+    >>> parse_store_url("s3://bucket/../x")
     Traceback (most recent call last):
     ...
-    StoreConfigError: publisher.release_store 's3://b/../x': prefix part '..' is not a plain name
+    freshtower.publisher.release_store.StoreConfigError: publisher.release_store 's3://bucket/../x': prefix part '..' is not a plain name
     """
     parsed = urlparse(url)
     if parsed.scheme == "file":

@@ -260,7 +260,8 @@ def test_one_port_balances_the_replicas_at_the_ports_they_serve(compose):
     text = nginx_conf(compose)
     upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", text, re.S)
     servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", upstream.group(2), re.M)
-    assert sorted(servers) == sorted((name, str(parse_command(compose["services"][name]["command"])[1].params["port"])) for name in REPLICAS)
+    serve_ports = {name: str(parse_command(compose["services"][name]["command"])[1].params["port"]) for name in REPLICAS}
+    assert sorted(servers) == sorted(serve_ports.items())
     assert re.search(rf"proxy_pass\s+http://{upstream.group(1)};", text)
     listen = re.search(r"^\s*listen\s+(\d+);", text, re.M).group(1)
     assert [p.split(":", 1)[1] for p in lb["ports"]] == [f"{listen}:{listen}"]  # the recall port, on the host's loopback

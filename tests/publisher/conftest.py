@@ -77,7 +77,8 @@ class MotoServer:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
+        credentials = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **credentials)
 
     def new_bucket(self) -> str:
         name = f"releases-{uuid.uuid4().hex[:10]}"

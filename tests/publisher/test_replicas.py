@@ -65,7 +65,8 @@ def test_only_rows_of_newer_releases_of_the_served_model_apply():
     ])  # fmt: skip
     assert (done.applied, done.skipped) == (2, 4)
     followed = done.state.followed
-    assert set(followed) == {"u1", "u4"} and followed["u1"].vector.tolist() == [4.0, 4.0] and followed["u4"].release == "00000005-embeddings"
+    assert set(followed) == {"u1", "u4"} and followed["u1"].vector.tolist() == [4.0, 4.0]
+    assert followed["u4"].release == "00000005-embeddings"
     assert done.state.followed_through == "00000005-embeddings" and done.state.newest_click_event_time_ms == 9
     assert state.followed == {}  # the served state is never changed
     assert apply_rows(state, [row("u1", "00000004-embeddings")], floor=6).applied == 0  # after a rollback from 6
