@@ -55,7 +55,8 @@ from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_du
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.prerank_release import write_prerank_files
 from freshtower.publisher.new_items import FrozenItemTower, NewItemVectors, new_catalogue_items
-from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError, ReleaseStore
+from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError
+from freshtower.publisher.release_store import open_release_store
 from freshtower.publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
 from freshtower.trainer.artifacts import (
     ArtifactError,
@@ -198,14 +199,14 @@ def check_queries(inputs: FullReleaseInputs, count: int, seed: int = 0) -> np.nd
 
 
 class Publisher:
-    """Publishes releases into ``settings.releases_dir``. Use as a context
+    """Publishes releases into the release store (``publisher.release_store``). Use as a context
     manager: it holds the store's publisher lock and clears what a killed
     predecessor left half-done."""
 
     def __init__(self, settings: Settings, *, topic: EmbeddingTopic | None = None, on_stage: StageCallback | None = None):
         self.settings = settings
         self.config = settings.publisher
-        self.store = ReleaseStore(settings.releases_dir)
+        self.store = open_release_store(settings)
         self.topic = topic
         self.on_stage = on_stage or (lambda stage, detail: None)
         self.refused_models: dict[str, str] = {}  # full model version -> why (not retried by this process)

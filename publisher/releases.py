@@ -33,9 +33,10 @@ Version strings that arrive from outside (HTTP) go through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from typing import Literal
 
 from freshtower.core.contracts import ContractError, ReleaseManifest, release_manifest_from_json
 from freshtower.core.storage import FileDigest
-from freshtower.core.versioned_store import ANY, PointerMoved, StoreError, VersionedStore
+from freshtower.core.versioned_store import ANY, PointerMoved, StoreBackend, StoreError, VersionedStore
 
 MANIFEST = "manifest.json"
 POINTER = "ACTIVE"
@@ -98,11 +99,16 @@ def _version_key(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class Release:
-    """One sealed release: its directory and manifest."""
+    """One sealed release: its manifest, and where its files can be read
+    (``path``: on an object store, a local copy made on first use)."""
 
     version: str
-    path: Path
+    locate: Callable[[], Path] = dataclasses.field(repr=False, compare=False)
     manifest: ReleaseManifest
+
+    @functools.cached_property
+    def path(self) -> Path:
+        return self.locate()
 
     @property
     def kind(self) -> Kind:
@@ -128,12 +134,13 @@ class Release:
 
 
 class ReleaseStore:
-    """Releases under one directory; see the module docstring for the layout."""
+    """Releases under one directory or bucket prefix (``location``: a path or a
+    ``StoreBackend``, see ``release_store``); the module docstring has the layout."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, location: Path | StoreBackend):
+        self.root: Path | str = Path(location) if isinstance(location, (str, Path)) else location.location  # for messages
         self.versioned = VersionedStore(
-            self.root,
+            location if not isinstance(location, (str, Path)) else self.root,
             pointer=POINTER,
             version_key=_version_key,
             check_version=parse_version,
@@ -158,7 +165,7 @@ class ReleaseStore:
             raise ReleaseError(str(error)) from error
         if manifest.version != version:
             raise ReleaseError(f"{where}: field 'version' is {manifest.version!r}, but the directory is {version}")
-        return Release(version, self.path_of(version), manifest)
+        return Release(version, lambda: self.path_of(version), manifest)
 
     def versions(self) -> list[str]:
         """Sealed releases, oldest first (staging directories are not listed)."""
@@ -196,7 +203,12 @@ class ReleaseStore:
     def verify(self, version: str) -> Release:
         """Check every file of ``version`` against its manifest (SHA-256 and size)."""
         release = self.get(version)
-        self.versioned.verify(version, release.manifest.files, where=f"release {version}")
+        try:
+            self.versioned.verify(version, release.manifest.files, where=f"release {version}")
+        except ReleaseError:
+            if forget := getattr(self.versioned.backend, "forget", None):
+                forget(version)  # a local copy of a remote release: fetch it again next time
+            raise
         return release
 
     def activations(self) -> list[dict]:

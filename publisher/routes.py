@@ -35,7 +35,7 @@ from freshtower.publisher.api_models import (
 from freshtower.publisher.live_release import LiveRelease
 from freshtower.publisher.releases import ReleaseError, ReleaseNotFound, parse_version
 from freshtower.publisher.service_metrics import ServiceMetrics, endpoint_label
-from freshtower.publisher.serving import ServingState, recall
+from freshtower.publisher.serving import ServingState, recall, user_row
 from freshtower.publisher.user_tower import FeatureError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -218,13 +218,12 @@ def embedding_endpoint(user_id: str, live: Live) -> EmbeddingResponse:
     if not _VALID_ID.match(user_id):
         raise Rejected(422, "embedding", "invalid_user_id", "user_id must not contain control characters (U+0000-U+001F, U+007F-U+009F)")
     state = serving_state(live)
-    row = state.user_rows.get(user_id)
-    event_time = 0 if row is None else int(state.row_event_time_ms[row])
+    vector, event_time, cold_start = user_row(state, user_id)
     return EmbeddingResponse(
         user_id=user_id,
-        cold_start=row is None,
+        cold_start=cold_start,
         dim=state.tower.id_dim,
-        id_embedding=state.id_table[0 if row is None else row].tolist(),
+        id_embedding=vector.tolist(),
         event_time_ms=event_time or None,
         releases=ReleasesUsed.of(state),
     )
@@ -284,6 +283,8 @@ def healthz(live: Live) -> JSONResponse:
     """200 while a release is served, 503 before."""
     state = live.state
     body = {"status": "ok" if state else "no release", "serving": state and state.version, "active": live.pointer()}
+    if state is not None and live.follower is not None:
+        body["followed"] = {"through": state.followed_through, "rows": len(state.followed), "topic": live.follower.topic}
     if state is not None and body["active"] in live.refused:
         body["status"] = "degraded"
         body["refused"] = live.refused[body["active"]]

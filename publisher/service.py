@@ -15,9 +15,12 @@ Endpoints (``freshtower.publisher.routes``; bodies in ``api_models``):
 - ``GET /healthz``, ``GET /metrics`` (Prometheus, incl. freshness).
 
 ``create_app`` only builds the app; the lifespan loads the active release
-(nothing happens at import or construction) into one ``LiveRelease`` on
-``app.state``, beside the metrics and the settings, and starts the watcher
-that hot-swaps it when the pointer moves (``live_release``).
+(nothing happens at import or construction) from the release store
+(``publisher.release_store``: a directory or an S3 bucket) into one
+``LiveRelease`` on ``app.state``, beside the metrics and the settings, and
+starts the watcher that hot-swaps it when the pointer moves
+(``live_release``); with ``service.follow_topic`` it also follows the
+user-embeddings topic between releases (``topic_follower``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from freshtower.publisher.api_models import RecallRequest
 from freshtower.publisher.live_release import LiveRelease
-from freshtower.publisher.releases import ReleaseStore
+from freshtower.publisher.release_store import open_release_store
 from freshtower.publisher.request_edge import RequestEdge
 from freshtower.publisher.prerank_routes import prerank_router
 from freshtower.publisher.routes import Rejected, malformed_request, rejected_request, router
@@ -58,7 +61,7 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the active release before the first request, follow the pointer until shutdown."""
     settings: Settings = app.state.settings
-    store = ReleaseStore(settings.releases_dir)
+    store = open_release_store(settings)
     metrics = ServiceMetrics(serving=lambda: live.state)  # read at scrape time, after `live` exists
     live = LiveRelease(store, metrics, ef_search=settings.service.hnsw_ef_search, prerank_config=settings.prerank)  # on the serving loop
     app.state.live_release, app.state.metrics = live, metrics
@@ -67,9 +70,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except Exception:  # start anyway (503 until a release loads); the watcher retries
         log.exception("no release loaded at start from %s", store.root)
     watcher = asyncio.create_task(live.watch(settings.service.poll_seconds))
+    if settings.service.follow_topic:  # rows of newer releases between swaps (topic_follower)
+        live.follow(settings.bootstrap_servers, settings.topics.user_embeddings)
     try:
         yield
     finally:
+        if live.follower is not None:
+            await asyncio.to_thread(live.follower.stop)
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

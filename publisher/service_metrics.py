@@ -59,6 +59,12 @@ class ServiceMetrics:
         self.cold_start = Counter("freshtower_recall_cold_start", "recall requests served with the cold-start embedding", registry=r)
         self.swaps = Counter("freshtower_release_swaps", "serving state swaps", registry=r)
         self.refused = Counter("freshtower_release_refused", "releases refused (checksum, missing file, bad shape)", registry=r)
+        self.followed = Counter(
+            "freshtower_followed_rows",
+            "user-embeddings topic rows: applied on the served release, skipped (not newer, another model), malformed",
+            ["outcome"],
+            registry=r,
+        )
         self.release = Gauge(
             "freshtower_release_info", "the release being served (value 1)", ["version", "full_version", "model_version"], registry=r
         )

@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 from freshtower.publisher.prerank_serving import PrerankState, load_prerank
@@ -60,6 +61,20 @@ class ServingState:
     newest_click_is_bound: bool  # True while only the full model's data bound it
     loaded_at: float  # wall time, seconds
     prerank: PrerankState | None = None  # the full release's pre-ranker, if it carries one
+    # rows of newer releases read from the user-embeddings topic (topic_follower), ahead of the
+    # store; replaced, never mutated: a state with more rows is a new state
+    followed: Mapping[str, FollowedRow] = field(default_factory=lambda: MappingProxyType({}))
+    followed_through: str | None = None  # the newest release whose rows were followed
+
+
+@dataclass(frozen=True)
+class FollowedRow:
+    """One user's row as the user-embeddings topic carried it."""
+
+    vector: np.ndarray  # (id_dim,) float32, read-only
+    event_time_ms: int  # newest click it learnt from (0: as the full model left it)
+    sequence: int  # of the release it belongs to
+    release: str
 
 
 @dataclass(frozen=True)
@@ -202,14 +217,24 @@ def load_state(
     return state
 
 
+def user_row(state: ServingState, user_id: str) -> tuple[np.ndarray, int, bool]:
+    """The user's served ID row, the event time it learnt up to (0: unknown),
+    and whether it is the cold-start row: a followed row first, then the release's."""
+    followed = state.followed.get(user_id) if state.followed else None
+    if followed is not None:
+        return followed.vector, followed.event_time_ms, False
+    row = state.user_rows.get(user_id)
+    if row is None:
+        return state.id_table[0], 0, True
+    return state.id_table[row], int(state.row_event_time_ms[row]), False
+
+
 def recall(state: ServingState, user_id: str, features: Mapping[str, object], k: int) -> RecallResult:
     """Top-k items by cosine for one user: the user vector from their latest
     published ID row (row 0 if they have none) and ``features``, then the
     release's index. Raises ``FeatureError`` for features that do not fit."""
-    row = state.user_rows.get(user_id)
-    cold_start = row is None
-    row = 0 if cold_start else row
-    user_vector = state.tower.vector(state.id_table[row], features)  # (D,)
+    row_vector, event_time, cold_start = user_row(state, user_id)
+    user_vector = state.tower.vector(row_vector, features)  # (D,)
     scores, indices = state.index.search_one(user_vector, min(k, len(state.item_ids)))  # (k,), (k,)
     new_items = state.new_items
     if new_items.index is not None:
@@ -220,7 +245,6 @@ def recall(state: ServingState, user_id: str, features: Mapping[str, object], k:
         found = indices >= 0
         scores, indices = scores[found], indices[found]
     item_ids, born, full_size = state.item_ids, new_items.item_ids, len(state.item_ids)
-    event_time = 0 if cold_start else int(state.row_event_time_ms[row])
     return RecallResult(
         item_ids=[item_ids[i] if i < full_size else born[i - full_size] for i in indices.tolist()],
         scores=scores.tolist(),

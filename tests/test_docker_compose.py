@@ -35,15 +35,17 @@ WRITES = {
     "streams": {"batches_dir"},
     "trainer-daily": {"models_dir", "scratch_dir"},
     "trainer-online": {"online_dir"},
-    "publisher": {"models_dir", "releases_dir"},  # a refused full model is marked REFUSED.json in models/
-    "recall": {"releases_dir"},  # a rollback moves the active-release pointer
+    "publisher": {"models_dir"},  # a refused full model is marked REFUSED.json in models/; releases go to the bucket
 }
 READS = {
     "trainer-daily": {"batches_dir"},
     "trainer-online": {"batches_dir", "models_dir"},
     "publisher": {"online_dir"},
 }
-HTTP_SERVICES = {"streams", "recall"}  # the ones with an endpoint a health check can ask
+REPLICAS = ("recall-1", "recall-2")
+HTTP_SERVICES = {"streams", *REPLICAS}  # the ones with an endpoint a health check can ask
+OTHERS = {"kafka", "minio", "minio-init", "lb"}  # images of their own
+LONG_RUNNING = {"kafka", "minio", "lb", "streams", "trainer-daily", "trainer-online", "publisher", *REPLICAS}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,9 @@ def mounts(service: dict) -> dict[Path, tuple[str, bool]]:
     """target -> (volume, read-only) for the short volume syntax."""
     out = {}
     for entry in service.get("volumes", []):
+        if isinstance(entry, dict):  # a file from the repository (long syntax); see binds()
+            assert entry["type"] == "bind" and entry["read_only"] is True, entry
+            continue
         source, target, *mode = entry.split(":")
         out[Path(target)] = (source, mode == ["ro"])
     return out
@@ -119,14 +124,14 @@ def test_the_schema_check_catches_a_misspelt_key_and_a_wrong_type(compose):
     misspelt["services"]["streams"]["comand"] = misspelt["services"]["streams"].pop("command")
     assert any("comand" in e.message for e in validator.iter_errors(misspelt))
     wrong_type = copy.deepcopy(compose)
-    wrong_type["services"]["recall"]["healthcheck"]["retries"] = "three"
+    wrong_type["services"]["recall-1"]["healthcheck"]["retries"] = "three"
     assert list(validator.iter_errors(wrong_type))
 
 
 def test_every_service_but_the_broker_runs_a_real_freshtower_subcommand(compose, image):
     services = freshtower_services(compose)
-    assert set(compose["services"]) - set(services) == {"kafka"}
-    assert set(services) == {"streams", "trainer-daily", "trainer-online", "publisher", "recall"}
+    assert set(compose["services"]) - set(services) == OTHERS
+    assert set(services) == {"streams", "trainer-daily", "trainer-online", "publisher", *REPLICAS}
     assert image["entrypoint"] == ["freshtower"]
     commands = {}
     for name, service in services.items():
@@ -138,7 +143,8 @@ def test_every_service_but_the_broker_runs_a_real_freshtower_subcommand(compose,
         "trainer-daily": ["train", "daily"],
         "trainer-online": ["train", "online"],
         "publisher": ["publish"],
-        "recall": ["serve"],
+        "recall-1": ["serve"],
+        "recall-2": ["serve"],
     }
     _, online = parse_command(compose["services"]["trainer-online"]["command"])
     assert online.params["follow"] is True  # a one-shot trainer would exit and restart forever
@@ -214,11 +220,12 @@ def test_published_ports_are_on_loopback_and_the_recall_port_is_the_one_it_serve
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
-    recall = compose["services"]["recall"]
-    _, serve = parse_command(recall["command"])
-    assert serve.params["host"] == "0.0.0.0"  # reachable through the container's published port
-    assert [p.split(":", 1)[1] for p in recall["ports"]] == [f"{serve.params['port']}:{serve.params['port']}"]
-    assert recall["environment"]["FRESHTOWER_SERVICE__ADMIN_TOKEN"].startswith("${")  # from the host's environment, not the file
+    for name in REPLICAS:
+        recall = compose["services"][name]
+        _, serve = parse_command(recall["command"])
+        assert serve.params["host"] == "0.0.0.0"  # reachable by the load balancer
+        assert "ports" not in recall, f"{name} is reached through the load balancer only"
+        assert recall["environment"]["FRESHTOWER_SERVICE__ADMIN_TOKEN"].startswith("${")  # from the host's environment, not the file
 
 
 def test_health_checks_ask_the_ports_the_services_listen_on(compose, image, monkeypatch):
@@ -232,5 +239,57 @@ def test_health_checks_ask_the_ports_the_services_listen_on(compose, image, monk
     port = lambda name: int(re.search(r"127\.0\.0\.1:(\d+)/", services[name]["healthcheck"]["test"][3]).group(1))
     assert port("streams") == service_settings(services["streams"], image, monkeypatch).streams.web_port
     assert "/metrics" in services["streams"]["healthcheck"]["test"][3]
-    _, serve = parse_command(services["recall"]["command"])
-    assert port("recall") == serve.params["port"] and "/healthz" in services["recall"]["healthcheck"]["test"][3]
+    for name in REPLICAS:
+        _, serve = parse_command(services[name]["command"])
+        assert port(name) == serve.params["port"] and "/healthz" in services[name]["healthcheck"]["test"][3]
+
+
+def binds(service: dict) -> dict[str, Path]:
+    """target -> file in the repository, for the long-syntax bind mounts."""
+    return {e["target"]: ROOT / e["source"] for e in service.get("volumes", []) if isinstance(e, dict)}
+
+
+def nginx_conf(compose: dict) -> str:
+    return binds(compose["services"]["lb"])["/etc/nginx/conf.d/default.conf"].read_text()
+
+
+def test_one_port_balances_the_replicas_at_the_ports_they_serve(compose):
+    lb = compose["services"]["lb"]
+    assert lb["image"].startswith("nginx:")
+    assert list(binds(lb)) == ["/etc/nginx/conf.d/default.conf"] and all(p.is_file() for p in binds(lb).values())
+    text = nginx_conf(compose)
+    upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", text, re.S)
+    servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", upstream.group(2), re.M)
+    serve_ports = {name: str(parse_command(compose["services"][name]["command"])[1].params["port"]) for name in REPLICAS}
+    assert sorted(servers) == sorted(serve_ports.items())
+    assert re.search(rf"proxy_pass\s+http://{upstream.group(1)};", text)
+    listen = re.search(r"^\s*listen\s+(\d+);", text, re.M).group(1)
+    assert [p.split(":", 1)[1] for p in lb["ports"]] == [f"{listen}:{listen}"]  # the recall port, on the host's loopback
+    assert set(lb["depends_on"]) == set(REPLICAS)
+    body_limit = re.search(r"client_max_body_size\s+(\d+)k;", text).group(1)
+    assert int(body_limit) * 1024 == load_settings().service.max_request_bytes
+
+
+def test_the_replicas_and_the_publisher_share_one_s3_store_and_the_replicas_follow_the_topic(compose, image, monkeypatch):
+    from freshtower.publisher.release_store import parse_store_url
+
+    services = compose["services"]
+    resolved = {name: service_settings(services[name], image, monkeypatch) for name in ("publisher", *REPLICAS)}
+    stores = {(s.publisher.release_store, s.publisher.s3_endpoint_url, s.publisher.s3_access_key_id) for s in resolved.values()}
+    assert len(stores) == 1
+    (url, endpoint, _), = stores
+    location = parse_store_url(url)
+    assert location.scheme == "s3" and endpoint == "http://minio:9000" and services["minio"]["image"].startswith("minio/minio:")
+    assert f"store/{location.bucket}" in " ".join(services["minio-init"]["command"])  # the bucket the init job creates
+    for name in ("publisher", *REPLICAS):
+        assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        assert services[name]["environment"]["FRESHTOWER_PUBLISHER__S3_SECRET_ACCESS_KEY"].startswith("${")  # from the host
+    for name in REPLICAS:
+        assert resolved[name].service.follow_topic and resolved[name].kafka == "kafka:9092"
+
+
+def test_long_running_services_restart_and_the_one_shot_job_does_not(compose):
+    for name, service in compose["services"].items():
+        expected = "unless-stopped" if name in LONG_RUNNING else "no"
+        assert service.get("restart") == expected, f"{name}: restart {service.get('restart')!r}, expected {expected!r}"
+    assert set(compose["services"]) == LONG_RUNNING | {"minio-init"}

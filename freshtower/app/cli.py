@@ -474,7 +474,8 @@ def serve_command(
         torch.set_num_threads(settings.service.torch_threads)
     host = host or settings.service.host
     port = port or settings.service.port
-    console.print(f"recall service on http://{host}:{port} (docs at /docs), releases from {settings.releases_dir}")
+    store = settings.publisher.release_store or settings.releases_dir
+    console.print(f"recall service on http://{host}:{port} (docs at /docs), releases from {store}")
     uvicorn.Server(uvicorn_config(create_app(settings), host, port)).run()
 
 

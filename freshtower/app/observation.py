@@ -47,9 +47,10 @@ class Releases:
 
 
 def releases(settings: Settings) -> Releases:
-    from freshtower.publisher.releases import ReleaseError, ReleaseStore
+    from freshtower.publisher.release_store import open_release_store
+    from freshtower.publisher.releases import ReleaseError
 
-    store = ReleaseStore(settings.releases_dir)
+    store = open_release_store(settings)
     counts = {"full": 0, "embeddings": 0}
     for entry in store.activations():
         if entry.get("by") == "publisher" and entry.get("kind") in counts:
@@ -77,7 +78,8 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
     ended (``run_state.unfinished``); reads every batch manifest."""
     from freshtower.publisher.due import what_is_due
     from freshtower.publisher.publish import online_checkpoints
-    from freshtower.publisher.releases import ReleaseError, ReleaseStore
+    from freshtower.publisher.release_store import open_release_store
+    from freshtower.publisher.releases import ReleaseError
     from freshtower.trainer.artifacts import full_models_dir, list_full_models, refusal, servable_full_model
     from freshtower.trainer.schedule import day_of, days_due
 
@@ -92,7 +94,7 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
     now = refs[-1].manifest.window_end_ms if refs else 0  # the daily trainer's event clock
     due = days_due({day_of(r.window_start_ms) for r in refs}, trained, now, int(s.training.full_delay_seconds * 1000))
     servable = servable_full_model(models)
-    store = ReleaseStore(s.releases_dir)
+    store = open_release_store(s)
     try:
         active = store.active()
     except ReleaseError:
@@ -152,10 +154,10 @@ def batch_figures(settings: Settings) -> tuple[int, dict[str, int], int, int]:
 
 
 def full_model_lines(settings: Settings) -> list[FullModelLine]:
-    from freshtower.publisher.releases import ReleaseStore
+    from freshtower.publisher.release_store import open_release_store
     from freshtower.trainer.artifacts import full_models_dir, list_full_models, refusal
 
-    released = {e["model_version"]: e["version"] for e in ReleaseStore(settings.releases_dir).activations() if e.get("kind") == "full"}
+    released = {e["model_version"]: e["version"] for e in open_release_store(settings).activations() if e.get("kind") == "full"}
     lines = []
     for m in list_full_models(full_models_dir(settings)):
         lines.append(FullModelLine(m.version, m.manifest.train_samples, m.manifest.holdout_recall(50), released.get(m.version), refusal(m)))
@@ -195,7 +197,7 @@ def quality_lines(settings: Settings, until_ms: int) -> list[str]:
     end by ``until_ms``."""
     import numpy as np
     import torch
-    from freshtower.publisher.releases import ReleaseStore
+    from freshtower.publisher.release_store import open_release_store
     from freshtower.publisher.served_recall import served_recall_by_hour
 
     from freshtower.core.batches import FeatureSpec, list_batches
@@ -204,7 +206,7 @@ def quality_lines(settings: Settings, until_ms: int) -> list[str]:
     s = settings
     try:
         by_day = served_recall_by_hour(
-            ReleaseStore(s.releases_dir), list_batches(s.batches_dir), FeatureSpec.from_model(s.model), until_ms=until_ms
+            open_release_store(s), list_batches(s.batches_dir), FeatureSpec.from_model(s.model), until_ms=until_ms
         )
     except Exception as error:  # a figure for the summary, never a reason to fail the run
         log.exception("next-hour recall of the served releases")
@@ -226,10 +228,11 @@ def prerank_lines(settings: Settings, service_url: str, user_id: str, features: 
     ``/v1/recommend`` answer, as summary lines (none without a pre-ranker)."""
     import json
 
-    from freshtower.publisher.releases import ReleaseError, ReleaseStore
+    from freshtower.publisher.release_store import open_release_store
+    from freshtower.publisher.releases import ReleaseError
 
     try:
-        store = ReleaseStore(settings.releases_dir)
+        store = open_release_store(settings)
         active = store.active()
         root = None if active is None else store.chain(active.version)[0]
     except (ReleaseError, OSError) as error:

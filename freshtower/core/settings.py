@@ -272,6 +272,17 @@ class PublisherConfig(_Section):
     new_item_id_row: Literal["feature_mean", "default"] = Field(
         "feature_mean", description="ID row a new item is embedded with: mean row of the items sharing its features, or the default row"
     )
+    # --- publisher/release_store.py: where releases live (the publisher writes, every replica reads) ---
+    release_store: str | None = Field(
+        None,
+        pattern=r"^(file:///.*|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?)$",
+        description="file:///ABS/PATH or s3://BUCKET[/PREFIX]; unset: <data_dir>/releases",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto...); unset: AWS")
+    s3_region: str = Field("us-east-1", description="S3 region (signing)")
+    s3_access_key_id: str | None = Field(None, description="unset: boto3's own chain (AWS_ACCESS_KEY_ID, ~/.aws, instance role)")
+    s3_secret_access_key: str | None = Field(None, description="with s3_access_key_id; never written to a manifest")
+    release_cache_dir: Path | None = Field(None, description="local copy of releases read from S3; unset: <data_dir>/release-cache")
 
 
 class ServiceConfig(_Section):
@@ -294,6 +305,10 @@ class ServiceConfig(_Section):
     # one-row user towers gain nothing from more threads
     torch_threads: int = Field(1, ge=0, description="torch threads in `freshtower serve`; 0 keeps torch's default")
     hnsw_ef_search: int | None = Field(None, ge=1, description="override the efSearch stored in a release's HNSW index (speed vs recall)")
+    # --- publisher/topic_follower.py ---
+    follow_topic: bool = Field(
+        False, description="between releases, apply newer user rows from topics.user_embeddings (on `kafka`) as they arrive"
+    )
 
 
 class Settings(BaseSettings):
@@ -373,6 +388,7 @@ class Settings(BaseSettings):
         The admin token is a secret and never leaves the process."""
         record = self.model_dump(mode="json")
         record["service"]["admin_token"] = None
+        record["publisher"]["s3_secret_access_key"] = None
         return record
 
 
