@@ -48,6 +48,7 @@ from freshtower.publisher.request_edge import RequestEdge
 from freshtower.publisher.routes import Rejected, malformed_request, rejected_request, router
 from freshtower.publisher.service_metrics import ServiceMetrics
 
+from freshtower.core.announcements import Wakeup
 from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await live.refresh()
     except Exception:  # start anyway (503 until a release loads); the watcher retries
         log.exception("no release loaded at start from %s", store.root)
-    watcher = asyncio.create_task(live.watch(settings.service.poll_seconds))
+    a = settings.announcements
+    wakeup = Wakeup(settings.bootstrap_servers, settings.topics.releases, enabled=a.enabled, fetch_wait_ms=a.fetch_wait_ms,
+                    retry_seconds=a.retry_seconds).start()
+    watcher = asyncio.create_task(live.watch(settings.service.poll_seconds, wakeup if a.enabled else None))
     try:
         yield
     finally:
+        wakeup.close()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
