@@ -108,14 +108,19 @@ class LiveRelease:
     def _serves(self, version: str) -> bool:
         return self.state is not None and self.state.version == version
 
-    async def watch(self, poll_seconds: float) -> None:
-        """Follow ACTIVE until cancelled."""
+    async def watch(self, poll_seconds: float, wakeup=None) -> None:
+        """Follow ACTIVE until cancelled: every ``poll_seconds``, or at once
+        when ``wakeup`` (a ``freshtower.core.announcements.Wakeup`` on the
+        release announcements) says a release was announced."""
         while True:
             try:
                 await self.refresh()
             except Exception:  # a broken store must not kill the watcher
                 log.exception("reading the active release from %s failed", self.store.root)
-            await asyncio.sleep(poll_seconds)
+            if wakeup is None:
+                await asyncio.sleep(poll_seconds)
+            else:
+                await asyncio.to_thread(wakeup.wait, poll_seconds)
 
     async def activate(self, version: str, by: str) -> str | None:
         """Load ``version``, then point ACTIVE at it and serve it (a rollback

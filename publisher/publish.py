@@ -240,8 +240,19 @@ class Publisher:
         self.send_pending_to_topic()
         return outcomes
 
-    def run(self, *, should_stop: Callable[[], bool] = lambda: False, max_releases: int | None = None, report=None) -> int:
-        """Tick until ``should_stop()`` (or ``max_releases`` published)."""
+    def run(
+        self,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        max_releases: int | None = None,
+        report=None,
+        wait: Callable[[float], bool] | None = None,
+    ) -> int:
+        """Tick until ``should_stop()`` (or ``max_releases`` published).
+        Between ticks it waits the period, or until ``wait(seconds)`` returns
+        True (a ``Wakeup`` on the checkpoint announcements): then it ticks at once."""
+        if wait is None:
+            wait = lambda seconds: bool(time.sleep(seconds))  # noqa: E731
         period = min(self.config.poll_seconds, self.config.publish_interval_seconds)
         published = 0
         while not should_stop():
@@ -260,7 +271,8 @@ class Publisher:
                 break
             deadline = time.monotonic() + period
             while not should_stop() and time.monotonic() < deadline:
-                time.sleep(min(0.2, period))
+                if wait(max(0.0, min(0.2, deadline - time.monotonic()))):
+                    break  # a new checkpoint was announced
         return published
 
     # --- full releases ---------------------------------------------------------------

@@ -52,6 +52,7 @@ from freshtower.publisher.prerank_routes import prerank_router
 from freshtower.publisher.routes import Rejected, malformed_request, rejected_request, router
 from freshtower.publisher.service_metrics import ServiceMetrics
 
+from freshtower.core.announcements import Wakeup
 from freshtower.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await live.refresh()
     except Exception:  # start anyway (503 until a release loads); the watcher retries
         log.exception("no release loaded at start from %s", store.root)
-    watcher = asyncio.create_task(live.watch(settings.service.poll_seconds))
+    a = settings.announcements
+    wakeup = Wakeup(
+        settings.bootstrap_servers, settings.topics.releases, enabled=a.enabled, fetch_wait_ms=a.fetch_wait_ms, retry_seconds=a.retry_seconds
+    ).start()
+    watcher = asyncio.create_task(live.watch(settings.service.poll_seconds, wakeup if a.enabled else None))
     if settings.service.follow_topic:  # rows of newer releases between swaps (topic_follower)
         live.follow(settings.bootstrap_servers, settings.topics.user_embeddings)
     try:
         yield
     finally:
+        wakeup.close()
         if live.follower is not None:
             await asyncio.to_thread(live.follower.stop)
         watcher.cancel()

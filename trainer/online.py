@@ -141,6 +141,7 @@ class OnlineTrainer:
         self._fork(base)
         self._last_checkpoint = time.monotonic()
         self._unsaved_batches = 0  # trained since the last checkpoint
+        self.on_checkpoint: Callable[[Path, OnlineCheckpoint], None] | None = None  # e.g. announce it to the publisher
 
     # --- forking and re-basing --------------------------------------------------
 
@@ -262,9 +263,12 @@ class OnlineTrainer:
         should_stop: Callable[[], bool] = lambda: False,
         on_batch: Callable[[BatchReport], None] | None = None,
         prefetch: bool = True,
+        wait: Callable[[float], object] = time.sleep,
     ) -> OnlineStats:
         """Train pending batches; with ``follow``, keep polling for new ones
-        (and new full models) until ``should_stop()``."""
+        (and new full models) until ``should_stop()``. ``wait(poll_seconds)``
+        is the pause when caught up: a ``Wakeup`` on the batch announcements
+        returns as soon as one arrives."""
         reader = BatchPrefetcher(self.spec, enabled=prefetch)
         trained = 0
         threads_before = torch.get_num_threads()
@@ -291,7 +295,7 @@ class OnlineTrainer:
                     # publisher); the period still bounds how often it is written.
                     if self._unsaved_batches:
                         self._maybe_checkpoint()
-                    time.sleep(poll_seconds)
+                    wait(poll_seconds)
         finally:
             reader.close()
             self.checkpoint()
@@ -351,6 +355,8 @@ class OnlineTrainer:
         self._last_checkpoint = time.monotonic()
         self._unsaved_batches = 0
         self.stats.checkpoints += 1
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path, checkpoint)
         return path
 
     def _restore(self, checkpoint: OnlineCheckpoint) -> None:

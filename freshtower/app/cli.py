@@ -127,7 +127,9 @@ def train_online_command(
     ctx: typer.Context,
     follow: bool = typer.Option(False, "--follow", help="Keep polling for new batches and full models until interrupted."),
     max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Stop after this many batches."),
-    poll_seconds: float = typer.Option(1.0, "--poll-seconds", help="How often to look for new batches with --follow."),
+    poll_seconds: Optional[float] = typer.Option(
+        None, "--poll-seconds", help="With --follow: fallback listing interval (default training.online_poll_seconds); announcements wake it at once."
+    ),
     partition: str = typer.Option("0/1", "--partition", help="k/n: learn only the users whose ID fingerprint is k mod n (scale-out)."),
 ) -> None:
     """Follow the batches in event-time order, updating only user ID embeddings."""

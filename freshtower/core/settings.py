@@ -105,6 +105,9 @@ class TrainingConfig(_Section):
     shuffle_shards: int = Field(0, ge=0, description="external-shuffle shards; 0 picks from the record count")
     shuffle_shard_records: int = Field(2_000_000, ge=1000, description="records per shard when picking")
     checkpoint_every_seconds: float = Field(60.0, ge=0, description="online checkpoint period (wall clock)")
+    online_poll_seconds: float = Field(
+        10.0, gt=0, description="fallback: how often the following online trainer lists batch files when no announcement came"
+    )
     online_lookback_seconds: float = Field(
         3600.0, ge=0, description="a batch file landing this late after newer ones is still trained (several streams workers)"
     )
@@ -240,6 +243,17 @@ class TopicsConfig(_Section):
     dead_letters: str = "dead-letters"
     training_batches: str = "training-batches"
     user_embeddings: str = "user-embeddings"
+    online_checkpoints: str = Field("online-checkpoints", description="the online trainer announces each checkpoint here")
+    releases: str = Field("releases", description="the publisher announces each activated release here")
+
+
+class AnnouncementsConfig(_Section):
+    """The hand-offs on announcement topics (freshtower/core/announcements.py);
+    the poll intervals of each part remain as the fallback."""
+
+    enabled: bool = Field(True, description="announce batches, checkpoints and releases, and wake on them; off: polling only")
+    fetch_wait_ms: int = Field(50, ge=1, description="longest wait of a follower's fetch: bounds how late an announcement wakes a part")
+    retry_seconds: float = Field(2.0, gt=0, description="a broker that does not answer is tried again after this")
 
 
 class KafkaConfig(_Section):
@@ -337,6 +351,7 @@ class Settings(BaseSettings):
     streams: StreamsConfig = StreamsConfig()
     topics: TopicsConfig = TopicsConfig()
     kafka_client: KafkaConfig = KafkaConfig()
+    announcements: AnnouncementsConfig = AnnouncementsConfig()
     publisher: PublisherConfig = PublisherConfig()
     service: ServiceConfig = ServiceConfig()
 
