@@ -185,6 +185,11 @@ def _simulator(settings: Settings, options: ExperimentOptions, out: Path, report
             batches = work / "batches"
             simulator.write_batches(batches, range(w.days), settings.streams.window_seconds)
         by_seed.append(_arms(seeded, options, work, batches, w.ks, report, seed))
+        so_far = DataSetResult(f"simulator/{w.name}", w.ks, by_seed, "t", options.resamples)
+        # The seeds done so far, written after each: a long run that is stopped keeps them.
+        (out / "table-so-far.md").write_text(format_tables([so_far]))
+        (out / "results-so-far.json").write_text(json.dumps(results_json([so_far], options, 0.0), indent=1))
+        report(f"  seed {seed} done: {len(by_seed)} of {options.seeds}, tables so far in {out / 'table-so-far.md'}")
     return DataSetResult(f"simulator/{w.name}", w.ks, by_seed, "t", options.resamples)
 
 
