@@ -267,7 +267,8 @@ def run_command(
     ctx: typer.Context,
     days: Optional[int] = typer.Option(
         None, "--days", min=1,
-        help="Simulated days (default 3; MovieLens: the days its ratings are compressed into); with --events: the log's first days (default all).",
+        help="Simulated days (default 3; MovieLens: the days its ratings are compressed into); "
+        "with --events: the log's first days (default all).",
     ),
     users: int = typer.Option(2000, "--users", help="Simulated users."),
     items: int = typer.Option(1000, "--items", help="Simulated items."),
@@ -318,7 +319,9 @@ def experiment_command(
     ctx: typer.Context,
     out: Path = typer.Option(Path("freshtower-experiment"), "--out", help="Work directory: batches, models, results.json, recall.png."),
     data: str = typer.Option("simulator", "--data", help="simulator, movielens, both (simulator and MovieLens) or events (with --events)."),
-    world: str = typer.Option("large", "--world", help="The simulated world: large (20,000 items, K 50/200) or small (500 items, K 50/100)."),
+    world: str = typer.Option(
+        "large", "--world", help="The simulated world: large (20,000 items, K 50/200) or small (500 items, K 50/100)."
+    ),
     seeds: int = typer.Option(5, "--seeds", min=1, help="Simulated worlds (seeds), each replayed by every arm."),
     first_seed: int = typer.Option(0, "--first-seed", min=0),
     events: Optional[Path] = typer.Option(

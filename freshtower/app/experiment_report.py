@@ -103,7 +103,9 @@ def format_tables(results: list[DataSetResult]) -> str:
         ]
         for arm in data.arms:
             baseline = data.results_of(arm)[0].baseline
-            fresh = ("-", "-") if baseline else tuple(_duration(data.mean_over_seeds(arm, lambda r: r.freshness_percentile(q))) for q in (50, 99))
+            fresh = ("-", "-")
+            if not baseline:
+                fresh = tuple(_duration(data.mean_over_seeds(arm, lambda r, q=q: r.freshness_percentile(q))) for q in (50, 99))
             units = data.mean_over_seeds(arm, lambda r: r.unit_count)
             lines.append(
                 f"| {arm} | {data.interval(arm, Metric('recall', k1)).format()} | {data.interval(arm, Metric('recall', k2)).format()} | "
@@ -120,10 +122,8 @@ def format_tables(results: list[DataSetResult]) -> str:
             born, older = Metric("click", k1, True), Metric("click", k1, False)
             new_units = data.mean_over_seeds(arm, lambda r: sum(u.new_user for u in r.units))
             born_clicks = data.mean_over_seeds(arm, lambda r: sum(s.new_item_clicks for s in r.scores))
-            lines.append(
-                f"| {arm} | {data.interval(arm, new).format()} | {data.interval(arm, old).format()} | {data.interval(arm, born).format()} | "
-                f"{data.interval(arm, older).format()} | {new_units:,.0f} | {born_clicks:,.0f} |"
-            )
+            cells = " | ".join(data.interval(arm, m).format() for m in (new, old, born, older))
+            lines.append(f"| {arm} | {cells} | {new_units:,.0f} | {born_clicks:,.0f} |")
         for a, b in DIFFERENCES[:1]:
             if a in data.arms and b in data.arms:
                 cells = [_marked(data.difference(a, b, m)) for m in (Metric("recall", k1, True), Metric("recall", k1, False),

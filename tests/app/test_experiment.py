@@ -123,7 +123,7 @@ def test_popular_baselines_count_only_clicks_whose_batch_was_ready(tmp_path):
     rows = [("a", "day-hit", t0 + m * 60_000, 1) for m in range(5)]  # popular 2 hours before
     rows += [("b", "hour-hit", t0 + 2 * hour - 300_000 + s * 1000, 1) for s in range(3)]  # popular in the last hour
     rows += [("c", "too-late", t0 + 2 * hour + 1000 + s, 1) for s in range(9)]  # same minute as the unit: not ready
-    rows += [("u", "day-hit", t0 + 2 * hour + 5_000, 1), ("u", "hour-hit", t0 + 2 * hour + 6_000, 1), ("u", "too-late", t0 + 2 * hour + 7_000, 1)]
+    rows += [("u", item, t0 + 2 * hour + 5_000 + n, 1) for n, item in enumerate(("day-hit", "hour-hit", "too-late"))]
     _write_clicks(tmp_path, rows)
     spec = FeatureSpec((), (), ())
     refs = list_batches(tmp_path)
