@@ -136,9 +136,10 @@ def test_popular_baselines_count_only_clicks_whose_batch_was_ready(tmp_path):
 
 @pytest.mark.slow
 def test_a_catch_up_reaches_serving_only_as_fast_as_the_trainer_goes(tmp_path, monkeypatch):
-    """Training time counts cumulatively: with every batch taking 30 s (a clock advanced by each learn_batch), the
-    catch-up after a re-base (~15 min of batches) takes minutes and clicks wait for it; counting each batch's own
-    time only (each one 30 s after the re-base) kept every click within ~2 minutes of serving."""
+    """Training time counts cumulatively: with every batch taking 55 s (a clock advanced by each learn_batch), the
+    catch-up of ~15 batches after a re-base takes ~14 minutes and then drains at 5 s a minute, so for hours clicks
+    wait for it; counting each batch's own time only (each one 55 s after the re-base) delayed only the ~1% of
+    clicks inside the catch-up."""
     import types
 
     from freshtower.app import experiment_arms
@@ -149,7 +150,7 @@ def test_a_catch_up_reaches_serving_only_as_fast_as_the_trainer_goes(tmp_path, m
     real = OnlineTrainer.learn_batch
 
     def slow_learn_batch(self, ref, samples=None):
-        clock.now += 30.0
+        clock.now += 55.0
         return real(self, ref, samples)
 
     monkeypatch.setattr(OnlineTrainer, "learn_batch", slow_learn_batch)
@@ -158,10 +159,8 @@ def test_a_catch_up_reaches_serving_only_as_fast_as_the_trainer_goes(tmp_path, m
     simulator.write_batches(tmp_path / "batches", range(3), settings.streams.window_seconds)
     arms = [a for a in ARMS if a.name == "full+inc/1min"]
     (result,) = run_arms(settings, tmp_path / "work", tmp_path / "batches", arms=arms, ks=(50,), baselines=False, report=lambda _: None)
-    # The trainer is busy half of every minute; the re-base's catch-up of ~15 batches takes ~7.5 min and drains at
-    # 30 s a minute, so clicks of the hour after it wait minutes.
-    assert result.freshness_percentile(99) > 8 * 60
-    assert result.freshness_percentile(50) < 3 * 60  # most of the day: each minute's batch in 30 s
+    assert result.freshness_percentile(90) > 8 * 60  # the hours after each catch-up
+    assert result.freshness_percentile(50) < 5 * 60  # the rest: each minute's batch 55 s after it is ready
 
 
 @pytest.mark.slow
