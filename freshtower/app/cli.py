@@ -319,7 +319,11 @@ def simulate_command(
 @app.command("run")
 def run_command(
     ctx: typer.Context,
-    days: int = typer.Option(3, "--days", min=1, help="Simulated days (MovieLens: the days its ratings are compressed into)."),
+    days: Optional[int] = typer.Option(
+        None, "--days", min=1,
+        help="Simulated days (default 3; MovieLens: the days its ratings are compressed into); "
+        "with --events: the log's first days (default all).",
+    ),
     users: int = typer.Option(2000, "--users", help="Simulated users."),
     items: int = typer.Option(1000, "--items", help="Simulated items."),
     requests_per_day: int = typer.Option(20000, "--requests-per-day", help="Simulated recommendation requests a day."),
@@ -368,32 +372,49 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 def experiment_command(
     ctx: typer.Context,
     out: Path = typer.Option(Path("freshtower-experiment"), "--out", help="Work directory: batches, models, results.json, recall.png."),
-    data: str = typer.Option("both", "--data", help="simulator, movielens or both."),
-    days: int = typer.Option(3, "--days", min=2, help="Simulated days."),
+    data: str = typer.Option("simulator", "--data", help="simulator, movielens, both (simulator and MovieLens) or events (with --events)."),
+    world: str = typer.Option(
+        "large", "--world", help="The simulated world: large (20,000 items, K 50/200) or small (500 items, K 50/100)."
+    ),
+    seeds: int = typer.Option(5, "--seeds", min=1, help="Simulated worlds (seeds), each replayed by every arm."),
+    first_seed: int = typer.Option(0, "--first-seed", min=0),
+    events: Optional[Path] = typer.Option(
+        None, "--events", exists=True, dir_okay=False,
+        help="Your own log (`freshtower replay` JSONL), its features as configured in the model section.",
+    ),
+    days: Optional[int] = typer.Option(None, "--days", min=2, help="Simulated days (default: the world's); with --events: the first days."),
     movielens_days: int = typer.Option(60, "--movielens-days", min=2, help="MovieLens days replayed (from its first rating)."),
-    users: int = typer.Option(2000, "--users"),
-    items: int = typer.Option(1000, "--items"),
-    requests_per_day: int = typer.Option(20000, "--requests-per-day"),
-    seed: int = typer.Option(0, "--seed"),
+    users: Optional[int] = typer.Option(None, "--users", help="Simulated users at day 0 (default: the world's)."),
+    items: Optional[int] = typer.Option(None, "--items", help="Simulated items at day 0 (default: the world's)."),
+    requests_per_day: Optional[int] = typer.Option(None, "--requests-per-day"),
     through: str = typer.Option(
-        "kafka", "--through",
-        help="kafka: events produced to the broker and joined by a real streams worker into the batches (the pipeline); "
-        "direct: the same batches joined in process (faster, no broker)",
+        "direct", "--through",
+        help="direct: batches joined in process; kafka: events produced to the broker and joined by a real streams worker "
+        "(the pipeline; always so for --events)",
     ),
     exclude_seen: bool = typer.Option(
         False, "--exclude-seen", help="Score recall without the items each user clicked in earlier hours (the usual MovieLens protocol)."
     ),
+    new_item_vectors: bool = typer.Option(
+        False, "--new-item-vectors", help="Online releases also serve the items seen since their full model (frozen item tower)."
+    ),
+    resamples: int = typer.Option(1000, "--resamples", min=100, help="Bootstrap resamples (MovieLens, --events)."),
+    arms: str = typer.Option("main", "--arms", help="main: daily-full and full+inc/1min; all: also incremental and full+inc/30min."),
 ) -> None:
     """The freshness experiment: daily-full only / incremental only / full +
-    incremental published every 30 min / every 1 min; next-hour Recall@50
-    and @100 and click -> serving freshness, as a table and a PNG."""
+    incremental published every 30 min / every 1 min, and the baselines
+    (most popular over the last day and hour, random); next-hour Recall@K
+    with 95% intervals, the cold-start split and click -> serving
+    freshness, as tables and a PNG."""
+    from freshtower.app.event_schema import SchemaMismatch
     from freshtower.app.experiment import ExperimentOptions, run_experiment
     from freshtower.app.supervisor import PartDied, Stalled
 
     try:
         options = ExperimentOptions(
-            out=out, data=data, days=days, movielens_days=movielens_days, users=users, items=items,
-            requests_per_day=requests_per_day, seed=seed, through=through, exclude_seen=exclude_seen,
+            out=out, data=data, world=world, seeds=seeds, first_seed=first_seed, events=events, days=days, movielens_days=movielens_days,
+            users=users, items=items, requests_per_day=requests_per_day, through=through, exclude_seen=exclude_seen,
+            new_item_vectors=new_item_vectors, resamples=resamples, arms=arms,
         )
     except ValueError as error:
         console.print(str(error), style="red", markup=False, highlight=False)
@@ -401,7 +422,7 @@ def experiment_command(
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # a SIGTERM unwinds too: the broker and worker are stopped
     try:
         result = run_experiment(_settings(ctx), options, report=console.print)
-    except FileExistsError as error:
+    except (FileExistsError, SchemaMismatch) as error:
         console.print(str(error), style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except (PartDied, Stalled) as error:
@@ -411,7 +432,7 @@ def experiment_command(
         raise typer.Exit(1)
     print(result.table)
     plotted = f", plot {result.plot_path}" if result.plot_path else " (no plot: pip install matplotlib)"
-    console.print(f"results in {result.results_path}{plotted}")
+    console.print(f"results in {result.results_path}{plotted}; {result.seconds / 60:.1f} min in all")
 
 
 def _log_tail_lines(error: Exception) -> list[str]:

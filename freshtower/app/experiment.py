@@ -1,35 +1,63 @@
-"""``freshtower experiment``: what fresh user embeddings are worth.
+"""``freshtower experiment``: what fresh user embeddings are worth, with error bars.
 
-For each data set (the simulator's days, MovieLens-100k's first days) it
-makes the batches, through Kafka and a real streams worker
-(``streamed_batches``, the default) or joined in process (``direct``),
-then replays the four arms on them (``experiment_arms``: daily full only,
-incremental only, full + incremental published every 30 minutes or every
-minute) and reports next-hour Recall@K and click -> serving freshness as a
-table, ``results.json`` and a PNG.
+For each data set it makes the batches (joined in process, ``direct``, the
+default, or through Kafka and a real streams worker, ``kafka``), replays
+the arms and the baselines on them (``experiment_arms``) and reports
+next-hour Recall@K, the cold-start split and click -> serving freshness:
 
-``run_experiment`` is the whole command behind one typed
-``ExperimentOptions``; the CLI parses, calls it and prints.
+- the simulator: ``seeds`` worlds (seed 0, 1, ...) of a named world
+  (``WORLDS``: ``large``, the default, or ``small``), each replayed by
+  every arm; per arm the mean over seeds with a 95% Student-t interval,
+  and the paired difference full+inc minus daily-full seed by seed;
+- MovieLens-100k or the user's own events file (``--events``, the
+  ``freshtower replay`` JSONL format, its features declared in the
+  configuration's ``model`` section): one world, so the intervals are a
+  percentile bootstrap over users (paired for the difference).
+
+The statistics are ``experiment_stats``; ``experiment_report`` writes the
+table, ``results.json`` and the PNG. ``run_experiment`` is the whole
+command behind one typed ``ExperimentOptions``.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
 from freshtower.app import movielens
-from freshtower.app.experiment_arms import ArmResult, run_arms
-from freshtower.core.eventtime import HOUR_MS
+from freshtower.app.experiment_arms import ARMS, MAIN_ARMS, ArmResult, run_arms
+from freshtower.app.experiment_report import DataSetResult, format_tables, plot, results_json
 from freshtower.core.settings import Settings
 
-DATA_SETS = ("simulator", "movielens", "both")
+DATA_SETS = ("simulator", "movielens", "both", "events")
 THROUGH = ("kafka", "direct")
+
+
+@dataclass(frozen=True)
+class World:
+    """A named simulated world and the K it is scored at (K at most 1% of the catalogue where it is large)."""
+
+    name: str
+    days: int
+    users: int
+    items: int
+    requests_per_day: int
+    new_users_per_day: int
+    new_items_per_day: int
+    ks: tuple[int, int]
+
+
+WORLDS = {
+    # 20,000 items, 1% = 200; each day from day 1 brings 500 users and 1,000 items.
+    "large": World("large", days=3, users=4000, items=20_000, requests_per_day=12_000, new_users_per_day=500,
+                   new_items_per_day=1000, ks=(50, 200)),
+    # The world earlier versions of the experiment ran: 500 items, no newcomers.
+    "small": World("small", days=4, users=1000, items=500, requests_per_day=8000, new_users_per_day=0, new_items_per_day=0, ks=(50, 100)),
+}
 
 
 @dataclass(frozen=True)
@@ -37,41 +65,65 @@ class ExperimentOptions:
     """What ``freshtower experiment`` runs (its command-line options)."""
 
     out: Path = Path("freshtower-experiment")  # work directory: batches, models, results.json, recall.png
-    data: str = "both"  # simulator, movielens or both
-    days: int = 3  # simulated days
+    data: str = "simulator"  # simulator, movielens, both (simulator and MovieLens) or events (``events``)
+    world: str = "large"  # the simulator's named world (WORLDS)
+    seeds: int = 5  # simulator worlds, seeds first_seed, first_seed + 1, ...
+    first_seed: int = 0
+    days: int | None = None  # simulated days (None: the world's); with ``events``: the file's first days (None: all)
+    users: int | None = None  # None: the world's
+    items: int | None = None
+    requests_per_day: int | None = None
+    events: Path | None = None  # the user's own log (replay JSONL); data must be "events"
     movielens_days: int = 60  # MovieLens days replayed, from its first rating
-    users: int = 2000
-    items: int = 1000
-    requests_per_day: int = 20000
-    seed: int = 0
-    through: str = "kafka"  # kafka: a real streams worker cuts the batches; direct: joined in process
+    through: str = "direct"  # direct: joined in process; kafka: a real streams worker cuts the batches
     exclude_seen: bool = False  # score recall without the items each user clicked in earlier hours
+    new_item_vectors: bool = False  # online releases also serve the items seen since their full model
+    resamples: int = 1000  # bootstrap resamples (single-world data sets)
+    arms: str = "main"  # main: daily-full and full+inc/1min; all: also incremental and full+inc/30min
 
     def __post_init__(self):
+        if self.events is not None and self.data == "simulator":
+            object.__setattr__(self, "data", "events")
         if self.data not in DATA_SETS:
-            raise ValueError(f"--data must be simulator, movielens or both, got {self.data!r}")
+            raise ValueError(f"--data must be one of {', '.join(DATA_SETS)}, got {self.data!r}")
+        if (self.data == "events") != (self.events is not None):
+            raise ValueError("--events FILE and --data events go together")
         if self.through not in THROUGH:
             raise ValueError(f"--through must be kafka or direct, got {self.through!r}")
+        if self.world not in WORLDS:
+            raise ValueError(f"--world must be one of {', '.join(WORLDS)}, got {self.world!r}")
+        if self.arms not in ("main", "all"):
+            raise ValueError(f"--arms must be main or all, got {self.arms!r}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
 
     @property
     def data_sets(self) -> tuple[str, ...]:
         return ("simulator", "movielens") if self.data == "both" else (self.data,)
 
+    @property
+    def simulated(self) -> World:
+        """The world with the options' overrides."""
+        w = WORLDS[self.world]
+        return replace(
+            w, days=self.days or w.days, users=self.users or w.users, items=self.items or w.items,
+            requests_per_day=self.requests_per_day or w.requests_per_day,
+        )
+
 
 @dataclass
 class ExperimentResult:
-    rows: list[tuple[str, ArmResult]]  # (data set, arm result)
-    table: str  # the Markdown table
+    data_sets: list[DataSetResult]
+    table: str  # the Markdown tables
     results_path: Path
     plot_path: Path | None  # None without matplotlib
+    seconds: float
 
 
 def experiment_settings(settings: Settings) -> Settings:
     """The experiment's choices where the user did not set them: one
-    partition per topic (one batch file per minute window, not four: the
-    experiment's streams are small and four days are 5,760 windows), and
-    2^16 frequency buckets (the catalogues are 500-1,682 items; the
-    snapshot saved beside every batch stays small)."""
+    partition per topic (one batch file per minute window, not four), and
+    2^16 frequency buckets (the snapshot saved beside every batch stays small)."""
     from freshtower.app.pipeline import unless_set
 
     return settings.model_copy(
@@ -82,61 +134,98 @@ def experiment_settings(settings: Settings) -> Settings:
 def run_experiment(settings: Settings, options: ExperimentOptions, report: Callable[[str], None] = print) -> ExperimentResult:
     """Every data set's batches, then its arms; the results written under
     ``options.out``. Raises ``FileExistsError`` when ``out`` is not empty,
-    and the supervisor's ``PartDied`` / ``Stalled`` when the streams worker
-    (``--through kafka``) dies or does not finish."""
+    ``event_schema.SchemaMismatch`` when an events file does not carry the
+    configured features, and the supervisor's ``PartDied`` / ``Stalled``
+    when the streams worker (``--through kafka``) dies or does not finish."""
+    started = time.perf_counter()
     out = options.out
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: pass a new --out directory")
     settings = experiment_settings(settings)
-    rows: list[tuple[str, ArmResult]] = []
-    streamed: dict[str, dict] = {}
+    results: list[DataSetResult] = []
     for data in options.data_sets:
-        work = out / data
-        work.mkdir(parents=True)
-        prepare = _simulator_batches if data == "simulator" else _movielens_batches
-        label, data_settings, batches, figures = prepare(settings, options, work, report)
-        if figures is not None:
-            streamed[label] = figures
-        arms = run_arms(data_settings, work, batches, report=report, exclude_seen=options.exclude_seen)
-        rows += [(label, r) for r in arms]
-    results = [
-        {"data": d, "arm": r.arm, "recall": r.recall, "units": r.units, "through": options.through, "exclude_seen": options.exclude_seen,
-         "streams": streamed.get(d), "freshness_p50_s": r.freshness_percentile(50), "freshness_p99_s": r.freshness_percentile(99),
-         "hourly": r.hourly}
-        for d, r in rows
-    ]
+        if data == "simulator":
+            results.append(_simulator(settings, options, out / "simulator", report))
+        else:
+            results.append(_single_world(settings, options, data, out / data, report))
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = time.perf_counter() - started
     results_path = out / "results.json"
-    results_path.write_text(json.dumps(results, indent=1))
-    return ExperimentResult(rows, format_table(rows), results_path, plot(rows, out / "recall.png"))
+    results_path.write_text(json.dumps(results_json(results, options, seconds), indent=1))
+    return ExperimentResult(results, format_tables(results), results_path, plot(results, out / "recall.png"), seconds)
 
 
-def _simulator_batches(settings: Settings, options: ExperimentOptions, work: Path, report) -> tuple[str, Settings, Path, dict | None]:
+def _simulator(settings: Settings, options: ExperimentOptions, out: Path, report) -> DataSetResult:
     from freshtower.app.event_log import simulated_start_day
     from freshtower.app.simulator import Simulator, SimulatorConfig
 
-    o = options
+    w = options.simulated
     # The days end at today's midnight (UTC): the streams worker dead-letters events ahead of the clock.
-    start_day = simulated_start_day(datetime.now(UTC).date(), o.days)
-    simulator = Simulator(SimulatorConfig(users=o.users, items=o.items, requests_per_day=o.requests_per_day, seed=o.seed, start_day=start_day))
-    report(f"simulator: {o.days} days from {start_day}, {o.users:,} users, {o.items:,} items, {o.requests_per_day:,} requests/day")
-    if o.through == "kafka":
-        counts = simulator.write_events(work / "events.jsonl", range(o.days))
-        return "simulator", settings, *_through_kafka(settings, work / "events.jsonl", counts, report)
-    batches = work / "batches"
-    simulator.write_batches(batches, range(o.days), settings.streams.window_seconds)
-    return "simulator", settings, batches, None
+    start_day = simulated_start_day(datetime.now(UTC).date(), w.days)
+    report(
+        f"simulator ({w.name} world): {options.seeds} seeds, {w.days} days from {start_day}, {w.users:,} users, {w.items:,} items "
+        f"(+{w.new_users_per_day:,} users and +{w.new_items_per_day:,} items a day), {w.requests_per_day:,} requests/day, K = {w.ks}"
+    )
+    by_seed: list[list[ArmResult]] = []
+    for seed in range(options.first_seed, options.first_seed + options.seeds):
+        work = out / f"seed-{seed}"
+        work.mkdir(parents=True)
+        simulator = Simulator(
+            SimulatorConfig(
+                users=w.users, items=w.items, requests_per_day=w.requests_per_day, seed=seed, start_day=start_day,
+                new_users_per_day=w.new_users_per_day, new_items_per_day=w.new_items_per_day, max_days=w.days,
+            )
+        )
+        seeded = settings.model_copy(update={"training": settings.training.model_copy(update={"seed": seed})})
+        report(f" seed {seed}")
+        if options.through == "kafka":
+            counts = simulator.write_events(work / "events.jsonl", range(w.days))
+            batches, _ = _through_kafka(seeded, work / "events.jsonl", counts, report)
+        else:
+            batches = work / "batches"
+            simulator.write_batches(batches, range(w.days), settings.streams.window_seconds)
+        by_seed.append(_arms(seeded, options, work, batches, w.ks, report, seed))
+        so_far = DataSetResult(f"simulator/{w.name}", w.ks, by_seed, "t", options.resamples)
+        # The seeds done so far, written after each: a long run that is stopped keeps them.
+        (out / "table-so-far.md").write_text(format_tables([so_far]))
+        (out / "results-so-far.json").write_text(json.dumps(results_json([so_far], options, 0.0), indent=1))
+        report(f"  seed {seed} done: {len(by_seed)} of {options.seeds}, tables so far in {out / 'table-so-far.md'}")
+    return DataSetResult(f"simulator/{w.name}", w.ks, by_seed, "t", options.resamples)
 
 
-def _movielens_batches(settings: Settings, options: ExperimentOptions, work: Path, report) -> tuple[str, Settings, Path, dict | None]:
-    data_settings = movielens.with_features(settings)
-    report(f"movielens-100k: first {options.movielens_days} days")
-    if options.through == "kafka":
-        counts = movielens.write_first_days(work / "events.jsonl", options.movielens_days)
-        return "movielens-100k", data_settings, *_through_kafka(data_settings, work / "events.jsonl", counts, report)
-    batches = work / "batches"
-    windows = movielens.write_batches(batches, settings.streams.window_seconds, max_days=options.movielens_days)
-    report(f"  {windows:,} batch windows")
-    return "movielens-100k", data_settings, batches, None
+def _single_world(settings: Settings, options: ExperimentOptions, data: str, work: Path, report) -> DataSetResult:
+    """MovieLens-100k or the user's events: one world, bootstrap intervals over users."""
+    work.mkdir(parents=True)
+    ks = (50, 200) if data == "events" else (50, 100)
+    if data == "movielens":
+        data_settings, label = movielens.with_features(settings), "movielens-100k"
+        report(f"movielens-100k: first {options.movielens_days} days")
+        if options.through == "kafka":
+            counts = movielens.write_first_days(work / "events.jsonl", options.movielens_days)
+            batches, _ = _through_kafka(data_settings, work / "events.jsonl", counts, report)
+        else:
+            batches = work / "batches"
+            windows = movielens.write_batches(batches, settings.streams.window_seconds, max_days=options.movielens_days)
+            report(f"  {windows:,} batch windows")
+    else:
+        from freshtower.app.event_schema import check_schema, first_days
+
+        data_settings, label = settings, f"events {options.events.name}"
+        events = work / "events.jsonl"
+        kept = first_days(options.events, events, options.days)
+        schema = check_schema(events, data_settings)
+        report(f"{label}: {kept.events:,} events over {kept.days} day(s); {schema.describe()}")
+        counts = kept.counts
+        batches, _ = _through_kafka(data_settings, events, counts, report)  # a user's log is joined by the real worker
+    return DataSetResult(label, ks, [_arms(data_settings, options, work, batches, ks, report, 0)], "bootstrap", options.resamples)
+
+
+def _arms(settings: Settings, options: ExperimentOptions, work: Path, batches: Path, ks, report, seed: int) -> list[ArmResult]:
+    return run_arms(
+        settings, work, batches, arms=ARMS if options.arms == "all" else MAIN_ARMS, ks=tuple(ks), report=report,
+        exclude_seen=options.exclude_seen,
+        new_item_vectors=options.new_item_vectors, seed=seed,
+    )
 
 
 def _through_kafka(settings: Settings, events_path: Path, counts: dict[str, int], report) -> tuple[Path, dict]:
@@ -150,56 +239,3 @@ def _through_kafka(settings: Settings, events_path: Path, counts: dict[str, int]
         f"{figures.dead_letters} dead letters, {figures.late_records} late, join hit rate {figures.join_hit_rate}, {figures.seconds:.0f} s"
     )
     return written.batches_dir, figures.__dict__
-
-
-def format_table(rows: list[tuple[str, ArmResult]], ks: tuple[int, ...] = (50, 100)) -> str:
-    head = "| data | arm | " + " | ".join(f"next-hour Recall@{k}" for k in ks) + " | freshness p50 | freshness p99 | units |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for data, result in rows:
-        recalls = " | ".join(f"{result.recall[k]:.4f}" for k in ks)
-        lines.append(
-            f"| {data} | {result.arm} | {recalls} | {_duration(result.freshness_percentile(50))} | "
-            f"{_duration(result.freshness_percentile(99))} | {result.units:,} |"
-        )
-    return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if math.isnan(seconds):
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def plot(rows: list[tuple[str, ArmResult]], path: Path) -> Path | None:
-    """Recall@50 per hour, one line per arm, one panel per data set (PNG).
-    None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    datasets = list(dict.fromkeys(d for d, _ in rows))
-    figure, axes = plt.subplots(len(datasets), 1, figsize=(10, 3.5 * len(datasets)), squeeze=False)
-    for axis, data in zip(axes[:, 0], datasets):
-        for name, result in [(r.arm, r) for d, r in rows if d == data]:
-            if not result.hourly:
-                continue
-            hours = np.array([h for h, _ in result.hourly], dtype=np.int64)
-            values = np.array([v for _, v in result.hourly])
-            window = min(24, len(values))  # a day's rolling mean: hours are noisy
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            axis.plot((hours[window - 1 :] - hours[0]) / HOUR_MS, smooth, label=name)
-        axis.set_title(f"{data}: next-hour Recall@50 (24-hour rolling mean)")
-        axis.set_xlabel("hours since the first full release")
-        axis.set_ylabel("Recall@50")
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

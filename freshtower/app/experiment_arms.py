@@ -14,11 +14,15 @@ the real trainers (``trainer.full.train_full`` for the daily models,
   published every 30 minutes or every minute.
 
 Time. A batch is ready for training once its window has closed and the
-allowed lateness has passed (``window_end + allowed_lateness``); it is
-trained then, and the wall seconds that took (measured) are added, as
-they would be in production where event time and wall time run together.
-A publish tick every ``interval`` releases what the trainer has learnt by
-then. (Release writing is not timed here: ~0.1 s for a few thousand rows,
+allowed lateness has passed (``window_end + allowed_lateness``). Each
+online trainer keeps a clock of its own, counted cumulatively: a batch
+starts when it is ready and the trainer is free (``max(ready, busy)``),
+and ends the measured wall seconds of its training later, as in
+production where event time and wall time run together. So a catch-up
+after a re-base (the re-base's own load counted too) reaches its batches
+one after the other, and a publish tick every ``interval`` releases
+exactly what the trainer had finished by then: the rows before a batch
+still in training at the tick are kept aside for it. (Release writing is not timed here: ~0.1 s for a few thousand rows,
 see ``benchmarks/bench_recall.py`` for 1M rows.)
 
 Quality: next-hour Recall@K. Each (user, hour) with clicks is one unit:
@@ -32,6 +36,14 @@ not.
 
 Freshness: for every click, the event-time delay from the click to the
 first release that learnt it (a full model's release for ``daily-full``).
+
+Served items: a full release serves its model's catalogue; an online
+release serves the items of its full model (what the service's index
+holds), or, with ``new_item_vectors``, also the items the online trainer
+has seen since, embedded by the frozen item tower.
+
+The baselines (``experiment_baselines``: most popular over the last day
+and the last hour, random) are scored on the same units.
 
 Pure bookkeeping lives in small functions; ``run_arms`` is the loop.
 """
@@ -49,12 +61,16 @@ import numpy as np
 import torch
 from freshtower.trainer.artifacts import adopt_full_model, full_models_dir, list_full_models, load_full_model
 from freshtower.trainer.full import train_full
-from freshtower.trainer.metrics import recall_per_unit, relevant_positions, top_k
+from freshtower.trainer.metrics import top_k
 from freshtower.trainer.online import OnlineTrainer, batch_key
 
+from freshtower.app.experiment_baselines import BASELINES, baseline_scores
+from freshtower.app.experiment_units import Unit, UnitScore, score_unit, units_from
 from freshtower.core.batches import BatchRef, FeatureSpec, list_batches, read_batch
-from freshtower.core.eventtime import DAY_MS, HOUR_MS, day_name, day_start_ms, floor_ms
+from freshtower.core.eventtime import DAY_MS, day_name, day_start_ms, floor_ms
 from freshtower.core.settings import Settings
+
+__all__ = ["ARMS", "MAIN_ARMS", "Arm", "ArmResult", "BASELINES", "next_tick", "run_arms", "units_from"]
 
 
 @dataclass(frozen=True)
@@ -71,28 +87,44 @@ ARMS = (
     Arm("full+inc/30min", True, True, 1_800_000),
     Arm("full+inc/1min", True, True, 60_000),
 )
-
-
-@dataclass
-class Unit:
-    """One user's clicks in one hour, scored at the user's first click."""
-
-    time_ms: int
-    hour_ms: int
-    user_id: str
-    categorical: dict[str, str]
-    numeric: np.ndarray
-    clicked: set[str]
-    seen: frozenset[str] = frozenset()  # items the user clicked before this hour
+# The default arms of ``freshtower experiment`` (``--arms all``: every one of ARMS).
+MAIN_ARMS = tuple(a for a in ARMS if a.name in ("daily-full", "full+inc/1min"))
 
 
 @dataclass
 class ArmResult:
+    """One arm's (or baseline's) figures on one world."""
+
     arm: str
-    recall: dict[int, float]  # K -> mean next-hour Recall@K over units
-    hourly: list[tuple[int, float]]  # (hour start ms, Recall@50 that hour)
-    freshness_s: np.ndarray  # per learnt click, event-time seconds
-    units: int
+    scores: list[UnitScore]  # per unit, in the units' time order
+    units: list[Unit] = field(repr=False, default_factory=list)
+    freshness_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per learnt click, event-time seconds
+    baseline: bool = False
+
+    @property
+    def unit_count(self) -> int:
+        return len(self.scores)
+
+    def recall(self, k: int, new_user: bool | None = None) -> float:
+        """Mean Recall@K over units (of new users only, returning only, or all)."""
+        values = [s.recall[k] for s, u in zip(self.scores, self.units) if new_user is None or u.new_user == new_user]
+        return float(np.mean(values)) if values else math.nan
+
+    def click_recall(self, k: int, born_today: bool) -> float:
+        """Share of the clicks on items born that day (or on older items) found in the unit's top K."""
+        hits = sum((s.new_item_hits if born_today else s.old_item_hits)[k] for s in self.scores)
+        clicks = sum(s.new_item_clicks if born_today else s.old_item_clicks for s in self.scores)
+        return hits / clicks if clicks else math.nan
+
+    def unit_recall(self, k: int) -> np.ndarray:
+        return np.array([s.recall[k] for s in self.scores])
+
+    def hourly(self, k: int = 50) -> list[tuple[int, float]]:
+        """(hour start ms, mean Recall@K of that hour's units)."""
+        by_hour: dict[int, list[float]] = {}
+        for score, unit in zip(self.scores, self.units):
+            by_hour.setdefault(unit.hour_ms, []).append(score.recall[k])
+        return sorted((h, float(np.mean(v))) for h, v in by_hour.items())
 
     def freshness_percentile(self, q: float) -> float:
         return float(np.percentile(self.freshness_s, q)) if len(self.freshness_s) else math.nan
@@ -107,51 +139,20 @@ def next_tick(time_ms: float, interval_ms: int) -> int:
     return int(math.ceil(time_ms / interval_ms) * interval_ms)
 
 
-def units_from(refs: list[BatchRef], spec: FeatureSpec, start_ms: int) -> list[Unit]:
-    """(user, hour) evaluation units of the clicks from ``start_ms`` on,
-    each with the items its user clicked in earlier hours."""
-    units: dict[tuple[str, int], Unit] = {}
-    history: dict[str, set[str]] = {}  # user -> items clicked in hours before the current one
-    pending: list[tuple[str, str]] = []  # this hour's clicks, added to history when the hour ends
-    hour = None
-    for ref in refs:  # in window order, so clicks arrive in time order up to a window
-        samples = read_batch(ref, spec)
-        for i in np.argsort(samples.event_time_ms, kind="stable").tolist():
-            t = int(samples.event_time_ms[i])
-            user, item = samples.user_ids[i], samples.item_ids[i]
-            if hour != floor_ms(t, HOUR_MS):
-                for u, it in pending:
-                    history.setdefault(u, set()).add(it)
-                pending, hour = [], floor_ms(t, HOUR_MS)
-            pending.append((user, item))
-            if t < start_ms:
-                continue
-            key = (user, hour)
-            unit = units.get(key)
-            if unit is None:
-                unit = units[key] = Unit(
-                    t, hour, user, {k: v[i] for k, v in samples.user_categorical.items()}, samples.user_numeric[i].copy(), set(),
-                    frozenset(history.get(user, ())),
-                )
-            unit.clicked.add(item)
-    return sorted(units.values(), key=lambda u: u.time_ms)
-
-
 @dataclass
 class Served:
-    """What one arm serves: a model (towers, vocabularies, items) and the released user ID table."""
+    """What one arm serves: a model (towers, vocabularies, items), the released user ID table and how many of the
+    model's catalogue items the release's index holds."""
 
     model: object
     table: torch.Tensor
+    items: int
 
     @torch.no_grad()
-    def recall(self, units: list[Unit], ks: tuple[int, ...], item_cache: dict, exclude_seen: bool = False) -> list[dict[int, float]]:
+    def retrieve(self, units: list[Unit], k: int, item_cache: dict, exclude_seen: bool = False) -> list[list[str]]:
+        """The top ``k`` item IDs for each unit, best first (exact search)."""
         model = self.model
-        key = id(model)
-        if key not in item_cache:
-            item_cache.clear()
-            item_cache[key] = model.catalogue_vectors()[: len(model.catalogue)].numpy()
-        items = item_cache[key]
+        vectors_of_items, ids = _served_items(model, self.items, item_cache)
         inputs = model.user_inputs(
             [u.user_id for u in units],
             {name: [u.categorical.get(name, "") for u in units] for name in model.user_categorical},
@@ -160,16 +161,27 @@ class Served:
         rows = inputs.id_rows.clone()
         rows[rows >= len(self.table)] = 0  # admitted after this release: the default row
         vectors = model.user_tower.from_id_vectors(self.table[rows], inputs).numpy()
-        scores = vectors @ items.T  # (U, N), exact search
+        scores = vectors @ vectors_of_items.T  # (U, N), exact search
         if exclude_seen:  # what the user clicked before is not retrieved again (the usual MovieLens protocol)
             for n, unit in enumerate(units):
                 if unit.seen:
                     seen = model.catalogue.indices(sorted(unit.seen))
-                    scores[n, seen[(seen >= 0) & (seen < len(items))]] = -np.inf
-        top = top_k(scores, max(ks))  # (U, min(K, N))
-        relevant = [relevant_positions(model.catalogue.indices(sorted(unit.clicked)).tolist()) for unit in units]
-        by_k = {k: recall_per_unit(top, relevant, k).tolist() for k in ks}
-        return [{k: by_k[k][n] for k in ks} for n in range(len(units))]
+                    scores[n, seen[(seen >= 0) & (seen < len(ids))]] = -np.inf
+        top = top_k(scores, k)
+        return [ids[row].tolist() for row in top]
+
+
+def _served_items(model, count: int, cache: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, IDs) of the first ``count`` catalogue items of ``model``; grown in place as the catalogue grows."""
+    if cache.get("model") is not model:
+        cache.clear()
+        cache.update(model=model, vectors=np.zeros((0, 0), np.float32), ids=np.zeros(0, dtype=object))
+    have = len(cache["ids"])
+    if count > have:
+        fresh = model.item_vectors(model.catalogue_inputs(np.arange(have, count))).numpy()
+        cache["vectors"] = fresh if have == 0 else np.concatenate([cache["vectors"], fresh])
+        cache["ids"] = np.array(model.catalogue.ids[:count], dtype=object)
+    return cache["vectors"][:count], cache["ids"][:count]
 
 
 @dataclass
@@ -177,12 +189,15 @@ class _ArmState:
     arm: Arm
     served: Served | None = None
     trainer: OnlineTrainer | None = None
-    last_tick_ms: int = -1
-    unpublished: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (click times, trained at)
+    base_items: int = 0  # items of the online trainer's full model (what its releases serve without new-item vectors)
+    busy_until_ms: float = -math.inf  # the online trainer's own clock: when it is free
+    queue: list[tuple[BatchRef, int]] = field(default_factory=list)  # (batch, ready ms) waiting for the trainer
+    before_inflight: tuple[float, torch.Tensor] | None = None  # (finish ms, rows before) of the last batch trained
+    unpublished: list[tuple[str, np.ndarray, float]] = field(default_factory=list)  # (batch key, click times, trained at)
     since_ms: int = 0  # freshness counts clicks from the first full release on (before it nothing serves)
-    learnt: set = field(default_factory=set)  # batches whose clicks were learnt once (a re-base re-learns some)
+    learnt: set = field(default_factory=set)  # batches whose clicks reached serving once (a re-base re-learns some)
     freshness: list[np.ndarray] = field(default_factory=list)
-    scores: list[tuple[int, dict[int, float]]] = field(default_factory=list)  # (hour, recall by K)
+    scores: dict[int, UnitScore] = field(default_factory=dict)  # unit index -> score
 
 
 @dataclass(frozen=True)
@@ -196,6 +211,12 @@ class _Replay:
     lateness_ms: int
     ks: tuple[int, ...]
     exclude_seen: bool
+    new_item_vectors: bool
+    clicks: dict  # batch path -> its clicked samples, decoded once for every arm
+
+    def clicks_of(self, ref: BatchRef):
+        samples = self.clicks.get(str(ref.path))
+        return samples if samples is not None else read_batch(ref, self.spec)
 
 
 # the kinds of timeline events, in the order they happen at the same moment
@@ -207,20 +228,26 @@ def run_arms(
     work_dir: Path,
     batches_dir: Path,
     arms=ARMS,
-    ks: tuple[int, ...] = (50, 100),
+    ks: tuple[int, ...] = (50, 200),
     report: Callable[[str], None] = print,
     exclude_seen: bool = False,
+    new_item_vectors: bool = False,
+    baselines: bool = True,
+    seed: int = 0,
 ) -> list[ArmResult]:
-    """Train the daily full models once, then replay every arm in event time."""
+    """Train the daily full models once, then replay every arm in event time; the baselines on the same units."""
     spec = FeatureSpec.from_model(settings.model)
     refs = list_batches(batches_dir)
     if not refs:
         raise FileNotFoundError(f"no batches under {batches_dir}")
     full_refs, released_at = _train_daily_models(settings, work_dir, batches_dir, refs, report)
-    replay = _Replay(refs, spec, full_refs, released_at, int(settings.streams.allowed_lateness_seconds * 1000), ks, exclude_seen)
+    lateness_ms = int(settings.streams.allowed_lateness_seconds * 1000)
+    clicks: dict = {}
+    replay = _Replay(refs, spec, full_refs, released_at, lateness_ms, ks, exclude_seen, new_item_vectors, clicks)
     evaluation_start = released_at[full_refs[0].version]
-    units = units_from(refs, spec, evaluation_start)
-    report(f"  {len(units):,} (user, hour) units to score from {day_name(evaluation_start)}")
+    units = units_from(refs, spec, evaluation_start, clicks)
+    new_users = sum(u.new_user for u in units)
+    report(f"  {len(units):,} (user, hour) units to score from {day_name(evaluation_start)} ({new_users:,} of users first seen that day)")
 
     # Every arm's trainer starts before any arm is replayed.
     states = [_ArmState(arm, since_ms=evaluation_start) for arm in arms]
@@ -229,29 +256,39 @@ def run_arms(
             arm_settings = _arm_settings(settings, work_dir / _slug(state.arm.name), batches_dir)
             _reveal(full_refs[0], arm_settings)
             state.trainer = OnlineTrainer.start(arm_settings)
+            state.base_items = len(state.trainer.model.catalogue)
         state.served = Served(*_full_state(full_refs[0]))
     timeline = _timeline(replay, units, evaluation_start)
+    results = []
     for state in states:
+        started = time.perf_counter()
         _replay_arm(state, timeline, replay)
-        report(f"  replayed arm {state.arm.name}")
-    return [_result(state, ks) for state in states]
+        report(f"  replayed arm {state.arm.name} in {time.perf_counter() - started:.0f} s")
+        results.append(_result(state, units))
+    if baselines:
+        for name, scores in baseline_scores(refs, spec, units, ks, lateness_ms, seed, clicks).items():
+            results.append(ArmResult(name, scores, units, baseline=True))
+    return results
 
 
 def _train_daily_models(settings: Settings, work_dir: Path, batches_dir: Path, refs: list[BatchRef], report) -> tuple[list, dict[str, int]]:
-    """The daily full models, once for all arms (every day but the last);
-    each is released at D+1 00:00 + delay + its measured training time."""
+    """The daily full models, once for all arms (every complete day: the last day's model would only serve after the
+    stream); each is released at D+1 00:00 + delay + its measured training time."""
     first_day = floor_ms(refs[0].window_start_ms, DAY_MS)
     days = sorted({floor_ms(r.window_start_ms, DAY_MS) for r in refs})
     delay_ms = int(settings.training.full_delay_seconds * 1000)
     models_settings = _arm_settings(settings, work_dir / "full", batches_dir)
     released_at: dict[str, int] = {}
-    for day_ms in days[:-1]:
+    stream_end_ms = max(r.manifest.window_end_ms for r in refs)
+    # A day's model is trained once the stream has passed its release time (midnight + delay): so not for a partial
+    # last day, nor for the last day's few minutes after midnight, whose model would serve nothing.
+    for day_ms in [d for d in days if d + DAY_MS + delay_ms < stream_end_ms]:
         started = time.perf_counter()
         result = train_full(models_settings, day_name(day_ms), from_scratch=day_ms == first_day)
         seconds = time.perf_counter() - started
         released_at[result.ref.version] = day_ms + DAY_MS + delay_ms + int(seconds * 1000)
         recall = result.metrics.get("exact", {}).get("recall@50", math.nan)
-        report(f"  full model {result.ref.version}: {result.samples:,} samples in {seconds:.1f} s, holdout Recall@50 {recall:.4f}")
+        report(f"  full model {result.ref.version}: {result.samples:,} samples in {seconds:.1f} s, gate Recall@50 {recall:.4f}")
     full_refs = list_full_models(full_models_dir(models_settings))
     if not full_refs:
         raise ValueError("need at least two days of batches: one for the first full model, one to evaluate on")
@@ -277,102 +314,130 @@ def _replay_arm(state: _ArmState, timeline: list[tuple[int, int, object]], repla
     """One arm through the timeline: units are scored in groups by the release serving them."""
     item_cache: dict = {}
     pending_units: list[Unit] = []
+    k = max(replay.ks)
 
-    def flush_units(state: _ArmState) -> None:
+    def flush_units() -> None:
         if pending_units:
-            for unit, scores in zip(pending_units, state.served.recall(pending_units, replay.ks, item_cache, replay.exclude_seen)):
-                state.scores.append((unit.hour_ms, scores))
+            for unit, retrieved in zip(pending_units, state.served.retrieve(pending_units, k, item_cache, replay.exclude_seen)):
+                state.scores[unit.index] = score_unit(retrieved, unit, replay.ks)
         pending_units.clear()
 
     for now, kind, payload in timeline:
-        _publish_ticks(state, now, flush_units)
+        if state.trainer is not None:
+            _advance(state, now, flush_units, replay)
         if kind == _UNIT:
             pending_units.append(payload)
         elif kind == _FULL_RELEASE and state.arm.full_models:
-            flush_units(state)
+            flush_units()
             _take_full_release(state, payload, now, replay)
         elif kind == _BATCH_READY and state.trainer is not None:
-            trainer = state.trainer
-            if payload.window_start_ms >= trainer.next_window_ms and batch_key(payload) not in trainer.trained_recent:
-                _train(state, payload, now, replay.spec)
-    flush_units(state)
+            state.queue.append((payload, now))
+    if state.trainer is not None:
+        _advance(state, math.inf, flush_units, replay, train=False)
+    flush_units()
+
+
+def _advance(state: _ArmState, now: float, flush_units: Callable[[], None], replay: _Replay, train: bool = True) -> None:
+    """Run the online trainer's clock up to ``now``: train each queued batch that it starts by then (a batch starts
+    once ready and the trainer is free), publishing at every tick before that start; then the ticks up to ``now``."""
+    trainer = state.trainer
+    while train and state.queue:
+        ref, ready = state.queue[0]
+        start = max(ready, state.busy_until_ms)
+        if start > now:
+            break
+        state.queue.pop(0)
+        if ref.window_start_ms < trainer.next_window_ms or batch_key(ref) in trainer.trained_recent:
+            continue  # behind the trainer's position (a re-base's catch-up trained it)
+        _publish_ticks(state, start, flush_units, replay)
+        _train(state, ref, start, replay)
+    _publish_ticks(state, now, flush_units, replay)
 
 
 def _take_full_release(state: _ArmState, model_ref, now: int, replay: _Replay) -> None:
-    """A full release reaches an arm that follows full models: its online
-    trainer re-bases and catches up on the batches ready by now, or (no
-    online trainer) the full model itself is served."""
-    _learnt_by_full(state, model_ref, replay.released_at[model_ref.version], replay.refs, replay.spec)
+    """A full release reaches an arm that follows full models: the full model is served at once (the publisher
+    releases it), and the online trainer re-bases (its load timed on its clock) and queues its catch-up: the batches
+    since the model's data end that are ready now."""
+    _learnt_by_full(state, model_ref, replay.released_at[model_ref.version], replay)
+    state.served = Served(*_full_state(model_ref))
     if state.trainer is None:
-        state.served = Served(*_full_state(model_ref))
         return
+    # Learnt on the old base and not published: the catch-up learns them again and they count from there.
+    for key, _, _ in state.unpublished:
+        state.learnt.discard(key)
+    state.unpublished, state.before_inflight, state.queue = [], None, []
     _reveal(model_ref, state.trainer.settings)
+    started_ms = max(now, state.busy_until_ms)
+    wall = time.perf_counter()
     state.trainer.rebase_if_newer()
-    # Catch up on the batches since the model's data end that are ready now.
-    for ref in state.trainer.pending():
-        if ref.manifest.window_end_ms + replay.lateness_ms <= now:
-            _train(state, ref, now, replay.spec)
-    state.served = Served(state.trainer.model, state.trainer.model.user_tower.id_embedding.detach().clone())
+    state.busy_until_ms = started_ms + (time.perf_counter() - wall) * 1000
+    state.base_items = len(state.trainer.model.catalogue)
+    state.queue = [(ref, now) for ref in state.trainer.pending() if ref.manifest.window_end_ms + replay.lateness_ms <= now]
 
 
-def _result(state: _ArmState, ks: tuple[int, ...]) -> ArmResult:
-    by_hour: dict[int, list[float]] = {}
-    for hour, scores in state.scores:
-        by_hour.setdefault(hour, []).append(scores[ks[0]])
+def _result(state: _ArmState, units: list[Unit]) -> ArmResult:
     return ArmResult(
         state.arm.name,
-        {k: float(np.mean([s[k] for _, s in state.scores])) if state.scores else math.nan for k in ks},
-        sorted((h, float(np.mean(v))) for h, v in by_hour.items()),
+        [state.scores[u.index] for u in units],
+        units,
         np.concatenate(state.freshness) if state.freshness else np.zeros(0),
-        len(state.scores),
     )
 
 
-def _train(state: _ArmState, ref: BatchRef, now: int, spec: FeatureSpec) -> None:
+def _train(state: _ArmState, ref: BatchRef, start_ms: float, replay: _Replay) -> None:
+    trainer = state.trainer
+    before = trainer.model.user_tower.id_embedding.detach().clone() if state.arm.publish_interval_ms else None
     started = time.perf_counter()
-    samples = read_batch(ref, spec)
-    state.trainer.learn_batch(ref, samples)
-    trained_at = now + (time.perf_counter() - started) * 1000
+    samples = replay.clicks_of(ref)
+    trainer.learn_batch(ref, samples)
+    finished = start_ms + (time.perf_counter() - started) * 1000
+    state.busy_until_ms = finished
+    state.before_inflight = (finished, before) if before is not None else None
     clicks = samples.event_time_ms.astype(np.int64)
     key = batch_key(ref)
     if key in state.learnt:  # caught up again after a re-base: its clicks reached serving already
         clicks = clicks[:0]
     state.learnt.add(key)
-    state.unpublished.append((clicks[clicks >= state.since_ms], trained_at))
+    state.unpublished.append((key, clicks[clicks >= state.since_ms], finished))
 
 
-def _publish_ticks(state: _ArmState, now: int, flush_units: Callable[[_ArmState], None]) -> None:
-    """Publish at every tick up to ``now`` at which something was learnt."""
+def _publish_ticks(state: _ArmState, now: float, flush_units: Callable[[], None], replay: _Replay) -> None:
+    """Publish at every tick up to ``now`` at which something new was finished: the rows learnt by the tick (those
+    before a batch still in training then), the items the release serves."""
     interval = state.arm.publish_interval_ms
-    if interval is None or not state.unpublished:
+    if interval is None:
         return
     while state.unpublished:
-        tick = next_tick(min(t for _, t in state.unpublished), interval)
+        tick = next_tick(min(t for _, _, t in state.unpublished), interval)
         if tick > now:
             return
-        flush_units(state)  # units before the tick see the previous release
-        ready = [(c, t) for c, t in state.unpublished if t <= tick]
-        state.unpublished = [(c, t) for c, t in state.unpublished if t > tick]
-        for clicks, _ in ready:
+        flush_units()  # units before the tick see the previous release
+        ready = [e for e in state.unpublished if e[2] <= tick]
+        state.unpublished = [e for e in state.unpublished if e[2] > tick]
+        for _, clicks, _ in ready:
             state.freshness.append((tick - clicks) / 1000)
-        state.served = Served(state.trainer.model, state.trainer.model.user_tower.id_embedding.detach().clone())
+        model = state.trainer.model
+        inflight = state.before_inflight
+        table = inflight[1] if inflight is not None and inflight[0] > tick else model.user_tower.id_embedding.detach().clone()
+        items = len(model.catalogue) if replay.new_item_vectors else state.base_items
+        state.served = Served(model, table, items)
 
 
-def _learnt_by_full(state: _ArmState, model_ref, released_ms: int, refs: list[BatchRef], spec: FeatureSpec) -> None:
+def _learnt_by_full(state: _ArmState, model_ref, released_ms: int, replay: _Replay) -> None:
     """Freshness of the clicks a full model learnt, for the arm that only has full models."""
     if state.trainer is not None:
         return  # the online trainer published them earlier
     day_ms = day_start_ms(date.fromisoformat(model_ref.day))
-    for ref in refs:
+    for ref in replay.refs:
         if day_ms <= ref.window_start_ms < day_ms + DAY_MS:
-            clicks = read_batch(ref, spec).event_time_ms.astype(np.int64)
+            clicks = replay.clicks_of(ref).event_time_ms.astype(np.int64)
             state.freshness.append((released_ms - clicks[clicks >= state.since_ms]) / 1000)
 
 
-def _full_state(model_ref) -> tuple[object, torch.Tensor]:
+def _full_state(model_ref) -> tuple[object, torch.Tensor, int]:
     model = load_full_model(model_ref).model
     model.eval()
-    return model, model.user_tower.id_embedding.detach().clone()
+    return model, model.user_tower.id_embedding.detach().clone(), len(model.catalogue)
 
 
 def _arm_settings(settings: Settings, data_dir: Path, batches_dir: Path) -> Settings:

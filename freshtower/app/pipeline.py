@@ -32,7 +32,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,7 +56,7 @@ DEFAULT_SPEEDUP = 1440.0  # event-time seconds per wall second: a simulated day 
 class RunOptions:
     """What ``freshtower run`` replays and how fast (the CLI's options)."""
 
-    days: int = 3
+    days: int | None = None  # simulated days (None: 3); MovieLens: the days it is compressed into (None: 3); events: the first days
     users: int = 2000
     items: int = 1000
     requests_per_day: int = 20000
@@ -176,6 +176,14 @@ class Pipeline:
                 "red",
             )
             return 1
+        if self.options.events is not None:  # the log's features against the configured ones, before any part starts
+            from freshtower.app.event_schema import SchemaMismatch, check_schema
+
+            try:
+                self._say(f"{self.options.events}: {check_schema(self.options.events, self.user_settings).describe()}")
+            except SchemaMismatch as error:
+                self._say(str(error), "red")
+                return 2
         # kafka-python warns when a send waits on the GIL (the simulator thread
         # holds it for a moment); the replay reports real failures itself.
         logging.getLogger("kafka").setLevel(logging.ERROR)
@@ -303,13 +311,22 @@ class Pipeline:
 
     def _open_log(self) -> EventLog:
         o, s = self.options, self.settings
+        days = o.days or 3
         if o.events is not None:
-            events = file_log(o.events, s)
+            from freshtower.app.event_schema import first_days
+
+            source = o.events
+            if o.days is not None:  # the file's first days only
+                source = s.data_dir / "events.jsonl"
+                kept = first_days(o.events, source, o.days)
+                self._say(f"the first {o.days} day(s) of {o.events}: {kept.events:,} events")
+            events = file_log(source, s, f"event log {o.events}" + (f" (first {o.days} days)" if o.days else ""))
         elif o.movielens:
-            events = movielens_log(s.data_dir / "events.jsonl", o.days, s)
+            events = movielens_log(s.data_dir / "events.jsonl", days, s)
         else:
             from freshtower.app.simulator import Simulator, SimulatorConfig
 
+            o = replace(o, days=days)
             start_day = simulated_start_day(datetime.now(UTC).date(), o.days)
             config = SimulatorConfig(users=o.users, items=o.items, requests_per_day=o.requests_per_day, seed=o.seed, start_day=start_day)
             self._say(

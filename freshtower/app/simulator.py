@@ -13,6 +13,11 @@ The world:
   random moment, to a new topic chosen at random. The switch is invisible in
   the features, so only the user's own clicks reveal it; it persists into
   the next day.
+- Newcomers (``new_users_per_day``, ``new_items_per_day``, 0 by default):
+  from day 1 on, each day brings new users and new items, each born at a
+  random moment of its day, drawn like the first ones; a user makes no
+  request and an item is not shown before its birth. Room is made for
+  ``max_days`` days of newcomers.
 - Traffic follows a day/night cycle (peak 20:00 UTC, trough 08:00 UTC).
 - Each request retrieves ``candidates_per_request`` items (half popular,
   half from the user's current interests); a ranking stage scores them
@@ -59,6 +64,9 @@ class SimulatorConfig:
     start_day: str = "2026-11-20"  # day 0, UTC
     click_delay_seconds: float = 20.0  # mean delay from impression to click
     seed: int = 0
+    new_users_per_day: int = 0  # users born during each day from day 1 on
+    new_items_per_day: int = 0  # items born during each day from day 1 on
+    max_days: int = 30  # days of newcomers made room for (later days bring none)
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,66 @@ class Simulator:
         self.user_city = rng.integers(0, c.cities, size=c.users)
         self.user_activity = rng.lognormal(0.0, 1.0, size=c.users)
         self._activity_cdf = np.cumsum(self.user_activity / self.user_activity.sum())
+        self.n_users, self.n_items = c.users, c.items
+        never = np.full(1, np.iinfo(np.int64).min)
+        self.user_birth_ms, self.item_birth_ms = np.repeat(never, c.users), np.repeat(never, c.items)
+        if c.new_users_per_day or c.new_items_per_day:
+            self._add_newcomers(np.random.default_rng([c.seed, 4]), main_topic, second_topic, popularity)
+        self._day_pools: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         self._interest_by_day: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._requests_by_day: dict[int, list[Request]] = {}
+
+    def _add_newcomers(self, rng: np.random.Generator, main_topic, second_topic, popularity) -> None:
+        """Users and items born from day 1 on, drawn like the first ones (their own random stream)."""
+        c = self.config
+        new_users, new_items = c.new_users_per_day * c.max_days, c.new_items_per_day * c.max_days
+        births = lambda n, per_day: np.array(  # noqa: E731
+            [self.day_start_ms(1 + j // per_day) for j in range(n)], dtype=np.int64
+        ) + rng.integers(0, DAY_MS, size=n)
+        if new_items:
+            self.item_topic = np.concatenate([self.item_topic, rng.integers(0, c.topics, size=new_items)])
+            ranks = rng.integers(1, c.items + 1, size=new_items)  # a rank on the first catalogue's scale
+            popularity = np.concatenate([popularity, 1.0 / ranks.astype(np.float64) ** c.popularity_exponent])
+            self.item_popularity = popularity / popularity.sum()
+            self.item_birth_ms = np.concatenate([self.item_birth_ms, births(new_items, c.new_items_per_day)])
+            self.n_items = c.items + new_items
+        if new_users:
+            main = rng.integers(0, c.topics, size=new_users)
+            second = rng.integers(0, c.topics, size=new_users)
+            interest = np.full((new_users, c.topics), 0.02 / c.topics)
+            interest[np.arange(new_users), main] += 0.7
+            interest[np.arange(new_users), second] += 0.28
+            self._initial_interest = np.concatenate([self._initial_interest, interest / interest.sum(axis=1, keepdims=True)])
+            age = np.where(rng.random(new_users) < 0.7, main % len(AGE_BUCKETS), rng.integers(0, len(AGE_BUCKETS), new_users))
+            device = np.where(rng.random(new_users) < 0.6, main % len(DEVICES), rng.integers(0, len(DEVICES), new_users))
+            self.user_age = np.concatenate([self.user_age, age])
+            self.user_device = np.concatenate([self.user_device, device])
+            self.user_city = np.concatenate([self.user_city, rng.integers(0, c.cities, size=new_users)])
+            self.user_activity = np.concatenate([self.user_activity, rng.lognormal(0.0, 1.0, size=new_users)])
+            self.user_birth_ms = np.concatenate([self.user_birth_ms, births(new_users, c.new_users_per_day)])
+            self.n_users = c.users + new_users
+
+    def _pools(self, day: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(alive items, their popularity cdf, topic pools of item indices, users' activity cdf over those born by the
+        day's end): day 0 and a world without newcomers use the first ones."""
+        c = self.config
+        if (not c.new_items_per_day and not c.new_users_per_day) or day == 0:
+            return np.arange(c.items), self._popular_cdf, self._topic_pool, self._activity_cdf
+        if day not in self._day_pools:
+            rng = np.random.default_rng([c.seed, 5, day])
+            end = self.day_start_ms(day + 1)
+            alive = np.flatnonzero(self.item_birth_ms < end)
+            pool = np.zeros((c.topics, 4096), dtype=np.int64)
+            for topic in range(c.topics):
+                items = alive[self.item_topic[alive] == topic]
+                if len(items) == 0:
+                    items = alive[:1]
+                weights = self.item_popularity[items] ** 0.5
+                pool[topic] = rng.choice(items, size=4096, p=weights / weights.sum())
+            users = self.user_birth_ms < end
+            activity = np.where(users, self.user_activity, 0.0)
+            self._day_pools[day] = (alive, np.cumsum(self.item_popularity[alive]), pool, np.cumsum(activity / activity.sum()))
+        return self._day_pools[day]
 
     # --- identities ----------------------------------------------------------
 
@@ -143,13 +209,13 @@ class Simulator:
             previous_start, previous_after, _ = self._day_interests(day - 1)
             start = previous_after
         rng = np.random.default_rng([c.seed, 1, day])
-        drifts = rng.random(c.users) < c.drift_share
-        new_topic = rng.integers(0, c.topics, size=c.users)
+        drifts = rng.random(self.n_users) < c.drift_share
+        new_topic = rng.integers(0, c.topics, size=self.n_users)
         after = start.copy()
         moved = 0.2 * start[drifts]
         moved[np.arange(drifts.sum()), new_topic[drifts]] += 0.8
         after[drifts] = moved
-        switch_ms = np.where(drifts, self.day_start_ms(day) + rng.integers(0, DAY_MS, size=c.users), np.iinfo(np.int64).max)
+        switch_ms = np.where(drifts, self.day_start_ms(day) + rng.integers(0, DAY_MS, size=self.n_users), np.iinfo(np.int64).max)
         self._interest_by_day[day] = (start, after, switch_ms)
         return self._interest_by_day[day]
 
@@ -177,15 +243,18 @@ class Simulator:
         offsets = np.sort(np.concatenate(times)[:n])
         return self.day_start_ms(day) + offsets.astype(np.int64)
 
-    def _candidates(self, interest: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _candidates(self, interest: np.ndarray, rng: np.random.Generator, day: int = 0, ts_ms: int | None = None) -> np.ndarray:
         c = self.config
+        alive, popular_cdf, topic_pool, _ = self._pools(day)
         n_popular = c.candidates_per_request // 2
-        popular = np.searchsorted(self._popular_cdf, rng.random(n_popular) * self._popular_cdf[-1])
+        popular = alive[np.minimum(np.searchsorted(popular_cdf, rng.random(n_popular) * popular_cdf[-1]), len(alive) - 1)]
         n_personal = c.candidates_per_request - n_popular
         cdf = np.cumsum(interest)
         topics = np.minimum(np.searchsorted(cdf, rng.random(n_personal) * cdf[-1]), c.topics - 1)
-        personal = self._topic_pool[topics, rng.integers(0, self._topic_pool.shape[1], n_personal)]
-        candidates = np.unique(np.minimum(np.concatenate([popular, personal]), c.items - 1))
+        personal = topic_pool[topics, rng.integers(0, topic_pool.shape[1], n_personal)]
+        candidates = np.unique(np.minimum(np.concatenate([popular, personal]), self.n_items - 1))
+        if ts_ms is not None and c.new_items_per_day:
+            candidates = candidates[self.item_birth_ms[candidates] <= ts_ms]  # not born yet: not shown
         return rng.permutation(candidates)
 
     def requests(self, day: int) -> list[Request]:
@@ -198,11 +267,20 @@ class Simulator:
         c = self.config
         rng = np.random.default_rng([c.seed, 2, day])
         times = self._request_times(day, rng)
-        users = np.searchsorted(self._activity_cdf, rng.random(len(times)) * self._activity_cdf[-1])
+        activity_cdf = self._pools(day)[3]
+        users = np.searchsorted(activity_cdf, rng.random(len(times)) * activity_cdf[-1])
+        for _ in range(20):  # a user drawn before their birth that day: drawn again
+            unborn = np.flatnonzero(self.user_birth_ms[np.minimum(users, self.n_users - 1)] > times)
+            if len(unborn) == 0:
+                break
+            users[unborn] = np.searchsorted(activity_cdf, rng.random(len(unborn)) * activity_cdf[-1])
+        users = np.where(self.user_birth_ms[np.minimum(users, self.n_users - 1)] > times, 0, np.minimum(users, self.n_users - 1))
         requests = []
         for n, (ts, user) in enumerate(zip(times.tolist(), users.tolist())):
             interest = self.interest_at(user, ts, day)
-            candidates = self._candidates(interest, rng)
+            candidates = self._candidates(interest, rng, day, ts)
+            if len(candidates) == 0:
+                continue
             truth = self.click_probability(interest, candidates)
             scores = np.clip(truth + rng.normal(0, 0.1, len(candidates)), 0.0, 1.0)
             order = np.argsort(-scores, kind="stable")

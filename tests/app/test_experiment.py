@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from freshtower.app.experiment import format_table
-from freshtower.app.experiment_arms import ARMS, next_tick, run_arms
+from freshtower.app.experiment_arms import ARMS, BASELINES, next_tick, run_arms
 from freshtower.app.simulator import Simulator, SimulatorConfig
 from tests.conftest import make_settings
 
@@ -39,11 +39,10 @@ def test_the_arms_differ_in_freshness_as_their_publishing_does(tmp_path):
     simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=2000, seed=3))
     settings = make_settings(tmp_path / "unused")
     simulator.write_batches(tmp_path / "batches", range(2), settings.streams.window_seconds)
-    results = {r.arm: r for r in run_arms(settings, tmp_path / "work", tmp_path / "batches", report=lambda _: None)}
-    assert set(results) == {a.name for a in ARMS}
-    print(format_table([("sim", r) for r in results.values()]))
+    results = {r.arm: r for r in run_arms(settings, tmp_path / "work", tmp_path / "batches", ks=(50, 100), report=lambda _: None)}
+    assert set(results) == {a.name for a in ARMS} | set(BASELINES)
     for result in results.values():
-        assert result.units > 0 and 0 <= result.recall[50] <= result.recall[100] <= 1
+        assert result.unit_count > 0 and 0 <= result.recall(50) <= result.recall(100) <= 1
     # Batches of one minute plus 10 s lateness, published every minute: a
     # click reaches serving within ~2 minutes; every 30 minutes: later;
     # only daily: hours later (the day's end, the delay, the training).
@@ -51,7 +50,7 @@ def test_the_arms_differ_in_freshness_as_their_publishing_does(tmp_path):
     assert one_minute.freshness_percentile(99) < 180
     assert one_minute.freshness_percentile(50) < thirty.freshness_percentile(50) < daily.freshness_percentile(50)
     assert daily.freshness_percentile(50) > 3600
-    json.dumps([r.hourly for r in results.values()])  # plain numbers, ready for results.json
+    json.dumps([r.hourly(50) for r in results.values()])  # plain numbers, ready for results.json
 
 
 @pytest.mark.slow
@@ -76,8 +75,115 @@ def test_the_experiment_trains_on_batches_a_real_streams_worker_cut_from_kafka(t
     assert figures.events_read == sum(counts.values()) and figures.records == len(expected) and figures.dead_letters == 0
     assert written.topics.impressions != settings.topics.impressions  # a shared broker: topics of its own
 
-    results = {r.arm: r for r in run_arms(settings, tmp_path / "work", written.batches_dir, report=lambda _: None)}
+    results = {r.arm: r for r in run_arms(settings, tmp_path / "work", written.batches_dir, baselines=False, report=lambda _: None)}
     assert set(results) == {a.name for a in ARMS}
-    print(format_table([("sim via kafka", r) for r in results.values()]))
-    assert all(r.units > 0 for r in results.values())
+    assert all(r.unit_count > 0 for r in results.values())
     assert results["full+inc/1min"].freshness_percentile(99) < 180 < results["daily-full"].freshness_percentile(50)
+
+
+def _write_clicks(directory, rows):
+    """rows: (user, item, ts, label) -> one batch file per minute window."""
+    from freshtower.core.batches import Sample, write_batch
+
+    by_window: dict[int, list] = {}
+    for n, (user, item, ts, label) in enumerate(rows):
+        by_window.setdefault(ts - ts % 60_000, []).append(Sample(user, item, label, ts, f"r{n}", 0))
+    for start, samples in sorted(by_window.items()):
+        write_batch(directory, start, start + 60_000, samples)
+
+
+def test_units_flag_users_first_seen_that_day_and_items_born_that_day(tmp_path):
+    from freshtower.app.experiment_units import units_from
+    from freshtower.core.batches import FeatureSpec, list_batches
+
+    day = 86_400_000
+    d0 = 1_790_000_000_000 - 1_790_000_000_000 % day
+    _write_clicks(tmp_path, [
+        ("old", "i-old", d0 + 60_000, 1),  # day 0
+        ("shown", "i-old", d0 + 120_000, 0),  # seen on day 0, not clicking
+        ("old", "i-new", d0 + day + 60_000, 1),  # day 1: i-new born today
+        ("old", "i-old", d0 + day + 90_000, 1),
+        ("shown", "i-old", d0 + day + 3_600_000, 1),  # returning: seen yesterday without a click
+        ("fresh", "i-new", d0 + day + 7_200_000, 1),  # first seen today
+    ])
+    units = {(u.user_id, u.hour_ms): u for u in units_from(list_batches(tmp_path), FeatureSpec((), (), ()), d0 + day)}
+    old, shown, fresh = units["old", d0 + day], units["shown", d0 + day + 3_600_000], units["fresh", d0 + day + 7_200_000]
+    assert not old.new_user and not shown.new_user and fresh.new_user
+    assert old.clicked == {"i-new", "i-old"} and old.born_today == {"i-new"} and fresh.born_today == {"i-new"}
+    assert shown.born_today == set() and [u.index for u in units_from(list_batches(tmp_path), FeatureSpec((), (), ()), 0)] == [0, 1, 2, 3]
+
+
+def test_popular_baselines_count_only_clicks_whose_batch_was_ready(tmp_path):
+    from freshtower.app.experiment_baselines import baseline_scores
+    from freshtower.app.experiment_units import units_from
+    from freshtower.core.batches import FeatureSpec, list_batches
+
+    hour = 3_600_000
+    t0 = 1_790_000_000_000 - 1_790_000_000_000 % hour
+    rows = [("a", "day-hit", t0 + m * 60_000, 1) for m in range(5)]  # popular 2 hours before
+    rows += [("b", "hour-hit", t0 + 2 * hour - 300_000 + s * 1000, 1) for s in range(3)]  # popular in the last hour
+    rows += [("c", "too-late", t0 + 2 * hour + 1000 + s, 1) for s in range(9)]  # same minute as the unit: not ready
+    rows += [("u", item, t0 + 2 * hour + 5_000 + n, 1) for n, item in enumerate(("day-hit", "hour-hit", "too-late"))]
+    _write_clicks(tmp_path, rows)
+    spec = FeatureSpec((), (), ())
+    refs = list_batches(tmp_path)
+    units = [u for u in units_from(refs, spec, t0 + 2 * hour) if u.user_id == "u"]
+    scores = baseline_scores(refs, spec, units, (1, 2), lateness_ms=10_000)
+    assert scores["popular/day"][0].recall == {1: 1 / 3, 2: 2 / 3}  # day-hit (5) then hour-hit (3); too-late not ready
+    assert scores["popular/hour"][0].recall == {1: 1 / 3, 2: 1 / 3}  # only hour-hit in the last hour
+    assert 0 <= scores["random"][0].recall[2] <= 2 / 3
+
+
+@pytest.mark.slow
+def test_a_catch_up_reaches_serving_only_as_fast_as_the_trainer_goes(tmp_path, monkeypatch):
+    """Training time counts cumulatively: with every batch taking 55 s (a clock advanced by each learn_batch), the
+    catch-up of ~15 batches after a re-base takes ~14 minutes and then drains at 5 s a minute, so for hours clicks
+    wait for it; counting each batch's own time only (each one 55 s after the re-base) delayed only the ~1% of
+    clicks inside the catch-up."""
+    import types
+
+    from freshtower.app import experiment_arms
+    from freshtower.trainer.online import OnlineTrainer
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(experiment_arms, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    real = OnlineTrainer.learn_batch
+
+    def slow_learn_batch(self, ref, samples=None):
+        clock.now += 55.0
+        return real(self, ref, samples)
+
+    monkeypatch.setattr(OnlineTrainer, "learn_batch", slow_learn_batch)
+    simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=1500, seed=5))
+    settings = make_settings(tmp_path / "unused")
+    simulator.write_batches(tmp_path / "batches", range(3), settings.streams.window_seconds)
+    arms = [a for a in ARMS if a.name == "full+inc/1min"]
+    (result,) = run_arms(settings, tmp_path / "work", tmp_path / "batches", arms=arms, ks=(50,), baselines=False, report=lambda _: None)
+    assert result.freshness_percentile(90) > 8 * 60  # the hours after each catch-up
+    assert result.freshness_percentile(50) < 5 * 60  # the rest: each minute's batch 55 s after it is ready
+
+
+@pytest.mark.slow
+def test_the_experiment_reports_intervals_baselines_and_the_cold_start_split(tmp_path):
+    from freshtower.app.experiment import ExperimentOptions, run_experiment
+
+    options = ExperimentOptions(
+        out=tmp_path / "exp", world="large", seeds=2, days=2, users=300, items=2000, requests_per_day=1500, arms="all"
+    )
+    result = run_experiment(make_settings(tmp_path / "unused"), options, report=lambda _: None)
+    print(result.table)
+    (data,) = result.data_sets
+    assert data.label == "simulator/large" and data.ks == (50, 200) and len(data.by_seed) == 2
+    assert "± " in result.table and "full+inc/1min − daily-full" in result.table and "popular/hour" in result.table
+    assert "Recall@50 new users" in result.table
+    saved = json.loads(result.results_path.read_text())
+    arms = saved["data_sets"][0]["arms"]
+    assert set(arms) == {a.name for a in ARMS} | set(BASELINES)
+    assert len(arms["daily-full"]["per_seed"]) == 2 and arms["daily-full"]["intervals"]["recall@50"]["method"] == "t"
+    # the world brings new users and new items during day 1: the split has both sides
+    per_seed = arms["popular/day"]["per_seed"][0]
+    assert per_seed["units"] > 0 and not math.isnan(per_seed["click-recall@50/born-that-day"])
+    assert sum(u.new_user for u in data.by_seed[0][0].units) > 0
+    # the two seeds are different worlds, and the arms of one seed score the same units
+    assert [r.unit_count for r in data.results_of("daily-full")] != [0, 0]
+    assert data.results_of("daily-full")[0].unit_count == data.results_of("full+inc/1min")[0].unit_count

@@ -182,3 +182,23 @@ def test_sigint_stops_every_part_and_exits_130(start_run):
     assert run.wait(60) == 130
     assert "interrupted by SIGINT" in run.stderr and "done so far" in run.stderr
     assert all(not running_in_group(part["pid"]) for part in run_file["parts"].values())
+
+
+def test_run_refuses_an_events_log_without_the_configured_features_before_starting_anything(tmp_path):
+    from rich.console import Console
+
+    from freshtower.app.pipeline import Pipeline, RunOptions
+    from tests.conftest import make_settings
+
+    log = tmp_path / "mine.jsonl"
+    event = {"event_id": "e1", "request_id": "r1", "user_id": "u1", "ts": 1_790_000_000_000,
+             "items": [{"item_id": "i1", "position": 0, "features": {"genre": "jazz"}}],
+             "user_features": {"categorical": {"plan": "pro"}, "numeric": {}}}
+    log.write_text(json.dumps({"topic": "impressions", "event": event}) + "\n")
+    console = Console(file=open(tmp_path / "console.txt", "w"), width=200)
+    code = Pipeline(make_settings(tmp_path / "data"), RunOptions(events=log, days=1), console).run()
+    console.file.close()
+    said = (tmp_path / "console.txt").read_text()
+    assert code == 2
+    assert "['age_bucket', 'city', 'device'] (model.user_categorical) never appear" in said
+    assert not (tmp_path / "data" / "logs").exists() or not any((tmp_path / "data" / "logs").iterdir())  # no part started
