@@ -74,7 +74,8 @@ def test_full_release_then_embeddings_releases_of_the_rows_changed_since(data_di
         model = load_full_model(latest_full_model(full_models_dir(settings))).model
         assert full_release.manifest.rows == {"user_embeddings": len(model.user_ids), "items": len(model.catalogue)}
         assert full_release.manifest.index.kind == "IndexFlatIP"
-        assert full_release.manifest.index.recall_at_100_vs_exact == pytest.approx(1.0)
+        # exact up to ties at the 100th score (float32 sums in another order): one item in 20,000 seen
+        assert full_release.manifest.index.recall_at_100_vs_exact >= 0.999
 
         # The delta: exactly the rows the trainer changed (step > 0), with the checkpoint's values.
         checkpoint = read_online_checkpoint(checkpoint_path(settings))
