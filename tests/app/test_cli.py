@@ -54,7 +54,7 @@ def test_simulate_then_train_full_then_online(tmp_path, monkeypatch):
 def test_experiment_options_are_checked_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("FRESHTOWER_DATA_DIR", str(tmp_path / "data"))
     result = runner.invoke(app, ["experiment", "--data", "nope", "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "--data must be simulator, movielens or both, got 'nope'" in result.output
+    assert result.exit_code == 2 and "--data must be one of simulator, movielens, both, events, got 'nope'" in result.output
     result = runner.invoke(app, ["experiment", "--through", "carrier-pigeon", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--through must be kafka or direct" in result.output
     (tmp_path / "used").mkdir()

@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import httpx
 import numpy as np
+from freshtower.publisher.new_item_index import NewItemIndex
+from freshtower.trainer.retrieval import IndexSettings
 import pytest
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.publish import Publisher
@@ -44,7 +46,7 @@ def state_at(version: str, model: str = "m1", dim: int = 2) -> ServingState:
     return ServingState(
         version=version, full_version="00000001-full", model_version=model, chain=(version,), tower=SimpleNamespace(id_dim=dim),
         user_rows={}, id_table=np.zeros((1, dim), np.float32), row_event_time_ms=np.zeros(1, np.int64), index=None, item_ids=(),
-        newest_click_event_time_ms=5, newest_click_is_bound=False, loaded_at=0.0,
+        item_set=frozenset(), index_settings=IndexSettings(), new_items=NewItemIndex.empty(), newest_click_event_time_ms=5, newest_click_is_bound=False, loaded_at=0.0,
     )  # fmt: skip
 
 
