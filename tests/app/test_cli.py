@@ -68,15 +68,20 @@ def test_experiment_options_are_checked_before_any_work(tmp_path, monkeypatch):
 def test_the_experiment_command_prints_its_table_and_writes_the_results(tmp_path, monkeypatch):
     monkeypatch.setenv("FRESHTOWER_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "out"
-    tiny = ["--users", "150", "--items", "100", "--requests-per-day", "800", "--seed", "5"]
+    tiny = ["--world", "small", "--users", "150", "--items", "100", "--requests-per-day", "800", "--seeds", "2", "--first-seed", "5"]
     result = runner.invoke(app, ["experiment", "--data", "simulator", "--days", "2", "--through", "direct", "--out", str(out), *tiny])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    # one row per arm of the one data set, as in the table
-    assert [(r["data"], r["arm"]) for r in results] == [
-        ("simulator", a) for a in ("daily-full", "incremental", "full+inc/30min", "full+inc/1min")
-    ]
-    assert all(r["through"] == "direct" and r["units"] > 0 and r["streams"] is None for r in results)
-    for r in results:
-        assert f"| simulator | {r['arm']} | {r['recall']['50']:.4f} | {r['recall']['100']:.4f} |" in result.stdout
-    assert (out / "simulator" / "batches").is_dir()
+    assert results["through"] == "direct"
+    (data_set,) = results["data_sets"]
+    assert data_set["data"] == "simulator/small" and data_set["worlds"] == 2 and data_set["ks"] == [50, 100]
+    # the main arms and the baselines, each with its interval over the two seeds, as in the table
+    arms = data_set["arms"]
+    assert {"daily-full", "full+inc/1min", "popular/day", "popular/hour", "random"} <= set(arms)
+    for name, arm in arms.items():
+        recall = arm["intervals"]["recall@50"]
+        assert recall["n"] == 2 and recall["low"] <= recall["mean"] <= recall["high"]
+        assert len(arm["per_seed"]) == 2
+        assert f"| {name} | {recall['mean']:.4f} ± " in result.stdout
+    assert "full+inc/1min − daily-full" in result.stdout
+    assert all((out / "simulator" / f"seed-{seed}" / "batches").is_dir() for seed in (5, 6))
