@@ -38,7 +38,9 @@ def test_units_know_what_their_user_clicked_in_earlier_hours(tmp_path):
 def test_the_arms_differ_in_freshness_as_their_publishing_does(tmp_path):
     simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=2000, seed=3))
     settings = make_settings(tmp_path / "unused")
-    simulator.write_batches(tmp_path / "batches", range(2), settings.streams.window_seconds)
+    # three days: the daily arm's freshness counts clicks from its first release on, which only the
+    # second day's model (released on the third day) has learnt
+    simulator.write_batches(tmp_path / "batches", range(3), settings.streams.window_seconds)
     results = {r.arm: r for r in run_arms(settings, tmp_path / "work", tmp_path / "batches", ks=(50, 100), report=lambda _: None)}
     assert set(results) == {a.name for a in ARMS} | set(BASELINES)
     for result in results.values():
