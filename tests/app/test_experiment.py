@@ -139,9 +139,9 @@ def test_popular_baselines_count_only_clicks_whose_batch_was_ready(tmp_path):
 @pytest.mark.slow
 def test_a_catch_up_reaches_serving_only_as_fast_as_the_trainer_goes(tmp_path, monkeypatch):
     """Training time counts cumulatively: with every batch taking 55 s (a clock advanced by each learn_batch), the
-    catch-up of ~15 batches after a re-base takes ~14 minutes and then drains at 5 s a minute, so for hours clicks
-    wait for it; counting each batch's own time only (each one 55 s after the re-base) delayed only the ~1% of
-    clicks inside the catch-up."""
+    catch-up of ~15 batches after a re-base takes ~14 minutes and then drains at 5 s a minute, so the clicks of
+    the following hours wait up to ~14 minutes for it; counting each batch's own time only (each one 55 s after the
+    re-base) served every click within ~2 minutes."""
     import types
 
     from freshtower.app import experiment_arms
@@ -161,7 +161,7 @@ def test_a_catch_up_reaches_serving_only_as_fast_as_the_trainer_goes(tmp_path, m
     simulator.write_batches(tmp_path / "batches", range(3), settings.streams.window_seconds)
     arms = [a for a in ARMS if a.name == "full+inc/1min"]
     (result,) = run_arms(settings, tmp_path / "work", tmp_path / "batches", arms=arms, ks=(50,), baselines=False, report=lambda _: None)
-    assert result.freshness_percentile(90) > 8 * 60  # the hours after each catch-up
+    assert result.freshness_percentile(100) > 10 * 60  # the clicks waiting for a catch-up
     assert result.freshness_percentile(50) < 5 * 60  # the rest: each minute's batch 55 s after it is ready
 
 
