@@ -64,6 +64,8 @@ def test_swagger_ui_renders_the_recall_endpoint_without_internet(service, tmp_pa
     assert "/v1/recall" in paths, dom[-3000:]
     assert set(paths) == {
         "/v1/recall",
+        "/v1/prerank",
+        "/v1/recommend",
         "/v1/users/{user_id}/embedding",
         "/v1/releases",
         "/v1/releases/{version}/activate",
