@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -65,6 +65,19 @@ def simulated_start_day(today: date, days: int) -> str:
     '2026-11-20'
     """
     return (today - timedelta(days=days)).isoformat()
+
+
+def simulated_end_day(now: datetime) -> date:
+    """The day whose midnight (UTC), where the simulated days end, lies at
+    least two hours before ``now``: the worker's watermark follows the
+    clock when idle but never passes it, so the last requests' windows (a
+    join window past the log's end) close only once the clock is there. Run
+    just after midnight, the log ends a day earlier.
+
+    >>> simulated_end_day(datetime(2026, 11, 23, 0, 20, tzinfo=UTC)), simulated_end_day(datetime(2026, 11, 23, 9, tzinfo=UTC))
+    (datetime.date(2026, 11, 22), datetime.date(2026, 11, 23))
+    """
+    return (now - timedelta(hours=2)).date()
 
 
 class SimulatedLog(EventLog):

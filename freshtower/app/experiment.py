@@ -156,12 +156,12 @@ def run_experiment(settings: Settings, options: ExperimentOptions, report: Calla
 
 
 def _simulator(settings: Settings, options: ExperimentOptions, out: Path, report) -> DataSetResult:
-    from freshtower.app.event_log import simulated_start_day
+    from freshtower.app.event_log import simulated_end_day, simulated_start_day
     from freshtower.app.simulator import Simulator, SimulatorConfig
 
     w = options.simulated
     # The days end at today's midnight (UTC): the streams worker dead-letters events ahead of the clock.
-    start_day = simulated_start_day(datetime.now(UTC).date(), w.days)
+    start_day = simulated_start_day(simulated_end_day(datetime.now(UTC)), w.days)
     report(
         f"simulator ({w.name} world): {options.seeds} seeds, {w.days} days from {start_day}, {w.users:,} users, {w.items:,} items "
         f"(+{w.new_users_per_day:,} users and +{w.new_items_per_day:,} items a day), {w.requests_per_day:,} requests/day, K = {w.ks}"

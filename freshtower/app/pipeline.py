@@ -42,7 +42,16 @@ from rich.live import Live
 from rich.text import Text
 
 from freshtower.app import movielens, observation
-from freshtower.app.event_log import EventLog, ReplayThread, SimulatedLog, file_log, movielens_log, sample_request, simulated_start_day
+from freshtower.app.event_log import (
+    EventLog,
+    ReplayThread,
+    SimulatedLog,
+    file_log,
+    movielens_log,
+    sample_request,
+    simulated_end_day,
+    simulated_start_day,
+)
 from freshtower.app.run_state import Observation, RunSummary, Settled, duration, render_summary, status_line, unfinished
 from freshtower.app.supervisor import Interrupted, PartDied, Stalled, Supervisor, child_environment, cli_command
 from freshtower.core.settings import Settings
@@ -327,7 +336,7 @@ class Pipeline:
             from freshtower.app.simulator import Simulator, SimulatorConfig
 
             o = replace(o, days=days)
-            start_day = simulated_start_day(datetime.now(UTC).date(), o.days)
+            start_day = simulated_start_day(simulated_end_day(datetime.now(UTC)), o.days)
             config = SimulatorConfig(users=o.users, items=o.items, requests_per_day=o.requests_per_day, seed=o.seed, start_day=start_day)
             self._say(
                 f"simulating {o.days} day{'s' if o.days != 1 else ''} from {start_day}: {o.users:,} users, {o.items:,} items, "

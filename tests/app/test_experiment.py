@@ -60,13 +60,15 @@ def test_the_experiment_trains_on_batches_a_real_streams_worker_cut_from_kafka(t
     from collections import Counter
     from datetime import date
 
-    from freshtower.app.event_log import simulated_start_day
+    from datetime import UTC, datetime
+
+    from freshtower.app.event_log import simulated_end_day, simulated_start_day
     from freshtower.app.experiment import experiment_settings
     from freshtower.app.streamed_batches import stream_to_batches
     from tests.streams.oracle import batch_keys, expected_samples
 
     # days in the past: the worker dead-letters events ahead of the clock
-    start_day = simulated_start_day(date.today(), 3)
+    start_day = simulated_start_day(simulated_end_day(datetime.now(UTC)), 3)
     simulator = Simulator(SimulatorConfig(users=300, items=200, topics=8, requests_per_day=1500, seed=4, start_day=start_day))
     settings = experiment_settings(make_settings(tmp_path / "unused").model_copy(update={"kafka": kafka_broker.bootstrap}))
     counts = simulator.write_events(tmp_path / "events.jsonl", range(2))
