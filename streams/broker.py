@@ -40,6 +40,17 @@ def resolve_binary(home: Path | None = None) -> str:
             os.environ["HOME"] = previous
 
 
+def terminate(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; waits for the exit."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
 class LocalBroker:
     """A Tansu broker process bound to ``host:port`` (loopback by default).
 
@@ -108,13 +119,7 @@ class LocalBroker:
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        terminate(self.process, timeout)
         self.process = None
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()

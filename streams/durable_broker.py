@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from freshtower.core.ports import free_port
-from freshtower.streams.broker import BrokerError, LocalBroker
+from freshtower.streams.broker import BrokerError, LocalBroker, terminate
 
 # moto accepts any credentials; Tansu (the AWS SDK for Rust) wants some set.
 _CREDENTIALS = {
@@ -103,13 +103,8 @@ class ObjectStoreServer:
             pass
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        if self.process is not None:
+            terminate(self.process, timeout)
         self.process = None
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
