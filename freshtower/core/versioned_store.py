@@ -227,7 +227,9 @@ class LocalDirectory:
     def exclusive(self, name: str) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f".{name}.lock"
-        with open(path, "a") as handle:
+        with writing(path):  # a read-only store: the part stops here, naming the file
+            handle = open(path, "a")
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
