@@ -100,7 +100,8 @@ def test_a_full_disk_and_a_read_only_data_directory_stop_the_worker_and_a_restar
     fourth = worker_factory(finish, "fourth")
     s = finish.streams
     done_at = last_ts + JOIN_WINDOW_MS + (s.window_seconds + s.allowed_lateness_seconds) * 1000
-    fourth.wait_for(lambda st: st["watermark_ms"] is not None and st["watermark_ms"] >= done_at and st["open_requests"] == 0, 240, "the day")
+    done = lambda st: st["watermark_ms"] is not None and st["watermark_ms"] >= done_at and st["open_requests"] == 0  # noqa: E731
+    fourth.wait_for(done, 240, "the day")
     assert fourth.stop() == 0
 
     assert_every_batch_whole(settings)
