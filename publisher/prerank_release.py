@@ -41,6 +41,7 @@ from freshtower.core.batches import list_batches
 from freshtower.core.batches.ranking import read_statistics_rows
 from freshtower.core.eventtime import HOUR_MS, MINUTE_MS
 from freshtower.core.settings import Settings
+from freshtower.core.storage import write_file, writing
 from freshtower.core.statistics import CountsSnapshot, ItemStatistics, UserStatistics, item_count_deltas
 
 log = logging.getLogger(__name__)
@@ -142,16 +143,18 @@ def write_prerank_files(staging: Path, settings: Settings, on_file: Callable[[st
     if not np.isfinite(rows.numpy()).all():
         mark_refused(ref, "item-cache rows hold NaN or inf")
         return None
-    shutil.copyfile(ref.path / WEIGHTS, staging / "prerank.pt")
+    with writing(staging / "prerank.pt"):
+        shutil.copyfile(ref.path / WEIGHTS, staging / "prerank.pt")
     on_file("prerank.pt")
-    (staging / "prerank_item_ids.json").write_text(json.dumps(ids))
-    np.save(staging / "prerank_item_rows.npy", rows.numpy().astype(np.float32))
-    np.save(staging / "prerank_item_codes.npy", np.asarray(codes, dtype=np.int64))
+    write_file(staging / "prerank_item_ids.json", lambda handle: handle.write(json.dumps(ids).encode()))
+    write_file(staging / "prerank_item_rows.npy", lambda handle: np.save(handle, rows.numpy().astype(np.float32)))
+    write_file(staging / "prerank_item_codes.npy", lambda handle: np.save(handle, np.asarray(codes, dtype=np.int64)))
     on_file("prerank_item_rows.npy")
     snapshots = statistics_snapshots(settings.batches_dir)
     as_of = None
     if snapshots is not None:
-        (staging / STATISTICS_FILE).write_bytes(statistics_bytes(snapshots))
+        data = statistics_bytes(snapshots)
+        write_file(staging / STATISTICS_FILE, lambda handle: handle.write(data))
         as_of = snapshots.as_of_ms
         on_file(STATISTICS_FILE)
     manifest = ref.manifest
@@ -166,6 +169,7 @@ def write_prerank_files(staging: Path, settings: Settings, on_file: Callable[[st
         "statistics_as_of_ms": as_of,
         "config": manifest.config,
     }
-    (staging / PRERANK_NOTE).write_text(json.dumps(note, sort_keys=True, default=str))
+    text = json.dumps(note, sort_keys=True, default=str)
+    write_file(staging / PRERANK_NOTE, lambda handle: handle.write(text.encode()))
     on_file(PRERANK_NOTE)
     return note

@@ -42,11 +42,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -87,6 +88,7 @@ from freshtower.core.contracts import (
 from freshtower.core.contracts.release_manifest import NEW_ITEM_IDS, NEW_ITEM_VECTORS
 from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 from freshtower.core.settings import Settings
+from freshtower.core.storage import StorageError, write_file, writing
 
 log = logging.getLogger(__name__)
 
@@ -320,14 +322,17 @@ class Publisher:
 
         version = self.store.next_version("full")
         staging = self.store.staging_dir(version)
-        self._write(staging, "user_tower.pt", lambda p: torch.save(inputs.tower, p))
-        self._write(staging, "user_embeddings.npy", lambda p: np.save(p, inputs.user_table))
-        self._write(staging, "user_ids.json", lambda p: p.write_text(json.dumps(inputs.user_ids)))
-        self._write(staging, "item_vectors.npy", lambda p: np.save(p, inputs.item_vectors))
-        self._write(staging, "item_ids.json", lambda p: p.write_text(json.dumps(inputs.item_ids)))
-        self._write(staging, "index.faiss", index.save)
+        self._write(staging, "user_tower.pt", lambda h: torch.save(inputs.tower, h))
+        self._write(staging, "user_embeddings.npy", lambda h: np.save(h, inputs.user_table))
+        self._write(staging, "user_ids.json", lambda h: h.write(json.dumps(inputs.user_ids).encode()))
+        self._write(staging, "item_vectors.npy", lambda h: np.save(h, inputs.item_vectors))
+        self._write(staging, "item_ids.json", lambda h: h.write(json.dumps(inputs.item_ids).encode()))
+        self._write(staging, "index.faiss", index.save, by_path=True)
         try:  # the pre-ranker rides along; a pre-ranker that cannot be read never stops the retrieval release
             prerank = write_prerank_files(staging, self.settings, on_file=lambda name: self.on_stage("file", name))
+        except StorageError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise  # a full disk or a read-only store stops the release, not just its pre-ranker
         except (ArtifactError, OSError, KeyError, ValueError) as error:
             log.warning("full release without a pre-ranker: %s", error)
             prerank = None
@@ -435,13 +440,13 @@ class Publisher:
 
         version = self.store.next_version("embeddings")
         staging = self.store.staging_dir(version)
-        self._write(staging, "user_embeddings.npy", lambda p: np.save(p, vectors))
-        self._write(staging, "user_ids.json", lambda p: p.write_text(json.dumps(user_ids)))
-        self._write(staging, "row_event_time_ms.npy", lambda p: np.save(p, event_times))
+        self._write(staging, "user_embeddings.npy", lambda h: np.save(h, vectors))
+        self._write(staging, "user_ids.json", lambda h: h.write(json.dumps(user_ids).encode()))
+        self._write(staging, "row_event_time_ms.npy", lambda h: np.save(h, event_times))
         rows = {"user_embeddings": len(user_ids)}
         if new_items is not None:
-            self._write(staging, NEW_ITEM_IDS, lambda p: p.write_text(json.dumps(new_items.item_ids)))
-            self._write(staging, NEW_ITEM_VECTORS, lambda p: np.save(p, new_items.vectors))
+            self._write(staging, NEW_ITEM_IDS, lambda h: h.write(json.dumps(new_items.item_ids).encode()))
+            self._write(staging, NEW_ITEM_VECTORS, lambda h: np.save(h, new_items.vectors))
             rows["new_items"] = len(new_items.item_ids)
         learnt = event_times[event_times > 0]
         manifest = EmbeddingsReleaseManifest(
@@ -497,13 +502,29 @@ class Publisher:
 
     # --- shared steps ----------------------------------------------------------------
 
-    def _write(self, staging, name: str, write: Callable) -> None:
-        write(staging / name)
+    def _write(self, staging, name: str, write: Callable[[BinaryIO], object] | Callable[[Path], object], *, by_path: bool = False) -> None:
+        """One file of a staged release, through a handle (``by_path``: a
+        library that wants a path, e.g. Faiss). A refused write (a full disk,
+        a read-only store) raises ``StorageError`` naming the file, and the
+        staging directory is removed so its space comes back for the next try."""
+        try:
+            if by_path:
+                with writing(staging / name):
+                    write(staging / name)
+            else:
+                write_file(staging / name, write)
+        except StorageError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         self.on_stage("file", name)
 
     def _seal_and_activate(self, staging, manifest: ReleaseManifest, active, activate, rows, started) -> PublishOutcome:
         version, kind = manifest.version, manifest.kind
-        release = self.store.seal(staging, manifest)
+        try:
+            release = self.store.seal(staging, manifest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # never sealed: nothing of it is visible
+            raise
         self.on_stage("sealed", version)
         if activate:
             try:

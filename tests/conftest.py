@@ -76,3 +76,6 @@ def running_in_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             live.append(int(entry.name))
     return live
+
+
+from tests.storage_faults import small_disk  # noqa: E402,F401  (a fixture: a real full disk, a read-only one)

@@ -36,7 +36,7 @@ from freshtower.trainer.model import TwoTowerModel
 from freshtower.core.contracts import ContractError, FullModelManifest, TrainingRecord
 from freshtower.core.frequency import FrequencyEstimator
 from freshtower.core.settings import Settings, settings_from_record
-from freshtower.core.storage import FileDigest
+from freshtower.core.storage import FileDigest, write_file
 from freshtower.core.versioned_store import VersionedStore
 
 WEIGHTS_FORMAT = 1  # layout of model.pt
@@ -228,7 +228,7 @@ def save_full_model(
             "estimator": estimator_tensors(estimator),
             "optimizer": optimizer_state,
         }
-        torch.save(payload, staging / WEIGHTS)
+        write_file(staging / WEIGHTS, lambda handle: torch.save(payload, handle))  # torch's own errors name no file
         store.seal(staging, version, manifest)
     store.set_pointer(version)
     return _ref(store, version)

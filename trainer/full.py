@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
+import re
 import shutil
 import tempfile
 import time
@@ -181,7 +183,7 @@ def train_full(
     shards = training.shuffle_shards or max(1, math.ceil(total_positives / training.shuffle_shard_records))
     rng = np.random.default_rng(seed)  # the same on every worker: same shard assignment
     mine = [s for s in range(shards) if s % world == rank]
-    scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-", dir=_scratch_root(settings)))
+    scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-pid{os.getpid()}-", dir=_scratch_root(settings)))
     try:
         shard_sizes, newest_click_ms = _scatter_in_time_order(learner, estimator, train_refs, spec, rng, shards, mine, scratch, progress)
         samples, losses_seen, train_seconds = _learn_shuffled(
@@ -351,9 +353,26 @@ def train_full_parallel(settings: Settings, day: str, workers: int, *, from_scra
 
 
 def _scratch_root(settings: Settings) -> Path:
+    """The scratch directory, cleared of shard directories that a killed
+    training (SIGKILL: its clean-up never ran) left behind: a day's shards
+    are as large as the day's clicks, and each restart would leave more."""
     root = settings.scratch_dir
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob("full-*-pid*-*"):
+        match = re.search(r"-pid(\d+)-", leftover.name)
+        if match and leftover.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(leftover, ignore_errors=True)
     return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _load_shard(path: Path, spec: FeatureSpec) -> SampleColumns:

@@ -61,7 +61,7 @@ from freshtower.core.batches.ranking import RankingColumns, read_ranking_samples
 from freshtower.core.contracts import FullModelManifest, LineageEntry
 from freshtower.core.settings import Settings, settings_from_record
 from freshtower.core.statistics import ItemStatistics, encode_statistics, item_count_deltas
-from freshtower.core.storage import FileDigest
+from freshtower.core.storage import FileDigest, write_file
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def save_preranker(directory: Path, day: str, model: ThreeTowerPreranker, fields
         return FullModelManifest(version=version, day=day, created_at=created_at, files=files, **fields).to_json()
 
     with store.staging(version) as staging:
-        torch.save({"format": WEIGHTS_FORMAT, "model": model.export_state()}, staging / WEIGHTS)
+        payload = {"format": WEIGHTS_FORMAT, "model": model.export_state()}
+        write_file(staging / WEIGHTS, lambda handle: torch.save(payload, handle))  # torch's own errors name no file
         store.seal(staging, version, manifest)
     store.set_pointer(version)
     return next(r for r in list_full_models(directory) if r.version == version)

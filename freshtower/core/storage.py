@@ -7,12 +7,68 @@ old content or the new, never a mix, and a crash leaves one of the two.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+
+_HINTS = {
+    errno.ENOSPC: "the file system is full; free space there, then start the part again",
+    errno.EDQUOT: "the disk quota is used up; free space there, then start the part again",
+    errno.EFBIG: "the file is larger than the file system or a limit allows",
+    errno.EROFS: "the file system is read-only; make it writable, then start the part again",
+    errno.EACCES: "the directory is not writable by this user; make it writable, then start the part again",
+    errno.EPERM: "the directory is not writable by this user; make it writable, then start the part again",
+}
+
+
+class StorageError(OSError):
+    """A write the file system refused, naming the file meant (not a
+    temporary name) and what to do.
+
+    >>> str(StorageError(Path("/data/batches/x.tfrecord"), OSError(errno.ENOSPC, "No space left on device")))
+    'cannot write /data/batches/x.tfrecord: No space left on device (the file system is full; free space there, then start the part again)'
+    """
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(error.errno, error.strerror or str(error), str(path))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        hint = _HINTS.get(self.errno)
+        return f"cannot write {self.path}: {self.strerror}" + (f" ({hint})" if hint else "")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Inside the block, an ``OSError`` becomes a ``StorageError`` naming ``path``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as error:
+        raise StorageError(path, error) from error
+
+
+def write_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(handle)`` on a new file at ``path`` and fsync it; not
+    atomic by itself (for files of a staging directory that is renamed
+    into place afterwards). A refused write raises ``StorageError`` naming
+    ``path`` and removes the partial file, so a full disk gets its space back."""
+    path = Path(path)
+    try:
+        with writing(path), open(path, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def fsync_dir(directory: Path) -> None:
@@ -26,7 +82,7 @@ def fsync_dir(directory: Path) -> None:
 
 def fsync_file(path: Path) -> None:
     """Flush a file already written (e.g. by torch.save or numpy) to disk."""
-    with open(path, "rb") as handle:
+    with writing(path), open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
 
@@ -40,17 +96,18 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, sync_direct
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync_directory:
-        fsync_dir(path.parent)
+    with writing(path):
+        try:
+            with open(tmp, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if sync_directory:
+            fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, sync_directory: bool = True) -> None:

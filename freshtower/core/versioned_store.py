@@ -44,7 +44,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
-from freshtower.core.storage import FileDigest, atomic_write_bytes, digest_mismatch, file_digest, fsync_dir, fsync_file
+from freshtower.core.storage import (
+    FileDigest,
+    atomic_write_bytes,
+    digest_mismatch,
+    file_digest,
+    fsync_dir,
+    fsync_file,
+    write_file,
+    writing,
+)
 
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
@@ -154,27 +163,33 @@ class LocalDirectory:
 
     def append(self, key: str, line: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as handle:
-            handle.write(line.rstrip(b"\n") + b"\n")
-        fsync_file(path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab+") as handle:
+                handle.seek(0, os.SEEK_END)
+                torn = handle.tell() > 0 and (handle.seek(-1, os.SEEK_END) or handle.read(1) != b"\n")
+                # A line torn by a full disk stays a line of its own (skipped by readers), never glued to this one.
+                handle.write((b"\n" if torn else b"") + line.rstrip(b"\n") + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
 
     def stage(self, version: str) -> Path:
         self._path(version)  # a plain name
         path = self.root / f"{STAGING_PREFIX}{version}-{os.getpid()}"
         shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
+        with writing(path):
+            path.mkdir(parents=True)
         return path
 
     def seal(self, staging: Path, version: str, manifest: str, manifest_bytes: bytes) -> None:
-        (staging / manifest).write_bytes(manifest_bytes)
-        fsync_file(staging / manifest)  # the directory is renamed into place below: no second copy
-        fsync_dir(staging)
+        write_file(staging / manifest, lambda handle: handle.write(manifest_bytes))  # renamed into place below: no second copy
         final = self._path(version)
-        if final.exists():
-            raise self.error(f"{final} already exists; versions are immutable")
-        os.rename(staging, final)
-        fsync_dir(self.root)
+        with writing(final):
+            fsync_dir(staging)
+            if final.exists():
+                raise self.error(f"{final} already exists; versions are immutable")
+            os.rename(staging, final)
+            fsync_dir(self.root)
 
     def local_path(self, version: str) -> Path:
         return self._path(version)
@@ -212,7 +227,9 @@ class LocalDirectory:
     def exclusive(self, name: str) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f".{name}.lock"
-        with open(path, "a") as handle:
+        with writing(path):  # a read-only store: the part stops here, naming the file
+            handle = open(path, "a")
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
