@@ -60,7 +60,7 @@ from freshtower.trainer.evaluation import evaluate, holdout_from_samples
 from freshtower.trainer.learner import MS_PER_DAY, Learner, event_day
 from freshtower.trainer.retrieval import IndexSettings
 from freshtower.trainer.samplers import clicked_only
-from freshtower.trainer.soft_labels import distillation_rows, positive_spans, request_grouped_order
+from freshtower.trainer.soft_labels import distillation_records, positive_spans, request_grouped_order
 from freshtower.trainer.sparse_optim import reset_rows
 
 from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
@@ -184,7 +184,9 @@ def train_full(
     mine = [s for s in range(shards) if s % world == rank]
     scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-", dir=_scratch_root(settings)))
     try:
-        shard_sizes, newest_click_ms = _scatter_in_time_order(learner, estimator, train_refs, spec, rng, shards, mine, scratch, progress)
+        shard_sizes, newest_click_ms = _scatter_in_time_order(
+            learner, estimator, train_refs, spec, rng, shards, mine, scratch, progress, settings.prerank.category_feature
+        )
         samples, losses_seen, train_seconds = _learn_shuffled(
             learner, day, spec, rng, shard_sizes, mine, scratch, collective, total_positives, progress
         )
@@ -259,7 +261,9 @@ def _holdout(settings: Settings, spec: FeatureSpec, model, parent: FullModelRef 
     return holdout, parent_metrics
 
 
-def _scatter_in_time_order(learner: Learner, estimator, refs, spec, rng, shards: int, mine: list[int], scratch: Path, progress):
+def _scatter_in_time_order(
+    learner: Learner, estimator, refs, spec, rng, shards: int, mine: list[int], scratch: Path, progress, category_feature: str = "category"
+):
     """Pass 1, in time order, one file at a time: the catalogue, ID
     sightings and the frequency estimator follow the day; the clicked
     samples are scattered at random over shard files (an external shuffle).
@@ -280,8 +284,8 @@ def _scatter_in_time_order(learner: Learner, estimator, refs, spec, rng, shards:
             estimator.update(positives.item_ids)
             if learner.distillation is None:
                 kept, assignment = positives, rng.integers(0, shards, size=len(positives))
-            else:  # clicks and shown records with a teacher score, whole requests to one shard
-                kept = distillation_rows(records)
+            else:  # clicks and scored records (shown, or the ranking samples' candidates), whole requests to one shard
+                kept = distillation_records(ref, spec, learner.distillation, category_feature, records)
                 _, request_of = np.unique(np.asarray(kept.request_ids, dtype=object), return_inverse=True)
                 assignment = rng.integers(0, shards, size=int(request_of.max()) + 1 if len(kept) else 0)[request_of.reshape(-1)]
             shard_sizes += np.bincount(assignment, weights=kept.labels == 1, minlength=shards).astype(np.int64)

@@ -59,7 +59,7 @@ from freshtower.trainer.catalogue import ItemCatalogue
 from freshtower.trainer.learner import Learner
 from freshtower.trainer.pending_clicks import PendingClicks
 from freshtower.trainer.samplers import clicked_only
-from freshtower.trainer.soft_labels import distillation_rows, positive_spans
+from freshtower.trainer.soft_labels import distillation_records, positive_spans
 from freshtower.trainer.sparse_optim import RowWiseAdagrad
 from freshtower.trainer.vocabulary import IdVocabulary
 
@@ -211,7 +211,8 @@ class OnlineTrainer:
             samples = clicked_only(self._mine(samples))  # minibatches of batch_size positives, not of records
             spans = [(start, start + batch_size) for start in range(0, len(samples), batch_size)]
         else:  # the clicks' minibatches, each with the shown records (teacher scores) between its clicks
-            samples = distillation_rows(self._mine(samples))
+            records = distillation_records(ref, self.spec, self.settings.distillation, self.settings.prerank.category_feature)
+            samples = self._mine(records)  # (re-read: the prefetched samples hold the clicks only)
             spans = positive_spans(samples.labels, batch_size)
         started = time.perf_counter()
         losses: list[float] = []

@@ -9,6 +9,13 @@ or shard without any click is skipped): the click loss
 sees the same minibatches as without distillation, and the distillation
 term sees the shown items around them. The full trainer shuffles whole
 requests, so a request's shown items stay together for the listwise term.
+
+Where a window has ranking samples (``core/batches/ranking.py``: every
+candidate the ranker scored, dropped ones too), the distillation term
+takes each request's scored candidates from them instead of its shown
+records (``DistillationConfig.retrieval_candidates = "ranked"``): the
+ranker's opinion of what it dropped is what retrieval most needs to
+learn. A stream without rank logs has only the clicks.
 """
 
 from __future__ import annotations
@@ -17,7 +24,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from freshtower.core.batches import SampleColumns
+from freshtower.core.batches import FeatureSpec, SampleColumns, read_batch
+from freshtower.core.batches.ranking import RankingColumns, read_ranking_samples
+
+
+def distillation_records(
+    ref, spec: FeatureSpec, config, category_feature: str, records: SampleColumns | None = None
+) -> SampleColumns:
+    """A batch file's records for a distilling trainer: every record (not
+    only the clicks; ``records`` if already read whole) and, with
+    ``config.retrieval_candidates == "ranked"``, the window's ranking-sample
+    candidates (``with_ranked_candidates``)."""
+    if records is None:
+        records = read_batch(ref, spec, positives_only=False)
+    if config.retrieval_candidates == "ranked":
+        ranked = read_ranking_samples(ref, spec)
+        if len(ranked):
+            records = with_ranked_candidates(records, ranking_rows(ranked, spec, category_feature), spec)
+    return distillation_rows(records)
 
 
 def distillation_rows(columns: SampleColumns) -> SampleColumns:
@@ -92,3 +116,44 @@ def soft_label_groups(columns: SampleColumns, known_items: np.ndarray | None = N
     starts = np.flatnonzero(np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]]))
     offsets = np.concatenate([starts, [len(rows)]]).astype(np.int64)
     return SoftLabelGroups(rows, offsets, starts.astype(np.int64))
+
+
+def ranking_rows(columns: RankingColumns, spec: FeatureSpec, category_feature: str) -> SampleColumns:
+    """Every scored candidate of ``columns`` as an unclicked record carrying
+    the ranker's score (``teacher_scores``) and its request's user features;
+    the candidate's category fills ``category_feature``, other item
+    features are unknown ("")."""
+    request_of = columns.request_of()
+    pick = request_of.tolist()
+    n = columns.candidates
+    return SampleColumns(
+        user_ids=[columns.user_ids[r] for r in pick],
+        item_ids=list(columns.candidate_ids),
+        labels=np.zeros(n, np.int8),
+        event_time_ms=columns.event_time_ms[request_of],
+        request_ids=[columns.request_ids[r] for r in pick],
+        positions=np.zeros(n, np.int32),
+        user_categorical={name: [columns.user_categorical[name][r] for r in pick] for name in spec.user_categorical},
+        user_numeric=np.asarray(columns.user_numeric, np.float32)[request_of].reshape(n, len(spec.user_numeric)),
+        item_categorical={
+            name: list(columns.categories) if name == category_feature else [""] * n for name in spec.item_categorical
+        },
+        hard_negative_flat=[],
+        hard_negative_offsets=np.zeros(n + 1, np.int64),
+        teacher_scores=np.asarray(columns.scores, np.float32),
+    )
+
+
+def with_ranked_candidates(records: SampleColumns, ranked: SampleColumns, spec: FeatureSpec) -> SampleColumns:
+    """``records`` plus the ranking samples' candidates (``ranking_rows``),
+    in event-time order; the records of a request the ranking samples
+    cover lose their teacher score (the candidates carry it, once)."""
+    if not len(ranked):
+        return records
+    covered = set(ranked.request_ids)
+    scores = records.teacher_scores.copy()
+    scores[np.fromiter((r in covered for r in records.request_ids), bool, len(records))] = np.nan
+    own = records.take(np.arange(len(records)))
+    own.teacher_scores = scores
+    merged = SampleColumns.concat([own, ranked], spec)
+    return merged.take(np.argsort(merged.event_time_ms, kind="stable"))

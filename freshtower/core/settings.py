@@ -192,6 +192,10 @@ class DistillationConfig(_Section):
     retrieval_click_weight: float = Field(
         1.0, ge=0, description="two-tower retrieval: weight of its click loss; 0 replaces it by the distillation term"
     )
+    retrieval_candidates: Literal["ranked", "shown"] = Field(
+        "ranked",
+        description="two-tower retrieval: a request's scored candidates from its ranking sample (shown ones where it has none), or shown only",
+    )
     retrieval_mode: Literal["pointwise", "listwise"] = Field(
         "listwise", description="two-tower retrieval: the distillation term's form (over a request's shown items)"
     )

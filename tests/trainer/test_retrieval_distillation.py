@@ -182,3 +182,40 @@ def test_the_online_trainer_distils_the_shown_items(data_dir_with_batches, monke
     report = trainer.learn_batch(trainer.pending()[0])
     assert spy.calls and report.samples > 0 and math.isfinite(report.mean_loss)
     assert not torch.equal(trainer.model.user_tower.id_embedding.detach()[: len(table_before)], table_before)
+
+
+def test_ranked_candidates_replace_the_shown_records_scores_once():
+    from freshtower.core.batches import FeatureSpec
+    from freshtower.core.batches.ranking import RankingColumns
+    from freshtower.trainer.soft_labels import ranking_rows, with_ranked_candidates
+
+    spec = FeatureSpec(("age_bucket", "city", "device"), ("a", "b", "c"), ("category",))
+    ranked = RankingColumns(
+        request_ids=["r0"], user_ids=["u0"], event_time_ms=np.array([DAY_MS + 5]), user_categorical={k: ["x"] for k in spec.user_categorical},
+        user_numeric=np.ones((1, 3), np.float32), offsets=np.array([0, 3]), candidate_ids=["i1", "i2", "i3"], categories=["k1", "k2", "k3"],
+        scores=np.array([0.9, 0.5, 0.1], np.float32), kept=np.array([True, True, False]), shown=np.array([True, True, False]),
+        clicked=np.array([True, False, False]), user_counts=np.zeros((3, 5), np.int64),
+    )
+    rows = ranking_rows(ranked, spec, "category")
+    assert rows.item_ids == ["i1", "i2", "i3"] and rows.request_ids == ["r0"] * 3 and rows.labels.tolist() == [0, 0, 0]
+    assert rows.item_categorical["category"] == ["k1", "k2", "k3"] and rows.teacher_scores.tolist() == pytest.approx([0.9, 0.5, 0.1])
+    teacher = np.full((2, 4), 0.5)
+    shown = shown_records(2, 2, 4, teacher, np.random.default_rng(0), requests_per_user=1)  # requests r0 and r1
+    merged = with_ranked_candidates(shown, rows, spec)
+    groups = soft_label_groups(merged)
+    by_request = {merged_id: int(b - a) for merged_id, a, b in zip(
+        [groups.rows.request_ids[i] for i in groups.first], groups.offsets[:-1], groups.offsets[1:])}
+    assert by_request == {"r0": 3, "r1": 2}  # r0: its three scored candidates, not its two shown records as well
+
+
+@pytest.mark.slow  # two simulated days through the streams join
+def test_the_full_trainer_distils_the_ranking_samples_candidates(tmp_path, monkeypatch):
+    from freshtower.app.simulator import Simulator, SimulatorConfig
+    from tests.streams.oracle import stream_batches
+
+    sim = Simulator(SimulatorConfig(users=150, items=120, topics=8, requests_per_day=600, candidates_per_request=30, seed=5))
+    stream_batches(sim, [0, 1], tmp_path / "batches")
+    spy = DistillSpy(monkeypatch)
+    train_full(make_settings(tmp_path, distillation=DISTILL, vocabulary={"user_min_count": 1}), "2026-11-20")
+    candidates, requests = sum(c for c, _ in spy.calls), sum(r for _, r in spy.calls)
+    assert candidates > 15 * requests, (candidates, requests)  # ~30 scored a request, not the 10 shown
