@@ -210,6 +210,7 @@ def prerank_experiment_command(
     pair_affinity: float = typer.Option(
         0.15, "--pair-affinity", min=0.0, help="Per-(user, item) click affinity the ranker sees and the towers cannot express."
     ),
+    out: Path | None = typer.Option(None, "--out", help="Also write every seed's figures here (JSON)."),
 ) -> None:
     """Pre-ranking quality vs the ranker and clicks: three-tower arms and the two-tower model, over seeds."""
     from freshtower.app.prerank_experiment import run_prerank_experiment
@@ -223,6 +224,8 @@ def prerank_experiment_command(
         print(line)
     for line in result.retrieval_table():
         print(line)
+    if out is not None:
+        out.write_text(json.dumps({"seeds": result.seeds, "prerank": result.per_seed, "retrieval": result.retrieval}, indent=1))
 
 
 @app.command("broker")
