@@ -163,3 +163,15 @@ def request_cosine_logits(
     ``cos(a_r, b_j) / temperature`` for (R, D) users, (N,) request of each
     candidate and (N, D) candidate item vectors -> (N,)."""
     return (user_vectors[request_of] * item_vectors).sum(dim=1) / temperature
+
+
+def retrieval_distillation_loss(
+    student_logits: torch.Tensor, teacher_scores: torch.Tensor, offsets: torch.Tensor, config
+) -> torch.Tensor:
+    """The two-tower retrieval model's distillation term over its requests'
+    shown items: ``config.retrieval_mode`` (``DistillationConfig``) picks
+    pointwise BCE on the scores or the listwise KL at ``config.temperature``."""
+    if config.retrieval_mode == "pointwise":
+        return soft_label_bce(student_logits, teacher_scores)
+    teacher = teacher_logits(teacher_scores, config.teacher_space, config.score_epsilon)
+    return listwise_distillation(student_logits, teacher, offsets, config.temperature)

@@ -62,6 +62,7 @@ from freshtower.trainer.evaluation import evaluate, holdout_from_samples
 from freshtower.trainer.learner import MS_PER_DAY, Learner, event_day
 from freshtower.trainer.retrieval import IndexSettings
 from freshtower.trainer.samplers import clicked_only
+from freshtower.trainer.soft_labels import distillation_records, positive_spans, request_grouped_order
 from freshtower.trainer.sparse_optim import reset_rows
 
 from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
@@ -168,7 +169,7 @@ def train_full(
     main = rank == 0
     if not main:
         progress = None
-    learner = Learner(model, training, estimator, trainable="all", seed=seed + rank)
+    learner = Learner(model, training, estimator, trainable="all", seed=seed + rank, distillation=settings.distillation)
     learner.collective = collective
     learner.update_frequencies = False  # pass 1 follows the day in time order
     if parent is not None:
@@ -185,7 +186,9 @@ def train_full(
     mine = [s for s in range(shards) if s % world == rank]
     scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-pid{os.getpid()}-", dir=_scratch_root(settings)))
     try:
-        shard_sizes, newest_click_ms = _scatter_in_time_order(learner, estimator, train_refs, spec, rng, shards, mine, scratch, progress)
+        shard_sizes, newest_click_ms = _scatter_in_time_order(
+            learner, estimator, train_refs, spec, rng, shards, mine, scratch, progress, settings.prerank.category_feature
+        )
         samples, losses_seen, train_seconds = _learn_shuffled(
             learner, day, spec, rng, shard_sizes, mine, scratch, collective, total_positives, progress
         )
@@ -260,7 +263,9 @@ def _holdout(settings: Settings, spec: FeatureSpec, model, parent: FullModelRef 
     return holdout, parent_metrics
 
 
-def _scatter_in_time_order(learner: Learner, estimator, refs, spec, rng, shards: int, mine: list[int], scratch: Path, progress):
+def _scatter_in_time_order(
+    learner: Learner, estimator, refs, spec, rng, shards: int, mine: list[int], scratch: Path, progress, category_feature: str = "category"
+):
     """Pass 1, in time order, one file at a time: the catalogue, ID
     sightings and the frequency estimator follow the day; the clicked
     samples are scattered at random over shard files (an external shuffle).
@@ -279,12 +284,17 @@ def _scatter_in_time_order(learner: Learner, estimator, refs, spec, rng, shards:
                 newest_click_ms = max(newest_click_ms, int(positives.event_time_ms.max()))
             learner.observe(positives, file_day)
             estimator.update(positives.item_ids)
-            assignment = rng.integers(0, shards, size=len(positives))
-            shard_sizes += np.bincount(assignment, minlength=shards)
+            if learner.distillation is None:
+                kept, assignment = positives, rng.integers(0, shards, size=len(positives))
+            else:  # clicks and scored records (shown, or the ranking samples' candidates), whole requests to one shard
+                kept = distillation_records(ref, spec, learner.distillation, category_feature, records)
+                _, request_of = np.unique(np.asarray(kept.request_ids, dtype=object), return_inverse=True)
+                assignment = rng.integers(0, shards, size=int(request_of.max()) + 1 if len(kept) else 0)[request_of.reshape(-1)]
+            shard_sizes += np.bincount(assignment, weights=kept.labels == 1, minlength=shards).astype(np.int64)
             for s in mine:
                 chosen = np.flatnonzero(assignment == s)
                 if len(chosen):
-                    pickle.dump(positives.take(chosen), shard_files[s], protocol=pickle.HIGHEST_PROTOCOL)
+                    pickle.dump(kept.take(chosen), shard_files[s], protocol=pickle.HIGHEST_PROTOCOL)
             if progress:
                 progress("read", n + 1, len(refs))
     finally:
@@ -311,13 +321,18 @@ def _learn_shuffled(
     started = time.perf_counter()
     for s in order_of_shards:
         shard = _load_shard(scratch / f"shard-{s:04d}.pkl", spec)
-        order = rng.permutation(len(shard))
-        for start in range(0, len(order), batch_size):
-            minibatch = shard.take(order[start : start + batch_size])
-            result = learner.learn(minibatch, where=f"{day} shard {s} minibatch {start // batch_size}", observe=False)
+        if learner.distillation is None:
+            order = rng.permutation(len(shard))
+            spans = [(start, start + batch_size) for start in range(0, len(order), batch_size)]
+        else:  # requests in random order, kept whole; minibatches of batch_size clicks and the shown records among them
+            order = request_grouped_order(shard.request_ids, rng)
+            spans = positive_spans(shard.labels[order], batch_size)
+        for n, (start, stop) in enumerate(spans):
+            minibatch = shard.take(order[start:stop])
+            result = learner.learn(minibatch, where=f"{day} shard {s} minibatch {n}", observe=False)
             samples += result.samples
             losses_seen.append(result.loss)
-            done += len(minibatch)
+            done += int((minibatch.labels == 1).sum())
             if progress:
                 progress("train", done * world, total_positives)
     for extra in range(total_steps - steps):

@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 import torch
 from freshtower.trainer import losses
+from freshtower.trainer.distillation import request_cosine_logits, retrieval_distillation_loss
 from freshtower.trainer.model import TwoTowerModel
 from freshtower.trainer.pending_clicks import PendingClicks
 from freshtower.trainer.samplers import (
@@ -51,6 +52,7 @@ from freshtower.trainer.samplers import (
     stochastic_round,
     unit_mean_reference,
 )
+from freshtower.trainer.soft_labels import SoftLabelGroups, soft_label_groups
 from freshtower.trainer.sparse_optim import ROW_NOISE_STD, RowWiseAdagrad
 from freshtower.trainer.vocabulary import DEFAULT_ROW
 
@@ -85,8 +87,12 @@ class Learner:
         trainable: Literal["all", "user_ids"],
         seed: int = 0,
         pending: PendingClicks | None = None,
+        distillation=None,
     ):
         self.model = model
+        # DistillationConfig: with retrieval_weight > 0 the shown records of a
+        # minibatch that carry the ranker's score add the distillation term
+        self.distillation = distillation if distillation is not None and distillation.retrieval_weight > 0 else None
         self.training = training
         self.negatives = training.negatives
         self.estimator = estimator
@@ -185,22 +191,61 @@ class Learner:
             if observe and self.pending is not None and self.model.user_ids.min_count > 1:
                 positives = self._with_released_clicks(positives)
             positives, probabilities = self.candidate_probabilities(positives)
+        groups = self._soft_label_groups(samples if self.distillation is not None else None)
         if self.collective is not None:
-            return self._learn_parallel(positives if len(positives) else None, probabilities, where)
-        if len(positives) == 0:
+            return self._learn_parallel(positives if len(positives) else None, probabilities, where, groups)
+        if len(positives) == 0 and groups is None:
             return LearnResult(0.0, 0, np.zeros(0, np.int64), None)
 
-        user_inputs, user_vectors, loss = self._forward(positives, probabilities)
+        loss = self._objective(positives, probabilities, groups)
         losses.check_finite(loss, where)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        updated = self._updated_user_rows(user_inputs.id_rows)
-        self._set_row_gradient_scale(len(positives))
+        updated = self._updated_user_rows(None)
+        self._set_row_gradient_scale(max(len(positives), groups.requests if groups is not None else 0))
         for optimizer in self.optimizers:
             optimizer.step()
         self.steps += 1
-        return LearnResult(float(loss.detach()), len(positives), updated, int(positives.event_time_ms.max()))
+        newest = int(samples.event_time_ms.max()) if groups is not None else int(positives.event_time_ms.max())
+        return LearnResult(float(loss.detach()), len(positives), updated, newest)
+
+    def _objective(self, positives: SampleColumns, probabilities, groups: SoftLabelGroups | None) -> torch.Tensor:
+        """The click loss, plus (distilling) the weighted distillation term:
+        ``retrieval_click_weight * click + retrieval_weight * distill``."""
+        cfg = self.distillation
+        click = self._forward(positives, probabilities)[2] if len(positives) else None
+        if cfg is None or groups is None:
+            return click
+        distill = self._distillation_term(groups)
+        if click is None or cfg.retrieval_click_weight == 0:
+            return cfg.retrieval_weight * distill
+        return cfg.retrieval_click_weight * click + cfg.retrieval_weight * distill
+
+    def _soft_label_groups(self, samples: SampleColumns | None) -> SoftLabelGroups | None:
+        """The shown records with a teacher score and a catalogue item, by request."""
+        if samples is None or not np.isfinite(samples.teacher_scores).any():
+            return None
+        known = self.model.catalogue.indices(samples.item_ids, samples.item_id_fingerprints()) >= 0
+        return soft_label_groups(samples, known)
+
+    def _distillation_term(self, groups: SoftLabelGroups) -> torch.Tensor:
+        """The student's ``cos / temperature`` over each request's shown items
+        against the ranker's logged scores (``retrieval_distillation_loss``)."""
+        model, rows = self.model, groups.rows
+        users = rows.take(groups.first)
+        user_inputs = model.user_inputs(
+            users.user_ids, users.user_categorical, users.user_numeric, users.user_id_fingerprints(),
+            users.user_categorical_value_fingerprints(),
+        )
+        user_vectors = model.user_tower(user_inputs, sparse=True)  # (R, D)
+        items = model.catalogue.indices(rows.item_ids, rows.item_id_fingerprints())
+        vectors, at = self._vectors_for(items)
+        offsets = torch.from_numpy(groups.offsets)
+        request_of = torch.repeat_interleave(torch.arange(groups.requests), offsets[1:] - offsets[:-1])
+        logits = request_cosine_logits(user_vectors, request_of, _gather(vectors, at), model.temperature)
+        scores = torch.from_numpy(np.clip(rows.teacher_scores, 0.0, 1.0).astype(np.float32))
+        return retrieval_distillation_loss(logits, scores, offsets, self.distillation)
 
     def _set_row_gradient_scale(self, samples: int) -> None:
         """Row-wise Adagrad learns from the summed loss's gradient (see
@@ -262,7 +307,7 @@ class Learner:
         order = np.repeat(np.arange(len(positives)), repeats)
         return positives.take(order), q[order]
 
-    def _learn_parallel(self, positives: SampleColumns | None, probabilities, where: str) -> LearnResult:
+    def _learn_parallel(self, positives: SampleColumns | None, probabilities, where: str, groups=None) -> LearnResult:
         """One data-parallel step. Every worker runs the same collectives in
         the same order, with or without data: the global sample count, the
         in-batch candidates (listwise), backward, the gradient sum, the loss."""
@@ -274,10 +319,10 @@ class Learner:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         if local:
-            user_inputs, _, loss = self._forward(positives, probabilities)
+            loss = self._objective(positives, probabilities, groups)
             scaled = loss * (local / total)  # this worker's share of the global mean
-        else:
-            user_inputs, scaled = None, self._idle_loss()
+        else:  # (a worker without clicks skips its distillation rows too: every step runs the same collectives)
+            scaled = self._idle_loss()
         scaled.backward()
         model = self.model
         collective.sum_gradients(
@@ -285,7 +330,7 @@ class Learner:
         )
         global_loss = collective.all_reduce_sum(float(scaled.detach()))
         losses.check_finite(torch.tensor(global_loss), f"{where} (any worker)")
-        updated = self._updated_user_rows(user_inputs.id_rows) if user_inputs is not None else np.zeros(0, np.int64)
+        updated = self._updated_user_rows(None) if local else np.zeros(0, np.int64)
         self._set_row_gradient_scale(int(total))  # the summed gradients are the global mean's
         for optimizer in self.optimizers:
             optimizer.step()

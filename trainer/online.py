@@ -59,6 +59,7 @@ from freshtower.trainer.catalogue import ItemCatalogue
 from freshtower.trainer.learner import Learner
 from freshtower.trainer.pending_clicks import PendingClicks
 from freshtower.trainer.samplers import clicked_only
+from freshtower.trainer.soft_labels import distillation_records, positive_spans
 from freshtower.trainer.sparse_optim import RowWiseAdagrad
 from freshtower.trainer.vocabulary import IdVocabulary
 
@@ -157,7 +158,8 @@ class OnlineTrainer:
         else:  # a re-base: the new model learnt the clicks of the users it admitted
             pending.rebase(lambda fingerprints: self.model.user_ids.lookup([], fingerprints), base.ref.data_end_ms)
         self.learner = Learner(
-            self.model, self.settings.training, base.estimator, trainable="user_ids", seed=self.settings.training.seed, pending=pending
+            self.model, self.settings.training, base.estimator, trainable="user_ids", seed=self.settings.training.seed, pending=pending,
+            distillation=self.settings.distillation,
         )
         _carry_user_id_accumulators(self.learner, base)
         self.next_window_ms = base.ref.data_end_ms  # frontier: earlier windows are done
@@ -204,15 +206,21 @@ class OnlineTrainer:
             raise ValueError(f"batch {ref.path} is behind the stream position or trained already; refusing to train it twice")
         if samples is None:
             samples = read_batch(ref, self.spec)
-        samples = clicked_only(self._mine(samples))  # minibatches of batch_size positives, not of records
-        started = time.perf_counter()
         batch_size = self.settings.training.batch_size
+        if self.learner.distillation is None:
+            samples = clicked_only(self._mine(samples))  # minibatches of batch_size positives, not of records
+            spans = [(start, start + batch_size) for start in range(0, len(samples), batch_size)]
+        else:  # the clicks' minibatches, each with the shown records (teacher scores) between its clicks
+            records = distillation_records(ref, self.spec, self.settings.distillation, self.settings.prerank.category_feature)
+            samples = self._mine(records)  # (re-read: the prefetched samples hold the clicks only)
+            spans = positive_spans(samples.labels, batch_size)
+        started = time.perf_counter()
         losses: list[float] = []
         trained = 0
-        for start in range(0, len(samples), batch_size):
-            minibatch = samples.span(start, start + batch_size)
-            result = self.learner.learn(minibatch, where=f"{ref.path} minibatch {start // batch_size}")
-            if result.samples == 0:
+        for n, (start, stop) in enumerate(spans):
+            minibatch = samples.span(start, stop)
+            result = self.learner.learn(minibatch, where=f"{ref.path} minibatch {n}")
+            if result.samples == 0 and result.max_event_time_ms is None:
                 continue
             self.step += 1
             self._track_rows(result.updated_user_rows, result.max_event_time_ms)

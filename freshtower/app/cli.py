@@ -207,15 +207,25 @@ def prerank_experiment_command(
     candidates: int = typer.Option(200, "--candidates", min=2, help="Candidates the ranker scores per request."),
     users: int = typer.Option(300, "--users", min=2),
     items: int = typer.Option(2000, "--items", min=10),
+    pair_affinity: float = typer.Option(
+        0.15, "--pair-affinity", min=0.0, help="Per-(user, item) click affinity the ranker sees and the towers cannot express."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Also write every seed's figures here (JSON)."),
 ) -> None:
     """Pre-ranking quality vs the ranker and clicks: three-tower arms and the two-tower model, over seeds."""
     from freshtower.app.prerank_experiment import run_prerank_experiment
     from freshtower.app.simulator import SimulatorConfig
 
-    world = SimulatorConfig(users=users, items=items, requests_per_day=requests_per_day, candidates_per_request=candidates)
+    world = SimulatorConfig(
+        users=users, items=items, requests_per_day=requests_per_day, candidates_per_request=candidates, pair_affinity=pair_affinity
+    )
     result = run_prerank_experiment(list(range(seeds)), world, say=console.print)
     for line in result.table():
         print(line)
+    for line in result.retrieval_table():
+        print(line)
+    if out is not None:
+        out.write_text(json.dumps({"seeds": result.seeds, "prerank": result.per_seed, "retrieval": result.retrieval}, indent=1))
 
 
 @app.command("broker")

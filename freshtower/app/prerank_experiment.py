@@ -12,8 +12,12 @@ sample of day 1, which none learnt:
 - ``three-tower, clicks only``: ``distill_weight = 0``;
 - ``three-tower, distillation only``: ``click_weight = 0``;
 - ``two-tower as pre-ranker``: the retrieval model's cosine of user and
-  candidate (no distillation: the retrieval trainer has no distillation
-  term yet).
+  candidate, trained on clicks (``distillation.retrieval_weight = 0``) and
+  ``..., distilled`` (``retrieval_weight = 1``).
+
+The two retrieval models are also scored on retrieval: next-hour
+Recall@K (day 1's first hour, exact search over the catalogue), with the
+paired difference distilled minus clicks-only per seed.
 
 Figures per arm (``trainer/prerank_metrics.py``): the ranker's top
 ``top_k`` recalled in the arm's top ``keep``, NDCG@``keep`` against the
@@ -51,6 +55,12 @@ ARMS = {
     "three-tower, distillation only": {"click_weight": 0.0, "distill_weight": 1.0},
 }
 TWO_TOWER = "two-tower as pre-ranker"
+# The two-tower retrieval model with and without distillation (DistillationConfig)
+RETRIEVAL_ARMS = {
+    "two-tower, clicks": {"retrieval_weight": 0.0},
+    "two-tower, clicks + distillation": {"retrieval_weight": 1.0},
+}
+RETRIEVAL_HOLDOUT_SECONDS = 3600.0  # next-hour Recall@K: the next day's first hour, which day 0's model has not learnt
 
 
 @dataclass
@@ -59,6 +69,7 @@ class PrerankExperimentResult:
     keep: int
     seeds: list[int]
     per_seed: dict[str, list[dict]] = field(default_factory=dict)  # arm -> metrics per seed
+    retrieval: dict[str, list[dict]] = field(default_factory=dict)  # retrieval arm -> next-hour recall@K per seed
 
     def table(self) -> list[str]:
         keys = [f"ranker_top{self.top_k}_in_top{self.keep}", f"ndcg@{self.keep}", "click_auc"]
@@ -66,6 +77,23 @@ class PrerankExperimentResult:
         for arm, runs in self.per_seed.items():
             cells = [interval([r[k] for r in runs]) for k in keys]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        return lines
+
+    def retrieval_table(self) -> list[str]:
+        """Next-hour Recall@K per retrieval arm and the paired difference
+        (distilled minus clicks only, seed by seed), 95% t-intervals."""
+        if not self.retrieval:
+            return []
+        keys = sorted({k for runs in self.retrieval.values() for r in runs for k in r if k.startswith("recall@")},
+                      key=lambda k: int(k.split("@")[1]))
+        lines = ["| arm | " + " | ".join(f"next-hour {k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for arm, runs in self.retrieval.items():
+            lines.append(f"| {arm} | " + " | ".join(interval([r.get(k, math.nan) for r in runs]) for k in keys) + " |")
+        arms = list(self.retrieval)
+        if len(arms) == 2:
+            plain, distilled = self.retrieval[arms[0]], self.retrieval[arms[1]]
+            cells = [interval([d.get(k, math.nan) - p.get(k, math.nan) for p, d in zip(plain, distilled)]) for k in keys]
+            lines.append("| paired difference (distilled - clicks) | " + " | ".join(cells) + " |")
         return lines
 
 
@@ -152,9 +180,21 @@ def run_prerank_experiment(
                 metrics = evaluate_preranker(load_preranker(trained.ref).model, evaluation, settings)
                 result.per_seed.setdefault(arm, []).append(metrics)
                 say(f"seed {seed}: {arm}: {metrics}")
-            train_full(base, day0, from_scratch=True)
-            metrics = two_tower_quality(base, evaluation)
-            result.per_seed.setdefault(TWO_TOWER, []).append(metrics)
-            say(f"seed {seed}: {TWO_TOWER}: {metrics}")
+            for arm, weights in RETRIEVAL_ARMS.items():
+                settings = load_settings(
+                    data_dir=base.data_dir,
+                    **{
+                        **overrides,
+                        "training": {**overrides.get("training", {}), "holdout_seconds": RETRIEVAL_HOLDOUT_SECONDS},
+                        "distillation": {**overrides.get("distillation", {}), **weights},
+                    },
+                )
+                trained = train_full(settings, day0, from_scratch=True)
+                recall = {"clicks": trained.metrics.get("clicks", 0), **trained.metrics.get("exact", {})}
+                result.retrieval.setdefault(arm, []).append(recall)
+                name = TWO_TOWER if not weights["retrieval_weight"] else f"{TWO_TOWER}, distilled"
+                metrics = two_tower_quality(settings, evaluation)  # the model just trained (the newest)
+                result.per_seed.setdefault(name, []).append(metrics)
+                say(f"seed {seed}: {arm}: next-hour {recall}; as pre-ranker {metrics}")
     return result
 

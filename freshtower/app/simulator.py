@@ -24,7 +24,9 @@ The world:
   (the teacher score, a noisy click probability), shows the best
   ``items_per_request`` and drops the rest, which the rank log reports (the
   hard negatives). The user clicks each shown item with a probability that
-  grows with its topic's weight in the current interest; clicks follow the
+  grows with its topic's weight in the current interest (plus, with
+  ``pair_affinity``, a per-(user, item) term the towers cannot express, so
+  the ranker knows more than its students can copy); clicks follow the
   impression by a few seconds.
 
 It emits the events that go to Kafka (``impressions``, ``clicks``,
@@ -67,6 +69,12 @@ class SimulatorConfig:
     new_users_per_day: int = 0  # users born during each day from day 1 on
     new_items_per_day: int = 0  # items born during each day from day 1 on
     max_days: int = 30  # days of newcomers made room for (later days bring none)
+    # Per-(user, item) affinity in [-pair_affinity, +pair_affinity] added to the
+    # click probability, which the ranker's score follows: a pseudo-random,
+    # full-rank user x item term that no tower's dot product (nor a
+    # per-(user, category) statistic) can express. 0: the click probability
+    # depends on the item's topic only, which the students can learn exactly.
+    pair_affinity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -223,8 +231,28 @@ class Simulator:
         start, after, switch_ms = self._day_interests(day)
         return after[user] if ts_ms >= switch_ms[user] else start[user]
 
-    def click_probability(self, interest: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return np.clip(0.4 * interest[self.item_topic[items]] + 0.005, 0.0, 0.9)
+    def click_probability(self, interest: np.ndarray, items: np.ndarray, user: int | None = None) -> np.ndarray:
+        base = 0.4 * interest[self.item_topic[items]] + 0.005
+        if user is not None and self.config.pair_affinity:
+            base = base + self.config.pair_affinity * (2.0 * self.pair_uniform(user, items) - 1.0)
+        return np.clip(base, 0.0, 0.9)
+
+    def pair_uniform(self, user: int, items: np.ndarray) -> np.ndarray:
+        """A uniform [0, 1) number per (user, item), fixed by the seed: a
+        splitmix64 hash of (seed, user, item), so it needs no table and is
+        the same whichever day or request asks.
+
+        >>> sim = Simulator(SimulatorConfig(users=3, items=5, seed=1))
+        >>> bool((sim.pair_uniform(2, np.arange(5)) == sim.pair_uniform(2, np.arange(5))).all())
+        True
+        """
+        with np.errstate(over="ignore"):
+            x = np.uint64(self.config.seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(user) * np.uint64(0xBF58476D1CE4E5B9)
+            x = x + np.asarray(items, np.uint64) * np.uint64(0x94D049BB133111EB)
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = x ^ (x >> np.uint64(31))
+        return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
     # --- traffic -------------------------------------------------------------
 
@@ -281,7 +309,7 @@ class Simulator:
             candidates = self._candidates(interest, rng, day, ts)
             if len(candidates) == 0:
                 continue
-            truth = self.click_probability(interest, candidates)
+            truth = self.click_probability(interest, candidates, user)
             scores = np.clip(truth + rng.normal(0, 0.1, len(candidates)), 0.0, 1.0)
             order = np.argsort(-scores, kind="stable")
             shown_n = min(c.items_per_request, len(candidates))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -189,6 +189,22 @@ class DistillationConfig(_Section):
     retrieval_weight: float = Field(
         0.0, ge=0, description="two-tower retrieval: weight of the distillation term beside its click loss; 0 is off"
     )
+    retrieval_click_weight: float = Field(
+        1.0, ge=0, description="two-tower retrieval: weight of its click loss; 0 replaces it by the distillation term"
+    )
+    retrieval_candidates: Literal["ranked", "shown"] = Field(
+        "ranked",
+        description="two-tower retrieval: a request's scored candidates from its ranking sample (shown ones where it has none), or shown only",
+    )
+    retrieval_mode: Literal["pointwise", "listwise"] = Field(
+        "listwise", description="two-tower retrieval: the distillation term's form (over a request's shown items)"
+    )
+
+    @model_validator(mode="after")
+    def _retrieval_learns_something(self):
+        if self.retrieval_weight == 0 and self.retrieval_click_weight == 0:
+            raise ValueError("distillation: retrieval_weight and retrieval_click_weight are both 0: the retrieval model learns nothing")
+        return self
 
 
 class StreamsConfig(_Section):
