@@ -191,7 +191,7 @@ def ivf_list_count(items: int, train_per_list: int) -> int:
     with ``train_per_list`` training vectors for each.
 
     >>> ivf_list_count(1_000_000, 40), ivf_list_count(5_000, 40), ivf_list_count(10, 40)
-    (2048, 128, 1)
+    (2048, 64, 1)
     """
     target = 2 * np.sqrt(items)
     lists = 2 ** int(round(np.log2(max(target, 1.0))))
