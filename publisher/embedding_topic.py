@@ -45,6 +45,7 @@ LINGER_MS = 20
 BATCH_BYTES = 1_000_000
 QUEUE_KBYTES = 262_144  # rows waiting in the producer: 256 MiB, ~500k rows of 64 floats
 QUEUE_MESSAGES = 1_000_000
+ENCODE_CHUNK = 65_536  # rows encoded at a time
 
 
 class TopicError(RuntimeError):
@@ -145,6 +146,7 @@ class EmbeddingTopic:
         self.partitions = partitions
         self.replication = replication
         self._producer = None
+        self._failures: list[str] = []  # of the send in progress (librdkafka's delivery reports)
 
     def ensure_topic(self) -> None:
         """Create the topic (compacted) unless it exists."""
@@ -181,6 +183,7 @@ class EmbeddingTopic:
                     "queue.buffering.max.messages": QUEUE_MESSAGES,
                     "message.send.max.retries": 5,
                     "delivery.report.only.error": True,  # a callback per failed row only
+                    "on_delivery": self._delivered,
                 }
             )
         return self._producer
@@ -198,32 +201,37 @@ class EmbeddingTopic:
     ) -> int:
         """Send one message per row, keyed by user ID; wait until all are
         acknowledged. Raises ``TopicError`` if any failed or ``timeout_s`` passed."""
-        values = encode_rows(user_ids, vectors, event_times_ms, release=release, model_version=model_version, kind=kind)
         producer = self._producer_or_new()
-        failures: list[str] = []
-
-        def delivered(error, message) -> None:
-            if error is not None:
-                failures.append(f"{message.key()!r}: {error}")
-
+        self._failures.clear()
         deadline = time.monotonic() + timeout_s
         produce, topic = producer.produce, self.topic
-        for user_id, value in zip(user_ids, values):
-            while True:
-                try:
-                    produce(topic, value, user_id.encode(), on_delivery=delivered)
-                    break
-                except BufferError:  # the local queue is full: let librdkafka send some first
-                    if time.monotonic() > deadline:
-                        raise TopicError(f"release {release}: the producer's queue to {topic} stayed full for {timeout_s} s") from None
-                    producer.poll(0.05)
+        # Chunks: librdkafka's own threads send one chunk while the next is encoded.
+        for start in range(0, len(user_ids), ENCODE_CHUNK):
+            stop = min(start + ENCODE_CHUNK, len(user_ids))
+            ids = user_ids[start:stop]
+            times = None if event_times_ms is None else event_times_ms[start:stop]
+            values = encode_rows(ids, vectors[start:stop], times, release=release, model_version=model_version, kind=kind)
+            for user_id, value in zip(ids, values):
+                while True:
+                    try:
+                        produce(topic, value, user_id.encode())
+                        break
+                    except BufferError:  # the local queue is full: let librdkafka send some first
+                        if time.monotonic() > deadline:
+                            raise TopicError(f"release {release}: the producer's queue to {topic} stayed full for {timeout_s} s") from None
+                        producer.poll(0.05)
         left = producer.flush(max(0.0, deadline - time.monotonic()))
+        failures = list(self._failures)
         if failures or left:
             raise TopicError(
                 f"{len(failures) + left} of {len(user_ids)} rows of release {release} were not acknowledged by {topic}"
                 + (f": {failures[0]}" if failures else f" within {timeout_s} s")
             )
         return len(user_ids)
+
+    def _delivered(self, error, message) -> None:
+        if error is not None:
+            self._failures.append(f"{message.key()!r}: {error}")
 
     def close(self) -> None:
         if self._producer is not None:
