@@ -509,6 +509,7 @@ def run(args, data_dir: Path) -> None:
         model={"id_dim": args.dim, "output_dim": args.dim},
         frequency={"buckets": 1 << 10},
         publisher={
+            "index_kinds": ["hnsw"],  # this benchmark sweeps HNSW's efSearch; bench_index.py measures the publisher's choice
             "hnsw_m": args.hnsw_m,
             "hnsw_ef_construction": args.ef_construction,
             "hnsw_ef_search": max(args.ef_search),

@@ -5,7 +5,9 @@ Each tick (``Publisher.tick``, every ``publisher.poll_seconds``):
 1. **Full release**, when ``models/full/LATEST`` names a full model that
    was never released: user tower (``user_tower.pt``), all user ID
    embeddings, item vectors and the Faiss index built from them (exact
-   below ``exact_index_below`` items, HNSW above; ``trainer/retrieval.py``).
+   below ``exact_index_below`` items; above, the IVF-Flat or HNSW index that
+   meets ``index_recall_target`` at the lowest p99 on the check users,
+   ``index_choice.py``).
 2. **Embeddings release**, when one is due (``due.delta_due``: every
    ``publish_interval_seconds`` of wall time, or of event time with
    ``clock = "event"`` for replays; at once after a full release): the user
@@ -70,7 +72,8 @@ from freshtower.trainer.artifacts import (
     read_manifest,
     refusal,
 )
-from freshtower.trainer.retrieval import ExactRetriever, FaissRetriever, IndexSettings, build_index, recall_against_exact
+from freshtower.publisher.index_choice import IndexChoice, choose_index
+from freshtower.trainer.retrieval import ExactRetriever, FaissRetriever, IndexSettings, recall_against_exact
 
 from freshtower.core.contracts import (
     CheckpointRead,
@@ -79,6 +82,7 @@ from freshtower.core.contracts import (
     EmbeddingsReleaseManifest,
     EventTimeRange,
     FullReleaseManifest,
+    IndexCandidate,
     IndexSummary,
     ModelSummary,
     NewItems,
@@ -87,12 +91,15 @@ from freshtower.core.contracts import (
 )
 from freshtower.core.contracts.release_manifest import NEW_ITEM_IDS, NEW_ITEM_VECTORS
 from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
-from freshtower.core.settings import Settings
+from freshtower.core.settings import PublisherConfig, Settings
 from freshtower.core.storage import StorageError, write_file, writing
 
 log = logging.getLogger(__name__)
 
 INDEX_CHECK_K = 100  # recorded as IndexSummary.recall_at_100_vs_exact
+INDEX_CHOICE_SETTINGS = (  # the publisher settings the index choice depends on, recorded in the manifest
+    "index_kinds", "index_recall_target", "hnsw_max_items", "ivf_lists", "ivf_max_nprobe", "ivf_train_per_list", "ivf_train_iterations",
+)
 KAFKA_NOTE = "kafka.json"
 RECALL_K = 50  # the holdout Recall@K a full model is checked on
 
@@ -186,6 +193,31 @@ def index_recall(index: FaissRetriever, item_vectors: np.ndarray, queries: np.nd
     _, approximate = index.search(queries, k)
     _, exact = ExactRetriever(item_vectors, chunk=16).search(queries, k)  # 16 x N score blocks: bounded memory at 1M items
     return recall_against_exact(approximate, exact)
+
+
+def index_summary(choice: IndexChoice, config: PublisherConfig, check_queries: int) -> IndexSummary:
+    """What the manifest records of the index a full release serves and of the candidates it was picked from."""
+    parameter = choice.index.search_parameter
+    return IndexSummary(
+        kind=choice.index.kind,
+        settings=asdict(IndexSettings.from_publisher(config)),  # what serving builds a new-item index with
+        choice_settings={name: getattr(config, name) for name in INDEX_CHOICE_SETTINGS},
+        build_seconds=choice.build_seconds,
+        recall_at_100_vs_exact=choice.recall,
+        check_queries=check_queries,
+        recall_target=config.index_recall_target,
+        search_parameter=None if parameter is None else parameter[0],
+        search_value=None if parameter is None else parameter[1],
+        p99_ms=choice.p99_ms,
+        choice_seconds=choice.choice_seconds,
+        candidates=tuple(
+            IndexCandidate(
+                kind=c.kind, build_seconds=c.build_seconds, parameter=c.parameter, value=c.value,
+                recall_at_100_vs_exact=c.recall, p99_ms=c.p99_ms, meets_target=c.meets_target,
+            )
+            for c in choice.candidates
+        ),
+    )
 
 
 def check_queries(inputs: FullReleaseInputs, count: int, seed: int = 0) -> np.ndarray:
@@ -311,11 +343,9 @@ class Publisher:
             if inputs.model.metrics.get("clicks") != 0:  # no holdout clicks (a stream's last day): nothing to compare
                 check_recall_drop(inputs.holdout_recall, active_recall, self.config.max_recall_drop)
             self.on_stage("index", f"{len(inputs.item_ids)} items")
-            index_started = time.perf_counter()
-            index = build_index(inputs.item_vectors, IndexSettings.from_publisher(self.config))
-            index_seconds = time.perf_counter() - index_started
             queries = check_queries(inputs, self.config.index_check_queries, self.settings.training.seed)
-            recall = index_recall(index, inputs.item_vectors, queries)
+            choice = choose_index(inputs.item_vectors, queries, self.config, k=INDEX_CHECK_K, seed=self.settings.training.seed)
+            index, recall = choice.index, choice.recall
             check_index_recall(recall, self.config.min_index_recall, INDEX_CHECK_K)
         except ReleaseRefused as error:
             return self._refuse_full(inputs.model_version, str(error), started)
@@ -353,13 +383,7 @@ class Publisher:
             newest_click_is_bound=not inputs.newest_click_ms,
             rows={"user_embeddings": len(inputs.user_ids), "items": len(inputs.item_ids)},
             dims=Dims(id_dim=int(inputs.tower["id_dim"]), output_dim=int(inputs.tower["output_dim"])),
-            index=IndexSummary(
-                kind=index.kind,
-                settings=asdict(IndexSettings.from_publisher(self.config)),
-                build_seconds=index_seconds,
-                recall_at_100_vs_exact=recall,
-                check_queries=len(queries),
-            ),
+            index=index_summary(choice, self.config, len(queries)),
             checks=RecallChecks(
                 holdout_recall_at_50=inputs.holdout_recall, active_holdout_recall_at_50=active_recall, max_recall_drop=self.config.max_recall_drop
             ),

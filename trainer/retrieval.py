@@ -6,7 +6,10 @@ approximate index is tested against (``recall_against_exact``).
 
 Index choice by catalogue size (``build_index``): exact inner-product search
 (``IndexFlatIP``) below ``exact_below`` items, HNSW above (no training
-pass, good recall at small ``efSearch``, incremental adds).
+pass, good recall at small ``efSearch``, incremental adds). ``build_hnsw``
+and ``build_ivf`` (IVF-Flat: k-means lists, ``nprobe`` of them searched)
+build one kind each; the publisher picks between them on measured recall
+and latency (``publisher/index_choice.py``).
 """
 
 from __future__ import annotations
@@ -90,7 +93,21 @@ class FaissRetriever:
 
     @property
     def kind(self) -> str:
-        return "hnsw" if isinstance(self.index, faiss.IndexHNSW) else type(self.index).__name__
+        """"hnsw", "ivf", or the Faiss class name ("IndexFlatIP" for exact search)."""
+        if isinstance(self.index, faiss.IndexHNSW):
+            return "hnsw"
+        if isinstance(self.index, faiss.IndexIVF):
+            return "ivf"
+        return type(self.index).__name__
+
+    @property
+    def search_parameter(self) -> tuple[str, int] | None:
+        """("efSearch", value) for HNSW, ("nprobe", value) for IVF, None for exact search."""
+        if isinstance(self.index, faiss.IndexHNSW):
+            return "efSearch", int(self.index.hnsw.efSearch)
+        if isinstance(self.index, faiss.IndexIVF):
+            return "nprobe", int(self.index.nprobe)
+        return None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = _as_queries(queries, self.index.d)
@@ -126,6 +143,11 @@ class FaissRetriever:
             self.index.hnsw.efSearch = ef_search
             self._params_by_k.clear()
 
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists an IVF index searches (the index keeps it, also when saved); other kinds ignore it."""
+        if isinstance(self.index, faiss.IndexIVF):
+            self.index.nprobe = min(nprobe, self.index.nlist)
+
     def save(self, path) -> None:
         faiss.write_index(self.index, str(path))
 
@@ -139,15 +161,68 @@ def build_index(item_vectors: np.ndarray, settings: IndexSettings = IndexSetting
     vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"item vectors must be 2-d, got shape {vectors.shape}")
-    dim = vectors.shape[1]
     if len(vectors) < settings.exact_below:
-        index = faiss.IndexFlatIP(dim)
-    else:
-        index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = settings.hnsw_ef_construction
-        index.hnsw.efSearch = settings.hnsw_ef_search
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        return FaissRetriever(index)
+    return build_hnsw(vectors, settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search)
+
+
+def _as_vectors(item_vectors: np.ndarray) -> np.ndarray:
+    vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise ValueError(f"item vectors must be 2-d and not empty, got shape {vectors.shape}")
+    return vectors
+
+
+def build_hnsw(item_vectors: np.ndarray, m: int, ef_construction: int, ef_search: int) -> FaissRetriever:
+    """Faiss HNSW-Flat, inner product."""
+    vectors = _as_vectors(item_vectors)
+    index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    index.hnsw.efSearch = ef_search
     index.add(vectors)
     return FaissRetriever(index)
+
+
+def ivf_list_count(items: int, train_per_list: int) -> int:
+    """Lists for an IVF index over ``items`` vectors: the power of two nearest
+    2 * sqrt(items) (the low end of Faiss's 1-16 * sqrt(N), for a quick build),
+    with ``train_per_list`` training vectors for each.
+
+    >>> ivf_list_count(1_000_000, 40), ivf_list_count(5_000, 40), ivf_list_count(10, 40)
+    (2048, 64, 1)
+    """
+    target = 2 * np.sqrt(items)
+    lists = 2 ** int(round(np.log2(max(target, 1.0))))
+    while lists > 1 and lists * train_per_list > items:
+        lists //= 2
+    return lists
+
+
+def build_ivf(
+    item_vectors: np.ndarray, *, lists: int, nprobe: int, train_per_list: int, train_iterations: int, seed: int = 0
+) -> FaissRetriever:
+    """Faiss IVF-Flat, inner product: k-means (``train_iterations`` rounds) of a
+    seeded sample of ``train_per_list`` vectors per list, then every vector added."""
+    vectors = _as_vectors(item_vectors)
+    dim = vectors.shape[1]
+    if not 1 <= lists <= len(vectors):
+        raise ValueError(f"an IVF index over {len(vectors)} vectors needs 1..{len(vectors)} lists, got {lists}")
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = train_iterations
+    index.cp.seed = seed
+    train_items = lists * train_per_list
+    index.cp.max_points_per_centroid = train_per_list + 1  # no second subsample inside Faiss
+    if len(vectors) > train_items:
+        sample = vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), train_items, replace=False))]
+    else:
+        sample = vectors
+    index.train(sample)
+    index.add(vectors)
+    index.nprobe = min(nprobe, lists)
+    return FaissRetriever(index)  # faiss's wrapper keeps the quantizer alive with the index
 
 
 def recall_against_exact(approximate: np.ndarray, exact: np.ndarray) -> float:

@@ -286,12 +286,29 @@ class PublisherConfig(_Section):
     keep_releases: int = Field(20, ge=2)
     max_recall_drop: float = Field(0.02, ge=0, description="refuse a full model whose Recall@50 falls more than this")
     exact_index_below: int = Field(100_000, ge=1, description="catalogues smaller than this use exact search")
+    # --- publisher/index_choice.py: above exact_index_below, each kind listed is built and the one that
+    # meets index_recall_target at the lowest single-query p99 on the check users is released ---
+    index_kinds: tuple[Literal["ivf", "hnsw"], ...] = Field(
+        ("ivf", "hnsw"), min_length=1, description="index kinds the full release picks from (Faiss IVF-Flat, HNSW)"
+    )
+    index_recall_target: float = Field(
+        0.95, ge=0, le=1, description="recall@100 vs exact search the chosen index must reach on the check users"
+    )
+    hnsw_max_items: int = Field(
+        300_000, ge=1, description="above this many items HNSW is not a candidate unless it is the only kind (1M: ~90 s to build)"
+    )
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = Field(256, ge=1, description="largest HNSW efSearch tried; the release keeps the smallest that meets the target")
+    ivf_lists: int | None = Field(None, ge=1, description="IVF lists; unset: the power of two nearest 2 * sqrt(items)")
+    ivf_max_nprobe: int = Field(128, ge=1, description="largest IVF nprobe tried (1, 2, 4, ... up to it); the smallest meeting the target is kept")
+    ivf_train_per_list: int = Field(40, ge=1, description="item vectors per list (a seeded sample) the IVF lists are trained on")
+    ivf_train_iterations: int = Field(10, ge=1, description="k-means rounds that train the IVF lists")
     # --- publisher/publish.py ---
     poll_seconds: float = Field(10.0, gt=0, description="how often `freshtower publish` looks for a new full model or a due delta")
-    index_check_queries: int = Field(200, ge=1, description="item vectors used as queries to check the index against exact search")
+    index_check_queries: int = Field(
+        200, ge=1, description="sampled users whose vectors check (and choose) the index against exact search"
+    )
     min_index_recall: float = Field(0.9, ge=0, le=1, description="refuse a full release whose index recall@100 vs exact is below this")
     kafka_enabled: bool = Field(True, description="also send released user embeddings to topics.user_embeddings")
     topic_partitions: int = Field(4, ge=1, description="partitions of the compacted user-embeddings topic")

@@ -95,3 +95,25 @@ def test_a_broker_outage_does_not_stop_releases_and_the_rows_are_sent_later(data
         assert topic.sent == [(full.version, users), (delta.version, delta.rows)]
         publisher.tick(now_s=2.0)
         assert len(topic.sent) == 2  # sent once
+
+
+@pytest.mark.parametrize("dim", [64, 1, 2, 3, 5])
+def test_rows_encoded_in_bulk_are_the_bytes_of_one_row_at_a_time(dim):
+    from freshtower.publisher.embedding_topic import encode_row, encode_rows
+
+    rng = np.random.default_rng(dim)
+    vectors = rng.normal(size=(40, dim)).astype(np.float32)
+    user_ids = [f"u{i}" for i in range(36)] + ['quote"and\\slash', "é\nnew line", "per%cent", ""]
+    event_times = rng.integers(-3, 1_800_000_000_000, size=40)
+    event_times[:5] = 0
+    for times in (event_times, None):
+        values = encode_rows(user_ids, vectors, times, release="00000003-embeddings", model_version='m"1%s', kind="embeddings")
+        one_at_a_time = [
+            encode_row(
+                u, vectors[i], release="00000003-embeddings", model_version='m"1%s', kind="embeddings",
+                event_time_ms=None if times is None or times[i] <= 0 else int(times[i]),
+            )
+            for i, u in enumerate(user_ids)
+        ]
+        assert values == one_at_a_time
+        assert [decode_row(v)["user_id"] for v in values] == user_ids

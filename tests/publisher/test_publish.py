@@ -110,12 +110,15 @@ def test_full_release_then_embeddings_releases_of_the_rows_changed_since(data_di
 
 
 def test_catalogues_above_the_threshold_get_an_hnsw_index_checked_against_exact_search(data_dir):
-    settings = publisher_settings(data_dir, publisher={"exact_index_below": 100, "hnsw_m": 8, "hnsw_ef_search": 200})
+    settings = publisher_settings(
+        data_dir, publisher={"exact_index_below": 100, "index_kinds": ["hnsw"], "hnsw_m": 8, "hnsw_ef_search": 200}
+    )
     with Publisher(settings) as publisher:
         outcome = publisher.publish_full_if_new(now_s=0.0)
         index = publisher.store.get(outcome.version).manifest.index
     assert index.kind == "hnsw" and index.settings["hnsw_m"] == 8
     assert 0.9 <= index.recall_at_100_vs_exact <= 1.0 and index.check_queries == 200
+    assert [c.kind for c in index.candidates] == ["hnsw"] and index.search_parameter == "efSearch"
     state = load_state(publisher.store, outcome.version, ef_search=150)
     assert state.index.index.hnsw.efSearch == 150
 

@@ -12,7 +12,7 @@ run``. ``format`` is the schema version.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,14 +40,36 @@ class Dims:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IndexCandidate:
+    """One index kind the publisher built and tuned for a full release."""
+
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    kind: str  # "ivf" or "hnsw"
+    build_seconds: float
+    parameter: str  # "nprobe" or "efSearch"
+    value: int  # the smallest on its ladder that met the target (else the largest)
+    recall_at_100_vs_exact: float
+    p99_ms: float  # single-query search
+    meets_target: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class IndexSummary:
     __pydantic_config__ = CONTRACT_CONFIG
 
-    kind: str  # "IndexFlatIP" (exact) or "hnsw"
-    settings: dict[str, Any]  # IndexSettings
-    build_seconds: float
+    kind: str  # "IndexFlatIP" (exact), "ivf" or "hnsw"
+    settings: dict[str, Any]  # IndexSettings (serving builds a release's new-item index with them)
+    build_seconds: float  # of the served index
     recall_at_100_vs_exact: float  # of the index against exact search, on check_queries user vectors
     check_queries: int
+    recall_target: float | None = None  # what the choice aimed at
+    search_parameter: str | None = None  # "nprobe" or "efSearch" as stored in the index; None for exact search
+    search_value: int | None = None
+    p99_ms: float | None = None  # single-query search of the served index on the check users
+    choice_seconds: float | None = None  # oracle, builds, tuning and timing of every candidate
+    candidates: tuple[IndexCandidate, ...] = ()  # every kind built (the served one among them)
+    choice_settings: dict[str, Any] = field(default_factory=dict)  # the publisher settings the choice followed
 
 
 @dataclass(frozen=True, kw_only=True)
