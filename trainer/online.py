@@ -141,6 +141,8 @@ class OnlineTrainer:
         self._fork(base)
         self._last_checkpoint = time.monotonic()
         self._unsaved_batches = 0  # trained since the last checkpoint
+        self._unsaved_keys: list[str] = []  # their names (``batch_key``)
+        self.checkpointed_batches: list[str] = []  # the batches the last checkpoint added (its announcement names them)
         self.on_checkpoint: Callable[[Path, OnlineCheckpoint], None] | None = None  # e.g. announce it to the publisher
 
     # --- forking and re-basing --------------------------------------------------
@@ -220,6 +222,7 @@ class OnlineTrainer:
             trained += result.samples
         seconds = time.perf_counter() - started
         self._advance(key, ref.window_start_ms)
+        self._unsaved_keys.append(key)
         if ref.manifest.max_event_time_ms is not None:
             self.newest_event_time_ms = max(self.newest_event_time_ms, ref.manifest.max_event_time_ms)
         report = BatchReport(ref.window_start_ms, trained, seconds, float(np.mean(losses)) if losses else None)
@@ -354,6 +357,7 @@ class OnlineTrainer:
         write_online_checkpoint(path, checkpoint)
         self._last_checkpoint = time.monotonic()
         self._unsaved_batches = 0
+        self.checkpointed_batches, self._unsaved_keys = self._unsaved_keys, []
         self.stats.checkpoints += 1
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, checkpoint)
