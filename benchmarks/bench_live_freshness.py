@@ -88,6 +88,7 @@ MODES: dict[str, dict[str, dict]] = {
     },
 }
 STAGES = ("closed", "trained", "released", "served")
+COLD = -2  # a user served the cold-start row: no row of their own yet (vocabulary.user_min_count)
 
 
 # --- the traffic --------------------------------------------------------------------------
@@ -321,8 +322,10 @@ class ModeResult:
     reached: dict[str, int]
     verified: int  # served clicks whose user's served row learnt them
     not_learnt: int  # clicks whose user's served row has not learnt them at the end
+    cold_start: int  # clicks of users who still have no row of their own (served the cold-start row)
     served_not_learnt: int  # traced to a served release, yet the user's served row has not learnt them (a tracing error)
     split: dict
+    close_delay: dict | None  # per batch: seconds from its window's end + the allowed lateness to its announcement
     events_per_second_sent: float
     events_per_second_read: float
     worker_busy_share: float | None
@@ -409,7 +412,7 @@ def run_mode(mode: str, args, root: Path, overrides: dict, say=print) -> ModeRes
             settle = args.settle if args.settle is not None else default_settle(settings)
             say(f"[{mode}] traffic done ({replay.sent:,} events); up to {settle:.0f} s for the last clicks to be served")
             end = time.monotonic() + settle
-            wait_for("the last clicks", lambda: time.monotonic() > end or _all_served(traffic, handoffs, settings), settle + 30,
+            wait_for("the last clicks", lambda: time.monotonic() > end or _all_through(traffic, handoffs, settings), settle + 30,
                      supervisor)
             traces = trace_clicks(traffic.clicks, handoffs, settings.streams.partitions)
             learnt = _rows_learnt(service, traffic.clicks)
@@ -424,7 +427,11 @@ def run_mode(mode: str, args, root: Path, overrides: dict, say=print) -> ModeRes
     counted = [t if ok else replace(t, served_ms=None) for t, ok in zip(traces, learnt_it)]
     verified = sum(1 for t in counted if t.served_ms is not None)
     not_learnt = learnt_it.count(False)
+    cold = sum(1 for t in traces if learnt.get(t.user_id) == COLD)
     served_not_learnt = sum(1 for t, ok in zip(traces, learnt_it) if t.served_ms is not None and not ok)
+    lateness_ms = settings.streams.allowed_lateness_seconds * 1000
+    close_delays = [(at - start - handoffs.window_ms - lateness_ms) / 1000 for (_, start), (at, _) in handoffs.batches.items()
+                    if start >= traffic.start_ms - handoffs.window_ms]
     busy = None
     if before.get("busy_seconds") is not None and after.get("busy_seconds") is not None:
         busy = (after["busy_seconds"] - before["busy_seconds"]) / live_seconds
@@ -442,8 +449,10 @@ def run_mode(mode: str, args, root: Path, overrides: dict, say=print) -> ModeRes
         reached={s: sum(1 for t in counted if getattr(t, f"{s}_ms") is not None) for s in STAGES},
         verified=verified,
         not_learnt=not_learnt,
+        cold_start=cold,
         served_not_learnt=served_not_learnt,
         split=split(counted),
+        close_delay=percentiles(close_delays),
         events_per_second_sent=replay.sent / live_seconds,
         events_per_second_read=(after.get("events_in", 0) - before.get("events_in", 0)) / live_seconds,
         worker_busy_share=busy,
@@ -456,27 +465,33 @@ def run_mode(mode: str, args, root: Path, overrides: dict, say=print) -> ModeRes
     )
 
 
+def release_in_time(settings: Settings) -> bool:
+    """Can an embeddings release come within a short run? Not at a 30-minute interval."""
+    return settings.publisher.publish_interval_seconds <= 120.0
+
+
 def default_settle(settings: Settings) -> float:
-    """Long enough for the last click's window to close (idle clock), be trained and released."""
+    """Long enough for the last click's window to close (idle clock), be
+    trained and, when the interval allows it, released."""
     s = settings.streams
-    publish = min(settings.publisher.publish_interval_seconds, 120.0)
+    publish = settings.publisher.publish_interval_seconds if release_in_time(settings) else 0.0
     return s.window_seconds + s.allowed_lateness_seconds + s.idle_seconds + publish + 15.0
 
 
-def _all_served(traffic: LiveTraffic, handoffs: Handoffs, settings: Settings) -> bool:
-    if not traffic.clicks or not handoffs.served:
+def _all_through(traffic: LiveTraffic, handoffs: Handoffs, settings: Settings) -> bool:
+    """The last click is served (trained, when no release can come in time)."""
+    if not traffic.clicks:
         return False
-    last = traffic.clicks[-1]
-    trace = trace_clicks([last], handoffs, settings.streams.partitions)[0]
-    return trace.served_ms is not None
+    trace = trace_clicks(traffic.clicks[-1:], handoffs, settings.streams.partitions)[0]
+    return (trace.served_ms if release_in_time(settings) else trace.trained_ms) is not None
 
 
 def _rows_learnt(service: str, clicks: list[tuple[str, int, float]]) -> dict[str, int]:
-    """Each clicked user's served row: the newest click it learnt from (-1: none)."""
+    """Each clicked user's served row: the newest click it learnt from (-1: none, ``COLD``: no row, the cold-start row served)."""
     learnt = {}
     for user in sorted({u for u, _, _ in clicks}):
         body = get_json(f"{service}/v1/users/{user}/embedding", timeout=5) or {}
-        learnt[user] = body.get("event_time_ms") or -1
+        learnt[user] = COLD if body.get("cold_start") else body.get("event_time_ms") or -1
     return learnt
 
 
@@ -512,7 +527,7 @@ def render(result: ModeResult) -> list[str]:
         f"clicks: {r.clicks:,}; reached closed {r.reached['closed']:,}, trained {r.reached['trained']:,}, "
         f"released {r.reached['released']:,}, served {r.reached['served']:,} (each checked against the served row: "
         f"{r.verified:,} learnt, {r.served_not_learnt:,} traced but not learnt; {r.not_learnt:,} not in their user's served row "
-        f"at the end); "
+        f"at the end, {r.cold_start:,} of them of users with no row yet); "
         f"{r.non_monotone} out of stage order",
         f"{'stage (seconds)':<22}{'clicks':>8}{'p50':>9}{'p99':>9}{'max':>9}",
     ]
@@ -521,6 +536,10 @@ def render(result: ModeResult) -> list[str]:
             lines.append(f"{name:<22}{0:>8}{'-':>9}{'-':>9}{'-':>9}")
         else:
             lines.append(f"{name:<22}{figures['n']:>8,}{figures['p50']:>9.2f}{figures['p99']:>9.2f}{figures['max']:>9.2f}")
+    if r.close_delay is not None:
+        d = r.close_delay
+        lines.append(f"{'window end + lateness':<22}{d['n']:>8,}{d['p50']:>9.2f}{d['p99']:>9.2f}{d['max']:>9.2f}   "
+                     "-> batch announced (per batch)")
     return lines
 
 
