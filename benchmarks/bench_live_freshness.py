@@ -323,7 +323,7 @@ class ModeResult:
     verified: int  # served clicks whose user's served row learnt them
     not_learnt: int  # clicks whose user's served row has not learnt them at the end
     cold_start: int  # clicks of users who still have no row of their own (served the cold-start row)
-    served_not_learnt: int  # traced to a served release, yet the user's served row has not learnt them (a tracing error)
+    served_not_learnt: int  # traced to a served release, yet the user's own served row has not learnt them (a tracing error)
     split: dict
     close_delay: dict | None  # per batch: seconds from its window's end + the allowed lateness to its announcement
     events_per_second_sent: float
@@ -428,7 +428,7 @@ def run_mode(mode: str, args, root: Path, overrides: dict, say=print) -> ModeRes
     verified = sum(1 for t in counted if t.served_ms is not None)
     not_learnt = learnt_it.count(False)
     cold = sum(1 for t in traces if learnt.get(t.user_id) == COLD)
-    served_not_learnt = sum(1 for t, ok in zip(traces, learnt_it) if t.served_ms is not None and not ok)
+    served_not_learnt = sum(1 for t, ok in zip(traces, learnt_it) if t.served_ms is not None and not ok and learnt.get(t.user_id) != COLD)
     lateness_ms = settings.streams.allowed_lateness_seconds * 1000
     close_delays = [(at - start - handoffs.window_ms - lateness_ms) / 1000 for (_, start), (at, _) in handoffs.batches.items()
                     if start >= traffic.start_ms - handoffs.window_ms]
