@@ -216,6 +216,7 @@ class Publisher:
         # Wall clock: when changed rows wait for the interval to pass, the
         # moment it does (``run`` ticks then, not a whole poll later).
         self.delta_due_at_s: float | None = None
+        self._retention_due = False  # a release was activated: ``apply_retention`` has work
 
     def __enter__(self) -> Publisher:
         self._lock = self.store.publisher_lock()
@@ -246,8 +247,22 @@ class Publisher:
         for outcome in outcomes:
             if report:
                 report(outcome)
+        self.apply_retention()
         self.send_pending_to_topic()
         return outcomes
+
+    def apply_retention(self) -> list[str]:
+        """Remove releases beyond ``keep_releases`` (never the active chain),
+        once something was activated since the last time; the removed versions."""
+        if not self._retention_due:
+            return []
+        self._retention_due = False
+        if len(self.store.versions()) <= self.config.keep_releases:
+            return []
+        removed = self.store.retain(self.config.keep_releases)
+        if removed:
+            log.info("retention removed %s", removed)
+        return removed
 
     def run(
         self,
@@ -530,9 +545,7 @@ class Publisher:
                 self.store.discard(version)
                 return PublishOutcome(kind, "skipped", f"{error}; will rebuild on the new active release next tick")
             self.on_stage("activated", version)
-            removed = self.store.retain(self.config.keep_releases)
-            if removed:
-                log.info("retention removed %s", removed)
+            self._retention_due = True  # after the announcement (``tick``): it reads every manifest of every chain
         seconds = time.perf_counter() - started
         log.info("published %s release %s (%d user rows) in %.2f s", kind, version, rows, seconds)
         return PublishOutcome(kind, "published", "active" if activate else "sealed, not activated", release.version, rows, seconds)
