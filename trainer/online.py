@@ -282,12 +282,16 @@ class OnlineTrainer:
                 pending = self.pending()
                 if max_batches is not None:
                     pending = pending[: max_batches - trained]
-                for ref, samples in reader.read(pending):
+                every_batch = self.settings.training.checkpoint_every_seconds > 0
+                for n, (ref, samples) in enumerate(reader.read(pending)):
                     report = self.learn_batch(ref, samples)
                     trained += 1
                     if on_batch:
                         on_batch(report)
-                    self._maybe_checkpoint()
+                    # At period 0, one checkpoint per window: its partitions' batches
+                    # land together, and each checkpoint is a release.
+                    if every_batch or n == len(pending) - 1 or pending[n + 1].window_start_ms != ref.window_start_ms:
+                        self._maybe_checkpoint()
                     if should_stop() or (max_batches is not None and trained >= max_batches):
                         break
                 if not follow or (max_batches is not None and trained >= max_batches):
