@@ -247,6 +247,10 @@ class Publisher:
         self.item_tower = FrozenItemTower(full_models_dir(settings))  # embeds new items for embeddings releases
         self._full_items: tuple[str, frozenset[str]] | None = None  # (full release, its item IDs)
         self._lock = None
+        # Wall clock: when changed rows wait for the interval to pass, the
+        # moment it does (``run`` ticks then, not a whole poll later).
+        self.delta_due_at_s: float | None = None
+        self._retention_due = False  # a release was activated: ``apply_retention`` has work
 
     def __enter__(self) -> Publisher:
         self._lock = self.store.publisher_lock()
@@ -265,14 +269,34 @@ class Publisher:
 
     # --- one tick ---------------------------------------------------------------
 
-    def tick(self, now_s: float | None = None, *, force_delta: bool = False) -> list[PublishOutcome]:
+    def tick(self, now_s: float | None = None, *, force_delta: bool = False, report=None) -> list[PublishOutcome]:
         """Full release if a new full model is there, then a delta if due (or
         if there are changed rows at all, with ``force_delta``), then the
-        topic. ``now_s`` is wall time (seconds), passed in for tests."""
+        topic. ``now_s`` is wall time (seconds), passed in for tests.
+        ``report(outcome)`` is called for each outcome before the rows go to
+        the topic: the release is active by then, and its announcement (the
+        service swaps on it) must not wait for the topic."""
         now_s = time.time() if now_s is None else now_s
         outcomes = [self.publish_full_if_new(now_s), self.publish_delta_if_due(now_s, force=force_delta)]
+        for outcome in outcomes:
+            if report:
+                report(outcome)
+        self.apply_retention()
         self.send_pending_to_topic()
         return outcomes
+
+    def apply_retention(self) -> list[str]:
+        """Remove releases beyond ``keep_releases`` (never the active chain),
+        once something was activated since the last time; the removed versions."""
+        if not self._retention_due:
+            return []
+        self._retention_due = False
+        if len(self.store.versions()) <= self.config.keep_releases:
+            return []
+        removed = self.store.retain(self.config.keep_releases)
+        if removed:
+            log.info("retention removed %s", removed)
+        return removed
 
     def run(
         self,
@@ -287,22 +311,26 @@ class Publisher:
         True (a ``Wakeup`` on the checkpoint announcements): then it ticks at once."""
         if wait is None:
             wait = lambda seconds: bool(time.sleep(seconds))  # noqa: E731
-        period = min(self.config.poll_seconds, self.config.publish_interval_seconds)
         published = 0
         while not should_stop():
             try:
-                outcomes = self.tick()
+                outcomes = self.tick(report=report)
             except (ReleaseError, ArtifactError, ContractError, OSError) as error:
                 # e.g. a checkpoint or model being replaced, a full disk: keep the
                 # active release, say why, try again next period
                 log.error("publisher tick failed, the active release stays: %s", error)
                 outcomes = []
             for outcome in outcomes:
-                if report:
-                    report(outcome)
                 published += outcome.status == "published"
             if max_releases is not None and published >= max_releases:
                 break
+            # The poll period, or less when changed rows become due sooner; a
+            # checkpoint announcement ends the wait at once. (Not the interval
+            # itself: at an interval of milliseconds each tick, which reads
+            # every checkpoint, would spin.)
+            period = self.config.poll_seconds
+            if self.delta_due_at_s is not None:
+                period = min(period, max(0.0, self.delta_due_at_s - time.time()))
             deadline = time.monotonic() + period
             while not should_stop() and time.monotonic() < deadline:
                 if wait(max(0.0, min(0.2, deadline - time.monotonic()))):
@@ -404,6 +432,7 @@ class Publisher:
     # --- embeddings releases ---------------------------------------------------------
 
     def publish_delta_if_due(self, now_s: float, *, force: bool = False, activate: bool = True) -> PublishOutcome:
+        self.delta_due_at_s = None
         active = self.store.active()
         if active is None:
             return PublishOutcome("embeddings", "skipped", "no active release: a full release comes first")
@@ -423,6 +452,8 @@ class Publisher:
         if not due.taken:
             return PublishOutcome("embeddings", "skipped", due.reason)
         if not (due.scheduled or force):
+            if due.rows and self.config.clock == "wall":
+                self.delta_due_at_s = active.manifest.created_at + self.config.publish_interval_seconds
             return PublishOutcome("embeddings", "skipped", due.reason)
         return self.publish_delta(active, due, now_s=now_s, activate=activate)
 
@@ -559,9 +590,7 @@ class Publisher:
                 self.store.discard(version)
                 return PublishOutcome(kind, "skipped", f"{error}; will rebuild on the new active release next tick")
             self.on_stage("activated", version)
-            removed = self.store.retain(self.config.keep_releases)
-            if removed:
-                log.info("retention removed %s", removed)
+            self._retention_due = True  # after the announcement (``tick``): it reads every manifest of every chain
         seconds = time.perf_counter() - started
         log.info("published %s release %s (%d user rows) in %.2f s", kind, version, rows, seconds)
         return PublishOutcome(kind, "published", "active" if activate else "sealed, not activated", release.version, rows, seconds)

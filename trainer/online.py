@@ -142,6 +142,8 @@ class OnlineTrainer:
         self._fork(base)
         self._last_checkpoint = time.monotonic()
         self._unsaved_batches = 0  # trained since the last checkpoint
+        self._unsaved_keys: list[str] = []  # their names (``batch_key``)
+        self.checkpointed_batches: list[str] = []  # the batches the last checkpoint added (its announcement names them)
         self.on_checkpoint: Callable[[Path, OnlineCheckpoint], None] | None = None  # e.g. announce it to the publisher
 
     # --- forking and re-basing --------------------------------------------------
@@ -228,6 +230,7 @@ class OnlineTrainer:
             trained += result.samples
         seconds = time.perf_counter() - started
         self._advance(key, ref.window_start_ms)
+        self._unsaved_keys.append(key)
         if ref.manifest.max_event_time_ms is not None:
             self.newest_event_time_ms = max(self.newest_event_time_ms, ref.manifest.max_event_time_ms)
         report = BatchReport(ref.window_start_ms, trained, seconds, float(np.mean(losses)) if losses else None)
@@ -287,12 +290,16 @@ class OnlineTrainer:
                 pending = self.pending()
                 if max_batches is not None:
                     pending = pending[: max_batches - trained]
-                for ref, samples in reader.read(pending):
+                every_batch = self.settings.training.checkpoint_every_seconds > 0
+                for n, (ref, samples) in enumerate(reader.read(pending)):
                     report = self.learn_batch(ref, samples)
                     trained += 1
                     if on_batch:
                         on_batch(report)
-                    self._maybe_checkpoint()
+                    # At period 0, one checkpoint per window: its partitions' batches
+                    # land together, and each checkpoint is a release.
+                    if every_batch or n == len(pending) - 1 or pending[n + 1].window_start_ms != ref.window_start_ms:
+                        self._maybe_checkpoint()
                     if should_stop() or (max_batches is not None and trained >= max_batches):
                         break
                 if not follow or (max_batches is not None and trained >= max_batches):
@@ -362,6 +369,7 @@ class OnlineTrainer:
         write_online_checkpoint(path, checkpoint)
         self._last_checkpoint = time.monotonic()
         self._unsaved_batches = 0
+        self.checkpointed_batches, self._unsaved_keys = self._unsaved_keys, []
         self.stats.checkpoints += 1
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, checkpoint)

@@ -92,7 +92,7 @@ def _follow_online(settings, partition, follow, poll_seconds, max_batches, shoul
             time.sleep(min(poll_seconds, 1.0))
     trainer.on_checkpoint = lambda path, c: announcer.announce(
         {"path": str(path), "step": c.step, "newest_event_time_ms": c.newest_event_time_ms, "partition": list(c.partition),
-         "base_version": c.base_version}
+         "base_version": c.base_version, "batches": trainer.checkpointed_batches}
     )
     stats = trainer.run(
         follow=follow, poll_seconds=poll_seconds, max_batches=max_batches, should_stop=should_stop, on_batch=on_batch, wait=wakeup.wait

@@ -292,9 +292,28 @@ class Simulator:
         return self._requests_by_day[day]
 
     def _generate_requests(self, day: int) -> list[Request]:
+        rng = np.random.default_rng([self.config.seed, 2, day])
+        return self._requests_at(day, self._request_times(day, rng), rng, f"d{day}")
+
+    def live_requests(self, day: int, start_ms: int, seconds: float, rate: float) -> list[Request]:
+        """Requests of ``day``'s world at a steady ``rate`` per second (Poisson
+        arrivals) from ``start_ms`` for ``seconds``, for traffic made on the
+        wall clock (``benchmarks/bench_live_freshness.py``); their clicks
+        follow by ``click_delay_seconds`` as usual. Seeded by the start.
+
+        >>> sim = Simulator(SimulatorConfig(users=50, items=40))
+        >>> made = sim.live_requests(0, sim.day_start_ms(0) + 5_000, 2.0, 10.0)
+        >>> 5 < len(made) < 40, all(sim.day_start_ms(0) + 5_000 <= r.ts_ms < sim.day_start_ms(0) + 7_000 for r in made)
+        (True, True)
+        """
+        rng = np.random.default_rng([self.config.seed, 6, day, start_ms])
+        count = int(rng.poisson(rate * seconds))
+        times = start_ms + np.sort((rng.random(count) * seconds * 1000).astype(np.int64))
+        return self._requests_at(day, times, rng, f"live{start_ms}")
+
+    def _requests_at(self, day: int, times: np.ndarray, rng: np.random.Generator, prefix: str) -> list[Request]:
+        """The requests at ``times`` (sorted ms): users drawn by activity, candidates, ranking, clicks."""
         c = self.config
-        rng = np.random.default_rng([c.seed, 2, day])
-        times = self._request_times(day, rng)
         activity_cdf = self._pools(day)[3]
         users = np.searchsorted(activity_cdf, rng.random(len(times)) * activity_cdf[-1])
         for _ in range(20):  # a user drawn before their birth that day: drawn again
@@ -318,7 +337,7 @@ class Simulator:
             delays = rng.exponential(c.click_delay_seconds * 1000, shown_n).astype(np.int64) + 500
             requests.append(
                 Request(
-                    request_id=f"d{day}-r{n}",
+                    request_id=f"{prefix}-r{n}",
                     user=user,
                     ts_ms=ts,
                     shown=shown,
@@ -353,8 +372,12 @@ class Simulator:
     def events(self, day: int) -> Iterator[tuple[str, dict]]:
         """(topic, event) pairs of ``day`` in event-time order: rank logs just
         before their impression, clicks after it."""
+        return self.request_events(self.requests(day))
+
+    def request_events(self, requests: Iterable[Request]) -> Iterator[tuple[str, dict]]:
+        """(topic, event) pairs of ``requests`` in event-time order."""
         timed: list[tuple[int, int, str, dict]] = []
-        for request in self.requests(day):
+        for request in requests:
             ts = request.ts_ms
             features = self.user_features(request.user, ts)
             user_id = self.user_id(request.user)

@@ -104,7 +104,9 @@ class TrainingConfig(_Section):
     )
     shuffle_shards: int = Field(0, ge=0, description="external-shuffle shards; 0 picks from the record count")
     shuffle_shard_records: int = Field(2_000_000, ge=1000, description="records per shard when picking")
-    checkpoint_every_seconds: float = Field(60.0, ge=0, description="online checkpoint period (wall clock)")
+    checkpoint_every_seconds: float = Field(
+        60.0, ge=0, description="online checkpoint period (wall clock); 0: after each window's batches (its partitions' files)"
+    )
     online_poll_seconds: float = Field(
         10.0, gt=0, description="fallback: how often the following online trainer lists batch files when no announcement came"
     )

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -311,3 +312,25 @@ def test_checkpoints_of_user_partitions_are_released_together_each_from_its_own_
         assert second.status == "published" and second.rows == 2
         assert set(release_rows(publisher.store.get(second.version))) == {row_ids[r] for r in mine}
         assert publisher.store.get(second.version).manifest.online_steps["checkpoint-1-of-2.pt"] == step + 1
+
+
+class CountingPublisher(Publisher):
+    """A publisher that counts its ticks."""
+
+    ticks = 0
+
+    def tick(self, *args, **kwargs):
+        self.ticks += 1
+        return super().tick(*args, **kwargs)
+
+
+def test_a_millisecond_publish_interval_does_not_make_the_publisher_spin(data_dir):
+    """A release after every checkpoint (the seconds mode) must not turn the
+    wait between ticks into the interval: each tick reads every checkpoint."""
+    settings = publisher_settings(data_dir, publisher={"publish_interval_seconds": 0.001, "poll_seconds": 10.0})
+    train_online(settings, 2)
+    stop_at = time.monotonic() + 1.5
+    with CountingPublisher(settings) as publisher:
+        published = publisher.run(should_stop=lambda: time.monotonic() > stop_at)
+    assert published == 2  # the full release, and at once the rows trained on it
+    assert publisher.ticks <= 2, f"{publisher.ticks} ticks in 1.5 s with nothing new to release"
