@@ -395,8 +395,10 @@ def experiment_command(
     exclude_seen: bool = typer.Option(
         False, "--exclude-seen", help="Score recall without the items each user clicked in earlier hours (the usual MovieLens protocol)."
     ),
-    new_item_vectors: bool = typer.Option(
-        False, "--new-item-vectors", help="Online releases also serve the items seen since their full model (frozen item tower)."
+    new_item_vectors: Optional[bool] = typer.Option(
+        None, "--new-item-vectors/--no-new-item-vectors",
+        help="Online releases also serve the items first seen since their full model, as the publisher's embeddings releases do "
+        "(default: the setting publisher.new_item_vectors, on unless configured off).",
     ),
     resamples: int = typer.Option(1000, "--resamples", min=100, help="Bootstrap resamples (MovieLens, --events)."),
     arms: str = typer.Option("main", "--arms", help="main: daily-full and full+inc/1min; all: also incremental and full+inc/30min."),

@@ -80,7 +80,8 @@ class ExperimentOptions:
     movielens_days: int = 60  # MovieLens days replayed, from its first rating
     through: str = "direct"  # direct: joined in process; kafka: a real streams worker cuts the batches
     exclude_seen: bool = False  # score recall without the items each user clicked in earlier hours
-    new_item_vectors: bool = False  # online releases also serve the items seen since their full model
+    # online releases also serve the items seen since their full model; None: as publisher.new_item_vectors says
+    new_item_vectors: bool | None = None
     resamples: int = 1000  # bootstrap resamples (single-world data sets)
     arms: str = "main"  # main: daily-full and full+inc/1min; all: also incremental and full+inc/30min
     jobs: int = 2  # simulator seeds replayed at once, each in a worker process of its own (1: in this process)
@@ -126,14 +127,26 @@ class ExperimentResult:
     seconds: float
 
 
+# Minibatch of the experiment's models where the user set none: a simulated day holds ~30,000 clicks, which at the
+# trainer's 1,024 make 28 steps a day, too few for the towers to learn (day 0's model, next day's Recall@50, seed 0 of
+# the large world: 0.005 at 1,024, 0.014 at 256, against 0.053 for the day's most popular items; docs/experiment.md).
+EXPERIMENT_BATCH_SIZE = 256
+
+
 def experiment_settings(settings: Settings) -> Settings:
     """The experiment's choices where the user did not set them: one
-    partition per topic (one batch file per minute window, not four), and
-    2^16 frequency buckets (the snapshot saved beside every batch stays small)."""
+    partition per topic (one batch file per minute window, not four),
+    2^16 frequency buckets (the snapshot saved beside every batch stays
+    small), and minibatches of ``EXPERIMENT_BATCH_SIZE`` clicks (enough
+    steps in a simulated day)."""
     from freshtower.app.pipeline import unless_set
 
     return settings.model_copy(
-        update={"streams": unless_set(settings.streams, partitions=1), "frequency": unless_set(settings.frequency, buckets=1 << 16)}
+        update={
+            "streams": unless_set(settings.streams, partitions=1),
+            "frequency": unless_set(settings.frequency, buckets=1 << 16),
+            "training": unless_set(settings.training, batch_size=EXPERIMENT_BATCH_SIZE),
+        }
     )
 
 
@@ -148,6 +161,8 @@ def run_experiment(settings: Settings, options: ExperimentOptions, report: Calla
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: pass a new --out directory")
     settings = experiment_settings(settings)
+    if options.new_item_vectors is None:  # one source of truth: what the publisher's embeddings releases do
+        options = replace(options, new_item_vectors=settings.publisher.new_item_vectors)
     results: list[DataSetResult] = []
     for data in options.data_sets:
         if data == "simulator":
