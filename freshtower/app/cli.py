@@ -405,11 +405,16 @@ def experiment_command(
     exclude_seen: bool = typer.Option(
         False, "--exclude-seen", help="Score recall without the items each user clicked in earlier hours (the usual MovieLens protocol)."
     ),
-    new_item_vectors: bool = typer.Option(
-        False, "--new-item-vectors", help="Online releases also serve the items seen since their full model (frozen item tower)."
+    new_item_vectors: Optional[bool] = typer.Option(
+        None, "--new-item-vectors/--no-new-item-vectors",
+        help="Online releases also serve the items first seen since their full model, as the publisher's embeddings releases do "
+        "(default: the setting publisher.new_item_vectors, on unless configured off).",
     ),
     resamples: int = typer.Option(1000, "--resamples", min=100, help="Bootstrap resamples (MovieLens, --events)."),
     arms: str = typer.Option("main", "--arms", help="main: daily-full and full+inc/1min; all: also incremental and full+inc/30min."),
+    jobs: int = typer.Option(
+        2, "--jobs", min=1, help="Simulator seeds replayed at once, each in its own process (the cores shared out); 1: one after another."
+    ),
 ) -> None:
     """The freshness experiment: daily-full only / incremental only / full +
     incremental published every 30 min / every 1 min, and the baselines
@@ -424,7 +429,7 @@ def experiment_command(
         options = ExperimentOptions(
             out=out, data=data, world=world, seeds=seeds, first_seed=first_seed, events=events, days=days, movielens_days=movielens_days,
             users=users, items=items, requests_per_day=requests_per_day, through=through, exclude_seen=exclude_seen,
-            new_item_vectors=new_item_vectors, resamples=resamples, arms=arms,
+            new_item_vectors=new_item_vectors, resamples=resamples, arms=arms, jobs=jobs,
         )
     except ValueError as error:
         console.print(str(error), style="red", markup=False, highlight=False)

@@ -22,7 +22,10 @@ command behind one typed ``ExperimentOptions``.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -77,9 +80,11 @@ class ExperimentOptions:
     movielens_days: int = 60  # MovieLens days replayed, from its first rating
     through: str = "direct"  # direct: joined in process; kafka: a real streams worker cuts the batches
     exclude_seen: bool = False  # score recall without the items each user clicked in earlier hours
-    new_item_vectors: bool = False  # online releases also serve the items seen since their full model
+    # online releases also serve the items seen since their full model; None: as publisher.new_item_vectors says
+    new_item_vectors: bool | None = None
     resamples: int = 1000  # bootstrap resamples (single-world data sets)
     arms: str = "main"  # main: daily-full and full+inc/1min; all: also incremental and full+inc/30min
+    jobs: int = 2  # simulator seeds replayed at once, each in a worker process of its own (1: in this process)
 
     def __post_init__(self):
         if self.events is not None and self.data == "simulator":
@@ -96,6 +101,8 @@ class ExperimentOptions:
             raise ValueError(f"--arms must be main or all, got {self.arms!r}")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {self.jobs}")
 
     @property
     def data_sets(self) -> tuple[str, ...]:
@@ -120,14 +127,26 @@ class ExperimentResult:
     seconds: float
 
 
+# Minibatch of the experiment's models where the user set none: a simulated day holds ~30,000 clicks, which at the
+# trainer's 1,024 make 28 steps a day, too few for the towers to learn (day 0's model, next day's Recall@50, seed 0 of
+# the large world: 0.005 at 1,024, 0.014 at 256, against 0.053 for the day's most popular items; docs/experiment.md).
+EXPERIMENT_BATCH_SIZE = 256
+
+
 def experiment_settings(settings: Settings) -> Settings:
     """The experiment's choices where the user did not set them: one
-    partition per topic (one batch file per minute window, not four), and
-    2^16 frequency buckets (the snapshot saved beside every batch stays small)."""
+    partition per topic (one batch file per minute window, not four),
+    2^16 frequency buckets (the snapshot saved beside every batch stays
+    small), and minibatches of ``EXPERIMENT_BATCH_SIZE`` clicks (enough
+    steps in a simulated day)."""
     from freshtower.app.pipeline import unless_set
 
     return settings.model_copy(
-        update={"streams": unless_set(settings.streams, partitions=1), "frequency": unless_set(settings.frequency, buckets=1 << 16)}
+        update={
+            "streams": unless_set(settings.streams, partitions=1),
+            "frequency": unless_set(settings.frequency, buckets=1 << 16),
+            "training": unless_set(settings.training, batch_size=EXPERIMENT_BATCH_SIZE),
+        }
     )
 
 
@@ -142,6 +161,8 @@ def run_experiment(settings: Settings, options: ExperimentOptions, report: Calla
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: pass a new --out directory")
     settings = experiment_settings(settings)
+    if options.new_item_vectors is None:  # one source of truth: what the publisher's embeddings releases do
+        options = replace(options, new_item_vectors=settings.publisher.new_item_vectors)
     results: list[DataSetResult] = []
     for data in options.data_sets:
         if data == "simulator":
@@ -157,7 +178,6 @@ def run_experiment(settings: Settings, options: ExperimentOptions, report: Calla
 
 def _simulator(settings: Settings, options: ExperimentOptions, out: Path, report) -> DataSetResult:
     from freshtower.app.event_log import simulated_end_day, simulated_start_day
-    from freshtower.app.simulator import Simulator, SimulatorConfig
 
     w = options.simulated
     # The days end at today's midnight (UTC): the streams worker dead-letters events ahead of the clock.
@@ -166,31 +186,89 @@ def _simulator(settings: Settings, options: ExperimentOptions, out: Path, report
         f"simulator ({w.name} world): {options.seeds} seeds, {w.days} days from {start_day}, {w.users:,} users, {w.items:,} items "
         f"(+{w.new_users_per_day:,} users and +{w.new_items_per_day:,} items a day), {w.requests_per_day:,} requests/day, K = {w.ks}"
     )
-    by_seed: list[list[ArmResult]] = []
-    for seed in range(options.first_seed, options.first_seed + options.seeds):
-        work = out / f"seed-{seed}"
-        work.mkdir(parents=True)
-        simulator = Simulator(
-            SimulatorConfig(
-                users=w.users, items=w.items, requests_per_day=w.requests_per_day, seed=seed, start_day=start_day,
-                new_users_per_day=w.new_users_per_day, new_items_per_day=w.new_items_per_day, max_days=w.days,
-            )
-        )
-        seeded = settings.model_copy(update={"training": settings.training.model_copy(update={"seed": seed})})
-        report(f" seed {seed}")
-        if options.through == "kafka":
-            counts = simulator.write_events(work / "events.jsonl", range(w.days))
-            batches, _ = _through_kafka(seeded, work / "events.jsonl", counts, report)
-        else:
-            batches = work / "batches"
-            simulator.write_batches(batches, range(w.days), settings.streams.window_seconds)
-        by_seed.append(_arms(seeded, options, work, batches, w.ks, report, seed))
-        so_far = DataSetResult(f"simulator/{w.name}", w.ks, by_seed, "t", options.resamples)
+    seeds = list(range(options.first_seed, options.first_seed + options.seeds))
+    # Through Kafka each seed has a broker and a streams worker of its own: one seed at a time.
+    jobs = 1 if options.through == "kafka" else min(options.jobs, len(seeds))
+    done: dict[int, list[ArmResult]] = {}
+
+    def finished(seed: int, results: list[ArmResult]) -> None:
+        done[seed] = results
+        so_far = DataSetResult(f"simulator/{w.name}", w.ks, [done[s] for s in sorted(done)], "t", options.resamples)
         # The seeds done so far, written after each: a long run that is stopped keeps them.
         (out / "table-so-far.md").write_text(format_tables([so_far]))
         (out / "results-so-far.json").write_text(json.dumps(results_json([so_far], options, 0.0), indent=1))
-        report(f"  seed {seed} done: {len(by_seed)} of {options.seeds}, tables so far in {out / 'table-so-far.md'}")
-    return DataSetResult(f"simulator/{w.name}", w.ks, by_seed, "t", options.resamples)
+        report(f"  seed {seed} done: {len(done)} of {options.seeds}, tables so far in {out / 'table-so-far.md'}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if jobs == 1:
+        for seed in seeds:
+            finished(seed, _simulated_seed(settings, options, w, start_day, seed, out / f"seed-{seed}", report))
+    else:
+        threads = job_threads(jobs)
+        report(f" {jobs} seeds at a time, each in its own process with {threads} torch thread(s); their logs in {out}/seed-N/log.txt")
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {
+                pool.submit(_seed_job, settings, options, w, start_day, seed, out / f"seed-{seed}", threads): seed for seed in seeds
+            }
+            try:
+                for future in as_completed(futures):
+                    finished(futures[future], future.result())
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    # Seed order, whichever finished first: the tables do not depend on the jobs.
+    return DataSetResult(f"simulator/{w.name}", w.ks, [done[s] for s in seeds], "t", options.resamples)
+
+
+def job_threads(jobs: int, cores: int | None = None) -> int:
+    """torch threads for each of ``jobs`` parallel seeds: the cores shared out, at least one each.
+
+    >>> job_threads(2, cores=2), job_threads(2, cores=16), job_threads(4, cores=2)
+    (1, 8, 1)
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // jobs)
+
+
+def _seed_job(settings: Settings, options: ExperimentOptions, w: World, start_day: str, seed: int, work: Path, threads: int):
+    """One seed in a worker process: its torch threads set, its report lines to its log (and stdout, prefixed)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if not settings.training.threads:  # the full trainer sets its own threads: the job's share
+        settings = settings.model_copy(update={"training": settings.training.model_copy(update={"threads": threads})})
+    work.mkdir(parents=True)
+    with open(work / "log.txt", "a", encoding="utf-8") as log:
+
+        def report(line: str) -> None:
+            log.write(f"{line}\n")
+            log.flush()
+            print(f"[seed {seed}] {line.strip()}", flush=True)
+
+        return _simulated_seed(settings, options, w, start_day, seed, work, report)
+
+
+def _simulated_seed(settings: Settings, options: ExperimentOptions, w: World, start_day: str, seed: int, work: Path, report):
+    """One seed's world: its batches (joined in process or through Kafka), then every arm and baseline on them."""
+    from freshtower.app.simulator import Simulator, SimulatorConfig
+
+    work.mkdir(parents=True, exist_ok=True)
+    simulator = Simulator(
+        SimulatorConfig(
+            users=w.users, items=w.items, requests_per_day=w.requests_per_day, seed=seed, start_day=start_day,
+            new_users_per_day=w.new_users_per_day, new_items_per_day=w.new_items_per_day, max_days=w.days,
+        )
+    )
+    seeded = settings.model_copy(update={"training": settings.training.model_copy(update={"seed": seed})})
+    report(f" seed {seed}")
+    if options.through == "kafka":
+        counts = simulator.write_events(work / "events.jsonl", range(w.days))
+        batches, _ = _through_kafka(seeded, work / "events.jsonl", counts, report)
+    else:
+        batches = work / "batches"
+        simulator.write_batches(batches, range(w.days), settings.streams.window_seconds)
+    return _arms(seeded, options, work, batches, w.ks, report, seed)
 
 
 def _single_world(settings: Settings, options: ExperimentOptions, data: str, work: Path, report) -> DataSetResult:

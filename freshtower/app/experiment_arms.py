@@ -64,6 +64,8 @@ from freshtower.trainer.full import train_full
 from freshtower.trainer.metrics import top_k
 from freshtower.trainer.online import OnlineTrainer, batch_key
 
+from freshtower.publisher.new_items import feature_mean_rows
+
 from freshtower.app.experiment_baselines import BASELINES, baseline_scores
 from freshtower.app.experiment_units import Unit, UnitScore, score_unit, units_from
 from freshtower.core.batches import BatchRef, FeatureSpec, list_batches, read_batch
@@ -147,12 +149,14 @@ class Served:
     model: object
     table: torch.Tensor
     items: int
+    new_from: int | None = None  # items from here on were first seen online (publisher.new_item_vectors)
+    id_row: str = "feature_mean"  # how those are embedded (publisher.new_item_id_row)
 
     @torch.no_grad()
     def retrieve(self, units: list[Unit], k: int, item_cache: dict, exclude_seen: bool = False) -> list[list[str]]:
         """The top ``k`` item IDs for each unit, best first (exact search)."""
         model = self.model
-        vectors_of_items, ids = _served_items(model, self.items, item_cache)
+        vectors_of_items, ids = _served_items(model, self.items, item_cache, self.new_from, self.id_row)
         inputs = model.user_inputs(
             [u.user_id for u in units],
             {name: [u.categorical.get(name, "") for u in units] for name in model.user_categorical},
@@ -171,14 +175,28 @@ class Served:
         return [ids[row].tolist() for row in top]
 
 
-def _served_items(model, count: int, cache: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors, IDs) of the first ``count`` catalogue items of ``model``; grown in place as the catalogue grows."""
+def _served_items(model, count: int, cache: dict, new_from: int | None = None, id_row: str = "feature_mean") -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, IDs) of the first ``count`` catalogue items of ``model``; grown in place as the catalogue grows.
+    Items from ``new_from`` on were first seen online (no ID row of their own): embedded as the publisher embeds them
+    for an embeddings release (``publisher.new_item_id_row``, ``publisher.new_items``)."""
     if cache.get("model") is not model:
         cache.clear()
         cache.update(model=model, vectors=np.zeros((0, 0), np.float32), ids=np.zeros(0, dtype=object))
     have = len(cache["ids"])
     if count > have:
-        fresh = model.item_vectors(model.catalogue_inputs(np.arange(have, count))).numpy()
+        indices = np.arange(have, count)
+        inputs = model.catalogue_inputs(indices)
+        fresh = model.item_vectors(inputs)
+        if new_from is not None and id_row == "feature_mean" and (indices >= new_from).any():
+            if "means" not in cache:
+                cache["means"] = feature_mean_rows(model)
+            means = cache["means"]
+            keys = model.catalogue.features_of(indices)
+            id_vectors = torch.stack([means.get(tuple(key), means[()]) for key in keys])
+            by_mean = model.item_tower.from_id_vectors(id_vectors, inputs)
+            new = torch.from_numpy(indices >= new_from)
+            fresh = torch.where(new.unsqueeze(1), by_mean, fresh)
+        fresh = fresh.numpy()
         cache["vectors"] = fresh if have == 0 else np.concatenate([cache["vectors"], fresh])
         cache["ids"] = np.array(model.catalogue.ids[:count], dtype=object)
     return cache["vectors"][:count], cache["ids"][:count]
@@ -212,6 +230,7 @@ class _Replay:
     ks: tuple[int, ...]
     exclude_seen: bool
     new_item_vectors: bool
+    new_item_id_row: str
     clicks: dict  # batch path -> its clicked samples, decoded once for every arm
 
     def clicks_of(self, ref: BatchRef):
@@ -231,11 +250,14 @@ def run_arms(
     ks: tuple[int, ...] = (50, 200),
     report: Callable[[str], None] = print,
     exclude_seen: bool = False,
-    new_item_vectors: bool = False,
+    new_item_vectors: bool | None = None,
     baselines: bool = True,
     seed: int = 0,
 ) -> list[ArmResult]:
-    """Train the daily full models once, then replay every arm in event time; the baselines on the same units."""
+    """Train the daily full models once, then replay every arm in event time; the baselines on the same units.
+    ``new_item_vectors`` None: ``publisher.new_item_vectors`` says whether online releases serve new items."""
+    if new_item_vectors is None:
+        new_item_vectors = settings.publisher.new_item_vectors
     spec = FeatureSpec.from_model(settings.model)
     refs = list_batches(batches_dir)
     if not refs:
@@ -243,7 +265,9 @@ def run_arms(
     full_refs, released_at = _train_daily_models(settings, work_dir, batches_dir, refs, report)
     lateness_ms = int(settings.streams.allowed_lateness_seconds * 1000)
     clicks: dict = {}
-    replay = _Replay(refs, spec, full_refs, released_at, lateness_ms, ks, exclude_seen, new_item_vectors, clicks)
+    replay = _Replay(
+        refs, spec, full_refs, released_at, lateness_ms, ks, exclude_seen, new_item_vectors, settings.publisher.new_item_id_row, clicks
+    )
     evaluation_start = released_at[full_refs[0].version]
     units = units_from(refs, spec, evaluation_start, clicks)
     new_users = sum(u.new_user for u in units)
@@ -420,7 +444,7 @@ def _publish_ticks(state: _ArmState, now: float, flush_units: Callable[[], None]
         inflight = state.before_inflight
         table = inflight[1] if inflight is not None and inflight[0] > tick else model.user_tower.id_embedding.detach().clone()
         items = len(model.catalogue) if replay.new_item_vectors else state.base_items
-        state.served = Served(model, table, items)
+        state.served = Served(model, table, items, state.base_items, replay.new_item_id_row)
 
 
 def _learnt_by_full(state: _ArmState, model_ref, released_ms: int, replay: _Replay) -> None:
