@@ -13,6 +13,7 @@ from freshtower.core.settings import Settings, load_settings
 # Small enough to generate in seconds, big enough to learn something:
 # ~3,000 requests a day, ~7,000 clicks a day.
 SMALL_WORLD = SimulatorConfig(users=600, items=300, topics=10, requests_per_day=3000, seed=1)
+DAY0, DAY1 = "2026-11-20", "2026-11-21"  # the simulated days 0 and 1
 TEST_WINDOW_SECONDS = 600.0  # ten-minute batches keep the file count low
 
 
@@ -44,6 +45,25 @@ def data_dir_with_batches(tmp_path, simulated_batches) -> Path:
     data_dir = tmp_path / "data"
     shutil.copytree(simulated_batches, data_dir / "batches")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def day0_model_dir(tmp_path_factory, simulated_batches) -> Path:
+    """Simulated batches + the day-0 full model (read-only: copy before use)."""
+    from freshtower.trainer.full import train_full
+
+    data_dir = tmp_path_factory.mktemp("day0") / "data"
+    shutil.copytree(simulated_batches, data_dir / "batches")
+    train_full(make_settings(data_dir), DAY0)
+    return data_dir
+
+
+@pytest.fixture
+def data_dir(tmp_path, day0_model_dir) -> Path:
+    """A fresh copy of ``day0_model_dir``."""
+    copy = tmp_path / "data"
+    shutil.copytree(day0_model_dir, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes in the files below ``path``: what a copy of it needs."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 class SmallDisk:
     """A tmpfs of ``size_bytes`` mounted at ``path``."""
 

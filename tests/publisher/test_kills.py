@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,49 +17,17 @@ from freshtower.publisher.releases import ReleaseStore
 from freshtower.app.supervisor import child_environment
 from freshtower.core.batches import read_batch
 from freshtower.core.ports import free_port
+from tests.publisher.service_process import ServiceProcess
 from tests.publisher.test_service import published, request_for  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 REQUESTS = 300
 
 
-class Service:
-    """``freshtower serve`` in a process of its own, on a free loopback port."""
-
-    def __init__(self, settings, log_path):
-        self.settings = settings.model_copy(update={"service": settings.service.model_copy(update={"port": free_port()})})
-        self.url = f"http://127.0.0.1:{self.settings.service.port}"
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Service:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "freshtower.app.cli", "serve", "--port", str(self.settings.service.port)],
-                env=child_environment(self.settings, os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        return self
-
-    def wait_serving(self, version: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).json().get("serving") == version:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"service does not serve {version} after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(30)
+def service_process(settings, log_path) -> ServiceProcess:
+    port = free_port()
+    settings = settings.model_copy(update={"service": settings.service.model_copy(update={"port": port})})
+    return ServiceProcess(child_environment(settings, os.environ), port, log_path)
 
 
 def test_a_service_killed_mid_stream_comes_back_on_the_same_release_with_the_same_answers(published, tmp_path):
@@ -70,7 +35,7 @@ def test_a_service_killed_mid_stream_comes_back_on_the_same_release_with_the_sam
     samples = read_batch(trainer.pending()[0], trainer.spec)
     requests = [request_for(samples, i % min(40, len(samples))) for i in range(REQUESTS)]
     kill_at = random.Random(15).randrange(REQUESTS // 4, 3 * REQUESTS // 4)
-    service = Service(settings, tmp_path / "serve.log").start()
+    service = service_process(settings, tmp_path / "serve.log").start()
     try:
         service.wait_serving(active)
         answers, failed_at, down_since, outage = {}, [], time.monotonic(), None
@@ -88,7 +53,7 @@ def test_a_service_killed_mid_stream_comes_back_on_the_same_release_with_the_sam
                     except httpx.TransportError:
                         pass
                     failed_at.append(i)
-                    assert time.monotonic() - down_since < 120, service.log_path.read_text()[-3000:]
+                    assert time.monotonic() - down_since < 120, service.log_tail()
                     time.sleep(0.1)
                 assert response.status_code == 200, response.text
                 answers[i] = response.json()

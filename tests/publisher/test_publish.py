@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -231,18 +232,31 @@ KILLED_PUBLISHER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_a_publisher_killed_mid_release_leaves_the_previous_release_active_and_intact(data_dir):
-    settings = publisher_settings(data_dir)
+class Released(NamedTuple):
+    store: ReleaseStore
+    active: str  # the active release
+    files: dict[str, dict]  # version -> its manifest's files, for every release
+    served: object  # what the service loads for ``active``
+
+
+def released_with_more_to_come(settings) -> Released:
+    """One published release, then what the next tick would release: rows
+    trained since and a day-1 full model."""
     train_online(settings, 2)
     with Publisher(settings) as publisher:
         publisher.tick(now_s=0.0)
     store = ReleaseStore(settings.releases_dir)
     active = store.active_version()
-    before = {r.version: r.manifest.files for r in store.list()}
-    served = load_state(store, active)
-    train_online(settings, 2)
-    copy_full_model(settings, DAY1)
+    released = Released(store, active, {r.version: r.manifest.files for r in store.list()}, load_state(store, active))
+    train_online(settings, 2)  # rows for an embeddings release
+    copy_full_model(settings, DAY1)  # and a full model for a full release
+    return released
+
+
+@pytest.mark.slow
+def test_a_publisher_killed_mid_release_leaves_the_previous_release_active_and_intact(data_dir):
+    settings = publisher_settings(data_dir)
+    store, active, before, served = released_with_more_to_come(settings)
 
     def killed_at(kill_at: str) -> None:
         env = {**os.environ, "PYTHONPATH": os.getcwd()}

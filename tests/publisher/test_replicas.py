@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +34,7 @@ from starlette.testclient import TestClient
 
 from freshtower.core.ports import free_port
 from tests.publisher.conftest import publisher_settings, s3_overrides
+from tests.publisher.service_process import ServiceProcess, health
 
 
 # --- which rows apply (pure) -----------------------------------------------------------
@@ -98,64 +96,22 @@ def embedding(url: str, user: str) -> np.ndarray | None:
     return np.array(response.json()["id_embedding"], np.float32) if response.status_code == 200 else None
 
 
-def health(url: str) -> dict:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).json()
-    except (httpx.TransportError, ValueError):
-        return {}
+def new_replica(settings, data_dir: Path, name: str) -> ServiceProcess:
+    """A replica (not started yet) with its own data dir (its S3 cache)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHTOWER_")}
+    env.update(
+        PYTHONPATH=os.getcwd(),
+        FRESHTOWER_DATA_DIR=str(data_dir),
+        FRESHTOWER_KAFKA=settings.kafka,
+        FRESHTOWER_TOPICS=settings.topics.model_dump_json(),
+        FRESHTOWER_PUBLISHER=settings.publisher.model_dump_json(),
+        FRESHTOWER_SERVICE=settings.service.model_dump_json(),
+        FRESHTOWER_MODEL=settings.model.model_dump_json(),
+    )
+    return ServiceProcess(env, free_port(), data_dir.with_suffix(".log"), name)
 
 
-class Replica:
-    """``freshtower serve`` in its own process with its own data dir (its S3 cache)."""
-
-    def __init__(self, settings, data_dir: Path, name: str):
-        self.port, self.data_dir, self.name = free_port(), data_dir, name
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHTOWER_")}
-        self.env.update(
-            PYTHONPATH=os.getcwd(),
-            FRESHTOWER_DATA_DIR=str(data_dir),
-            FRESHTOWER_KAFKA=settings.kafka,
-            FRESHTOWER_TOPICS=settings.topics.model_dump_json(),
-            FRESHTOWER_PUBLISHER=settings.publisher.model_dump_json(),
-            FRESHTOWER_SERVICE=settings.service.model_dump_json(),
-            FRESHTOWER_MODEL=settings.model.model_dump_json(),
-        )
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Replica:
-        self.log = self.data_dir.with_suffix(".log")
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "freshtower.app.cli", "serve", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        return self
-
-    def wait_serving(self, version: str, timeout: float = 90.0) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.process.returncode}: {self.log.read_text()[-3000:]}")
-            if health(self.url).get("serving") == version:
-                return time.monotonic()
-            time.sleep(0.01)
-        raise AssertionError(f"{self.name} does not serve {version} after {timeout} s: {health(self.url)}\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def first_seen(replicas: list[Replica], user: str, expected: np.ndarray, timeout: float) -> dict[str, float]:
+def first_seen(replicas: list[ServiceProcess], user: str, expected: np.ndarray, timeout: float) -> dict[str, float]:
     """When each replica first served ``expected`` as ``user``'s row (monotonic seconds)."""
     seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout
@@ -215,7 +171,7 @@ def test_two_replicas_on_one_s3_store_serve_the_same_rows_and_release_and_one_ki
     settings = replica_settings(data_dir, kafka_broker, s3_server, poll_seconds=0.25)
     topic = EmbeddingTopic(settings.bootstrap_servers, settings.topics.user_embeddings, partitions=2)
     OnlineTrainer.start(settings).run(max_batches=3, prefetch=False)
-    replicas = [Replica(settings, tmp_path / name, name) for name in ("a", "b")]
+    replicas = [new_replica(settings, tmp_path / name, name) for name in ("a", "b")]
     figures = {}
     try:
         with Publisher(settings, topic=topic) as publisher:

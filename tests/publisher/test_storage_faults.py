@@ -7,7 +7,6 @@ space returns publishes."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +16,8 @@ from freshtower.publisher.serving import load_state
 
 from freshtower.core.storage import StorageError
 from tests.publisher.conftest import DAY1, publisher_settings
-from tests.publisher.test_publish import copy_full_model, train_online
-
-
-def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+from tests.publisher.test_publish import released_with_more_to_come
+from tests.storage_faults import tree_bytes
 
 
 def assert_served_intact(store: ReleaseStore, active: str, before: dict, served) -> None:
@@ -37,15 +33,7 @@ def test_a_full_disk_or_a_read_only_store_stops_the_release_naming_the_file_and_
     disk = small_disk(tree_bytes(data_dir) + (48 << 20))
     shutil.copytree(data_dir, disk.path / "data")
     settings = publisher_settings(disk.path / "data")
-    train_online(settings, 2)
-    with Publisher(settings) as publisher:
-        publisher.tick(now_s=0.0)
-    store = ReleaseStore(settings.releases_dir)
-    active = store.active_version()
-    before = {r.version: r.manifest.files for r in store.list()}
-    served = load_state(store, active)
-    train_online(settings, 2)  # rows for an embeddings release
-    copy_full_model(settings, DAY1)  # and a full model for a full release
+    store, active, before, served = released_with_more_to_come(settings)
 
     with Publisher(settings) as publisher:
         disk.fill()

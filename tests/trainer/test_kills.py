@@ -20,20 +20,11 @@ from freshtower.trainer.full import train_full
 from freshtower.trainer.online import OnlineTrainer, checkpoint_path
 
 from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
-from tests.conftest import make_settings
+from tests.conftest import DAY0, DAY1, make_settings
 
 pytestmark = pytest.mark.slow
 
-DAY0, DAY1 = "2026-11-20", "2026-11-21"
 BATCHES = 10
-
-
-@pytest.fixture(scope="module")
-def day0_model_dir(tmp_path_factory, simulated_batches):
-    data_dir = tmp_path_factory.mktemp("kills") / "data"
-    shutil.copytree(simulated_batches, data_dir / "batches")
-    train_full(make_settings(data_dir), DAY0)
-    return data_dir
 
 
 def child_env() -> dict[str, str]:
@@ -52,7 +43,7 @@ KILLED_ONLINE_TRAINER = textwrap.dedent(
     from pathlib import Path
     import freshtower.core.contracts.online_checkpoint as checkpoints
     from freshtower.trainer.online import OnlineTrainer
-    from tests.conftest import make_settings
+    from tests.conftest import DAY0, DAY1, make_settings
 
     data_dir, kill_at, fraction, batches = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
     real_write, written = checkpoints.atomic_write, []
@@ -111,7 +102,7 @@ KILLED_DAILY_TRAINER = textwrap.dedent(
     import sys
     from pathlib import Path
     from freshtower.trainer.full import train_full
-    from tests.conftest import make_settings
+    from tests.conftest import DAY0, DAY1, make_settings
 
     import os, signal
     kill_at = float(sys.argv[3])  # a share of the training pass

@@ -9,25 +9,8 @@ from freshtower.trainer.full import train_full
 from freshtower.trainer.online import MissingModelError, OnlineTrainer
 
 from freshtower.core.batches import list_batches, read_batch
-from tests.conftest import make_settings
+from tests.conftest import DAY0, DAY1, make_settings
 
-DAY0, DAY1 = "2026-11-20", "2026-11-21"
-
-
-@pytest.fixture(scope="module")
-def day0_model_dir(tmp_path_factory, simulated_batches):
-    """A data directory with the simulated batches and a day-0 full model."""
-    data_dir = tmp_path_factory.mktemp("online") / "data"
-    shutil.copytree(simulated_batches, data_dir / "batches")
-    train_full(make_settings(data_dir), DAY0)
-    return data_dir
-
-
-@pytest.fixture
-def data_dir(tmp_path, day0_model_dir):
-    copy = tmp_path / "data"
-    shutil.copytree(day0_model_dir, copy)
-    return copy
 
 
 def test_only_user_id_rows_in_the_batch_change(data_dir):

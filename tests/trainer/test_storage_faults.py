@@ -11,27 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from freshtower.trainer.artifacts import full_models_dir, latest_full_model, load_full_model, save_full_model
-from freshtower.trainer.full import train_full
 from freshtower.trainer.online import OnlineTrainer, checkpoint_path
 
 from freshtower.core.contracts import TrainingRecord
 from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 from freshtower.core.storage import StorageError
-from tests.conftest import make_settings
+from tests.conftest import DAY1, make_settings
+from tests.storage_faults import tree_bytes
 
-DAY0, DAY1 = "2026-11-20", "2026-11-21"
-
-
-@pytest.fixture(scope="module")
-def day0_model_dir(tmp_path_factory, simulated_batches):
-    data_dir = tmp_path_factory.mktemp("faults") / "data"
-    shutil.copytree(simulated_batches, data_dir / "batches")
-    train_full(make_settings(data_dir), DAY0)
-    return data_dir
-
-
-def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def on_small_disk(small_disk, source: Path):
