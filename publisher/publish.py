@@ -53,7 +53,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
-from freshtower.publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique
+from freshtower.publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique, gate_baseline
 from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_due, full_release_due
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.prerank_release import write_prerank_files
@@ -368,8 +368,13 @@ class Publisher:
         try:
             check_full_inputs(inputs)
             active_recall = None if active_full is None else _holdout_recall(active_full.manifest)
-            if inputs.model.metrics.get("clicks") != 0:  # no holdout clicks (a stream's last day): nothing to compare
-                check_recall_drop(inputs.holdout_recall, active_recall, self.config.max_recall_drop)
+            metrics = inputs.model.metrics
+            baseline = gate_baseline(metrics, None if active_full is None else active_full.manifest.model.version, active_recall)
+            if metrics.get("clicks") != 0:  # no holdout clicks (a stream's last day): nothing to compare
+                check_recall_drop(
+                    inputs.holdout_recall, baseline.recall, self.config.max_recall_drop, clicks=metrics.get("clicks"),
+                    min_clicks=self.config.min_gate_clicks, against=baseline.against,
+                )  # fmt: skip
             self.on_stage("index", f"{len(inputs.item_ids)} items")
             queries = check_queries(inputs, self.config.index_check_queries, self.settings.training.seed)
             choice = choose_index(inputs.item_vectors, queries, self.config, k=INDEX_CHECK_K, seed=self.settings.training.seed)
@@ -413,7 +418,8 @@ class Publisher:
             dims=Dims(id_dim=int(inputs.tower["id_dim"]), output_dim=int(inputs.tower["output_dim"])),
             index=index_summary(choice, self.config, len(queries)),
             checks=RecallChecks(
-                holdout_recall_at_50=inputs.holdout_recall, active_holdout_recall_at_50=active_recall, max_recall_drop=self.config.max_recall_drop
+                holdout_recall_at_50=inputs.holdout_recall, active_holdout_recall_at_50=active_recall, max_recall_drop=self.config.max_recall_drop,
+                baseline_recall_at_50=baseline.recall, baseline=baseline.source, holdout_clicks=inputs.model.metrics.get("clicks"),
             ),
             model=inputs.model,
             config=self.settings.as_record(),

@@ -287,6 +287,9 @@ class PublisherConfig(_Section):
     clock: Literal["wall", "event"] = "wall"
     keep_releases: int = Field(20, ge=2)
     max_recall_drop: float = Field(0.02, ge=0, description="refuse a full model whose Recall@50 falls more than this")
+    min_gate_clicks: int = Field(
+        200, ge=0, description="a holdout with fewer clicks is too small to refuse a full model on its Recall@50"
+    )
     exact_index_below: int = Field(100_000, ge=1, description="catalogues smaller than this use exact search")
     # --- publisher/index_choice.py: above exact_index_below, each kind listed is built and the one that
     # meets index_recall_target at the lowest single-query p99 on the check users is released ---

@@ -20,7 +20,7 @@ from freshtower.trainer.online import OnlineTrainer, checkpoint_path
 
 from freshtower.core.contracts import TrainingRecord
 from freshtower.core.contracts.online_checkpoint import OnlineCheckpoint, read_online_checkpoint, write_online_checkpoint
-from tests.publisher.conftest import DAY1, publisher_settings
+from tests.publisher.conftest import DAY0, DAY1, publisher_settings
 
 
 def train_online(settings, batches: int) -> OnlineTrainer:
@@ -35,10 +35,11 @@ def release_rows(release) -> dict[str, np.ndarray]:
     return {u: v for u, v in zip(ids, vectors) if u}
 
 
-def copy_full_model(settings, day: str, *, recall_at_50=None, poison: bool = False):
+def copy_full_model(settings, day: str, *, recall_at_50=None, poison: bool = False, parent_recall_at_50=None, clicks=None):
     """Another full model for ``day``: the current one's weights (NaN in one
     MLP weight if ``poison``) with a chosen holdout Recall@50 in its
-    manifest, written through the trainer's own artifact writer."""
+    manifest (and its parent's on the same clicks, and their number),
+    written through the trainer's own artifact writer."""
     loaded = load_full_model(latest_full_model(full_models_dir(settings)))
     if poison:
         with torch.no_grad():
@@ -47,6 +48,10 @@ def copy_full_model(settings, day: str, *, recall_at_50=None, poison: bool = Fal
     metrics = json.loads(json.dumps(manifest.metrics))
     if recall_at_50 is not None:
         metrics["exact"]["recall@50"] = recall_at_50
+    if parent_recall_at_50 is not None:
+        metrics["parent"] = {"version": loaded.ref.version, "exact": {"recall@50": parent_recall_at_50}}
+    if clicks is not None:
+        metrics["clicks"] = clicks
     record = TrainingRecord(
         parent=loaded.ref.version,
         from_scratch=False,
@@ -160,7 +165,7 @@ def test_a_full_model_without_holdout_clicks_is_not_refused_for_lacking_a_recall
 
 @pytest.mark.parametrize("poison, recall_drop, status", [(True, 0.0, "refused"), (False, 0.10, "refused"), (False, 0.01, "published")])
 def test_full_models_with_nan_or_a_recall_drop_beyond_the_margin_are_refused(data_dir, poison, recall_drop, status):
-    settings = publisher_settings(data_dir, publisher={"max_recall_drop": 0.02})
+    settings = publisher_settings(data_dir, publisher={"max_recall_drop": 0.02, "min_gate_clicks": 0})
     with Publisher(settings) as publisher:
         first = publisher.tick(now_s=0.0)[0]
         active_recall = publisher.store.get(first.version).manifest.checks.holdout_recall_at_50
@@ -179,11 +184,41 @@ def test_full_models_with_nan_or_a_recall_drop_beyond_the_margin_are_refused(dat
             assert publisher.store.active_version() == outcome.version
 
 
+@pytest.mark.parametrize(
+    "parent_gap, clicks, status",
+    [
+        (0.01, 500, "published"),  # 0.10 below the active release's own holdout figure, 0.01 below its parent on the same clicks
+        (0.10, 500, "refused"),  # 0.10 below its parent on the same clicks
+        (0.10, 50, "published"),  # the same drop on a holdout of 50 clicks: too few to judge
+    ],
+)
+def test_the_gate_compares_a_full_model_with_its_parent_on_the_same_holdout_clicks(data_dir, parent_gap, clicks, status):
+    # Each day's holdout is another night's first minutes (few clicks, other users): a model is compared with
+    # the served model scored on the model's own holdout clicks, not with that model's figure on its own day.
+    settings = publisher_settings(data_dir, publisher={"max_recall_drop": 0.02, "min_gate_clicks": 200})
+    with Publisher(settings) as publisher:
+        first = publisher.tick(now_s=0.0)[0]
+        manifest = publisher.store.get(first.version).manifest
+        active_own = manifest.checks.holdout_recall_at_50
+        assert active_own > 0.1 and manifest.model.version == f"{DAY0}.1"
+        recall = round(active_own - 0.10, 4)  # an unpaired gate refuses this
+        copy_full_model(settings, DAY1, recall_at_50=recall, parent_recall_at_50=recall + parent_gap, clicks=clicks)
+        outcome = publisher.publish_full_if_new()
+        assert outcome.status == status, outcome
+        if status == "refused":
+            assert f"{recall:.4f} is 0.1000 below its parent {DAY0}.1's {recall + parent_gap:.4f}" in outcome.reason
+            assert publisher.store.active_version() == first.version
+        else:
+            checks = publisher.store.get(outcome.version).manifest.checks
+            assert checks.baseline_recall_at_50 == recall + parent_gap and checks.holdout_clicks == clicks
+            assert checks.baseline == f"parent {DAY0}.1 on the same {clicks} holdout clicks"
+
+
 def test_the_online_trainer_keeps_following_the_served_model_when_a_newer_one_is_refused(data_dir):
     from freshtower.trainer.artifacts import full_models_dir, is_refused, latest_full_model
     from freshtower.trainer.online import OnlineTrainer
 
-    settings = publisher_settings(data_dir)
+    settings = publisher_settings(data_dir, publisher={"min_gate_clicks": 0})
     with Publisher(settings) as publisher:
         publisher.tick(now_s=0.0)
         served_model = publisher.store.active().model_version

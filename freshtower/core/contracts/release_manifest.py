@@ -79,6 +79,9 @@ class RecallChecks:
     holdout_recall_at_50: float | None  # of the model released
     active_holdout_recall_at_50: float | None  # of the full release active when it was checked
     max_recall_drop: float
+    baseline_recall_at_50: float | None = None  # what the gate compared with (the paired parent when it could)
+    baseline: str | None = None  # which, in words
+    holdout_clicks: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
