@@ -82,7 +82,7 @@ MODES: dict[str, dict[str, dict]] = {
     "default": {},
     "minute": {"publisher": {"publish_interval_seconds": 60.0}},
     "seconds": {
-        "streams": {"window_seconds": 2.0, "allowed_lateness_seconds": 1.0, "idle_seconds": 1.0},
+        "streams": {"window_seconds": 2.0, "allowed_lateness_seconds": 1.0, "idle_seconds": 1.0, "fetch_max_wait_ms": 100},
         "training": {"checkpoint_every_seconds": 0.0},
         "publisher": {"publish_interval_seconds": 0.001},
     },
@@ -455,7 +455,8 @@ def run_mode(mode: str, args, root: Path, overrides: dict, say=print) -> ModeRes
         settings={"window_seconds": settings.streams.window_seconds, "allowed_lateness_seconds": settings.streams.allowed_lateness_seconds,
                   "idle_seconds": settings.streams.idle_seconds, "checkpoint_every_seconds": settings.training.checkpoint_every_seconds,
                   "publish_interval_seconds": settings.publisher.publish_interval_seconds,
-                  "fetch_wait_ms": settings.announcements.fetch_wait_ms},
+                  "fetch_wait_ms": settings.announcements.fetch_wait_ms,
+                  "input_fetch_max_wait_ms": settings.streams.fetch_max_wait_ms},
         duration_s=args.duration,
         rate=args.rate,
         requests=traffic.requests,
@@ -533,7 +534,8 @@ def render(result: ModeResult) -> list[str]:
     r, c = result, result.settings
     lines = [
         f"== mode {r.mode}: {c['window_seconds']:g} s windows, {c['allowed_lateness_seconds']:g} s lateness, "
-        f"checkpoint every {c['checkpoint_every_seconds']:g} s, embeddings release every {c['publish_interval_seconds']:g} s",
+        f"checkpoint every {c['checkpoint_every_seconds']:g} s, embeddings release every {c['publish_interval_seconds']:g} s, "
+        f"input fetch wait {c['input_fetch_max_wait_ms']} ms, idle clock {c['idle_seconds']:g} s",
         f"traffic: {r.requests:,} requests in {r.duration_s:g} s ({r.requests / r.duration_s:,.0f}/s), {r.events_sent:,} events "
         f"({r.events_per_second_sent:,.0f}/s sent, {r.events_per_second_read:,.0f}/s read by the worker"
         + (f", worker busy {r.worker_busy_share:.0%} of the wall time" if r.worker_busy_share is not None else "")
