@@ -75,14 +75,14 @@ from freshtower.core.settings import Settings, load_settings
 
 # Each mode's settings on top of the defaults. "default" is the defaults
 # (one-minute windows, an embeddings release every 30 minutes); "minute"
-# publishes every minute; "seconds" cuts 5-second windows with 2 s of
-# lateness and releases after each trained batch (a checkpoint per batch,
+# publishes every minute; "seconds" cuts 2-second windows with 1 s of
+# lateness and releases after each trained window (a checkpoint per window,
 # the publisher woken by each one).
 MODES: dict[str, dict[str, dict]] = {
     "default": {},
     "minute": {"publisher": {"publish_interval_seconds": 60.0}},
     "seconds": {
-        "streams": {"window_seconds": 5.0, "allowed_lateness_seconds": 2.0, "idle_seconds": 1.0},
+        "streams": {"window_seconds": 2.0, "allowed_lateness_seconds": 1.0, "idle_seconds": 1.0, "fetch_max_wait_ms": 100},
         "training": {"checkpoint_every_seconds": 0.0},
         "publisher": {"publish_interval_seconds": 0.001},
     },
@@ -286,13 +286,28 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
     return {"n": len(a), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
 
 
-def split(traces: list[Trace]) -> dict[str, dict | None]:
-    """Seconds per hand-off (over the clicks that got past it) and end to end (served clicks)."""
+def due_ms(click_ms: int, window_ms: int, lateness_ms: float) -> float:
+    """When the settings let the click's window close: its end plus the allowed lateness.
+
+    >>> due_ms(7_300, 2_000, 1_000)  # window [6 s, 8 s) closes at 9 s
+    9000
+    """
+    return click_ms - click_ms % window_ms + window_ms + lateness_ms
+
+
+def split(traces: list[Trace], window_ms: int = 60_000, lateness_ms: float = 0.0) -> dict[str, dict | None]:
+    """Seconds per hand-off (over the clicks that got past it) and end to end
+    (served clicks). "click -> closed" is split in two: the wait the settings
+    impose (to the window's end plus the allowed lateness) and the worker's
+    delay after it."""
     s = lambda a, b: (b - a) / 1000  # noqa: E731
     served = [t for t in traces if t.served_ms is not None]
+    closed = [t for t in traces if t.closed_ms is not None]
     return {
         "click -> served": percentiles([s(t.click_ms, t.served_ms) for t in served]),
-        "click -> closed": percentiles([s(t.click_ms, t.closed_ms) for t in traces if t.closed_ms is not None]),
+        "click -> closed": percentiles([s(t.click_ms, t.closed_ms) for t in closed]),
+        "  click -> window due": percentiles([s(t.click_ms, due_ms(t.click_ms, window_ms, lateness_ms)) for t in closed]),
+        "  window due -> closed": percentiles([s(due_ms(t.click_ms, window_ms, lateness_ms), t.closed_ms) for t in closed]),
         "closed -> trained": percentiles([s(t.closed_ms, t.trained_ms) for t in traces if t.trained_ms is not None]),
         "trained -> released": percentiles([s(t.trained_ms, t.released_ms) for t in traces if t.released_ms is not None]),
         "released -> served": percentiles([s(t.released_ms, t.served_ms) for t in served]),
@@ -440,7 +455,8 @@ def run_mode(mode: str, args, root: Path, overrides: dict, say=print) -> ModeRes
         settings={"window_seconds": settings.streams.window_seconds, "allowed_lateness_seconds": settings.streams.allowed_lateness_seconds,
                   "idle_seconds": settings.streams.idle_seconds, "checkpoint_every_seconds": settings.training.checkpoint_every_seconds,
                   "publish_interval_seconds": settings.publisher.publish_interval_seconds,
-                  "fetch_wait_ms": settings.announcements.fetch_wait_ms},
+                  "fetch_wait_ms": settings.announcements.fetch_wait_ms,
+                  "input_fetch_max_wait_ms": settings.streams.fetch_max_wait_ms},
         duration_s=args.duration,
         rate=args.rate,
         requests=traffic.requests,
@@ -451,7 +467,7 @@ def run_mode(mode: str, args, root: Path, overrides: dict, say=print) -> ModeRes
         not_learnt=not_learnt,
         cold_start=cold,
         served_not_learnt=served_not_learnt,
-        split=split(counted),
+        split=split(counted, handoffs.window_ms, lateness_ms),
         close_delay=percentiles(close_delays),
         events_per_second_sent=replay.sent / live_seconds,
         events_per_second_read=(after.get("events_in", 0) - before.get("events_in", 0)) / live_seconds,
@@ -518,7 +534,8 @@ def render(result: ModeResult) -> list[str]:
     r, c = result, result.settings
     lines = [
         f"== mode {r.mode}: {c['window_seconds']:g} s windows, {c['allowed_lateness_seconds']:g} s lateness, "
-        f"checkpoint every {c['checkpoint_every_seconds']:g} s, embeddings release every {c['publish_interval_seconds']:g} s",
+        f"checkpoint every {c['checkpoint_every_seconds']:g} s, embeddings release every {c['publish_interval_seconds']:g} s, "
+        f"input fetch wait {c['input_fetch_max_wait_ms']} ms, idle clock {c['idle_seconds']:g} s",
         f"traffic: {r.requests:,} requests in {r.duration_s:g} s ({r.requests / r.duration_s:,.0f}/s), {r.events_sent:,} events "
         f"({r.events_per_second_sent:,.0f}/s sent, {r.events_per_second_read:,.0f}/s read by the worker"
         + (f", worker busy {r.worker_busy_share:.0%} of the wall time" if r.worker_busy_share is not None else "")

@@ -544,6 +544,7 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamProcessor]:
         worker_redirect_stdouts=False,
         producer_max_batch_size=512 * 1024,  # changelog records go out a partition-batch at a time
     )
+    app.fetch_max_wait_ms = s.fetch_max_wait_ms  # the input fetch's longest wait (streams/faust_transport.py)
 
     source = app.topic(t.impressions, t.clicks, t.rank_logs, key_serializer="raw", value_serializer="raw", partitions=s.partitions)
     dead_letters = app.topic(t.dead_letters, key_serializer="raw", value_serializer="raw", partitions=1)

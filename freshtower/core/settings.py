@@ -245,6 +245,11 @@ class StreamsConfig(_Section):
     max_uncommitted_micro_batches: int = Field(
         4, ge=1, description="processed micro-batches not yet committed before the worker waits: bounds what a crash delivers again"
     )
+    fetch_max_wait_ms: int = Field(
+        1500, ge=1, le=60_000,
+        description="longest a fetch of the input topics waits for data (Faust's 1,500 ms); the embedded broker holds a fetch "
+        "much of this wait even when records are there, so it adds to every window's close (seconds mode: 100)",
+    )
     idle_seconds: float = Field(10.0, gt=0, description="no event for this long (wall clock): the watermark follows the clock")
     idle_advance_rate: float = Field(
         1.0, ge=0, description="event-time seconds the watermark moves per idle wall second (1: real time; replays may use more; 0: never)"

@@ -31,7 +31,7 @@ def test_seconds_mode_traces_clicks_to_the_served_row(tmp_path, kafka_broker):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     (result,) = json.loads(out.read_text())
-    assert result["mode"] == "seconds" and result["settings"]["window_seconds"] == 5.0
+    assert result["mode"] == "seconds" and result["settings"]["window_seconds"] == 2.0
     assert result["clicks"] >= 100, result
     # every click of a user with a row reached a served release, through every stage in order
     assert result["non_monotone"] == 0

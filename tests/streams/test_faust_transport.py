@@ -28,3 +28,23 @@ def test_end_offsets_come_from_fetch_responses_not_the_brokers_list_offsets(kafk
     # here); a real Kafka with 30. Either way the fetch response says 30.
     assert reported[tp] in (21, 30)
     assert true_end_offsets(kafka_broker.bootstrap, reported) == {tp: 30, other: 1}
+
+
+def test_the_input_fetch_waits_as_long_as_the_settings_say():
+    """Faust hands aiokafka a fixed 1,500 ms fetch wait, which the embedded
+    broker spends before answering; the worker's consumer takes
+    ``streams.fetch_max_wait_ms`` instead."""
+    import asyncio
+
+    from freshtower.streams.app import create_app
+
+    from freshtower.core.settings import load_settings
+
+    async def fetch_wait(settings) -> int:
+        app, _ = create_app(settings)
+        thread = app.consumer._thread
+        consumer = thread._create_worker_consumer(app.transport)
+        return consumer._fetch_max_wait_ms
+
+    assert asyncio.run(fetch_wait(load_settings(kafka="127.0.0.1:1", streams={"fetch_max_wait_ms": 100}))) == 100
+    assert asyncio.run(fetch_wait(load_settings(kafka="127.0.0.1:1"))) == 1500
