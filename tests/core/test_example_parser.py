@@ -72,6 +72,35 @@ def test_vectorised_parser_agrees_with_protobuf_on_random_examples(seed):
     assert_same(*decode_both(data))
 
 
+def fixed_order_example(n: int, city_key: str) -> bytes:
+    """One writer's layout: the same keys in the same order in every record,
+    except the key at one step (same length, other bytes)."""
+    example = example_pb2.Example()
+    feature = example.features.feature
+    for key in ("user_id", "item_id", "label", "event_time_ms", "request_id", "position"):
+        feature[key]  # insertion order is the wire order
+    feature["user_id"].bytes_list.value.append(f"u{n}".encode())
+    feature["item_id"].bytes_list.value.append(f"i{n % 7}".encode())
+    feature["label"].int64_list.value.append(1)
+    feature["event_time_ms"].int64_list.value.append(1_000 + n)
+    feature["request_id"].bytes_list.value.append(f"r{n}".encode())
+    feature["position"].int64_list.value.append(n % 5)
+    feature[city_key].bytes_list.value.append(f"c{n}".encode())
+    feature["hard_negative_ids"].bytes_list.value.extend([b"h1", f"h{n}".encode()])
+    return example.SerializeToString()
+
+
+@pytest.mark.parametrize("other_key", ["user_cat/city", "user_cat/ctiy", "user_cat/cit"])
+def test_records_sharing_a_layout_agree_with_protobuf(other_key):
+    # Every record has the same keys at every step (the fast path), except
+    # every third one, whose key at one step is another (wanted or not).
+    data = b"".join(frame_record(fixed_order_example(n, other_key if n % 3 == 0 else "user_cat/city")) for n in range(50))
+    fast, reference = decode_both(data)
+    assert_same(fast, reference)
+    expected = [f"c{n}" if n % 3 or other_key == "user_cat/city" else "" for n in range(50)]
+    assert fast.user_categorical["city"] == expected
+
+
 def test_records_the_parser_does_not_cover_fall_back_to_protobuf():
     example = example_pb2.Example()
     example.features.feature["user_id"].bytes_list.value.append(b"u1")

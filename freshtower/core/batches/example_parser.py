@@ -110,6 +110,7 @@ def locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, keys:
     key_hashes = (key_matrix.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64) + key_lengths.astype(np.uint64)
     hash_order = np.argsort(key_hashes)
     sorted_hashes = key_hashes[hash_order]
+    key_index = {k: i for i, k in enumerate(keys)}
     cursor = feature_start.copy()
     rows = np.arange(n)
     while True:
@@ -121,22 +122,18 @@ def locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, keys:
         entry_start, entry_end = _length_delimited(buf, position, limit, 0x0A, "Features.feature entry")
         key_start, key_end = _length_delimited(buf, entry_start, entry_end, 0x0A, "map key")
         key_length = key_end - key_start
-        # Identify the key: compare its bytes with each wanted key.
-        width = max_key
-        span = key_start[:, None] + np.arange(width)
-        key_bytes = np.where(np.arange(width)[None, :] < key_length[:, None], buf[np.minimum(span, len(buf) - 1)], 0)
         value_start, value_end = _length_delimited(buf, key_end, entry_end, 0x12, "map value")
         if np.any(value_end != entry_end):
             raise Unsupported("map entry has fields after its value")
         kind = buf[np.minimum(value_start, len(buf) - 1)]  # the Feature's list type
-        entry_hash = (key_bytes.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64) + key_length.astype(np.uint64)
-        slot = np.minimum(np.searchsorted(sorted_hashes, entry_hash), len(keys) - 1)
-        candidate = hash_order[slot]  # (m,) index of the wanted key this entry may be
-        wanted = (sorted_hashes[slot] == entry_hash) & (key_length == key_lengths[candidate])
-        wanted &= np.all(key_bytes == key_matrix[candidate], axis=1)
-        for index in np.unique(candidate[wanted]).tolist():
+        shared = _shared_key(buf, key_start, key_length)
+        if shared is not None:  # every record has the same key here (one writer, one layout): no hashing
+            index = key_index.get(shared)
+            hits = [] if index is None else [(index, np.arange(len(r)))]
+        else:
+            hits = _identify_keys(buf, key_start, key_length, max_key, key_matrix, key_lengths, weights, sorted_hashes, hash_order)
+        for index, hit in hits:
             key = keys[index]
-            hit = np.flatnonzero(wanted & (candidate == index))
             records = r[hit]
             vs, ve = value_start[hit], value_end[hit]
             empty = vs >= ve  # a Feature with no list set reads as absent
@@ -155,6 +152,34 @@ def locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, keys:
             ranges.end[records] = ce
         cursor[r] = entry_end
     return found
+
+
+def _shared_key(buf: np.ndarray, key_start: np.ndarray, key_length: np.ndarray) -> bytes | None:
+    """The key, if every entry at this step has the same one (else None)."""
+    length = int(key_length[0])
+    if np.any(key_length != length):
+        return None
+    first = int(key_start[0])
+    key = bytes(buf[first : first + length])
+    if length and len(key_start) > 1:
+        key_bytes = buf[key_start[:, None] + np.arange(length)]
+        if np.any(key_bytes != key_bytes[0]):
+            return None
+    return key
+
+
+def _identify_keys(buf, key_start, key_length, max_key, key_matrix, key_lengths, weights, sorted_hashes, hash_order):
+    """[(wanted key index, entry positions)] for entries with differing keys:
+    a polynomial hash of each key's bytes, checked byte for byte."""
+    width = max_key
+    span = key_start[:, None] + np.arange(width)
+    key_bytes = np.where(np.arange(width)[None, :] < key_length[:, None], buf[np.minimum(span, len(buf) - 1)], 0)
+    entry_hash = (key_bytes.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64) + key_length.astype(np.uint64)
+    slot = np.minimum(np.searchsorted(sorted_hashes, entry_hash), len(sorted_hashes) - 1)
+    candidate = hash_order[slot]  # (m,) index of the wanted key this entry may be
+    wanted = (sorted_hashes[slot] == entry_hash) & (key_length == key_lengths[candidate])
+    wanted &= np.all(key_bytes == key_matrix[candidate], axis=1)
+    return [(index, np.flatnonzero(wanted & (candidate == index))) for index in np.unique(candidate[wanted]).tolist()]
 
 
 def _list_content(buf, value_start, value_end, tags, key) -> tuple[np.ndarray, np.ndarray]:
