@@ -63,6 +63,9 @@ def assert_same(fast, reference):
     np.testing.assert_array_equal(fast.user_fingerprints, fingerprint_strings(reference.user_ids))
     np.testing.assert_array_equal(fast.item_fingerprints, fingerprint_strings(reference.item_ids))
     np.testing.assert_array_equal(fast.hard_negative_fingerprints, fingerprint_strings(reference.hard_negative_flat))
+    assert fast.user_categorical_fingerprints.keys() == reference.user_categorical.keys()
+    for name, values in reference.user_categorical.items():
+        np.testing.assert_array_equal(fast.user_categorical_fingerprints[name], fingerprint_strings(values), err_msg=name)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -267,21 +267,25 @@ def bytes_values(buf: np.ndarray, ranges: FeatureRanges, key: bytes, first_only:
 
 
 def gather_strings(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> list[str]:
-    """UTF-8 strings at [start, end) of ``buf``, decoded in one call."""
-    if len(start) == 0:
+    """UTF-8 strings at [start, end) of ``buf``, decoded in one call: the
+    values' bytes are gathered into one buffer, NUL between them, decoded
+    and split (IDs never hold NUL: streams rejects them)."""
+    n = len(start)
+    if n == 0:
         return []
     lengths = end - start
-    width = int(lengths.max()) if len(lengths) else 0
-    if width == 0:
-        return [""] * len(start)
-    span = start[:, None] + np.arange(width)
-    inside = np.arange(width)[None, :] < lengths[:, None]
-    matrix = np.where(inside, buf[np.minimum(span, len(buf) - 1)], 0).astype(np.uint8)
-    if np.any(inside & (matrix == 0)):
+    spaced = lengths + 1  # each value and the NUL after it
+    at = np.cumsum(spaced) - spaced  # where each value starts in the joined buffer
+    total = int(at[-1] + lengths[-1])
+    owner = np.repeat(np.arange(n), spaced)[:total]
+    joined = buf[start[owner] + (np.arange(total) - at[owner])]  # a separator's slot reads the byte after its value
+    separators = at[1:] - 1
+    nul = joined == 0
+    nul[separators] = False
+    if nul.any():
         raise Unsupported("a string holds a NUL byte")
-    # Fixed-width bytes drop their NUL padding; joined with NUL, one decode.
-    values = np.ascontiguousarray(matrix).view(f"S{width}").ravel().tolist()
+    joined[separators] = 0
     try:
-        return b"\x00".join(values).decode().split("\x00")
+        return joined.tobytes().decode().split("\x00")
     except UnicodeDecodeError as error:
         raise Unsupported(f"a string is not UTF-8: {error}") from error
