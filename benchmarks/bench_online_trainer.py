@@ -95,35 +95,47 @@ def main() -> None:
     print(f"setup: {len(refs)} batch files x {per_file} clicks written in {time.perf_counter() - started:.1f} s")
 
     spec = FeatureSpec.from_model(settings.model)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     decoded = [decode_for_training(r, spec) for r in refs]  # what the trainer's prefetch process hands over
-    decode_seconds = time.perf_counter() - started
+    decode_seconds, decode_cpu = time.perf_counter() - started, time.process_time() - cpu
     total = sum(len(d) for d in decoded)
-    print(f"decode + ID fingerprints only (one process): {total / decode_seconds:,.0f} samples/s")
+    print(f"decode + ID fingerprints only (one process): {total / decode_seconds:,.0f} samples/s, {total / decode_cpu:,.0f} per CPU-second")
     # The in-batch softmax has one column per distinct item (see trainer/losses.py), so its cost follows this.
     distinct = [len(set(d.item_ids[s : s + args.batch])) for d in decoded for s in range(0, len(d) - args.batch + 1, args.batch)]
     print(f"distinct items per minibatch of {args.batch}: mean {np.mean(distinct):.0f}, min {min(distinct)}, max {max(distinct)}")
 
     trainer = OnlineTrainer.start(settings)
     trainer.learn_batch(refs[0], decoded[0])  # warm-up, not timed
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for ref, samples in zip(refs[1:], decoded[1:]):
         trainer.learn_batch(ref, samples)
-    seconds = time.perf_counter() - started
+    seconds, train_cpu = time.perf_counter() - started, time.process_time() - cpu
     in_memory = sum(len(d) for d in decoded[1:]) / seconds
-    print(f"online trainer, decoded samples in memory: {in_memory:,.0f} samples/s ({seconds:.1f} s)")
+    in_memory_cpu = sum(len(d) for d in decoded[1:]) / train_cpu
+    print(f"online trainer, decoded samples in memory: {in_memory:,.0f} samples/s ({seconds:.1f} s), "
+          f"{in_memory_cpu:,.0f} per CPU-second of the process")
 
     trainer = OnlineTrainer.start(settings)  # fresh fork: position back at the first batch
-    finished: list[tuple[float, int]] = []  # (time, samples) as each file is learnt
+    finished: list[tuple[float, float, int]] = []  # (time, CPU time of this process, samples) as each file is learnt
     started = time.perf_counter()
-    stats = trainer.run(prefetch=True, on_batch=lambda report: finished.append((time.perf_counter(), report.samples)))
+    stats = trainer.run(
+        prefetch=True, on_batch=lambda report: finished.append((time.perf_counter(), time.process_time(), report.samples))
+    )
     seconds = time.perf_counter() - started
     # Steady state: from the first file learnt to the last (the decode process is up and ahead);
     # the total adds starting that process, the first file's decode and the final checkpoint.
-    steady = sum(n for _, n in finished[1:]) / (finished[-1][0] - finished[0][0])
+    steady = sum(n for _, _, n in finished[1:]) / (finished[-1][0] - finished[0][0])
+    steady_cpu = sum(n for _, _, n in finished[1:]) / (finished[-1][1] - finished[0][1])
     print(f"online trainer, end to end from files (decode prefetched in a 2nd process): {steady:,.0f} samples/s steady; "
           f"{stats.samples / seconds:,.0f} samples/s over the whole run ({stats.batches} files, {seconds:.1f} s incl. "
           f"{finished[0][0] - started:.1f} s to the first file learnt and the final checkpoint)")
+    print(f"  steady: {steady / in_memory:.2f} of the in-memory rate; the trainer process learnt {steady_cpu:,.0f} samples "
+          f"per CPU-second of its own ({steady_cpu / in_memory_cpu:.2f} of in memory: the hand-over's cost)")
+    # On a machine with a free core for each process, end to end runs at the slower of the two
+    # processes; their per-CPU-second rates are what a loaded machine cannot blur.
+    bound = min(total / decode_cpu, steady_cpu)
+    print(f"  per CPU-second, decode {total / decode_cpu:,.0f} vs learning {steady_cpu:,.0f}: one core each gives "
+          f"~{bound:,.0f} samples/s, {bound / in_memory_cpu:.2f} of the in-memory rate at these threads")
     started = time.perf_counter()
     trainer.checkpoint()
     print(f"checkpoint of {args.users} rows: {time.perf_counter() - started:.2f} s, "

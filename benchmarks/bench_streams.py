@@ -154,6 +154,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def profiled_pid(profiler_pid: int) -> int:
+    """The worker py-spy started (its one child)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        children = open(f"/proc/{profiler_pid}/task/{profiler_pid}/children").read().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.1)
+    raise SystemExit("py-spy did not start the worker")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmHWM:"):
@@ -170,6 +181,7 @@ def main() -> None:
     parser.add_argument("--compress", type=int, default=24, help="event time runs this many times faster than simulated (denser windows)")
     parser.add_argument("--micro-batch", type=int, default=None, help="streams.micro_batch_size (default: the setting's)")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--profile", default=None, help="write a py-spy profile of the worker here (collapsed stacks; needs py-spy)")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-streams-"))
@@ -217,13 +229,17 @@ def main() -> None:
         print(f"raw aiokafka consume of the same messages: {raw:,.0f} messages/s")
 
         worker_log = open(data_dir / "worker.log", "wb")
+        # py-spy samples the worker into collapsed stacks (one line per stack, then its sample count).
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        profiler = [spy, "record", "--rate", "50", "--format", "raw", "-o", args.profile, "--"] if args.profile else []
         worker = subprocess.Popen(
-            [sys.executable, "-m", "freshtower.app.cli", "--log-level", "info", "streams"],
+            profiler + [sys.executable, "-m", "freshtower.app.cli", "--log-level", "info", "streams"],
             env=worker_env(settings),
             stdout=worker_log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        pid = profiled_pid(worker.pid) if profiler else worker.pid
         try:
             deadline = time.monotonic() + args.timeout
             first = last = None
@@ -231,16 +247,23 @@ def main() -> None:
                 now = stats(s.web_port)
                 if now and now.get("ready") and now["events_in"] > 0:
                     if first is None:
-                        first = (time.perf_counter(), now, cpu_seconds(worker.pid))
-                    last = (time.perf_counter(), now, cpu_seconds(worker.pid))
+                        first = (time.perf_counter(), now, cpu_seconds(pid))
+                    last = (time.perf_counter(), now, cpu_seconds(pid))
                     if now["events_in"] >= total:
                         break
                 time.sleep(0.2)
             if worker.poll() is not None or last is None or last[1]["events_in"] < total:
                 raise SystemExit(f"worker did not finish: {last and last[1]} (log: {data_dir / 'worker.log'})")
-            rss = peak_rss_mib(worker.pid)
+            rss = peak_rss_mib(pid)
         finally:
-            os.killpg(worker.pid, signal.SIGTERM)
+            if profiler:  # the worker first: py-spy writes its profile once the worker has exited
+                os.kill(pid, signal.SIGTERM)
+                try:
+                    worker.wait(60)
+                except subprocess.TimeoutExpired:
+                    pass
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
             try:
                 worker.wait(60)
             except subprocess.TimeoutExpired:

@@ -63,6 +63,9 @@ def assert_same(fast, reference):
     np.testing.assert_array_equal(fast.user_fingerprints, fingerprint_strings(reference.user_ids))
     np.testing.assert_array_equal(fast.item_fingerprints, fingerprint_strings(reference.item_ids))
     np.testing.assert_array_equal(fast.hard_negative_fingerprints, fingerprint_strings(reference.hard_negative_flat))
+    assert fast.user_categorical_fingerprints.keys() == reference.user_categorical.keys()
+    for name, values in reference.user_categorical.items():
+        np.testing.assert_array_equal(fast.user_categorical_fingerprints[name], fingerprint_strings(values), err_msg=name)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -70,6 +73,35 @@ def test_vectorised_parser_agrees_with_protobuf_on_random_examples(seed):
     rng = np.random.default_rng(seed)
     data = b"".join(frame_record(random_example(rng, n)) for n in range(300))
     assert_same(*decode_both(data))
+
+
+def fixed_order_example(n: int, city_key: str) -> bytes:
+    """One writer's layout: the same keys in the same order in every record,
+    except the key at one step (same length, other bytes)."""
+    example = example_pb2.Example()
+    feature = example.features.feature
+    for key in ("user_id", "item_id", "label", "event_time_ms", "request_id", "position"):
+        feature[key]  # insertion order is the wire order
+    feature["user_id"].bytes_list.value.append(f"u{n}".encode())
+    feature["item_id"].bytes_list.value.append(f"i{n % 7}".encode())
+    feature["label"].int64_list.value.append(1)
+    feature["event_time_ms"].int64_list.value.append(1_000 + n)
+    feature["request_id"].bytes_list.value.append(f"r{n}".encode())
+    feature["position"].int64_list.value.append(n % 5)
+    feature[city_key].bytes_list.value.append(f"c{n}".encode())
+    feature["hard_negative_ids"].bytes_list.value.extend([b"h1", f"h{n}".encode()])
+    return example.SerializeToString()
+
+
+@pytest.mark.parametrize("other_key", ["user_cat/city", "user_cat/ctiy", "user_cat/cit"])
+def test_records_sharing_a_layout_agree_with_protobuf(other_key):
+    # Every record has the same keys at every step (the fast path), except
+    # every third one, whose key at one step is another (wanted or not).
+    data = b"".join(frame_record(fixed_order_example(n, other_key if n % 3 == 0 else "user_cat/city")) for n in range(50))
+    fast, reference = decode_both(data)
+    assert_same(fast, reference)
+    expected = [f"c{n}" if n % 3 or other_key == "user_cat/city" else "" for n in range(50)]
+    assert fast.user_categorical["city"] == expected
 
 
 def test_records_the_parser_does_not_cover_fall_back_to_protobuf():

@@ -83,6 +83,13 @@ def _decode_vectorised(data: bytes, frames, spec: FeatureSpec) -> SampleColumns:
             column[record] = value
         return column
 
+    def value_fingerprints(key: bytes) -> np.ndarray:
+        """Fingerprints of a column's values, "" where absent."""
+        records, value_start, value_end = ranges(key, False)
+        starts, ends = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        starts[records], ends[records] = value_start, value_end
+        return fingerprint_ranges(buf, starts, ends)
+
     def identifiers(key: bytes) -> tuple[list[str], np.ndarray]:
         _, value_start, value_end = ranges(key, True)
         return example_parser.gather_strings(buf, value_start, value_end), fingerprint_ranges(buf, value_start, value_end)
@@ -119,6 +126,7 @@ def _decode_vectorised(data: bytes, frames, spec: FeatureSpec) -> SampleColumns:
         user_fingerprints=user_fingerprints,
         item_fingerprints=item_fingerprints,
         hard_negative_fingerprints=fingerprint_ranges(buf, value_start, value_end),
+        user_categorical_fingerprints={name: value_fingerprints(key) for name, key in zip(spec.user_categorical, user_cat)},
     )
 
 

@@ -110,6 +110,7 @@ def locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, keys:
     key_hashes = (key_matrix.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64) + key_lengths.astype(np.uint64)
     hash_order = np.argsort(key_hashes)
     sorted_hashes = key_hashes[hash_order]
+    key_index = {k: i for i, k in enumerate(keys)}
     cursor = feature_start.copy()
     rows = np.arange(n)
     while True:
@@ -121,22 +122,18 @@ def locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, keys:
         entry_start, entry_end = _length_delimited(buf, position, limit, 0x0A, "Features.feature entry")
         key_start, key_end = _length_delimited(buf, entry_start, entry_end, 0x0A, "map key")
         key_length = key_end - key_start
-        # Identify the key: compare its bytes with each wanted key.
-        width = max_key
-        span = key_start[:, None] + np.arange(width)
-        key_bytes = np.where(np.arange(width)[None, :] < key_length[:, None], buf[np.minimum(span, len(buf) - 1)], 0)
         value_start, value_end = _length_delimited(buf, key_end, entry_end, 0x12, "map value")
         if np.any(value_end != entry_end):
             raise Unsupported("map entry has fields after its value")
         kind = buf[np.minimum(value_start, len(buf) - 1)]  # the Feature's list type
-        entry_hash = (key_bytes.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64) + key_length.astype(np.uint64)
-        slot = np.minimum(np.searchsorted(sorted_hashes, entry_hash), len(keys) - 1)
-        candidate = hash_order[slot]  # (m,) index of the wanted key this entry may be
-        wanted = (sorted_hashes[slot] == entry_hash) & (key_length == key_lengths[candidate])
-        wanted &= np.all(key_bytes == key_matrix[candidate], axis=1)
-        for index in np.unique(candidate[wanted]).tolist():
+        shared = _shared_key(buf, key_start, key_length)
+        if shared is not None:  # every record has the same key here (one writer, one layout): no hashing
+            index = key_index.get(shared)
+            hits = [] if index is None else [(index, np.arange(len(r)))]
+        else:
+            hits = _identify_keys(buf, key_start, key_length, max_key, key_matrix, key_lengths, weights, sorted_hashes, hash_order)
+        for index, hit in hits:
             key = keys[index]
-            hit = np.flatnonzero(wanted & (candidate == index))
             records = r[hit]
             vs, ve = value_start[hit], value_end[hit]
             empty = vs >= ve  # a Feature with no list set reads as absent
@@ -155,6 +152,34 @@ def locate_features(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, keys:
             ranges.end[records] = ce
         cursor[r] = entry_end
     return found
+
+
+def _shared_key(buf: np.ndarray, key_start: np.ndarray, key_length: np.ndarray) -> bytes | None:
+    """The key, if every entry at this step has the same one (else None)."""
+    length = int(key_length[0])
+    if np.any(key_length != length):
+        return None
+    first = int(key_start[0])
+    key = bytes(buf[first : first + length])
+    if length and len(key_start) > 1:
+        key_bytes = buf[key_start[:, None] + np.arange(length)]
+        if np.any(key_bytes != key_bytes[0]):
+            return None
+    return key
+
+
+def _identify_keys(buf, key_start, key_length, max_key, key_matrix, key_lengths, weights, sorted_hashes, hash_order):
+    """[(wanted key index, entry positions)] for entries with differing keys:
+    a polynomial hash of each key's bytes, checked byte for byte."""
+    width = max_key
+    span = key_start[:, None] + np.arange(width)
+    key_bytes = np.where(np.arange(width)[None, :] < key_length[:, None], buf[np.minimum(span, len(buf) - 1)], 0)
+    entry_hash = (key_bytes.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64) + key_length.astype(np.uint64)
+    slot = np.minimum(np.searchsorted(sorted_hashes, entry_hash), len(sorted_hashes) - 1)
+    candidate = hash_order[slot]  # (m,) index of the wanted key this entry may be
+    wanted = (sorted_hashes[slot] == entry_hash) & (key_length == key_lengths[candidate])
+    wanted &= np.all(key_bytes == key_matrix[candidate], axis=1)
+    return [(index, np.flatnonzero(wanted & (candidate == index))) for index in np.unique(candidate[wanted]).tolist()]
 
 
 def _list_content(buf, value_start, value_end, tags, key) -> tuple[np.ndarray, np.ndarray]:
@@ -242,21 +267,25 @@ def bytes_values(buf: np.ndarray, ranges: FeatureRanges, key: bytes, first_only:
 
 
 def gather_strings(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> list[str]:
-    """UTF-8 strings at [start, end) of ``buf``, decoded in one call."""
-    if len(start) == 0:
+    """UTF-8 strings at [start, end) of ``buf``, decoded in one call: the
+    values' bytes are gathered into one buffer, NUL between them, decoded
+    and split (IDs never hold NUL: streams rejects them)."""
+    n = len(start)
+    if n == 0:
         return []
     lengths = end - start
-    width = int(lengths.max()) if len(lengths) else 0
-    if width == 0:
-        return [""] * len(start)
-    span = start[:, None] + np.arange(width)
-    inside = np.arange(width)[None, :] < lengths[:, None]
-    matrix = np.where(inside, buf[np.minimum(span, len(buf) - 1)], 0).astype(np.uint8)
-    if np.any(inside & (matrix == 0)):
+    spaced = lengths + 1  # each value and the NUL after it
+    at = np.cumsum(spaced) - spaced  # where each value starts in the joined buffer
+    total = int(at[-1] + lengths[-1])
+    owner = np.repeat(np.arange(n), spaced)[:total]
+    joined = buf[start[owner] + (np.arange(total) - at[owner])]  # a separator's slot reads the byte after its value
+    separators = at[1:] - 1
+    nul = joined == 0
+    nul[separators] = False
+    if nul.any():
         raise Unsupported("a string holds a NUL byte")
-    # Fixed-width bytes drop their NUL padding; joined with NUL, one decode.
-    values = np.ascontiguousarray(matrix).view(f"S{width}").ravel().tolist()
+    joined[separators] = 0
     try:
-        return b"\x00".join(values).decode().split("\x00")
+        return joined.tobytes().decode().split("\x00")
     except UnicodeDecodeError as error:
         raise Unsupported(f"a string is not UTF-8: {error}") from error
