@@ -45,6 +45,12 @@ class PrerankFreshness(BaseModel):
     statistics_age_seconds: float | None = Field(description="wall time now minus that")
     prerank_data_end_ms: int = Field(description="end of the day of ranking samples the pre-ranker learnt")
     newest_click_event_time_ms: int = Field(description="retrieval: the newest click the served embeddings learnt from")
+    prerank_user_event_time_ms: int | None = Field(
+        None, description="the newest ranking sample of this user the pre-ranker's user row learnt online (null: the daily model's row)"
+    )
+    prerank_rows_release: str | None = Field(
+        None, description="the embeddings release whose pre-ranker user rows are served (null: the daily model's rows only)"
+    )
 
 
 class ItemCacheUse(BaseModel):

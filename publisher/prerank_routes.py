@@ -86,6 +86,8 @@ def _response(user_id: str, state: ServingState, answer: PrerankAnswer, candidat
             statistics_age_seconds=None if as_of is None else time.time() - as_of / 1000,
             prerank_data_end_ms=p.data_end_ms,
             newest_click_event_time_ms=state.newest_click_event_time_ms,
+            prerank_user_event_time_ms=answer.user_event_time_ms,
+            prerank_rows_release=p.rows_version,
         ),
     )
 

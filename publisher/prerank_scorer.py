@@ -20,6 +20,7 @@ seen reads the user's counts under the unknown category "".
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,6 +117,13 @@ class PrerankScorer:
         self._codes = np.zeros(self.max_candidates, dtype=np.int64)
         self._counts = np.zeros((self.max_candidates, len(COUNT_COLUMNS)), dtype=np.float32)
         self._features = np.zeros((self.max_candidates, len(FEATURE_NAMES)), dtype=np.float32)
+
+    def with_user_tower(self, user_tower) -> "PrerankScorer":
+        """This scorer over another user tower (newer user ID rows): it shares
+        the buffers, so it takes the same lock as this one."""
+        other = copy.copy(self)
+        other._user_tower = user_tower
+        return other
 
     @property
     def statistics_as_of_ms(self) -> int:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from freshtower.publisher.item_cache import CacheStats, CatalogueItems, ItemTowerCache
 from freshtower.publisher.prerank_release import PRERANK_NOTE, STATISTICS_FILE, load_statistics
+from freshtower.publisher.prerank_rows import PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS
 from freshtower.publisher.prerank_scorer import PrerankScorer, PrerankScores
 from freshtower.publisher.releases import Release, ReleaseError
 from freshtower.publisher.user_tower import FeatureError
@@ -43,6 +45,9 @@ class PrerankState:
     scorer: PrerankScorer
     lock: threading.Lock
     max_candidates: int
+    # the online user ID rows of the embeddings releases on top (``with_user_rows``)
+    user_event_time_ms: Mapping[str, int] = field(default_factory=dict)  # user -> newest ranking sample learnt online
+    rows_version: str | None = None  # the embeddings release they came with (None: the daily model's rows)
 
     def cache_stats(self) -> CacheStats:
         return self.cache.stats()
@@ -80,6 +85,39 @@ def load_prerank(release: Release, config: PrerankConfig, on_timing: Timing | No
                         config.max_candidates)
 
 
+def with_user_rows(state: PrerankState, release: Release) -> PrerankState:
+    """``state`` with the pre-ranker user rows ``release`` carries written
+    over its user table (a copy: ``state`` may be serving requests); the
+    item cache, scorer buffers and lock are shared. ``state`` itself when
+    the release carries none for this pre-ranker."""
+    summary = getattr(release.manifest, "prerank", None)
+    if summary is None or summary.model_version != state.model_version:
+        return state
+    where = f"release {release.version}"
+    user_ids = json.loads(release.file(PRERANK_USER_IDS).read_text())
+    rows = np.load(release.file(PRERANK_USER_ROWS))
+    times = np.load(release.file(PRERANK_ROW_EVENT_TIME))
+    id_dim = state.model.user_tower.id_embedding.shape[1]
+    if rows.shape != (len(user_ids), id_dim) or times.shape != (len(user_ids),):
+        raise ReleaseError(f"{where}: pre-ranker user rows {rows.shape}, event times {times.shape} for {len(user_ids)} IDs x {id_dim}")
+    model = copy.copy(state.model)  # shallow: towers other than the user tower are shared
+    model._modules = dict(state.model._modules)
+    model.user_tower = copy.deepcopy(state.model.user_tower)
+    vocabulary = copy.deepcopy(state.model.user_ids)
+    vocabulary.min_count = 1  # the release's users have rows: admit them at once
+    vocabulary.observe(user_ids, 0)
+    model.user_ids = vocabulary
+    table = model.user_tower.id_embedding
+    grown = table.data[:1].expand(max(len(vocabulary), table.shape[0]), id_dim).clone()
+    grown[: table.shape[0]] = table.data
+    grown[torch.from_numpy(vocabulary.lookup(user_ids))] = torch.from_numpy(rows)
+    table.data = grown
+    event_times = dict(state.user_event_time_ms)
+    event_times.update(zip(user_ids, times.tolist()))
+    return replace(state, model=model, scorer=state.scorer.with_user_tower(model.user_tower), user_event_time_ms=event_times,
+                   rows_version=release.version)
+
+
 @dataclass(frozen=True)
 class PrerankAnswer:
     item_ids: list[str]  # the kept candidates, best first
@@ -90,6 +128,7 @@ class PrerankAnswer:
     misses: int
     statistics_as_of_ms: int | None
     seconds: dict[str, float]
+    user_event_time_ms: int | None = None  # the newest ranking sample the user's row learnt online (None: the daily model's row)
 
 
 def _user_inputs(model: ThreeTowerPreranker, user_id: str, features: Mapping[str, object]):
@@ -129,4 +168,5 @@ def prerank(state: PrerankState, user_id: str, features: Mapping[str, object], c
         misses=scores.misses,
         statistics_as_of_ms=state.statistics_as_of_ms,
         seconds=scores.seconds,
+        user_event_time_ms=state.user_event_time_ms.get(user_id),
     )

@@ -57,6 +57,7 @@ from freshtower.publisher.checks import ReleaseRefused, check_finite, check_inde
 from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_due, full_release_due
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.prerank_release import write_prerank_files
+from freshtower.publisher.prerank_rows import PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS, prerank_rows, served_preranker
 from freshtower.publisher.new_items import FrozenItemTower, NewItemVectors, new_catalogue_items
 from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError
 from freshtower.publisher.release_store import open_release_store
@@ -495,6 +496,13 @@ class Publisher:
             check_shape("user_embeddings", vectors, len(user_ids), id_dim)
             check_unique("user_ids", user_ids)  # partitions own disjoint users
             new_items = self._new_item_vectors(active, due) if self.config.new_item_vectors else None
+            prerank = None
+            if self.settings.prerank.online_user_rows:
+                prerank = prerank_rows(served_preranker(self._chain_root(active)), [t.checkpoint for _, t in sorted(due.taken.items())])
+            if prerank is not None:
+                check_finite({"prerank_user_rows": prerank.rows})
+                check_shape("prerank_user_rows", prerank.rows, len(prerank.user_ids), prerank.summary.id_dim)
+                check_unique("prerank_user_ids", prerank.user_ids)
         except ReleaseRefused as error:
             log.warning("refused embeddings release from %s: %s; the active release stays", sorted(due.taken), error)
             return PublishOutcome("embeddings", "refused", str(error), seconds=time.perf_counter() - started)
@@ -509,6 +517,11 @@ class Publisher:
             self._write(staging, NEW_ITEM_IDS, lambda h: h.write(json.dumps(new_items.item_ids).encode()))
             self._write(staging, NEW_ITEM_VECTORS, lambda h: np.save(h, new_items.vectors))
             rows["new_items"] = len(new_items.item_ids)
+        if prerank is not None:
+            self._write(staging, PRERANK_USER_IDS, lambda h: h.write(json.dumps(prerank.user_ids).encode()))
+            self._write(staging, PRERANK_USER_ROWS, lambda h: np.save(h, prerank.rows))
+            self._write(staging, PRERANK_ROW_EVENT_TIME, lambda h: np.save(h, prerank.event_time_ms))
+            rows["prerank_user_rows"] = len(prerank.user_ids)
         learnt = event_times[event_times > 0]
         manifest = EmbeddingsReleaseManifest(
             version=version,
@@ -530,6 +543,7 @@ class Publisher:
             new_items=None if new_items is None else NewItems(
                 count=len(new_items.item_ids), seen_since_ms=self._full_data_end_ms(active), seconds=new_items.seconds
             ),
+            prerank=None if prerank is None else prerank.summary,
         )
         return self._seal_and_activate(staging, manifest, active, activate, len(user_ids), started)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
-from freshtower.publisher.prerank_serving import PrerankState, load_prerank
+from freshtower.publisher.prerank_serving import PrerankState, load_prerank, with_user_rows
 from freshtower.publisher.new_item_index import NewItemIndex, merge_top_k
 from freshtower.publisher.releases import Release, ReleaseError, ReleaseStore
 from freshtower.publisher.user_tower import ServingUserTower
@@ -182,7 +182,7 @@ def _apply_delta(state: ServingState, release: Release, *, copy: bool, new_items
         newest_click_event_time_ms=max(state.newest_click_event_time_ms, release.manifest.newest_click_event_time_ms, learnt),
         newest_click_is_bound=state.newest_click_is_bound and learnt <= 0,
         loaded_at=time.time(),
-        prerank=state.prerank,
+        prerank=None if state.prerank is None else with_user_rows(state.prerank, release),
     )
 
 

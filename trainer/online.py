@@ -58,11 +58,14 @@ from freshtower.trainer.artifacts import (
 from freshtower.trainer.catalogue import ItemCatalogue
 from freshtower.trainer.learner import Learner
 from freshtower.trainer.pending_clicks import PendingClicks
+from freshtower.trainer.prerank_full import latest_preranker
+from freshtower.trainer.prerank_online import OnlinePreranker
 from freshtower.trainer.samplers import clicked_only
 from freshtower.trainer.soft_labels import distillation_records, positive_spans
 from freshtower.trainer.sparse_optim import RowWiseAdagrad
 from freshtower.trainer.vocabulary import IdVocabulary
 
+from freshtower.core.fingerprints import fingerprint_strings
 from freshtower.core.batches import BatchRef, FeatureSpec, SampleColumns, list_batches, read_batch
 from freshtower.core.contracts.online_checkpoint import (
     CheckpointStats,
@@ -173,11 +176,33 @@ class OnlineTrainer:
         self.row_updated_step = np.zeros(rows, dtype=np.int64)
         self.row_event_time_ms = np.zeros(rows, dtype=np.int64)
         self.newest_event_time_ms = int(base.ref.data_end_ms)
+        self.prerank = OnlinePreranker.latest(self.settings)  # the pre-ranker's user rows (None: none, or the setting is off)
+
+    def _prerank_owner(self, user_ids: list[str]) -> np.ndarray:
+        owner = fingerprint_strings(user_ids) % np.uint64(self.partition.count)
+        return owner == np.uint64(self.partition.index)
+
+    def _rebase_prerank_if_newer(self) -> bool:
+        """Fork the pre-ranker's rows again from a newer daily pre-ranker; True if so."""
+        if not self.settings.prerank.online_user_rows:
+            return False
+        latest = latest_preranker(self.settings)
+        if latest is None or (self.prerank is not None and latest.version == self.prerank.base.version):
+            return False
+        done = [r for r in list_batches(self.settings.batches_dir) if self._done(r)]
+        log.info("re-basing the online pre-ranker rows onto %s", latest.version)
+        self.prerank = OnlinePreranker.latest(self.settings, done)
+        return self.prerank is not None
+
+    def _done(self, ref: BatchRef) -> bool:
+        return ref.window_start_ms < self.next_window_ms or batch_key(ref) in self.trained_recent
 
     def rebase_if_newer(self) -> bool:
         """Fork from the newest full model if it is not our base; True if so."""
         latest = servable_full_model(full_models_dir(self.settings))
         if latest is None or latest.version == self.base.version:
+            if self._rebase_prerank_if_newer():
+                self.checkpoint()
             return False
         log.info("re-basing online trainer from %s onto %s", self.base.version, latest.version)
         self._fork(load_full_model(latest))
@@ -228,6 +253,8 @@ class OnlineTrainer:
             self._track_rows(result.updated_user_rows, result.max_event_time_ms)
             losses.append(result.loss)
             trained += result.samples
+        if self.prerank is not None:
+            self.prerank.learn_batch(ref, None if self.partition.count == 1 else self._prerank_owner)
         seconds = time.perf_counter() - started
         self._advance(key, ref.window_start_ms)
         self._unsaved_keys.append(key)
@@ -364,6 +391,7 @@ class OnlineTrainer:
             written_at=time.time(),
             # this process's figures so far, for monitoring (`freshtower run`'s summary)
             stats=CheckpointStats(batches=self.stats.batches, samples=self.stats.samples, rebases=self.stats.rebases),
+            prerank=None if self.prerank is None else self.prerank.state(),
         )
         path = checkpoint_path(self.settings, self.partition)
         write_online_checkpoint(path, checkpoint)
@@ -397,6 +425,14 @@ class OnlineTrainer:
         self.row_event_time_ms = checkpoint.row_event_time_ms.numpy().copy()
         self.learner.steps = checkpoint.learner_steps
         self.learner.rng.bit_generator.state = checkpoint.rng_state
+        if self.prerank is not None:
+            saved = checkpoint.prerank
+            done = [r for r in list_batches(self.settings.batches_dir) if self._done(r)]
+            self.prerank = OnlinePreranker.latest(self.settings, done)  # its item statistics up to the position
+            if saved is not None and self.prerank is not None and saved.base_version == self.prerank.base.version:
+                self.prerank.restore(saved)
+            elif self.prerank is not None:  # no rows saved for this pre-ranker: learn again what it has not learnt
+                log.info("online pre-ranker rows start from %s at the resumed position", self.prerank.base.version)
 
     @classmethod
     def start(cls, settings: Settings, partition: Partition = Partition()) -> "OnlineTrainer":

@@ -66,9 +66,13 @@ def fingerprint_strings(values: Sequence[str]) -> np.ndarray:
     >>> a == c, a != b
     (True, True)
     """
-    encoded = [v.encode() for v in values]
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    joined = "".join(values).encode()
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))  # characters
+    if len(joined) != int(lengths.sum()):  # not all ASCII: a character may take several bytes
+        encoded = [v.encode() for v in values]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        joined = b"".join(encoded)
     ends = np.cumsum(lengths)
     starts = ends - lengths
-    buf = np.frombuffer(b"".join(encoded) + b"\x00" * PAD, dtype=np.uint8)
+    buf = np.frombuffer(joined + b"\x00" * PAD, dtype=np.uint8)
     return fingerprint_ranges(buf, starts, ends)

@@ -168,6 +168,11 @@ class PrerankConfig(_Section):
     )
     ctr_prior: float = Field(0.05, gt=0, lt=1, description="smoothed CTR = (clicks + prior * strength) / (impressions + strength)")
     ctr_prior_strength: float = Field(20.0, gt=0, description="pseudo-impressions behind ctr_prior")
+    # --- online: the user ID rows learnt from the stream's ranking samples (trainer/prerank_online.py) ---
+    online_user_rows: bool = Field(
+        True, description="the online trainer also learns the pre-ranker's user ID rows; embeddings releases carry them"
+    )
+    online_learning_rate: float = Field(0.05, gt=0, description="row-wise Adagrad on the pre-ranker's user ID rows, online")
     max_candidates: int = Field(10_000, ge=1, description="most candidates one pre-ranking request may score")
     item_cache_size: int = Field(200_000, ge=1, description="item-tower outputs the service keeps (least recently used evicted)")
 

@@ -36,6 +36,22 @@ class CheckpointStats:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrerankUserRows:
+    """The pre-ranker's user ID rows the online trainer learnt from ranking
+    samples since it forked from the daily pre-ranker ``base_version``."""
+
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    base_version: str  # the daily pre-ranker (models/prerank/<day>.<n>) the rows were forked from
+    step: int  # minibatch steps since that fork
+    user_table: torch.Tensor  # (R, id_dim) float32 the pre-ranker's user ID embeddings
+    user_ids: VocabularyState  # row -> user ID
+    optimizer: dict[str, Any]  # the row-wise Adagrad state, first R rows
+    row_updated_step: torch.Tensor  # (R,) int64: step that last changed each row (0: as forked)
+    row_event_time_ms: torch.Tensor  # (R,) int64: newest event time each row learnt from, ms
+
+
+@dataclass(frozen=True, kw_only=True)
 class OnlineCheckpoint:
     __pydantic_config__ = CONTRACT_CONFIG
 
@@ -61,6 +77,7 @@ class OnlineCheckpoint:
     rng_state: dict[str, Any]  # numpy bit generator state of the learner
     written_at: float  # wall time, seconds
     stats: CheckpointStats
+    prerank: PrerankUserRows | None = None  # None: no pre-ranker to follow, or prerank.online_user_rows is off
 
     @property
     def rows(self) -> int:

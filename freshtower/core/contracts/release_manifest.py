@@ -159,11 +159,28 @@ class FullReleaseManifest(_ReleaseFields):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrerankRows:
+    """The pre-ranker's user ID rows an embeddings release carries
+    (``prerank_user_ids.json``, ``prerank_user_rows.npy``,
+    ``prerank_row_event_time_ms.npy``): every row the online trainers changed
+    since they forked from ``model_version``, the pre-ranker of the chain's
+    full release. Serving writes them over that pre-ranker's user table."""
+
+    __pydantic_config__ = CONTRACT_CONFIG
+
+    model_version: str  # the daily pre-ranker (models/prerank/<day>.<n>) the rows belong to
+    count: int  # rows
+    id_dim: int
+    newest_event_time_ms: int | None  # the newest ranking sample they learnt from (None: no rows)
+
+
+@dataclass(frozen=True, kw_only=True)
 class EmbeddingsReleaseManifest(_ReleaseFields):
     kind: Literal["embeddings"] = "embeddings"
     checkpoints: dict[str, CheckpointRead]  # checkpoint file -> what was taken from it
     resync: list[str]  # checkpoints whose trainer restarted from its base: every row was sent
     new_items: NewItems | None = None  # None: publisher.new_item_vectors was off (no new-item files)
+    prerank: PrerankRows | None = None  # None: no pre-ranker rows (none learnt online for the served pre-ranker)
 
 
 ReleaseManifest = FullReleaseManifest | EmbeddingsReleaseManifest
