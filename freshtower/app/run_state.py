@@ -199,6 +199,7 @@ class RunSummary:
     quality: list[str] = field(default_factory=list)  # optional lines (next-hour Recall@50)
     prerank: list[str] = field(default_factory=list)  # the served pre-ranker and one /v1/recommend answer
     logs_dir: str = ""
+    restarts: dict[str, int] = field(default_factory=dict)  # parts that died and were started again, how often (broker included)
 
 
 def render_summary(s: RunSummary) -> list[str]:
@@ -254,6 +255,8 @@ def render_summary(s: RunSummary) -> list[str]:
         )
     lines.extend(f"  {line}" for line in s.prerank)
     lines.extend(f"  {line}" for line in s.quality)
+    if s.restarts:
+        lines.append("  restarts   " + ", ".join(f"{name} {n}" for name, n in sorted(s.restarts.items())))
     if s.logs_dir:
         lines.append(f"  logs       {s.logs_dir}")
     return lines
