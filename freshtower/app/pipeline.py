@@ -464,6 +464,7 @@ class Pipeline:
             parts_alive=parts_alive,
             parts_total=parts_total,
             settled=settled,
+            streams_restarts=self.supervisor.restarts.get("streams", 0),
         )
 
     # --- the end -----------------------------------------------------------------------

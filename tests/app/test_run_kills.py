@@ -166,7 +166,9 @@ def test_every_part_killed_once_mid_run_ends_like_an_undisturbed_run(runs, refer
     kill(run, "streams", f"{delay:.1f} s after it was ready", done)
     # the daily trainer mid training: its shuffle shards exist only while it trains
     kill_on(run, "train-daily", data / "tmp", "full-", "the daily trainer trains (shard directory)", 120, done)
-    # the online trainer inside a checkpoint write (its temporary file), once it follows the first model
+    # the online trainer inside a checkpoint write (its temporary file), once it
+    # trains on the first full model (it checkpoints every second then)
+    assert wait_until("the first online checkpoint", lambda: (data / "online" / CHECKPOINT_NAME).is_file(), run, 300, poll=0.2)
     time.sleep(rng.uniform(0.0, 3.0))
     kill_on(run, "train-online", data / "online", f".{CHECKPOINT_NAME}.tmp-", "a checkpoint is written", 30, done)
     # the publisher mid release (its staging directory)
