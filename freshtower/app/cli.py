@@ -346,6 +346,12 @@ def run_command(
         1440.0, "--speedup", min=0.0, help="Event-time seconds per wall second (1440: a day a minute); 0: as fast as possible."
     ),
     settle_timeout: float = typer.Option(300.0, "--settle-timeout", min=1.0, help="Seconds the parts may take to finish after the replay."),
+    durable_broker: bool = typer.Option(
+        False, "--durable-broker", help="The embedded broker on an S3 server (moto) started beside it: a broker restart loses nothing."
+    ),
+    restart_parts: Optional[int] = typer.Option(
+        None, "--restart-parts", min=0, help="Start a part that dies again, up to this many times a part (default: restart_parts, 0)."
+    ),
 ) -> None:
     """Run the whole pipeline on this machine and summarise it: the embedded
     broker, the streams worker, the daily and online trainers, the publisher
@@ -368,6 +374,10 @@ def run_command(
         settle_timeout_seconds=settle_timeout,
     )
     settings = _settings(ctx)
+    chosen = {"durable_broker": True} if durable_broker else {}
+    if restart_parts is not None:
+        chosen["restart_parts"] = restart_parts
+    settings = settings.model_copy(update=chosen) if chosen else settings
     console.print(f"data directory: {settings.data_dir.resolve()}", soft_wrap=True, highlight=False)
     code = Pipeline(settings, options, console).run()
     if code:

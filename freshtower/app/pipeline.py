@@ -15,7 +15,8 @@ then replays an event log through Kafka (``freshtower/app/event_log.py``) at
 waits until every part has finished its share (``run_state.unfinished``),
 prints a summary and stops everything. Ctrl-C / SIGTERM stops every part
 and exits 130; a part that exits on its own is reported with its exit code
-and log tail, the rest are stopped, and the run exits 1. The starting,
+and log tail, the rest are stopped, and the run exits 1 (with
+``restart_parts`` N > 0 it is first started again, up to N times a part). The starting,
 watching and stopping is ``supervisor.Supervisor``'s; ``docs/run.md``
 describes the parts, the completion rule and every wait.
 
@@ -164,7 +165,9 @@ class Pipeline:
         self.replay: ReplayThread | None = None
         self.started = time.monotonic()
         self.logs_dir = settings.data_dir.resolve() / "logs"
-        self.supervisor = Supervisor(self.logs_dir, stop_timeout_seconds=options.stop_timeout_seconds, catch_signals=True)
+        self.supervisor = Supervisor(
+            self.logs_dir, stop_timeout_seconds=options.stop_timeout_seconds, catch_signals=True, restart_parts=settings.restart_parts
+        )
         self.last_observation: Observation | None = None
         self.show: Callable[[str], None] = lambda text: None
         self._said: set[tuple[str, str]] = set()
@@ -277,6 +280,7 @@ class Pipeline:
         )
         self.events = self._open_log()
         self._write_run_file(bootstrap)
+        supervisor.on_restart.append(lambda name: self._restarted(name, bootstrap))
 
         with self._live():
             self._watch(lambda obs: self._not_ready() is None, o.start_timeout_seconds, "the parts to start")
@@ -345,6 +349,12 @@ class Pipeline:
             return SimulatedLog(Simulator(config), o.days, s.data_dir / "events.jsonl", s).start()
         self._say(f"{events.description}: {len(events.events):,} events")
         return events
+
+    def _restarted(self, name: str, bootstrap: str) -> None:
+        """A part died and was started again: say so, and put its new PID in ``run.json``."""
+        count = self.supervisor.broker_restarts if name == "broker" else self.supervisor.restarts[name]
+        self._say(f"part {name} died and was started again (restart {count})", "yellow")
+        self._write_run_file(bootstrap)
 
     def _write_run_file(self, bootstrap: str) -> None:
         """``<data_dir>/run.json``: where everything of this run is (ports, PIDs, logs)."""
@@ -454,6 +464,7 @@ class Pipeline:
             parts_alive=parts_alive,
             parts_total=parts_total,
             settled=settled,
+            streams_restarts=self.supervisor.restarts.get("streams", 0),
         )
 
     # --- the end -----------------------------------------------------------------------
@@ -484,6 +495,7 @@ class Pipeline:
             recall=None if request is None else observation.recall_sample(self.service_url, *request),
             prerank=[] if request is None else observation.prerank_lines(s, self.service_url, *request[:2]),
             logs_dir=str(self.logs_dir),
+            restarts={**self.supervisor.restarts, **({"broker": self.supervisor.broker_restarts} if self.supervisor.broker_restarts else {})},
         )
 
     def _stop_replay(self) -> None:

@@ -61,6 +61,7 @@ class Observation:
     parts_alive: int
     parts_total: int
     settled: Settled | None = None
+    streams_restarts: int = 0  # the worker was started again: its counters count from its restart
 
 
 def event_time(ms: int | None) -> str:
@@ -112,7 +113,10 @@ def unfinished(obs: Observation) -> tuple[str, str] | None:
     worker = obs.worker
     if worker is None or not worker.get("ready"):
         return "streams", "the worker's /stats does not answer yet"
-    if worker["events_in"] < obs.events_total:
+    # A restarted worker counts only what it read since (from the committed
+    # offsets on): then the watermark below, which moves past the last
+    # windows only once every partition is read to its end, is the test.
+    if not obs.streams_restarts and worker["events_in"] < obs.events_total:
         return "streams", f"read {worker['events_in']:,} of {obs.events_total:,} events"
     watermark = worker.get("watermark_ms")
     if watermark is None or watermark < s.streams_done_ms:
@@ -199,6 +203,7 @@ class RunSummary:
     quality: list[str] = field(default_factory=list)  # optional lines (next-hour Recall@50)
     prerank: list[str] = field(default_factory=list)  # the served pre-ranker and one /v1/recommend answer
     logs_dir: str = ""
+    restarts: dict[str, int] = field(default_factory=dict)  # parts that died and were started again, how often (broker included)
 
 
 def render_summary(s: RunSummary) -> list[str]:
@@ -254,6 +259,8 @@ def render_summary(s: RunSummary) -> list[str]:
         )
     lines.extend(f"  {line}" for line in s.prerank)
     lines.extend(f"  {line}" for line in s.quality)
+    if s.restarts:
+        lines.append("  restarts   " + ", ".join(f"{name} {n}" for name, n in sorted(s.restarts.items())))
     if s.logs_dir:
         lines.append(f"  logs       {s.logs_dir}")
     return lines

@@ -9,7 +9,9 @@ Used by ``freshtower run`` (every part) and by ``freshtower experiment``
   (``cli_command``) in a session of its own, its output in
   ``<logs>/<name>.log`` (``processes.ChildProcess``);
 - ``check()``: raises ``PartDied`` (name, how it ended, log path and tail)
-  when the broker, a part or a watched thread has ended on its own, and
+  when the broker, a part or a watched thread has ended on its own (with
+  ``restart_parts`` N > 0 a part that died is first started again with the
+  same command line, up to N times a part, counted in ``restarts``), and
   ``Interrupted`` once SIGINT / SIGTERM arrived (with ``catch_signals``);
 - ``wait(done, timeout, what)``: polls ``done`` twice a second, calling
   ``check()`` first each time, until ``done`` returns something true or
@@ -92,8 +94,19 @@ def child_environment(settings: Settings, base: Mapping[str, str]) -> dict[str, 
 class Supervisor:
     """The broker and the parts of one run; a context manager that stops them all on exit."""
 
-    def __init__(self, logs_dir: Path, *, stop_timeout_seconds: float = 20.0, poll_seconds: float = 0.5, catch_signals: bool = False):
+    def __init__(
+        self,
+        logs_dir: Path,
+        *,
+        stop_timeout_seconds: float = 20.0,
+        poll_seconds: float = 0.5,
+        catch_signals: bool = False,
+        restart_parts: int = 0,
+    ):
         self.logs_dir = logs_dir
+        self.restart_parts = restart_parts  # a part that dies is started again up to this many times (0: its death ends the run)
+        self.restarts: dict[str, int] = {}  # part -> times started again after it died
+        self.on_restart: list[Callable[[str], None]] = []  # called with the part's name after each restart (the broker's too)
         self.stop_timeout_seconds = stop_timeout_seconds
         self.poll_seconds = poll_seconds
         self.catch_signals = catch_signals  # else SIGINT / SIGTERM keep their handlers (e.g. KeyboardInterrupt unwinds the block)
@@ -195,6 +208,27 @@ class Supervisor:
             broker.start()
         except BrokerError as error:
             raise PartDied("broker", f"{how}, and did not start again: {error}", self.broker_log, log_tail(self.broker_log)) from error
+        self._restarted("broker")
+
+    def _part_ended(self, child: ChildProcess) -> None:
+        """A part that died: started again with the same command line and
+        environment while it has restarts left, else a ``PartDied``."""
+        how = exit_description(child.returncode)
+        done = self.restarts.get(child.name, 0)
+        if done >= self.restart_parts:
+            suffix = f" after {done} restart{'s' if done != 1 else ''}" if done else ""
+            raise PartDied(child.name, how + suffix, child.log_path, child.log_tail())
+        self.restarts[child.name] = done + 1
+        log.warning("part %s %s; starting it again (restart %d of %d)", child.name, how, done + 1, self.restart_parts)
+        child.signal_group(signal.SIGKILL)  # what it left behind in its group (e.g. a decoder process)
+        with open(child.log_path, "a") as handle:
+            handle.write(f"--- {child.name} {how}; started again by the supervisor (restart {done + 1}) ---\n")
+        self.parts[child.name] = ChildProcess(child.name, child.argv, child.env, child.log_path).start()
+        self._restarted(child.name)
+
+    def _restarted(self, name: str) -> None:
+        for callback in self.on_restart:
+            callback(name)
 
     def watch_thread(self, name: str, error: Callable[[], BaseException | None]) -> None:
         """Treat an in-process thread as a part: ``error()`` not None is its death."""
@@ -210,9 +244,9 @@ class Supervisor:
         broker = self.broker
         if broker is not None and broker.process is not None and broker.process.poll() is not None:
             self._broker_ended(broker)
-        for child in self.parts.values():
+        for child in list(self.parts.values()):
             if not child.alive and not child.stopping:
-                raise PartDied(child.name, exit_description(child.returncode), child.log_path, child.log_tail())
+                self._part_ended(child)
         for name, error in self._threads.items():
             failure = error()
             if failure is not None:

@@ -389,6 +389,12 @@ class Settings(BaseSettings):
     durable_broker: bool = Field(
         False, description="the embedded broker stores topics and offsets in an S3 server (moto) started beside it, and survives a restart"
     )
+    restart_parts: int = Field(
+        0,
+        ge=0,
+        description="`freshtower run`: start a part that dies again, as a process manager would, up to this many times a part; "
+        "0 ends the run at the first death",
+    )
     model: ModelConfig = ModelConfig()
     vocabulary: VocabularyConfig = VocabularyConfig()
     frequency: FrequencyConfig = FrequencyConfig()

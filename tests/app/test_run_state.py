@@ -85,6 +85,15 @@ def test_the_first_part_that_has_not_finished_is_named(obs, part, why):
     assert found is not None and found[0] == part and why in found[1]
 
 
+def test_a_restarted_worker_is_done_by_its_watermark_not_by_its_count_since_the_restart():
+    # started again, it reads from the committed offsets: 400 events since then
+    restarted = {"ready": True, "events_in": 400, "watermark_ms": DONE_AT, "open_requests": 0}
+    assert unfinished(observation(worker=restarted, streams_restarts=1)) is None
+    assert unfinished(observation(worker=restarted))[0] == "streams"
+    behind = {**restarted, "watermark_ms": DONE_AT - 1}
+    assert unfinished(observation(worker=behind, streams_restarts=1))[0] == "streams"
+
+
 def test_rows_the_event_clock_holds_back_do_not_block_completion():
     # Not due: the pipeline releases them with one forced tick at the end.
     assert unfinished(observation(settled(rows_pending=7, rows_pending_due=False))) is None

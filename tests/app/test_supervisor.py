@@ -108,3 +108,34 @@ def test_a_configured_cluster_is_used_and_no_broker_is_started(tmp_path):
     with Supervisor(tmp_path / "logs") as supervisor:
         assert supervisor.bootstrap("kafka.example:9092") == "kafka.example:9092"
         assert supervisor.broker is None and supervisor.processes() == {}
+
+
+def test_with_restart_parts_a_part_that_dies_is_started_again_until_its_restarts_run_out(tmp_path):
+    counter = tmp_path / "starts"
+    # each start appends a line, then dies; the third start (second restart) lives
+    script = (
+        f"import pathlib, time; p = pathlib.Path({str(counter)!r}); n = len(p.read_text().splitlines()) if p.exists() else 0; "
+        "p.write_text('x\\n' * (n + 1)); print('start', n, flush=True); time.sleep(60 if n >= 2 else 0); raise SystemExit(4)"
+    )
+    restarted = []
+    with Supervisor(tmp_path / "logs", poll_seconds=0.05, restart_parts=2) as supervisor:
+        supervisor.on_restart.append(restarted.append)
+        first = supervisor.start("flaky", [sys.executable, "-c", script], dict(os.environ))
+        supervisor.wait(lambda: supervisor.restarts.get("flaky") == 2 and supervisor.parts["flaky"].alive, 30, "two restarts")
+        assert supervisor.parts["flaky"].pid != first.pid
+        supervisor.wait(lambda: len(counter.read_text().splitlines()) == 3, 30, "the third start")
+        assert restarted == ["flaky", "flaky"]
+        os.killpg(supervisor.parts["flaky"].pid, signal.SIGKILL)  # a third death: no restarts left
+        with pytest.raises(PartDied) as died:
+            supervisor.wait(lambda: False, 30, "nothing")
+    assert died.value.how == "killed by SIGKILL after 2 restarts"
+    log = (tmp_path / "logs" / "flaky.log").read_text()
+    assert "start 0" in log and "start 2" in log and "started again by the supervisor (restart 2)" in log
+
+
+def test_without_restart_parts_the_first_death_ends_the_block(tmp_path):
+    with Supervisor(tmp_path / "logs", poll_seconds=0.05) as supervisor:
+        supervisor.start("failing", failing(5), dict(os.environ))
+        with pytest.raises(PartDied) as died:
+            supervisor.wait(lambda: False, 30, "nothing")
+    assert died.value.how == "exit code 5" and supervisor.restarts == {}
