@@ -107,3 +107,12 @@ def test_the_release_manifest_reports_the_choice(data_dir):
     assert chosen.meets_target and index.recall_at_100_vs_exact >= 0.9 and index.recall_target == 0.9
     assert (index.search_parameter, index.search_value) == (chosen.parameter, chosen.value)
     assert index.p99_ms == chosen.p99_ms and index.choice_settings["index_kinds"] == ["ivf", "hnsw"]
+
+
+def test_the_exact_oracle_the_choice_checks_against_is_the_exact_top_k(catalogue):
+    from freshtower.publisher.index_choice import exact_top_k
+
+    items, queries = catalogue
+    found = exact_top_k(items, queries, K)
+    assert found.shape == (len(queries), K)
+    assert recall(found, oracle_top_k(items, queries, K)) >= 0.999  # float32 BLAS vs float64 sort: ties at most
