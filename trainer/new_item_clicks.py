@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,37 @@ class NewItemClickSums:
         if not new.any():
             return
         offsets = indices[new] - self.first
-        needed = int(offsets.max()) + 1
+        self._grow(int(offsets.max()) + 1)
+        np.add.at(self._sums, offsets, np.asarray(user_vectors, np.float32)[new])
+        np.add.at(self._counts, offsets, 1)
+
+    def _grow(self, needed: int) -> None:
         if needed > len(self._counts):
             size = max(needed, 2 * len(self._counts))
             self._sums = np.concatenate([self._sums, np.zeros((size - len(self._sums), self._sums.shape[1]), np.float32)])
             self._counts = np.concatenate([self._counts, np.zeros(size - len(self._counts), np.int64)])
-        np.add.at(self._sums, offsets, np.asarray(user_vectors, np.float32)[new])
-        np.add.at(self._counts, offsets, 1)
+
+    def state_dict(self, catalogue_ids: list[str]) -> dict:
+        """The clicked new items by ID (for the online checkpoint, which the publisher reads)."""
+        snap = self.snapshot(len(catalogue_ids))
+        clicked = np.flatnonzero(snap.counts > 0)
+        return {
+            "item_ids": [catalogue_ids[self.first + int(i)] for i in clicked],
+            "sums": torch.from_numpy(snap.sums[clicked].copy()),
+            "counts": torch.from_numpy(snap.counts[clicked].copy()),
+        }
+
+    def load_state_dict(self, state: dict, indices: np.ndarray) -> None:
+        """Restore the sums of ``state`` (``state_dict``), its items at catalogue ``indices`` (-1: not in the catalogue)."""
+        if not state:
+            return
+        sums, counts = state["sums"].numpy(), state["counts"].numpy()
+        indices = np.asarray(indices, np.int64)
+        keep = np.flatnonzero(indices >= self.first)
+        if len(keep):
+            offsets = indices[keep] - self.first
+            self._grow(int(offsets.max()) + 1)
+            self._sums[offsets], self._counts[offsets] = sums[keep], counts[keep]
 
     def snapshot(self, count: int) -> NewItemClicks:
         """The sums of catalogue items ``first .. count - 1`` (zeros for the unclicked), copied."""
@@ -72,6 +97,29 @@ class NewItemClickSums:
         have = min(n, len(self._counts))
         sums[:have], counts[:have] = self._sums[:have], self._counts[:have]
         return NewItemClicks(self.first, sums, counts)
+
+
+def clicks_of(item_ids: list[str], states: list[dict], dim: int) -> NewItemClicks:
+    """The click sums of ``item_ids`` over the checkpoints' ``state_dict``s (user partitions add up).
+
+    >>> a = {"item_ids": ["x"], "sums": torch.ones(1, 2), "counts": torch.tensor([1])}
+    >>> b = {"item_ids": ["x", "y"], "sums": torch.ones(2, 2), "counts": torch.tensor([2, 1])}
+    >>> got = clicks_of(["y", "z", "x"], [a, b, {}], dim=2)
+    >>> got.counts.tolist(), got.sums.tolist()
+    ([1, 0, 3], [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]])
+    """
+    where = {item: n for n, item in enumerate(item_ids)}
+    sums, counts = np.zeros((len(item_ids), dim), np.float32), np.zeros(len(item_ids), np.int64)
+    for state in states:
+        if not state:
+            continue
+        state_sums, state_counts = state["sums"].numpy(), state["counts"].numpy()
+        for offset, item in enumerate(state["item_ids"]):
+            n = where.get(item)
+            if n is not None:
+                sums[n] += state_sums[offset]
+                counts[n] += int(state_counts[offset])
+    return NewItemClicks(0, sums, counts)
 
 
 def blend_with_clicks(feature_vectors: np.ndarray, clicks: NewItemClicks, prior: float) -> np.ndarray:
@@ -89,4 +137,4 @@ def blend_with_clicks(feature_vectors: np.ndarray, clicks: NewItemClicks, prior:
     return np.where(clicked, blended / np.where(norms > 0, norms, 1.0), feature_vectors).astype(np.float32)
 
 
-__all__ = ["NewItemClickSums", "NewItemClicks", "blend_with_clicks"]
+__all__ = ["NewItemClickSums", "NewItemClicks", "blend_with_clicks", "clicks_of"]
