@@ -153,7 +153,7 @@ class Served:
     new_from: int | None = None  # items from here on were first seen online (publisher.new_item_vectors)
     id_row: str = "feature_mean"  # how those are embedded (publisher.new_item_id_row)
     clicks: NewItemClicks | None = None  # their clickers' vectors (publisher.new_item_clicks), blended in
-    click_prior: float = 3.0  # publisher.new_item_click_prior
+    click_prior: float = 10.0  # publisher.new_item_click_prior
 
     @torch.no_grad()
     def retrieve(self, units: list[Unit], k: int, item_cache: dict, exclude_seen: bool = False) -> list[list[str]]:

@@ -327,7 +327,7 @@ class PublisherConfig(_Section):
         "(the sum of their vectors, as the online trainer learnt them; trainer/new_item_clicks.py)",
     )
     new_item_click_prior: float = Field(
-        3.0, gt=0, description="weight of a new item's feature vector against its clickers' vectors, in clicks"
+        10.0, gt=0, description="weight of a new item's feature vector against its clickers' vectors, in clicks"
     )
     # --- publisher/release_store.py: where releases live (the publisher writes, every replica reads) ---
     release_store: str | None = Field(
