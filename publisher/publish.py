@@ -47,7 +47,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -59,6 +59,7 @@ from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.prerank_release import write_prerank_files
 from freshtower.publisher.prerank_rows import PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS, prerank_rows, served_preranker
 from freshtower.publisher.new_items import FrozenItemTower, NewItemVectors, new_catalogue_items
+from freshtower.trainer.new_item_clicks import blend_with_clicks, clicks_of
 from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError
 from freshtower.publisher.release_store import open_release_store
 from freshtower.publisher.user_tower import ServingUserTower, export_user_tower, exported_tensors
@@ -560,6 +561,11 @@ class Publisher:
         except (ArtifactError, ContractError, OSError, KeyError, ValueError) as error:
             raise ReleaseRefused(f"cannot embed {len(items)} new items with full model {active.model_version}: {error}") from error
         check_shape("new_item_vectors", embedded.vectors, len(items), active.manifest.dims.output_dim)
+        if self.config.new_item_clicks:  # toward the users who clicked them (trainer.new_item_clicks)
+            states = [t.checkpoint.new_item_clicks for _, t in sorted(due.taken.items())]
+            clicks = clicks_of(embedded.item_ids, states, embedded.vectors.shape[1])
+            vectors = blend_with_clicks(embedded.vectors, clicks, self.config.new_item_click_prior)
+            embedded = replace(embedded, vectors=vectors)
         check_finite({"new_item_vectors": embedded.vectors})
         check_unique("new_item_ids", embedded.item_ids)
         return embedded

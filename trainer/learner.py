@@ -40,6 +40,7 @@ import torch
 from freshtower.trainer import losses
 from freshtower.trainer.distillation import request_cosine_logits, retrieval_distillation_loss
 from freshtower.trainer.model import TwoTowerModel
+from freshtower.trainer.new_item_clicks import NewItemClickSums
 from freshtower.trainer.pending_clicks import PendingClicks
 from freshtower.trainer.samplers import (
     CatalogueSampler,
@@ -123,12 +124,16 @@ class Learner:
             self.dense_optimizer = None
             self._item_cache_store = model.catalogue_vectors()  # (capacity, D), frozen item tower
             self._item_cache_size = len(self._item_cache_store)
+            # items first seen from here on: the vectors of the users who click them (trainer.new_item_clicks)
+            self.new_item_clicks = NewItemClickSums(len(model.catalogue), model.config.output_dim)
         else:
             raise ValueError(f"trainable must be 'all' or 'user_ids', got {trainable!r}")
         # Online, the clicks of users the frequency filter has not admitted
         # yet wait here for their row (the full trainer counts a whole day
         # before it learns, so it needs none).
         self.pending = pending
+        if trainable == "all":
+            self.new_item_clicks = None
         self._new_user_rows = np.zeros(0, np.int64)  # rows admitted by the last observe
 
     @property
@@ -207,6 +212,8 @@ class Learner:
         for optimizer in self.optimizers:
             optimizer.step()
         self.steps += 1
+        if self.new_item_clicks is not None and len(positives):
+            self._count_new_item_clicks(positives)
         newest = int(samples.event_time_ms.max()) if groups is not None else int(positives.event_time_ms.max())
         return LearnResult(float(loss.detach()), len(positives), updated, newest)
 
@@ -356,6 +363,16 @@ class Learner:
         self._learn_parallel(None, None, where)
 
     # --- pieces ----------------------------------------------------------------
+
+    def _count_new_item_clicks(self, positives: SampleColumns) -> None:
+        """Add the clickers' vectors (their rows just updated) to the sums of the clicked items first seen online."""
+        items = self.model.catalogue.indices(positives.item_ids, positives.item_id_fingerprints())
+        on_new = np.flatnonzero(items >= self.new_item_clicks.first)
+        if len(on_new) == 0:
+            return
+        clicks = positives.take(on_new)
+        vectors = self.user_vectors(clicks.user_ids, clicks.user_categorical, clicks.user_numeric)  # (C, D)
+        self.new_item_clicks.add(items[on_new], vectors.numpy())
 
     def observe(self, positives: SampleColumns, day: int) -> None:
         """Count sightings, admit new IDs, grow the tables and the catalogue."""

@@ -392,6 +392,7 @@ class OnlineTrainer:
             # this process's figures so far, for monitoring (`freshtower run`'s summary)
             stats=CheckpointStats(batches=self.stats.batches, samples=self.stats.samples, rebases=self.stats.rebases),
             prerank=None if self.prerank is None else self.prerank.state(),
+            new_item_clicks=self.learner.new_item_clicks.state_dict(self.model.catalogue.ids),
         )
         path = checkpoint_path(self.settings, self.partition)
         write_online_checkpoint(path, checkpoint)
@@ -415,6 +416,8 @@ class OnlineTrainer:
         optimizer.state[table] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in checkpoint.optimizer.items()}
         self.learner.estimator = estimator_from_tensors(checkpoint.estimator)
         self.learner.refresh_item_cache()
+        clicked = checkpoint.new_item_clicks.get("item_ids", [])
+        self.learner.new_item_clicks.load_state_dict(checkpoint.new_item_clicks, model.catalogue.indices(clicked))
         self.learner.pending = PendingClicks.from_state_dict(checkpoint.pending_clicks, self.spec, self.settings.vocabulary.pending_clicks)
         self.next_window_ms = checkpoint.next_window_ms
         self.trained_recent = set(checkpoint.trained_recent)

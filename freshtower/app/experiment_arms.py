@@ -65,6 +65,7 @@ from freshtower.trainer.metrics import top_k
 from freshtower.trainer.online import OnlineTrainer, batch_key
 
 from freshtower.publisher.new_items import feature_mean_rows
+from freshtower.trainer.new_item_clicks import NewItemClicks, blend_with_clicks
 
 from freshtower.app.experiment_baselines import BASELINES, baseline_scores
 from freshtower.app.experiment_units import Unit, UnitScore, score_unit, units_from
@@ -151,12 +152,18 @@ class Served:
     items: int
     new_from: int | None = None  # items from here on were first seen online (publisher.new_item_vectors)
     id_row: str = "feature_mean"  # how those are embedded (publisher.new_item_id_row)
+    clicks: NewItemClicks | None = None  # their clickers' vectors (publisher.new_item_clicks), blended in
+    click_prior: float = 10.0  # publisher.new_item_click_prior
 
     @torch.no_grad()
     def retrieve(self, units: list[Unit], k: int, item_cache: dict, exclude_seen: bool = False) -> list[list[str]]:
         """The top ``k`` item IDs for each unit, best first (exact search)."""
         model = self.model
         vectors_of_items, ids = _served_items(model, self.items, item_cache, self.new_from, self.id_row)
+        if self.clicks is not None and self.new_from is not None and len(ids) > self.new_from:
+            first = self.new_from
+            blended = blend_with_clicks(vectors_of_items[first:], self.clicks, self.click_prior)
+            vectors_of_items = np.concatenate([vectors_of_items[:first], blended])
         inputs = model.user_inputs(
             [u.user_id for u in units],
             {name: [u.categorical.get(name, "") for u in units] for name in model.user_categorical},
@@ -231,6 +238,8 @@ class _Replay:
     exclude_seen: bool
     new_item_vectors: bool
     new_item_id_row: str
+    new_item_clicks: bool
+    new_item_click_prior: float
     clicks: dict  # batch path -> its clicked samples, decoded once for every arm
 
     def clicks_of(self, ref: BatchRef):
@@ -266,7 +275,8 @@ def run_arms(
     lateness_ms = int(settings.streams.allowed_lateness_seconds * 1000)
     clicks: dict = {}
     replay = _Replay(
-        refs, spec, full_refs, released_at, lateness_ms, ks, exclude_seen, new_item_vectors, settings.publisher.new_item_id_row, clicks
+        refs, spec, full_refs, released_at, lateness_ms, ks, exclude_seen, new_item_vectors, settings.publisher.new_item_id_row,
+        settings.publisher.new_item_clicks, settings.publisher.new_item_click_prior, clicks,
     )
     evaluation_start = released_at[full_refs[0].version]
     units = units_from(refs, spec, evaluation_start, clicks)
@@ -444,7 +454,8 @@ def _publish_ticks(state: _ArmState, now: float, flush_units: Callable[[], None]
         inflight = state.before_inflight
         table = inflight[1] if inflight is not None and inflight[0] > tick else model.user_tower.id_embedding.detach().clone()
         items = len(model.catalogue) if replay.new_item_vectors else state.base_items
-        state.served = Served(model, table, items, state.base_items, replay.new_item_id_row)
+        new_clicks = state.trainer.learner.new_item_clicks.snapshot(items) if replay.new_item_vectors and replay.new_item_clicks else None
+        state.served = Served(model, table, items, state.base_items, replay.new_item_id_row, new_clicks, replay.new_item_click_prior)
 
 
 def _learnt_by_full(state: _ArmState, model_ref, released_ms: int, replay: _Replay) -> None:

@@ -334,6 +334,14 @@ class PublisherConfig(_Section):
     new_item_id_row: Literal["feature_mean", "default"] = Field(
         "feature_mean", description="ID row a new item is embedded with: mean row of the items sharing its features, or the default row"
     )
+    new_item_clicks: bool = Field(
+        True,
+        description="a new item's vector also moves toward the users who clicked it since the full release "
+        "(the sum of their vectors, as the online trainer learnt them; trainer/new_item_clicks.py)",
+    )
+    new_item_click_prior: float = Field(
+        10.0, gt=0, description="weight of a new item's feature vector against its clickers' vectors, in clicks"
+    )
     # --- publisher/release_store.py: where releases live (the publisher writes, every replica reads) ---
     release_store: str | None = Field(
         None,

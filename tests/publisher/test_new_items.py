@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 
 import numpy as np
@@ -135,7 +136,7 @@ def test_an_item_born_after_the_full_release_is_retrieved_after_an_embeddings_re
 
 def test_the_manifest_lists_the_new_item_files_with_their_checksums_and_the_frozen_towers_vectors(born):
     data_dir, _ = born
-    settings = publisher_settings(data_dir)
+    settings = publisher_settings(data_dir, publisher={"new_item_clicks": False})  # the frozen tower's vectors alone
     online_through_births(settings)
     with Publisher(settings) as publisher:
         _, delta = publisher.tick(now_s=0.0)
@@ -165,7 +166,7 @@ def test_the_manifest_lists_the_new_item_files_with_their_checksums_and_the_froz
     assert not np.allclose(expected, default_row, atol=1e-3)
 
     # new_item_id_row = default: the ID table's default row, as the model's own item_vectors reads an unknown ID
-    default_settings = publisher_settings(data_dir, publisher={"new_item_id_row": "default"})
+    default_settings = publisher_settings(data_dir, publisher={"new_item_id_row": "default", "new_item_clicks": False})
     with Publisher(default_settings) as publisher:
         train_more = OnlineTrainer.start(default_settings)
         train_more.run(max_batches=1, prefetch=False)
@@ -197,6 +198,35 @@ def test_each_release_carries_every_item_born_so_far_and_a_swap_leaves_the_serve
     assert sorted(new.new_items.item_ids) == sorted(BORN)
     # from scratch (a restart) the chain gives the same state
     assert load_state(store, second.version).new_items.item_ids == new.new_items.item_ids
+
+
+def test_an_item_born_today_ranks_in_its_morning_clickers_top_10_by_the_next_release(born, small_simulator):
+    """Users 0, 2, ..., 10 clicked born-1 at 00:05 (add_births): the release after carries its vector moved toward
+    them (publisher.new_item_clicks), so each of them finds it in their top 10 of the 500-item catalogue; the
+    frozen tower's feature vector alone (the same for every new item of its category) places it far lower."""
+    data_dir, _ = born
+    clickers = [small_simulator.user_id(u) for u in range(0, 12, 2)]
+    at = small_simulator.day_start_ms(1) + 20 * MINUTE_MS
+    requests = user_requests(small_simulator, [small_simulator.user_id(u) for u in range(12)], at)
+    ranks = {}
+    dirs = {True: data_dir, False: data_dir.parent / "feature-vectors-only"}
+    shutil.copytree(data_dir, dirs[False])  # the same world, trained and published apart
+    for clicks, root in dirs.items():
+        settings = publisher_settings(root, publisher={"new_item_clicks": clicks})
+        online_through_births(settings)
+        store = ReleaseStore(settings.releases_dir)
+        with Publisher(settings) as publisher:
+            _, delta = publisher.tick(now_s=0.0)
+        assert delta.status == "published", delta.reason
+        state = load_state(store, delta.version)
+        names = served_item_ids(state)
+        for request in requests:
+            if request["user_id"] in clickers:
+                row = state.id_table[state.user_rows.get(request["user_id"], 0)]
+                ranked = [names[r] for r in search(state, state.tower.vector(row, request["user_features"])[None], len(names))[0].tolist()]
+                ranks.setdefault(clicks, []).append(ranked.index("born-1"))
+    assert max(ranks[True]) < 10, ranks
+    assert min(ranks[False]) >= 10, ranks
 
 
 def test_with_the_setting_off_no_new_items_are_released_or_served(born):

@@ -10,7 +10,7 @@ through ``read_online_checkpoint``. ``format`` is the schema version.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,9 @@ class OnlineCheckpoint:
     written_at: float  # wall time, seconds
     stats: CheckpointStats
     prerank: PrerankUserRows | None = None  # None: no pre-ranker to follow, or prerank.online_user_rows is off
+    # items first seen since the base model, with clicks: {"item_ids": [...], "sums": (n, D) float32 sum of the clickers'
+    # user vectors, "counts": (n,) int64} (trainer.new_item_clicks); empty in checkpoints written before it existed
+    new_item_clicks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
