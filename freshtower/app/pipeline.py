@@ -53,7 +53,7 @@ from freshtower.app.event_log import (
     simulated_end_day,
     simulated_start_day,
 )
-from freshtower.app.run_state import Observation, RunSummary, Settled, duration, render_summary, status_line, unfinished
+from freshtower.app.run_state import Observation, RunSummary, Settled, duration, progress, render_summary, status_line, unfinished
 from freshtower.app.supervisor import Interrupted, PartDied, Stalled, Supervisor, child_environment, cli_command
 from freshtower.core.settings import Settings
 
@@ -423,7 +423,9 @@ class Pipeline:
         def blame() -> tuple[str, str]:
             return waiting or (self._not_ready() or "replay", "not answering")
 
-        self.supervisor.wait(observed, timeout, what, blame)
+        # Waiting for the parts to finish, the deadline is for a run that stopped moving, not a slow one.
+        moving = (lambda: self.last_observation and progress(self.last_observation)) if settle_for is not None else None
+        self.supervisor.wait(observed, timeout, what, blame, progress=moving)
 
     def _not_ready(self) -> str | None:
         """The first part that does not answer yet (None: all do)."""

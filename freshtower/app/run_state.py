@@ -64,6 +64,14 @@ class Observation:
     streams_restarts: int = 0  # the worker was started again: its counters count from its restart
 
 
+def progress(obs: Observation) -> tuple:
+    """What changes while the run still moves: events read and written,
+    batches, models, releases and the completion facts (not the clock)."""
+    worker = obs.worker or {}
+    figures = tuple(worker.get(k) for k in ("events_in", "records_out", "batches", "watermark_ms", "open_requests"))
+    return (obs.events_sent, figures, obs.full_models, obs.releases_full, obs.releases_embeddings, repr(obs.settled))
+
+
 def event_time(ms: int | None) -> str:
     """Event time as minutes, UTC.
 

@@ -258,20 +258,28 @@ class Supervisor:
         timeout: float | None,
         what: str,
         blame: Callable[[], tuple[str, str]] = lambda: ("?", "not done"),
+        progress: Callable[[], object] | None = None,
     ) -> T:
         """Poll ``done()`` every ``poll_seconds`` (after ``check()``) until it
         returns something true, and return that. After ``timeout`` seconds
         (None: no deadline of its own) raise ``Stalled``; ``blame()`` names
-        the part that had not finished and why."""
+        the part that had not finished and why. ``progress``: a figure of
+        the work done so far (read after each ``done()``); while it changes
+        the wait goes on, so ``timeout`` is then the longest time without
+        progress, and a slow machine is not taken for a stalled part."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        last = None if progress is None else progress()
         while True:
             self.check()
             result = done()
             if result:
                 return result
+            if progress is not None and timeout is not None and (now := progress()) != last:
+                last, deadline = now, time.monotonic() + timeout
             if deadline is not None and time.monotonic() > deadline:
                 part, why = blame()
-                raise Stalled(f"{what} did not happen within {timeout:.0f} s: {part}: {why}", part)
+                quiet = " without progress" if progress is not None else ""
+                raise Stalled(f"{what} did not happen within {timeout:.0f} s{quiet}: {part}: {why}", part)
             time.sleep(self.poll_seconds)
 
     def run_once(self, name: str, argv: list[str], env: dict[str, str], timeout: float, what: str) -> ChildProcess:

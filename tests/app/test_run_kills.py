@@ -26,22 +26,16 @@ from tests.app.test_pipeline import TINY, RunProcess
 from tests.conftest import running_in_group
 from tests.streams.oracle import batch_keys
 
-# Opt-in until an undisturbed run of this world is itself deterministic: at
-# a day in 30 s on a loaded 2-core machine the streams worker dead-letters a
-# varying number of events as ``future_timestamp`` (26 in one undisturbed
-# run, 4 in the killed run beside it), so the sample sets of two runs differ
-# without any kill. Run with FRESHTOWER_RUN_KILL_TESTS=1.
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("FRESHTOWER_RUN_KILL_TESTS") != "1",
-        reason="opt-in (FRESHTOWER_RUN_KILL_TESTS=1): an undisturbed run's future_timestamp dead letters vary from run to run",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 SPEEDUP = "2880"  # a simulated day in 30 s: time for five kills and their restarts, short enough for a loaded 2-core machine
 ARGS = ["--days", "2", *TINY, "--speedup", SPEEDUP]
-ENV = {"FRESHTOWER_PUBLISHER__MAX_RECALL_DROP": "1"}  # so small a world must not make the publisher refuse a model
+ENV = {
+    "FRESHTOWER_PUBLISHER__MAX_RECALL_DROP": "1",  # so small a world must not make the publisher refuse a model
+    # At a day in 30 s, a second's stall of one partition is 48 min of event time: the "ahead of the stream"
+    # bound (300 s of event time by default, 0.1 s of wall time here) must cover stalls of a loaded machine.
+    "FRESHTOWER_STREAMS__MAX_FUTURE_SECONDS": str(6 * 3600),
+}
 KILL_SEED = int(os.environ.get("FRESHTOWER_KILL_SEED", "11"))
 
 
@@ -202,6 +196,13 @@ def test_every_part_killed_once_mid_run_ends_like_an_undisturbed_run(runs, refer
     assert all(not running_in_group(part["pid"]) for part in parts.values())
 
 
+# Opt-in: a whole run with its durable broker SIGKILLed mid replay still loses samples (measured: 644 missing,
+# 144 extra; 157 orphan_click and 137 behind_watermark dead letters), although the broker alone keeps every record
+# and committed offset (tests/streams/test_durable_broker.py). docs/operations.md says so. FRESHTOWER_RUN_KILL_TESTS=1.
+@pytest.mark.skipif(
+    os.environ.get("FRESHTOWER_RUN_KILL_TESTS") != "1",
+    reason="opt-in (FRESHTOWER_RUN_KILL_TESTS=1): a durable broker killed mid-run still loses samples (docs/operations.md)",
+)
 def test_a_durable_broker_killed_mid_run_is_started_again_and_loses_nothing(runs, reference):
     rng = random.Random(KILL_SEED + 1)
     began = time.monotonic()

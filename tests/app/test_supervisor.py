@@ -139,3 +139,16 @@ def test_without_restart_parts_the_first_death_ends_the_block(tmp_path):
         with pytest.raises(PartDied) as died:
             supervisor.wait(lambda: False, 30, "nothing")
     assert died.value.how == "exit code 5" and supervisor.restarts == {}
+
+
+def test_a_wait_with_progress_goes_on_while_the_work_moves_and_ends_once_it_stops(tmp_path):
+    # A slow machine is not a stalled part: the deadline counts from the last change of the progress figure.
+    ticks = iter(range(1_000_000))
+    done_at = time.monotonic() + 0.6
+    with Supervisor(tmp_path / "logs", poll_seconds=0.02) as supervisor:
+        moving = supervisor.wait(lambda: time.monotonic() > done_at, 0.2, "a slow job", progress=lambda: next(ticks))
+        assert moving  # 0.6 s of steady progress outlasts a 0.2 s timeout
+        started = time.monotonic()
+        with pytest.raises(Stalled, match="a stuck job did not happen within 0 s without progress: stuck: no change"):
+            supervisor.wait(lambda: False, 0.2, "a stuck job", lambda: ("stuck", "no change"), progress=lambda: 7)
+        assert 0.2 <= time.monotonic() - started < 5
