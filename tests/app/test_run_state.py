@@ -141,6 +141,7 @@ def test_parts_get_the_run_choices_only_where_the_user_set_nothing(tmp_path, mon
     settings = run_settings(user, bootstrap="127.0.0.1:1", streams_web_port=2, service_port=3, speedup=1440)
     assert settings.streams.window_seconds == 60  # the user's
     assert settings.streams.idle_advance_rate == 1440 and settings.streams.allowed_lateness_seconds == 720
+    assert settings.streams.max_future_seconds == 7200  # five wall seconds of a stalled partition
     assert settings.training.mode == "pairwise" and settings.training.full_clock == "event" and settings.publisher.clock == "event"
     assert (settings.kafka, settings.streams.web_port, settings.service.port) == ("127.0.0.1:1", 2, 3)
 
