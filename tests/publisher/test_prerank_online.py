@@ -13,16 +13,13 @@ from freshtower.publisher.prerank_rows import PRERANK_USER_IDS, PRERANK_USER_ROW
 from freshtower.publisher.publish import Publisher
 from freshtower.publisher.releases import ReleaseError, ReleaseStore
 from freshtower.publisher.service import create_app
-from freshtower.trainer.full import train_full
 from freshtower.trainer.online import OnlineTrainer
-from freshtower.trainer.prerank_full import load_preranker, train_prerank_full
+from freshtower.trainer.prerank_full import load_preranker
 from starlette.testclient import TestClient
 
-from freshtower.app.simulator import Simulator, SimulatorConfig
 from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
-from tests.publisher.test_prerank_service import DAY0, FEATURES, settings_for
+from tests.publisher.test_prerank_service import FEATURES, release_prerank_world
 from tests.publisher.test_service import wait_until_serving
-from tests.streams.oracle import stream_batches
 
 pytestmark = pytest.mark.slow  # two simulated days through the streams join, two trainings, an online run
 BATCHES = 6  # online batches of the second day: some users get new ranking samples, most do not
@@ -30,16 +27,7 @@ BATCHES = 6  # online batches of the second day: some users get new ranking samp
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("prerank-online") / "data"
-    sim = Simulator(SimulatorConfig(users=150, items=120, topics=8, requests_per_day=1000, seed=7))
-    stream_batches(sim, [0, 1], data_dir / "batches")
-    settings = settings_for(data_dir)
-    preranker = train_prerank_full(settings, DAY0)
-    train_full(settings, DAY0)
-    with Publisher(settings) as publisher:
-        full = publisher.publish_full_if_new(now_s=0.0)
-    assert full.status == "published", full
-    return settings, sim, preranker, full.version
+    return release_prerank_world(tmp_path_factory.mktemp("prerank-online") / "data")
 
 
 def scores(http, user_id: str, candidates: list[str]) -> tuple[dict[str, float], dict]:

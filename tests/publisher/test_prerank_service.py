@@ -38,9 +38,10 @@ def settings_for(data_dir, **prerank):
                               model={"id_dim": 16, "output_dim": 16, "hidden_dims": [32]})
 
 
-@pytest.fixture(scope="module")
-def released(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("prerank-release") / "data"
+def release_prerank_world(data_dir):
+    """Two simulated days through the streams join, day 0's retrieval model
+    and pre-ranker trained and published: (settings, simulator, pre-ranker,
+    full release version)."""
     sim = Simulator(SimulatorConfig(users=150, items=120, topics=8, requests_per_day=1000, seed=7))
     stream_batches(sim, [0, 1], data_dir / "batches")
     settings = settings_for(data_dir)
@@ -50,6 +51,11 @@ def released(tmp_path_factory):
         outcome = publisher.publish_full_if_new(now_s=0.0)
     assert outcome.status == "published", outcome
     return settings, sim, preranker, outcome.version
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    return release_prerank_world(tmp_path_factory.mktemp("prerank-release") / "data")
 
 
 def test_a_full_release_carries_the_preranker_its_files_and_the_statistics(released):
