@@ -150,6 +150,7 @@ def test_the_child_environment_reproduces_the_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("FRESHTOWER_TRAINING__MODE", "pairwise")  # replaced by the whole section
     user = load_settings(data_dir=tmp_path, service={"admin_token": "secret"})
     settings = run_settings(user, bootstrap="127.0.0.1:1", streams_web_port=2, service_port=3, speedup=0)
+    assert settings.streams.max_future_seconds == 3600  # as fast as possible: a sparse partition's quiet spells
     env = child_environment(settings, os.environ)
     for key in [k for k in os.environ if k.startswith("FRESHTOWER_")]:
         monkeypatch.delenv(key)
