@@ -56,6 +56,7 @@ from freshtower.app.event_log import (
 from freshtower.app.run_state import Observation, RunSummary, Settled, duration, progress, render_summary, status_line, unfinished
 from freshtower.app.supervisor import Interrupted, PartDied, Stalled, Supervisor, child_environment, cli_command
 from freshtower.core.settings import Settings
+from freshtower.core.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +372,9 @@ class Pipeline:
             "streams_metrics": f"{self.worker_url}/metrics",
             "parts": parts,
         }
-        (self.settings.data_dir / "run.json").write_text(json.dumps(record, indent=2))
+        # renamed into place: a reader polling it (a test, an operator's script)
+        # never sees it half written while a restart rewrites it
+        atomic_write_text(self.settings.data_dir / "run.json", json.dumps(record, indent=2))
 
     # --- watching ----------------------------------------------------------------------
 
