@@ -89,9 +89,12 @@ def test_starting_without_a_full_model_says_what_to_do(tmp_path):
 def test_background_decoding_gives_the_same_result(data_dir, tmp_path):
     other = tmp_path / "inline"
     shutil.copytree(data_dir, other)
-    background = OnlineTrainer.start(make_settings(data_dir))
+    # One torch thread in both: with prefetch the trainer leaves a core to the
+    # decoder, and a different thread count sums in a different order.
+    one_thread = {"threads": 1}
+    background = OnlineTrainer.start(make_settings(data_dir, training=dict(one_thread)))
     background.run(max_batches=5, prefetch=True)
-    inline = OnlineTrainer.start(make_settings(other))
+    inline = OnlineTrainer.start(make_settings(other, training=dict(one_thread)))
     inline.run(max_batches=5, prefetch=False)
     assert torch.equal(background.model.user_tower.id_embedding, inline.model.user_tower.id_embedding)
 
