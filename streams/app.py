@@ -358,6 +358,7 @@ class StreamProcessor:
                     window.late_records,
                 )
             sink.remove_stale(result.closed_from_ms, result.closed_to_ms)
+            sink.closed_through(result.closed_to_ms)  # after its batches: never ahead of them
             self.pending.add(partition)
         return pending
 

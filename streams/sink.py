@@ -25,7 +25,7 @@ from freshtower.streams.ranking_samples import RankingSampleEmitter
 from freshtower.core.batches.ranking import read_statistics_rows, write_ranking_samples, write_statistics_rows
 from freshtower.core.eventtime import HOUR_MS
 
-from freshtower.core.batches import RequestSharingEncoder, batch_stem, list_batches, window_stem, write_batch
+from freshtower.core.batches import RequestSharingEncoder, batch_stem, list_batches, window_stem, write_batch, write_closed_through
 from freshtower.core.frequency import FrequencyEstimator
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class BatchSink:
         self.part = None if partition is None else f"p{partition}"
         self.progress = SinkProgress()
         self.encoder = encoder or RequestSharingEncoder()
+        self.closed_to_ms: int | None = None  # the end of the closed windows last recorded on disk
 
     @classmethod
     def open(
@@ -156,6 +157,15 @@ class BatchSink:
         if self.partition is not None:
             announcement["partition"] = self.partition
         return announcement
+
+    def closed_through(self, closed_to_ms: int) -> None:
+        """Record on disk that this writer's windows before ``closed_to_ms``
+        are closed (``write_closed_through``), once per new end. A restarted
+        writer records what it resumed from, which may be behind the marker
+        it left: the windows in between are written again."""
+        if closed_to_ms != self.closed_to_ms:
+            write_closed_through(self.batches_dir, self.part, closed_to_ms)
+            self.closed_to_ms = closed_to_ms
 
     def remove_stale(self, closed_from_ms: int | None, closed_to_ms: int) -> list[int]:
         """Delete this writer's leftover batches of windows in

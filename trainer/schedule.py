@@ -2,8 +2,12 @@
 
 Production runs on the wall clock: shortly after midnight (UTC) plus
 ``full_delay_seconds``, train yesterday. Replays run on event time: once
-the stream's batches have passed midnight plus the delay, that day is
-complete and is trained at once, so a day of replay takes minutes.
+the stream has closed its windows past midnight plus the delay *in every
+partition*, that day is complete and is trained at once, so a day of
+replay takes minutes. Every partition, not the busiest: under load one
+partition's windows close minutes of event time after another's, and a
+clock taken from the newest batch on disk trained a day before the
+lagging partitions' last batches of it existed (``event_clock_ms``).
 
 ``days_due`` is the pure rule; ``DailyScheduler`` is the thin loop around
 it that ``freshtower train daily`` runs.
@@ -19,7 +23,7 @@ from typing import Callable, Iterable
 
 from freshtower.trainer.artifacts import full_models_dir, list_full_models
 
-from freshtower.core.batches import list_batches
+from freshtower.core.batches import BatchRef, list_batches, read_closed_through
 from freshtower.core.eventtime import DAY_MS, day_of, day_start_ms
 from freshtower.core.settings import Settings
 
@@ -40,6 +44,21 @@ def days_due(batch_days: Iterable[date], trained_days: Iterable[date], now_ms: i
     return sorted(d for d in set(batch_days) if d not in trained and day_start_ms(d) + DAY_MS + delay_ms <= now_ms)
 
 
+def event_clock_ms(batches_dir, refs: list[BatchRef] | None = None) -> int:
+    """Event time of the stream for the daily trainer: the earliest, over
+    the writers that record it (``read_closed_through``: the streams
+    worker's partitions), of the end of their closed windows, so a day is
+    due only once no partition will write another batch of it. Batches
+    without such a record (a writer that does not keep one) count by the
+    end of the newest window on disk. 0 before anything was written.
+    """
+    closed = read_closed_through(batches_dir)
+    if closed:
+        return min(closed.values())
+    refs = list_batches(batches_dir) if refs is None else refs
+    return refs[-1].manifest.window_end_ms if refs else 0
+
+
 @dataclass
 class DailyScheduler:
     """Trains each completed day once, in order."""
@@ -48,9 +67,8 @@ class DailyScheduler:
     clock: Callable[[], int] = field(default=lambda: int(time.time() * 1000))  # wall clock, ms
 
     def event_time_now(self) -> int:
-        """Event time: the end of the newest batch window on disk."""
-        refs = list_batches(self.settings.batches_dir)
-        return refs[-1].manifest.window_end_ms if refs else 0
+        """Event time: how far every partition has closed its windows (``event_clock_ms``)."""
+        return event_clock_ms(self.settings.batches_dir)
 
     def due(self) -> list[date]:
         refs = list_batches(self.settings.batches_dir)

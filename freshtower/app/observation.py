@@ -81,7 +81,7 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
     from freshtower.publisher.release_store import open_release_store
     from freshtower.publisher.releases import ReleaseError
     from freshtower.trainer.artifacts import full_models_dir, list_full_models, refusal, servable_full_model
-    from freshtower.trainer.schedule import day_of, days_due
+    from freshtower.trainer.schedule import day_of, days_due, event_clock_ms
 
     from freshtower.core.batches import list_batches
     from freshtower.core.contracts import ContractError
@@ -91,7 +91,7 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
     refs = list_batches(s.batches_dir)
     models = full_models_dir(s)
     trained = {date.fromisoformat(m.day) for m in list_full_models(models)}
-    now = refs[-1].manifest.window_end_ms if refs else 0  # the daily trainer's event clock
+    now = event_clock_ms(s.batches_dir, refs)  # the daily trainer's event clock
     due = days_due({day_of(r.window_start_ms) for r in refs}, trained, now, int(s.training.full_delay_seconds * 1000))
     servable = servable_full_model(models)
     store = open_release_store(s)

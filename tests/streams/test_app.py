@@ -16,7 +16,7 @@ from freshtower.streams.replay import replay
 from kafka import KafkaProducer
 
 from freshtower.app.simulator import Simulator, SimulatorConfig
-from freshtower.core.batches import Sample, list_batches, read_batch
+from freshtower.core.batches import Sample, list_batches, read_batch, read_closed_through
 from freshtower.core.ports import free_port
 from tests.streams.conftest import committed_and_end_offsets, read_topic, streams_settings
 from tests.streams.oracle import SPEC, assert_samples_match, batch_keys, expected_samples
@@ -107,6 +107,14 @@ def test_a_replayed_day_becomes_batches_that_match_the_simulator(kafka_broker, t
     steps = [load_snapshot(settings.batches_dir / a["frequency_state"]).step for a in last.values()]
     assert steps == [a["frequency_step"] for a in last.values()]
     assert len(last) == settings.streams.partitions and sum(steps) == sum(1 for k in expected if k[2] == 1)
+
+    # Each partition recorded how far it closed its windows: past its own
+    # newest batch, and past the stream's end (the daily trainer's clock).
+    closed = read_closed_through(settings.batches_dir)
+    assert sorted(closed) == [f"p{p}" for p in range(settings.streams.partitions)]
+    for a in last.values():
+        assert closed[f"p{a['partition']}"] >= a["window_end_ms"]
+    assert min(closed.values()) > last_ts
 
     metrics = worker.get("/metrics").decode()
     assert f'freshtower_streams_events_total{{kind="click"}} {float(counts["clicks"])}' in metrics

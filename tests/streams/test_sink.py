@@ -10,7 +10,7 @@ from freshtower.streams.join import ClosedWindow, DeadLetter
 from freshtower.streams.sink import BatchSink
 
 from freshtower.app.simulator import synthetic_click_samples
-from freshtower.core.batches import list_batches, read_batch, write_batch
+from freshtower.core.batches import BatchFormatError, list_batches, read_batch, read_closed_through, write_batch, write_closed_through
 from freshtower.core.frequency import FrequencyEstimator
 from tests.streams.oracle import SPEC, T0
 
@@ -117,3 +117,19 @@ def test_an_oversized_dead_letter_keeps_a_prefix_its_size_and_checksum():
     envelope = decode_dead_letter(encode_dead_letter(DeadLetter("oversized", "too big", "clicks", 0, 7, None, value), keep_bytes=4096))
     assert envelope["value"] == value[:4096] and envelope["value_truncated"] and envelope["key"] is None
     assert (envelope["value_bytes"], envelope["value_sha256"]) == (1_000_000, hashlib.sha256(value).hexdigest())
+
+
+def test_a_sink_records_how_far_its_windows_are_closed_even_without_records(tmp_path):
+    sink = BatchSink(tmp_path, "w0", new_estimator(), partition=0)
+    sink.write(closed_window(T0, 20, seed=1))
+    sink.closed_through(T0 + 60_000)
+    sink.closed_through(T0 + 180_000)  # two windows closed empty: no batch, the record moves on
+    assert read_closed_through(tmp_path) == {"p0": T0 + 180_000}
+    assert [r.window_start_ms for r in list_batches(tmp_path)] == [T0]  # the marker is not a batch
+    BatchSink(tmp_path, "w1", new_estimator()).closed_through(T0 + 60_000)  # an unnamed writer (one join over every partition)
+    assert read_closed_through(tmp_path) == {None: T0 + 60_000, "p0": T0 + 180_000}
+    (tmp_path / "closed-p0.json").write_text("{")
+    with pytest.raises(BatchFormatError, match="closed-p0.json: unreadable closed-windows marker"):
+        read_closed_through(tmp_path)
+    with pytest.raises(ValueError, match="p<k>"):
+        write_closed_through(tmp_path, "../x", 1)

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from datetime import date
 
-from freshtower.trainer.schedule import DailyScheduler, days_due
+from freshtower.trainer.schedule import DailyScheduler, days_due, event_clock_ms
 
-from freshtower.core.eventtime import HOUR_MS, day_start_ms
+from freshtower.app.simulator import synthetic_click_samples
+from freshtower.core.batches import list_batches, write_batch, write_closed_through
+from freshtower.core.eventtime import HOUR_MS, MINUTE_MS, day_start_ms
 from tests.conftest import make_settings
 
 D1, D2, D3 = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)
@@ -33,3 +35,27 @@ def test_wall_clock_scheduling_uses_the_clock(data_dir_with_batches):
     assert scheduler.due() == []  # 00:01: yesterday not yet due
     scheduler = DailyScheduler(settings, clock=lambda: day_start_ms(D2) + HOUR_MS)
     assert [d.isoformat() for d in scheduler.due()] == ["2026-11-20"]
+
+
+def test_a_day_waits_for_the_partition_whose_windows_close_last(tmp_path):
+    """Under load one partition's windows close minutes of event time after
+    another's: the day is due only once the slowest has closed past it."""
+    settings = make_settings(tmp_path, training={"full_clock": "event", "full_delay_seconds": 0})
+    batches = settings.batches_dir
+    midnight = day_start_ms(D2)
+    for part, newest in (("p0", midnight + 5 * MINUTE_MS), ("p1", midnight - 10 * MINUTE_MS)):
+        for start in (day_start_ms(D1) + HOUR_MS, newest - MINUTE_MS):
+            samples = synthetic_click_samples(5, users=5, items=5, start_ms=start, span_ms=MINUTE_MS, seed=start % 97)
+            write_batch(batches, start, start + MINUTE_MS, samples, part=part)
+        write_closed_through(batches, part, newest)
+    # The newest batch on disk (p0's) is past midnight; p1 still owes the day's last minutes.
+    assert event_clock_ms(batches) == midnight - 10 * MINUTE_MS
+    assert DailyScheduler(settings).due() == []
+    write_closed_through(batches, "p1", midnight + MINUTE_MS)  # p1 closed past midnight, with no batch after it
+    assert event_clock_ms(batches) == midnight + MINUTE_MS
+    assert DailyScheduler(settings).due() == [D1]
+
+
+def test_without_closed_window_records_the_newest_batch_is_the_clock(data_dir_with_batches):
+    batches = data_dir_with_batches / "batches"
+    assert event_clock_ms(batches) == max(r.manifest.window_end_ms for r in list_batches(batches))

@@ -7,7 +7,11 @@ JSON manifest ``<HHMMSS>.json`` beside it. The manifest is written last, so a
 batch without one is incomplete and ignored. A window may have several
 batches, one per part (``<HHMMSS>-p3.tfrecord``: the streams worker writes
 one per input partition, so that workers sharing the partitions never
-replace each other's files); readers take them all. Inside the file,
+replace each other's files); readers take them all. Each writer also
+records how far it has closed its windows, with or without records
+(``<batches_dir>/closed-p<k>.json``): a window before that point gets no
+more batches from it, which is how a reader knows a day is complete in
+every partition, not only in the busiest one. Inside the file,
 clicked samples (label 1) come first in event-time order, then the
 shown-but-not-clicked samples (label 0); the manifest records the byte
 length of the clicked section, so the retrieval trainers read only that
@@ -46,12 +50,22 @@ walk ``decode`` uses).
 from freshtower.core.batches.decode import decode_records, iter_batches, read_batch
 from freshtower.core.batches.encode import RequestSharingEncoder, encode_sample
 from freshtower.core.batches.framing import frame_record, iter_record_payloads, masked_crc32c, record_frames
-from freshtower.core.batches.layout import BatchManifest, BatchRef, batch_stem, list_batches, load_manifest, window_stem, write_batch
+from freshtower.core.batches.layout import (
+    BatchManifest,
+    BatchRef,
+    batch_stem,
+    list_batches,
+    load_manifest,
+    read_closed_through,
+    window_stem,
+    write_batch,
+    write_closed_through,
+)
 from freshtower.core.batches.schema import FORMAT_VERSION, BatchFormatError, FeatureSpec, Sample, SampleColumns, empty_columns
 
 __all__ = [
     "FORMAT_VERSION", "BatchFormatError", "BatchManifest", "BatchRef", "FeatureSpec", "RequestSharingEncoder", "Sample",
     "SampleColumns", "batch_stem", "decode_records", "empty_columns", "encode_sample", "frame_record", "iter_batches",
-    "iter_record_payloads", "list_batches", "load_manifest", "masked_crc32c", "read_batch", "record_frames", "window_stem",
-    "write_batch",
+    "iter_record_payloads", "list_batches", "load_manifest", "masked_crc32c", "read_batch", "read_closed_through", "record_frames",
+    "window_stem", "write_batch", "write_closed_through",
 ]

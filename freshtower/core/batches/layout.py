@@ -240,3 +240,48 @@ def list_batches(batches_dir: Path | str, day: str | None = None) -> list[BatchR
     return refs
 
 
+
+
+# --- how far each writer has closed its windows ----------------------------------------
+#
+# A batch exists only for a window with records, so the newest batch on disk
+# says how far the *busiest* partition got, not the others: under load one
+# partition's windows close minutes of event time after another's, and a
+# reader that takes the newest batch as "event time now" (the daily
+# scheduler on a replay) trains a day before the lagging partitions' batches
+# of its last minutes exist. Each writer therefore records, beside the day
+# directories, the end of the windows it has closed (with or without
+# records): ``<batches_dir>/closed-<part>.json`` (``closed.json`` for an
+# unnamed writer). A window before that point will not get a batch from it.
+
+
+def _closed_path(batches_dir: Path | str, part: str | None) -> Path:
+    if part is not None and not (part[:1] == "p" and part[1:].isdigit()):
+        raise ValueError(f"batch part must be p<k>, got {part!r}")  # it becomes a file name
+    return Path(batches_dir) / ("closed.json" if part is None else f"closed-{part}.json")
+
+
+def write_closed_through(batches_dir: Path | str, part: str | None, closed_to_ms: int) -> None:
+    """Record that ``part``'s windows before ``closed_to_ms`` are closed.
+    Not synced to the directory: a marker lost in a crash is behind, never ahead."""
+    record = {"part": part, "closed_to_ms": int(closed_to_ms)}
+    Path(batches_dir).mkdir(parents=True, exist_ok=True)  # windows may close before any batch is written
+    atomic_write_bytes(_closed_path(batches_dir, part), json.dumps(record).encode(), sync_directory=False)
+
+
+def read_closed_through(batches_dir: Path | str) -> dict[str | None, int]:
+    """Part -> the end of its closed windows, for every writer that recorded one."""
+    root = Path(batches_dir)
+    if not root.is_dir():
+        return {}
+    found: dict[str | None, int] = {}
+    for name in sorted(os.listdir(root)):
+        if not (name == "closed.json" or (name.startswith("closed-p") and name.endswith(".json"))):
+            continue
+        path = root / name
+        try:
+            record = json.loads(path.read_bytes())
+            found[record["part"]] = int(record["closed_to_ms"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BatchFormatError(path, None, f"unreadable closed-windows marker: {error}") from error
+    return found
