@@ -1,12 +1,12 @@
 """Two `freshtower experiment` runs of the same seeds, compared seed by seed.
 
-    python benchmarks/compare_experiments.py BEFORE/simulator/results.json AFTER/simulator/results.json
+    python benchmarks/compare_experiments.py BEFORE/results.json AFTER/results.json
 
 For each model arm and metric: each run's mean with its 95% t-interval over
 seeds, and the paired difference AFTER - BEFORE (seed by seed: the runs share
 each seed's world), starred where its interval excludes zero. Also each run's
 own full+inc/1min - daily-full difference. Only the seeds both runs finished
-are compared (``results-so-far.json`` works too).
+are compared (``<out>/simulator/results-so-far.json`` of an unfinished run works too).
 """
 
 from __future__ import annotations
