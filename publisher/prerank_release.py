@@ -11,7 +11,8 @@ Files added to a full release (each checksummed by the store when it seals):
   cache with;
 - ``statistics.npz``: per item and per (user, category) and per user
   counts as of ``statistics_as_of_ms`` (the newest minute every partition
-  has closed), from every partition's statistics rows;
+  has closed), from every partition's statistics rows
+  (``publisher/statistics_feed.py``; embeddings releases carry newer ones);
 - ``prerank.json``: the pre-ranker's version, day, holdout metrics and
   gate, the statistics' time, and its resolved settings.
 
@@ -24,30 +25,24 @@ then it is marked refused and the newest one not refused goes out instead
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from freshtower.publisher.item_cache import CatalogueItems
+from freshtower.publisher.statistics_feed import STATISTICS_FILE, StatisticsFeed, statistics_bytes
 from freshtower.trainer.artifacts import FullModelRef, is_refused, list_full_models, mark_refused
 from freshtower.trainer.prerank_full import WEIGHTS, load_preranker, prerank_models_dir
 
-from freshtower.core.batches import list_batches
-from freshtower.core.batches.ranking import read_statistics_rows
-from freshtower.core.eventtime import HOUR_MS, MINUTE_MS
 from freshtower.core.settings import Settings
 from freshtower.core.storage import write_file, writing
-from freshtower.core.statistics import CountsSnapshot, ItemStatistics, UserStatistics, item_count_deltas
 
 log = logging.getLogger(__name__)
 
 PRERANK_NOTE = "prerank.json"
-STATISTICS_FILE = "statistics.npz"
 
 
 def gate_reason(ref: FullModelRef, settings: Settings) -> str | None:
@@ -82,59 +77,12 @@ def choose_preranker(settings: Settings) -> tuple[FullModelRef | None, list[str]
     return None, refusals
 
 
-@dataclass(frozen=True)
-class StatisticsSnapshots:
-    as_of_ms: int
-    items: CountsSnapshot
-    by_category: CountsSnapshot
-    by_user: CountsSnapshot
-
-
-def statistics_snapshots(batches_dir: Path) -> StatisticsSnapshots | None:
-    """The statistics as of the newest minute every partition has closed,
-    from the statistics rows of the last two days' batches (None: none)."""
-    batches_dir = Path(batches_dir)
-    days = sorted(p.name for p in batches_dir.iterdir() if p.is_dir() and p.name[:1].isdigit())[-2:] if batches_dir.is_dir() else []
-    refs = [r for day in days for r in list_batches(batches_dir, day)]
-    if not refs:
-        return None
-    newest: dict[str, int] = {}
-    for ref in refs:
-        part = ref.manifest_path.stem.rsplit("-", 1)[-1] if "-" in ref.manifest_path.stem else ""
-        newest[part] = max(newest.get(part, 0), ref.manifest.window_end_ms)
-    as_of = min(newest.values()) // MINUTE_MS * MINUTE_MS
-    items, users = ItemStatistics(), UserStatistics()
-    for ref in refs:
-        if ref.window_start_ms < as_of - 25 * HOUR_MS:
-            continue
-        rows = read_statistics_rows(ref)
-        if rows is not None:
-            items.apply(item_count_deltas(rows))
-            users.add(rows)
-    by_category, by_user = users.snapshots(as_of)
-    return StatisticsSnapshots(as_of, items.snapshot(as_of), by_category, by_user)
-
-
-def statistics_bytes(snapshots: StatisticsSnapshots) -> bytes:
-    buffer = io.BytesIO()
-    arrays = {}
-    for name in ("items", "by_category", "by_user"):
-        snapshot: CountsSnapshot = getattr(snapshots, name)
-        arrays[f"{name}_keys"], arrays[f"{name}_counts"] = snapshot.keys, snapshot.counts
-    np.savez(buffer, as_of_ms=np.int64(snapshots.as_of_ms), **arrays)
-    return buffer.getvalue()
-
-
-def load_statistics(path: Path) -> StatisticsSnapshots:
-    with np.load(path, allow_pickle=False) as npz:
-        as_of = int(npz["as_of_ms"])
-        parts = {name: CountsSnapshot(as_of, npz[f"{name}_keys"], npz[f"{name}_counts"]) for name in ("items", "by_category", "by_user")}
-    return StatisticsSnapshots(as_of, **parts)
-
-
-def write_prerank_files(staging: Path, settings: Settings, on_file: Callable[[str], None] = lambda name: None) -> dict | None:
+def write_prerank_files(
+    staging: Path, settings: Settings, on_file: Callable[[str], None] = lambda name: None, statistics: StatisticsFeed | None = None
+) -> dict | None:
     """Write the pre-ranker's files into a full release being staged; return
-    what ``prerank.json`` says (None: no pre-ranker goes out)."""
+    what ``prerank.json`` says (None: no pre-ranker goes out). ``statistics``:
+    the publisher's feed (None: read the batches from scratch)."""
     ref, refusals = choose_preranker(settings)
     if ref is None:
         return None
@@ -150,7 +98,7 @@ def write_prerank_files(staging: Path, settings: Settings, on_file: Callable[[st
     write_file(staging / "prerank_item_rows.npy", lambda handle: np.save(handle, rows.numpy().astype(np.float32)))
     write_file(staging / "prerank_item_codes.npy", lambda handle: np.save(handle, np.asarray(codes, dtype=np.int64)))
     on_file("prerank_item_rows.npy")
-    snapshots = statistics_snapshots(settings.batches_dir)
+    snapshots = (statistics or StatisticsFeed(settings.batches_dir)).snapshot()
     as_of = None
     if snapshots is not None:
         data = statistics_bytes(snapshots)

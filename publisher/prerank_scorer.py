@@ -9,11 +9,12 @@ used); the cross tower and the upper layers over all n at once
 (``CandidateScorer``: preallocated buffers, batched matmuls, no Python per
 candidate). Each stage is timed (``STAGES``) for ``/metrics``.
 
-Statistics at serving are those of the published snapshots (per item with
-every embeddings release, per user with the user's rows): as of
-``statistics_as_of_ms``, which lags the request by up to the publication
-period, where training used the statistics as of each request's own
-minute. The (user, category) statistics are looked up by the category's
+Statistics at serving are those of the newest published snapshot (the full
+release's, then each embeddings release's while a pre-ranker is served:
+per item, per (user, category) and per user, ``publisher/statistics_feed.py``):
+as of ``statistics_as_of_ms``, which lags the request by the publication
+period and the stream's windows, where training used the statistics as of
+each request's own minute. The (user, category) statistics are looked up by the category's
 value in the model's vocabulary; an item whose category the model has not
 seen reads the user's counts under the unknown category "".
 """
@@ -123,6 +124,14 @@ class PrerankScorer:
         the buffers, so it takes the same lock as this one."""
         other = copy.copy(self)
         other._user_tower = user_tower
+        return other
+
+    def with_statistics(self, item_statistics: CountsSnapshot, user_statistics: tuple[CountsSnapshot, CountsSnapshot]) -> "PrerankScorer":
+        """This scorer over newer statistics snapshots: it shares the buffers,
+        so it takes the same lock as this one."""
+        other = copy.copy(self)
+        other._items = ItemStatisticsIndex(item_statistics)
+        other._by_category, other._by_user = user_statistics
         return other
 
     @property

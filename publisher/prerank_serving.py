@@ -5,7 +5,9 @@ Loaded with the full release (``load_prerank``; None when the release has
 no pre-ranker): the model from ``prerank.pt``, the item cache filled from
 the precomputed ``prerank_item_rows.npy`` (most wanted first: catalogue
 order, at most ``prerank.item_cache_size`` items; the rest are computed on
-a miss), the statistics snapshots of ``statistics.npz``. Scoring holds a
+a miss), the statistics snapshots of ``statistics.npz``; each embeddings
+release on top brings the pre-ranker's online user rows (``with_user_rows``)
+and a newer statistics snapshot (``with_statistics``). Scoring holds a
 lock (the scorer's buffers are shared); unknown candidates are scored as
 cold items and reported.
 """
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from freshtower.publisher.item_cache import CacheStats, CatalogueItems, ItemTowerCache
-from freshtower.publisher.prerank_release import PRERANK_NOTE, STATISTICS_FILE, load_statistics
+from freshtower.publisher.prerank_release import PRERANK_NOTE
+from freshtower.publisher.statistics_feed import STATISTICS_FILE, StatisticsSnapshots, load_statistics
 from freshtower.publisher.prerank_rows import PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS
 from freshtower.publisher.prerank_scorer import PrerankScorer, PrerankScores
 from freshtower.publisher.releases import Release, ReleaseError
@@ -76,13 +79,41 @@ def load_prerank(release: Release, config: PrerankConfig, on_timing: Timing | No
     cache = ItemTowerCache(config.item_cache_size, model.cold_item_row(), CatalogueItems(model), on_timing=on_timing)
     cache.fill(ids, rows, codes)
     if STATISTICS_FILE in release.manifest.files:
-        snapshots = load_statistics(release.file(STATISTICS_FILE))
+        snapshots = _statistics(release)
         items, by_category, by_user, as_of = snapshots.items, snapshots.by_category, snapshots.by_user, snapshots.as_of_ms
     else:
         items, by_category, by_user, as_of = _empty(2), _empty(2), _empty(1), None
     scorer = PrerankScorer(model, cache, items, (by_category, by_user), config.max_candidates, on_timing=on_timing)
     return PrerankState(note["model_version"], note["day"], int(note["data_end_ms"]), as_of, model, cache, scorer, threading.Lock(),
                         config.max_candidates)
+
+
+def _statistics(release: Release) -> StatisticsSnapshots:
+    """The statistics a release carries, checked for shape (a ``ReleaseError`` names the file)."""
+    where = f"release {release.version}: {STATISTICS_FILE}"
+    try:
+        snapshots = load_statistics(release.file(STATISTICS_FILE))
+    except (KeyError, ValueError, OSError) as error:
+        raise ReleaseError(f"{where}: cannot read: {error}") from error
+    for name, channels in (("items", 2), ("by_category", 2), ("by_user", 1)):
+        part: CountsSnapshot = getattr(snapshots, name)
+        if part.keys.ndim != 1 or part.counts.shape != (len(part.keys), 2, channels):
+            raise ReleaseError(f"{where}: {name} holds keys {part.keys.shape} and counts {part.counts.shape}, expected (k,) and (k, 2, {channels})")
+    stated = getattr(release.manifest, "statistics_as_of_ms", None)
+    if stated is not None and stated != snapshots.as_of_ms:
+        raise ReleaseError(f"{where}: as of {snapshots.as_of_ms} ms, but the manifest says {stated} ms")
+    return snapshots
+
+
+def with_statistics(state: PrerankState, release: Release) -> PrerankState:
+    """``state`` scoring with the statistics snapshot an embeddings release
+    carries, which replaces the one it had (a complete snapshot, not an
+    addition); ``state`` itself when the release carries none."""
+    if getattr(release.manifest, "statistics_as_of_ms", None) is None:
+        return state
+    snapshots = _statistics(release)
+    scorer = state.scorer.with_statistics(snapshots.items, (snapshots.by_category, snapshots.by_user))
+    return replace(state, scorer=scorer, statistics_as_of_ms=snapshots.as_of_ms)
 
 
 def with_user_rows(state: PrerankState, release: Release) -> PrerankState:

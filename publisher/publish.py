@@ -57,7 +57,10 @@ from freshtower.publisher.checks import ReleaseRefused, check_finite, check_inde
 from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_due, full_release_due
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.prerank_release import write_prerank_files
-from freshtower.publisher.prerank_rows import PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS, prerank_rows, served_preranker
+from freshtower.publisher.prerank_rows import (
+    PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS, PrerankRowsPart, prerank_rows, served_preranker,
+)
+from freshtower.publisher.statistics_feed import STATISTICS_FILE, StatisticsFeed, StatisticsSnapshots, statistics_bytes
 from freshtower.publisher.new_items import FrozenItemTower, NewItemVectors, new_catalogue_items
 from freshtower.trainer.new_item_clicks import blend_with_clicks, clicks_of
 from freshtower.publisher.releases import ActiveChanged, Release, ReleaseError
@@ -93,6 +96,7 @@ from freshtower.core.contracts import (
 )
 from freshtower.core.contracts.release_manifest import NEW_ITEM_IDS, NEW_ITEM_VECTORS
 from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
+from freshtower.core.batches import BatchFormatError
 from freshtower.core.settings import PublisherConfig, Settings
 from freshtower.core.storage import StorageError, write_file, writing
 
@@ -234,6 +238,46 @@ def check_queries(inputs: FullReleaseInputs, count: int, seed: int = 0) -> np.nd
 # --- the publisher ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TakenRows:
+    """The retrieval rows an embeddings release takes from the online checkpoints."""
+
+    user_ids: list[str]
+    vectors: np.ndarray  # (n, id_dim) float32
+    event_times: np.ndarray  # (n,) int64 ms: the newest click each row learnt from
+    steps: dict[str, int]  # checkpoint name -> step released (the active release's, updated)
+    read: dict[str, CheckpointRead]
+    resync: list[str]  # checkpoints whose trainer restarted from its base
+
+
+def taken_rows(active: Release, due: EmbeddingsReleaseDue) -> TakenRows:
+    steps = dict(active.manifest.online_steps)  # checkpoint name -> step already released
+    ids, vectors, times, resync, read = [], [], [], [], {}
+    for name, taken in sorted(due.taken.items()):
+        checkpoint, rows = taken.checkpoint, taken.rows
+        if taken.resync:
+            resync.append(name)
+        row_ids = checkpoint.user_ids.row_ids
+        index = torch.from_numpy(rows)
+        ids += [row_ids[r] for r in rows.tolist()]
+        vectors.append(checkpoint.user_table[index].numpy().astype(np.float32))
+        times.append(checkpoint.row_event_time_ms[index].numpy().astype(np.int64))
+        steps[name] = checkpoint.step
+        read[name] = CheckpointRead(step=checkpoint.step, since=taken.since, rows=len(rows), written_at=checkpoint.written_at)
+    if not ids:
+        return TakenRows([], np.zeros((0, 0), np.float32), np.zeros(0, np.int64), steps, read, resync)
+    return TakenRows(ids, np.concatenate(vectors), np.concatenate(times), steps, read, resync)
+
+
+@dataclass(frozen=True)
+class DeltaExtras:
+    """What an embeddings release carries beside the retrieval rows (None: not this time)."""
+
+    new_items: NewItemVectors | None
+    prerank: PrerankRowsPart | None
+    statistics: StatisticsSnapshots | None
+
+
 class Publisher:
     """Publishes releases into the release store (``publisher.release_store``). Use as a context
     manager: it holds the store's publisher lock and clears what a killed
@@ -248,6 +292,7 @@ class Publisher:
         self.refused_models: dict[str, str] = {}  # full model version -> why (not retried by this process)
         self.item_tower = FrozenItemTower(full_models_dir(settings))  # embeds new items for embeddings releases
         self._full_items: tuple[str, frozenset[str]] | None = None  # (full release, its item IDs)
+        self.statistics = StatisticsFeed(settings.batches_dir)  # the statistics features releases carry, kept current
         self._lock = None
         # Wall clock: when changed rows wait for the interval to pass, the
         # moment it does (``run`` ticks then, not a whole poll later).
@@ -394,7 +439,7 @@ class Publisher:
         self._write(staging, "item_ids.json", lambda h: h.write(json.dumps(inputs.item_ids).encode()))
         self._write(staging, "index.faiss", index.save, by_path=True)
         try:  # the pre-ranker rides along; a pre-ranker that cannot be read never stops the retrieval release
-            prerank = write_prerank_files(staging, self.settings, on_file=lambda name: self.on_stage("file", name))
+            prerank = write_prerank_files(staging, self.settings, on_file=lambda name: self.on_stage("file", name), statistics=self.statistics)
         except StorageError:
             shutil.rmtree(staging, ignore_errors=True)
             raise  # a full disk or a read-only store stops the release, not just its pre-ranker
@@ -467,53 +512,52 @@ class Publisher:
 
     def publish_delta(self, active: Release, due: EmbeddingsReleaseDue, *, now_s: float | None = None, activate: bool = True) -> PublishOutcome:
         """An embeddings release on top of ``active`` of the rows ``due``
-        takes from the online checkpoints (one per user partition when scaled out)."""
+        takes from the online checkpoints (one per user partition when scaled
+        out), with the new items, the pre-ranker's rows and the statistics."""
         started = time.perf_counter()
-        steps = dict(active.manifest.online_steps)  # checkpoint name -> step already released
-        parts, resync, read = [], [], {}
-        for name, taken in sorted(due.taken.items()):
-            checkpoint, rows = taken.checkpoint, taken.rows
-            if taken.resync:
-                resync.append(name)
-            row_ids = checkpoint.user_ids.row_ids
-            index = torch.from_numpy(rows)
-            parts.append(
-                (
-                    [row_ids[r] for r in rows.tolist()],
-                    checkpoint.user_table[index].numpy().astype(np.float32),  # (n, id_dim)
-                    checkpoint.row_event_time_ms[index].numpy().astype(np.int64),  # (n,) ms
-                )
-            )
-            steps[name] = checkpoint.step
-            read[name] = CheckpointRead(step=checkpoint.step, since=taken.since, rows=len(rows), written_at=checkpoint.written_at)
-        user_ids = [u for ids, _, _ in parts for u in ids]
-        if not user_ids:
+        taken = taken_rows(active, due)
+        if not taken.user_ids:
             return PublishOutcome("embeddings", "skipped", f"no user rows changed since the active release ({due.summary()})")
-        vectors = np.concatenate([v for _, v, _ in parts])  # (n, id_dim)
-        event_times = np.concatenate([t for _, _, t in parts])  # (n,)
-        id_dim = active.manifest.dims.id_dim
         try:
-            check_finite({"user_embeddings": vectors})
-            check_shape("user_embeddings", vectors, len(user_ids), id_dim)
-            check_unique("user_ids", user_ids)  # partitions own disjoint users
-            new_items = self._new_item_vectors(active, due) if self.config.new_item_vectors else None
-            prerank = None
-            if self.settings.prerank.online_user_rows:
-                prerank = prerank_rows(served_preranker(self._chain_root(active)), [t.checkpoint for _, t in sorted(due.taken.items())])
-            if prerank is not None:
-                check_finite({"prerank_user_rows": prerank.rows})
-                check_shape("prerank_user_rows", prerank.rows, len(prerank.user_ids), prerank.summary.id_dim)
-                check_unique("prerank_user_ids", prerank.user_ids)
+            check_finite({"user_embeddings": taken.vectors})
+            check_shape("user_embeddings", taken.vectors, len(taken.user_ids), active.manifest.dims.id_dim)
+            check_unique("user_ids", taken.user_ids)  # partitions own disjoint users
+            extras = self._delta_extras(active, due)
         except ReleaseRefused as error:
             log.warning("refused embeddings release from %s: %s; the active release stays", sorted(due.taken), error)
             return PublishOutcome("embeddings", "refused", str(error), seconds=time.perf_counter() - started)
-
         version = self.store.next_version("embeddings")
         staging = self.store.staging_dir(version)
-        self._write(staging, "user_embeddings.npy", lambda h: np.save(h, vectors))
-        self._write(staging, "user_ids.json", lambda h: h.write(json.dumps(user_ids).encode()))
-        self._write(staging, "row_event_time_ms.npy", lambda h: np.save(h, event_times))
-        rows = {"user_embeddings": len(user_ids)}
+        rows = self._write_delta(staging, taken, extras)
+        manifest = self._delta_manifest(version, active, due, taken, extras, rows, now_s)
+        return self._seal_and_activate(staging, manifest, active, activate, len(taken.user_ids), started)
+
+    def _delta_extras(self, active: Release, due: EmbeddingsReleaseDue) -> DeltaExtras:
+        """What an embeddings release carries beside the retrieval rows,
+        checked (raises ReleaseRefused)."""
+        new_items = self._new_item_vectors(active, due) if self.config.new_item_vectors else None
+        preranker = served_preranker(self._chain_root(active))
+        prerank = None
+        if self.settings.prerank.online_user_rows:
+            prerank = prerank_rows(preranker, [t.checkpoint for _, t in sorted(due.taken.items())])
+        if prerank is not None:
+            check_finite({"prerank_user_rows": prerank.rows})
+            check_shape("prerank_user_rows", prerank.rows, len(prerank.user_ids), prerank.summary.id_dim)
+            check_unique("prerank_user_ids", prerank.user_ids)
+        statistics = None
+        if preranker is not None and self.settings.prerank.embeddings_statistics:
+            try:
+                statistics = self.statistics.snapshot()
+            except (BatchFormatError, OSError, ValueError) as error:  # the rows still go out; serving keeps the statistics it has
+                log.warning("embeddings release without statistics: %s", error)
+        return DeltaExtras(new_items, prerank, statistics)
+
+    def _write_delta(self, staging: Path, taken: TakenRows, extras: DeltaExtras) -> dict[str, int]:
+        self._write(staging, "user_embeddings.npy", lambda h: np.save(h, taken.vectors))
+        self._write(staging, "user_ids.json", lambda h: h.write(json.dumps(taken.user_ids).encode()))
+        self._write(staging, "row_event_time_ms.npy", lambda h: np.save(h, taken.event_times))
+        rows = {"user_embeddings": len(taken.user_ids)}
+        new_items, prerank, statistics = extras.new_items, extras.prerank, extras.statistics
         if new_items is not None:
             self._write(staging, NEW_ITEM_IDS, lambda h: h.write(json.dumps(new_items.item_ids).encode()))
             self._write(staging, NEW_ITEM_VECTORS, lambda h: np.save(h, new_items.vectors))
@@ -523,30 +567,39 @@ class Publisher:
             self._write(staging, PRERANK_USER_ROWS, lambda h: np.save(h, prerank.rows))
             self._write(staging, PRERANK_ROW_EVENT_TIME, lambda h: np.save(h, prerank.event_time_ms))
             rows["prerank_user_rows"] = len(prerank.user_ids)
-        learnt = event_times[event_times > 0]
-        manifest = EmbeddingsReleaseManifest(
+        if statistics is not None:
+            data = statistics_bytes(statistics)
+            self._write(staging, STATISTICS_FILE, lambda h: h.write(data))
+            rows["statistics_keys"] = statistics.keys
+        return rows
+
+    def _delta_manifest(self, version: str, active: Release, due: EmbeddingsReleaseDue, taken: TakenRows, extras: DeltaExtras,
+                        rows: dict[str, int], now_s: float | None) -> EmbeddingsReleaseManifest:
+        learnt = taken.event_times[taken.event_times > 0]
+        new_items = extras.new_items
+        return EmbeddingsReleaseManifest(
             version=version,
             parent=active.version,
             full_version=active.manifest.full_version,
             model_version=active.model_version,
             created_at=time.time() if now_s is None else now_s,
-            online_steps=steps,
-            checkpoints=read,
-            resync=resync,
+            online_steps=taken.steps,
+            checkpoints=taken.read,
+            resync=taken.resync,
             checkpoint_event_time_ms=max(t.checkpoint.newest_event_time_ms for t in due.taken.values()),
             event_time=EventTimeRange(start_ms=int(learnt.min()) if len(learnt) else None, end_ms=int(learnt.max()) if len(learnt) else None),
             newest_click_event_time_ms=max(active.manifest.newest_click_event_time_ms, int(learnt.max()) if len(learnt) else 0),
             newest_click_is_bound=active.manifest.newest_click_is_bound and not len(learnt),
             rows=rows,
-            dims=Dims(id_dim=id_dim, output_dim=active.manifest.dims.output_dim),
+            dims=Dims(id_dim=active.manifest.dims.id_dim, output_dim=active.manifest.dims.output_dim),
             config=self.settings.as_record(),
             files={},  # listed by the store when it seals
             new_items=None if new_items is None else NewItems(
                 count=len(new_items.item_ids), seen_since_ms=self._full_data_end_ms(active), seconds=new_items.seconds
             ),
-            prerank=None if prerank is None else prerank.summary,
+            prerank=None if extras.prerank is None else extras.prerank.summary,
+            statistics_as_of_ms=None if extras.statistics is None else extras.statistics.as_of_ms,
         )
-        return self._seal_and_activate(staging, manifest, active, activate, len(user_ids), started)
 
     def _new_item_vectors(self, active: Release, due: EmbeddingsReleaseDue) -> NewItemVectors:
         """Every item the online trainers' catalogues hold that the chain's

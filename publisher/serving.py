@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
-from freshtower.publisher.prerank_serving import PrerankState, load_prerank, with_user_rows
+from freshtower.publisher.prerank_serving import PrerankState, load_prerank, with_statistics, with_user_rows
 from freshtower.publisher.new_item_index import NewItemIndex, merge_top_k
 from freshtower.publisher.releases import Release, ReleaseError, ReleaseStore
 from freshtower.publisher.user_tower import ServingUserTower
@@ -130,11 +130,13 @@ def _load_full(release: Release, ef_search: int | None = None, prerank_config=No
     )
 
 
-def _apply_delta(state: ServingState, release: Release, *, copy: bool, new_items: bool = True) -> ServingState:
+def _apply_delta(state: ServingState, release: Release, *, copy: bool, new_items: bool = True, statistics: bool = True) -> ServingState:
     """``state`` with ``release``'s rows on top and its new items beside the
     full index; ``copy`` leaves ``state`` untouched (it may be serving
     requests right now). ``new_items=False`` skips building the new-item
-    index (a link in the middle of a chain: the last one's replaces it)."""
+    index (a link in the middle of a chain: the last one's replaces it);
+    ``statistics=False`` skips its statistics snapshot (a later link's
+    replaces it)."""
     where = f"release {release.version}"
     if release.kind != "embeddings" or release.parent != state.version or release.model_version != state.model_version:
         raise ReleaseError(f"{where} ({release.kind}, parent {release.parent}) does not apply to {state.version}")
@@ -182,8 +184,13 @@ def _apply_delta(state: ServingState, release: Release, *, copy: bool, new_items
         newest_click_event_time_ms=max(state.newest_click_event_time_ms, release.manifest.newest_click_event_time_ms, learnt),
         newest_click_is_bound=state.newest_click_is_bound and learnt <= 0,
         loaded_at=time.time(),
-        prerank=None if state.prerank is None else with_user_rows(state.prerank, release),
+        prerank=None if state.prerank is None else _prerank_of(state.prerank, release, statistics),
     )
+
+
+def _prerank_of(prerank: PrerankState, release: Release, statistics: bool) -> PrerankState:
+    prerank = with_user_rows(prerank, release)
+    return with_statistics(prerank, release) if statistics else prerank
 
 
 def load_state(
@@ -210,8 +217,10 @@ def load_state(
         if isinstance(error, ReleaseError):
             raise
         raise ReleaseError(f"release {chain[0].version}: cannot load: {error}") from error
-    for n, link in enumerate(chain[1:], start=2):
-        state = _apply_delta(state, link, copy=False, new_items=n == len(chain))  # a private state: no copies needed
+    with_statistics_at = max((n for n, link in enumerate(chain, start=1) if getattr(link.manifest, "statistics_as_of_ms", None) is not None),
+                             default=0)  # only the newest snapshot counts: each is complete
+    for n, link in enumerate(chain[1:], start=2):  # a private state: no copies needed
+        state = _apply_delta(state, link, copy=False, new_items=n == len(chain), statistics=n == with_statistics_at)
     _freeze(state.id_table)
     _freeze(state.row_event_time_ms)
     return state

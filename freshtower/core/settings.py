@@ -173,6 +173,9 @@ class PrerankConfig(_Section):
         True, description="the online trainer also learns the pre-ranker's user ID rows; embeddings releases carry them"
     )
     online_learning_rate: float = Field(0.05, gt=0, description="row-wise Adagrad on the pre-ranker's user ID rows, online")
+    embeddings_statistics: bool = Field(
+        True, description="embeddings releases carry a fresh statistics snapshot (statistics.npz) while their full release has a pre-ranker"
+    )
     max_candidates: int = Field(10_000, ge=1, description="most candidates one pre-ranking request may score")
     item_cache_size: int = Field(200_000, ge=1, description="item-tower outputs the service keeps (least recently used evicted)")
 

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 from freshtower.publisher.prerank_rows import PRERANK_USER_IDS, PRERANK_USER_ROWS
+from freshtower.publisher.statistics_feed import STATISTICS_FILE, load_statistics, statistics_snapshots
 from freshtower.publisher.publish import Publisher
 from freshtower.publisher.releases import ReleaseError, ReleaseStore
 from freshtower.publisher.service import create_app
@@ -20,6 +21,7 @@ from starlette.testclient import TestClient
 from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 from tests.publisher.test_prerank_service import FEATURES, release_prerank_world
 from tests.publisher.test_service import wait_until_serving
+from tests.streams.oracle import stream_batches
 
 pytestmark = pytest.mark.slow  # two simulated days through the streams join, two trainings, an online run
 BATCHES = 6  # online batches of the second day: some users get new ranking samples, most do not
@@ -102,3 +104,41 @@ def test_a_corrupt_preranker_row_file_fails_its_checksum(world, tmp_path):
             store.verify(version)
     finally:
         path.write_bytes(original)
+
+
+def test_each_embeddings_release_carries_fresh_statistics_and_the_service_scores_with_them(world):
+    settings, sim, preranker, full = world
+    store = ReleaseStore(settings.releases_dir)
+    full_statistics = load_statistics(store.get(full).file(STATISTICS_FILE))
+    candidates = [sim.item_id(i) for i in range(60)]
+    user = sim.user_id(3)
+    with TestClient(create_app(settings)) as http:
+        wait_until_serving(http, store.active_version())
+        before, body = scores(http, user, candidates)
+        served_before = body["freshness"]["statistics_as_of_ms"]
+        stream_batches(sim, [2], settings.batches_dir)  # a day later: every count moves
+        trainer = OnlineTrainer.start(settings)
+        trainer.run(max_batches=40, prefetch=False)  # some rows changed, so a release is due
+        with Publisher(settings) as publisher:
+            outcome = publisher.publish_delta_if_due(now_s=2e6, force=True)
+        assert outcome.status == "published", outcome
+        release = store.verify(outcome.version)
+        assert STATISTICS_FILE in release.manifest.files
+        carried = load_statistics(release.file(STATISTICS_FILE))
+        assert release.manifest.statistics_as_of_ms == carried.as_of_ms > full_statistics.as_of_ms >= served_before
+        assert carried.as_of_ms >= sim.day_start_ms(2) + 23 * 3_600_000  # as of day 2's end, not the full release's
+        assert release.manifest.rows["statistics_keys"] == carried.keys
+        # complete on its own: what a fresh read of the batches gives
+        fresh = statistics_snapshots(settings.batches_dir)
+        np.testing.assert_array_equal(fresh.items.counts, carried.items.counts)
+        np.testing.assert_array_equal(fresh.by_category.keys, carried.by_category.keys)
+        wait_until_serving(http, outcome.version)
+        after, body = scores(http, user, candidates)
+        assert body["freshness"]["statistics_as_of_ms"] == carried.as_of_ms
+        assert after != before  # the cross tower reads the new counts
+    # a service started now loads the chain and serves the newest snapshot
+    with TestClient(create_app(settings)) as http:
+        wait_until_serving(http, outcome.version)
+        again, body = scores(http, user, candidates)
+        assert body["freshness"]["statistics_as_of_ms"] == carried.as_of_ms
+        assert again == after

@@ -9,7 +9,8 @@ import shutil
 
 import numpy as np
 import pytest
-from freshtower.publisher.prerank_release import choose_preranker, load_statistics
+from freshtower.publisher.prerank_release import choose_preranker
+from freshtower.publisher.statistics_feed import load_statistics
 from freshtower.publisher.publish import Publisher
 from freshtower.publisher.releases import ReleaseStore
 from freshtower.publisher.service import create_app

@@ -181,6 +181,9 @@ class EmbeddingsReleaseManifest(_ReleaseFields):
     resync: list[str]  # checkpoints whose trainer restarted from its base: every row was sent
     new_items: NewItems | None = None  # None: publisher.new_item_vectors was off (no new-item files)
     prerank: PrerankRows | None = None  # None: no pre-ranker rows (none learnt online for the served pre-ranker)
+    # the time of its statistics.npz, a complete snapshot that replaces the
+    # full release's (None: it carries none: no pre-ranker served, or prerank.embeddings_statistics off)
+    statistics_as_of_ms: int | None = None
 
 
 ReleaseManifest = FullReleaseManifest | EmbeddingsReleaseManifest
