@@ -56,7 +56,7 @@ import torch
 from freshtower.publisher.checks import ReleaseRefused, check_finite, check_index_recall, check_recall_drop, check_shape, check_unique, gate_baseline
 from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_due, full_release_due
 from freshtower.publisher.embedding_topic import EmbeddingTopic
-from freshtower.publisher.prerank_release import write_prerank_files
+from freshtower.publisher.prerank_release import PRERANK_NOTE, write_prerank_files
 from freshtower.publisher.prerank_rows import (
     PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS, PrerankRowsPart, prerank_rows, served_preranker,
 )
@@ -547,10 +547,25 @@ class Publisher:
         statistics = None
         if preranker is not None and self.settings.prerank.embeddings_statistics:
             try:
-                statistics = self.statistics.snapshot()
+                statistics = self.statistics.snapshot(newer_than_ms=self._served_statistics_as_of(active))
             except (BatchFormatError, OSError, ValueError) as error:  # the rows still go out; serving keeps the statistics it has
                 log.warning("embeddings release without statistics: %s", error)
         return DeltaExtras(new_items, prerank, statistics)
+
+    def _served_statistics_as_of(self, active: Release) -> int | None:
+        """The time of the newest statistics snapshot in ``active``'s chain
+        (None: none): a release carries a newer one or none."""
+        try:
+            chain = self.store.chain(active.version)
+        except ReleaseError:
+            return None
+        for link in reversed(chain[1:]):
+            as_of = getattr(link.manifest, "statistics_as_of_ms", None)
+            if as_of is not None:
+                return as_of
+        if PRERANK_NOTE not in chain[0].manifest.files:
+            return None
+        return json.loads(chain[0].file(PRERANK_NOTE).read_text()).get("statistics_as_of_ms")
 
     def _write_delta(self, staging: Path, taken: TakenRows, extras: DeltaExtras) -> dict[str, int]:
         self._write(staging, "user_embeddings.npy", lambda h: np.save(h, taken.vectors))

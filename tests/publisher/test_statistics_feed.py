@@ -105,6 +105,7 @@ def test_the_feed_read_incrementally_equals_a_brute_force_count_at_each_step(sou
             np.testing.assert_array_equal(getattr(fresh, name).keys, getattr(snapshots, name).keys)
             np.testing.assert_array_equal(getattr(fresh, name).counts, getattr(snapshots, name).counts)
         times.append(snapshots.as_of_ms)
+        assert feed.snapshot(newer_than_ms=snapshots.as_of_ms) is None  # the same minute again: no snapshot taken
     assert times == sorted(times) and len(set(times)) == len(times)
     assert feed.batches_read < len(refs) + 1 and feed.recounts == 0  # each batch read once
     # the two days' day windows: counters hold at most 61 minute and 24 hour buckets after advancing
