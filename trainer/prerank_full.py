@@ -245,20 +245,9 @@ def train_prerank_full(settings: Settings, day: str, *, from_scratch: bool = Fal
     holdout = prepare(settings, holdout_refs, spec, items)
 
     directory = prerank_models_dir(settings)
-    parent = None if from_scratch or not directory.is_dir() else previous_full_model(directory, day)
-    if parent is not None:
-        loaded = load_preranker(parent)
-        if loaded.settings.prerank.model_dump(include=_SHAPE) != settings.prerank.model_dump(include=_SHAPE) or (
-            loaded.settings.model != settings.model
-        ):
-            raise ArtifactError(f"pre-ranker shape changed since {parent.version} ({parent.path}); retrain with --from-scratch")
-        model = loaded.model
-        log.info("pre-ranker %s warm-started from %s", day, parent.version)
-    else:
-        model = new_preranker(settings)
+    model, parent = _start_model(settings, day, directory, from_scratch)
     parent_metrics = evaluate_preranker(model, holdout, settings) if parent is not None else None
     model.train()
-
     training = settings.training
     dense = torch.optim.Adam(model.dense_parameters(), lr=training.full_learning_rate)
     tables = RowWiseAdagrad([t for t, _ in model.table_vocabularies()], lr=training.full_embedding_learning_rate)
@@ -269,14 +258,54 @@ def train_prerank_full(settings: Settings, day: str, *, from_scratch: bool = Fal
         reset_rows(table, torch.from_numpy(rows), (dense, tables))
         expired[name] = len(rows)
     _observe(model, train.columns, today, (dense, tables))
+    started = time.perf_counter()
+    losses = _one_epoch(model, train, settings, day, dense, tables)
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    columns = train.columns
+    metrics = evaluate_preranker(model, holdout, settings)
+    if parent_metrics is not None:
+        metrics["parent"] = {"version": parent.version, **parent_metrics}
+    metrics.update(_training_figures(model, columns, losses, train_seconds, expired, settings))
+    lineage = _lineage(settings, ranked, holdout_refs)
+    clicks = columns.clicked
+    fields = dict(
+        parent=parent.version if parent else None,
+        from_scratch=parent is None,
+        data_start_ms=refs[0].window_start_ms,
+        data_end_ms=refs[-1].manifest.window_end_ms,
+        newest_click_event_time_ms=int(columns.event_time_ms[np.unique(columns.request_of()[clicks])].max()) if clicks.any() else None,
+        holdout_start_ms=holdout_start_ms,
+        holdout_end_ms=holdout_end_ms,
+        metrics=metrics,
+        lineage=lineage,
+        config=settings.as_record(),
+    )
+    ref = save_preranker(directory, day, model, fields)
+    return PrerankTrainingResult(ref, len(columns), columns.candidates, train_seconds, metrics)
 
-    seed = training.seed + date.fromisoformat(day).toordinal()
+
+def _start_model(settings: Settings, day: str, directory: Path, from_scratch: bool) -> tuple[ThreeTowerPreranker, FullModelRef | None]:
+    """(the model to train, the parent it warm-starts from or None)."""
+    parent = None if from_scratch or not directory.is_dir() else previous_full_model(directory, day)
+    if parent is None:
+        return new_preranker(settings), None
+    loaded = load_preranker(parent)
+    if loaded.settings.prerank.model_dump(include=_SHAPE) != settings.prerank.model_dump(include=_SHAPE) or loaded.settings.model != settings.model:
+        raise ArtifactError(f"pre-ranker shape changed since {parent.version} ({parent.path}); retrain with --from-scratch")
+    log.info("pre-ranker %s warm-started from %s", day, parent.version)
+    return loaded.model, parent
+
+
+def _one_epoch(model: ThreeTowerPreranker, train: Prepared, settings: Settings, day: str, dense, tables) -> list[float]:
+    """One shuffled epoch over the day's requests, ``prerank.batch_requests``
+    per minibatch; the loss of each. A non-finite loss stops it, naming the minibatch."""
+    seed = settings.training.seed + date.fromisoformat(day).toordinal()
     torch.manual_seed(seed)
     order = np.random.default_rng(seed).permutation(len(train.columns))
     columns, offsets = train.columns, train.columns.offsets
     size = settings.prerank.batch_requests
     losses = []
-    started = time.perf_counter()
     for start in range(0, len(order), size):
         chosen = order[start : start + size]
         part = columns.take(chosen)
@@ -294,45 +323,31 @@ def train_prerank_full(settings: Settings, day: str, *, from_scratch: bool = Fal
         dense.step()
         tables.step()
         losses.append(float(loss.detach()))
-    train_seconds = time.perf_counter() - started
-    model.eval()
-    metrics = evaluate_preranker(model, holdout, settings)
-    if parent_metrics is not None:
-        metrics["parent"] = {"version": parent.version, **parent_metrics}
-    metrics.update(
-        {
-            "train_requests": len(columns),
-            "train_candidates": columns.candidates,
-            "train_seconds": train_seconds,
-            "mean_loss": float(np.mean(losses)) if losses else None,
-            "final_loss": float(np.mean(losses[-20:])) if losses else None,
-            "expired": expired,
-            "users": model.user_ids.admitted,
-            "items": len(model.catalogue),
-            "distillation": settings.distillation.model_dump(mode="json"),
-        }
-    )
-    lineage = [
+    return losses
+
+
+def _training_figures(model: ThreeTowerPreranker, columns: RankingColumns, losses: list[float], seconds: float, expired: dict[str, int],
+                      settings: Settings) -> dict:
+    return {
+        "train_requests": len(columns),
+        "train_candidates": columns.candidates,
+        "train_seconds": seconds,
+        "mean_loss": float(np.mean(losses)) if losses else None,
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "expired": expired,
+        "users": model.user_ids.admitted,
+        "items": len(model.catalogue),
+        "distillation": settings.distillation.model_dump(mode="json"),
+    }
+
+
+def _lineage(settings: Settings, ranked: list[BatchRef], holdout_refs: list[BatchRef]) -> list[LineageEntry]:
+    return [
         LineageEntry(file=str(r.path.relative_to(settings.batches_dir)), sha256=r.manifest.extras["ranking_samples"]["sha256"],
                      positives=int(r.manifest.extras["ranking_samples"]["records"]), role=role)
         for role, group in (("train", ranked), ("holdout", [r for r in holdout_refs if "ranking_samples" in r.manifest.extras]))
         for r in group
     ]
-    clicks = columns.clicked
-    fields = dict(
-        parent=parent.version if parent else None,
-        from_scratch=parent is None,
-        data_start_ms=refs[0].window_start_ms,
-        data_end_ms=refs[-1].manifest.window_end_ms,
-        newest_click_event_time_ms=int(columns.event_time_ms[np.unique(columns.request_of()[clicks])].max()) if clicks.any() else None,
-        holdout_start_ms=holdout_start_ms,
-        holdout_end_ms=holdout_end_ms,
-        metrics=metrics,
-        lineage=lineage,
-        config=settings.as_record(),
-    )
-    ref = save_preranker(directory, day, model, fields)
-    return PrerankTrainingResult(ref, len(columns), columns.candidates, train_seconds, metrics)
 
 
 # the settings that fix the pre-ranker's shape (a warm start needs them unchanged)
