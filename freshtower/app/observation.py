@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING
 
 from freshtower.app.run_state import ActiveRelease, FullModelLine, RecallSample, Settled
@@ -253,6 +253,15 @@ def prerank_lines(settings: Settings, service_url: str, user_id: str, features: 
     top = ", ".join(f"{i['item_id']} {i['score']:.2f}" for i in answer["items"][:5])
     lines.append(
         f"recommend  user {user_id}: {answer['candidates']} recalled -> {len(answer['items'])} pre-ranked, top {top}; "
-        f"cache hits {answer['item_cache']['hits']}, unknown {len(answer['unknown_ids'])}"
+        f"cache hits {answer['item_cache']['hits']}, unknown {len(answer['unknown_ids'])}; {_statistics_age(answer.get('freshness') or {})}"
     )
     return lines
+
+
+def _statistics_age(freshness: dict) -> str:
+    as_of, newest = freshness.get("statistics_as_of_ms"), freshness.get("newest_click_event_time_ms")
+    if as_of is None:
+        return "no statistics published"
+    behind = f", {(newest - as_of) / 1000:,.0f} event-time s before the newest click learnt" if newest else ""
+    when = datetime.fromtimestamp(as_of / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    return f"statistics as of {when}{behind}"

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,13 @@ def test_run_replays_two_days_through_every_part_to_its_summary(start_run):
     # The pre-ranker of the active full release, and one /v1/recommend answer through it.
     prerank_line = next(line for line in summary.splitlines() if line.strip().startswith("prerank"))
     assert store.chain(active.version)[0].version in prerank_line and "holdout" in prerank_line, prerank_line
-    assert any(line.strip().startswith("recommend  user") and "pre-ranked" in line for line in summary.splitlines()), summary
+    recommend_line = next(line for line in summary.splitlines() if line.strip().startswith("recommend  user"))
+    assert "pre-ranked" in recommend_line, recommend_line
+    # the statistics scored with: the full release's snapshot or a newer one an embeddings release brought
+    served = re.search(r"statistics as of ([0-9T:-]+Z)", recommend_line)
+    full_statistics = json.loads(store.chain(active.version)[0].file("prerank.json").read_text())["statistics_as_of_ms"]
+    served_ms = datetime.strptime(served.group(1), "%Y-%m-%dT%H:%MZ").replace(tzinfo=timezone.utc).timestamp() * 1000 if served else None
+    assert served_ms is not None and served_ms >= full_statistics, (recommend_line, full_statistics)
 
     # Every part was stopped.
     assert all(not running_in_group(part["pid"]) for part in parts.values())
