@@ -178,6 +178,7 @@ def build_releases(args, settings) -> tuple[str, str]:
             row_event_time_ms=torch.from_numpy(np.r_[0, newest_ms - rng.integers(0, 3_600_000, args.users)].astype(np.int64)),
             estimator={},
             catalogue={},
+            pending_clicks={"capacity": 0, "clicks": {}},  # no clicks held back (trainer.pending_clicks)
             learner_steps=0,
             rng_state={},
             written_at=time.time(),
@@ -514,6 +515,7 @@ def run(args, data_dir: Path) -> None:
             "hnsw_ef_construction": args.ef_construction,
             "hnsw_ef_search": max(args.ef_search),
             "kafka_enabled": False,
+            "new_item_vectors": False,  # the synthetic checkpoint has no catalogue: no items first seen since the full release
         },
     )
     print(
