@@ -68,6 +68,14 @@ from freshtower.core.settings import load_settings
 CATEGORICAL_VALUES = 12  # values per categorical user feature
 BUILT_WITH = "bench-recall.json"  # in --data-dir: the data arguments its releases were built with
 DATA_ARGUMENTS = ("items", "users", "dim", "clusters", "spread", "hnsw_m", "ef_construction", "seed")
+def cpu_model() -> str:
+    """The CPU's name (``platform.processor()`` is empty on Linux)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -519,7 +527,7 @@ def run(args, data_dir: Path) -> None:
         },
     )
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, python {platform.python_version()}, "
         f"torch {torch.__version__} (1 thread), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)"
     )
     print(f"load average at start {os.getloadavg()}: other processes may share these cores")
