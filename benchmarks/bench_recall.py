@@ -68,6 +68,14 @@ from freshtower.core.settings import load_settings
 CATEGORICAL_VALUES = 12  # values per categorical user feature
 BUILT_WITH = "bench-recall.json"  # in --data-dir: the data arguments its releases were built with
 DATA_ARGUMENTS = ("items", "users", "dim", "clusters", "spread", "hnsw_m", "ef_construction", "seed")
+def cpu_model() -> str:
+    """The CPU's name (``platform.processor()`` is empty on Linux)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -178,6 +186,7 @@ def build_releases(args, settings) -> tuple[str, str]:
             row_event_time_ms=torch.from_numpy(np.r_[0, newest_ms - rng.integers(0, 3_600_000, args.users)].astype(np.int64)),
             estimator={},
             catalogue={},
+            pending_clicks={"capacity": 0, "clicks": {}},  # no clicks held back (trainer.pending_clicks)
             learner_steps=0,
             rng_state={},
             written_at=time.time(),
@@ -514,10 +523,11 @@ def run(args, data_dir: Path) -> None:
             "hnsw_ef_construction": args.ef_construction,
             "hnsw_ef_search": max(args.ef_search),
             "kafka_enabled": False,
+            "new_item_vectors": False,  # the synthetic checkpoint has no catalogue: no items first seen since the full release
         },
     )
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, python {platform.python_version()}, "
         f"torch {torch.__version__} (1 thread), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)"
     )
     print(f"load average at start {os.getloadavg()}: other processes may share these cores")
