@@ -29,7 +29,7 @@ from pathlib import Path
 
 import msgspec
 from freshtower.streams.broker import LocalBroker
-from freshtower.streams.replay import replay
+from freshtower.streams.replay import _topic_names, replay
 
 from freshtower.app.simulator import Simulator, SimulatorConfig
 from freshtower.core.ports import free_port
@@ -94,38 +94,73 @@ def raw_consume_rate(bootstrap: str, topics: list[str], total: int) -> float:
     return asyncio.run(run())
 
 
-def core_rate(path: Path, settings) -> tuple[float, int]:
-    """Validation + join + batch files, no Kafka: events/s and windows
-    (with the worker's garbage-collector settings)."""
+def core_rate(path: Path, settings) -> tuple[float, float, int, dict]:
+    """Validation + join + batch files, no Kafka, doing what the worker
+    does with the same events: each event on the input partition murmur2 of
+    its key puts it on (as the producer does), one join core and one batch
+    sink per partition (``PartitionedJoin``, ``BatchSink``, one shared
+    encoder, ranking samples as configured), with the worker's
+    garbage-collector settings. Returns events/s, events per CPU-second,
+    batch files and the counts to compare with the worker's (records
+    written, dead letters)."""
     from freshtower.streams.app import tune_gc
-    from freshtower.streams.join import JoinCore, JoinSettings, RawEvent
+    from freshtower.streams.join import JoinSettings, RawEvent
+    from freshtower.streams.partitions import PartitionedJoin
+    from freshtower.streams.placement import Placement
+    from freshtower.streams.ranking_samples import RankingSampleEmitter
+    from freshtower.streams.sink import BatchSink, write_windows
+    from freshtower.streams.topics import input_topics
 
-    tune_gc()
-    from freshtower.streams.sink import BatchSink
-
+    from freshtower.core.batches import RequestSharingEncoder
     from freshtower.core.frequency import FrequencyEstimator
 
+    tune_gc()
+    s = settings.streams
+    kinds = input_topics(settings)
+    join_settings = JoinSettings.from_config(s)
+    placement = Placement(s.partitions)
+    topic_of = _topic_names(settings)  # names in the log -> topic names, as the replay maps them
     events = []
     for n, line in enumerate(path.read_bytes().splitlines()):
         record = msgspec.json.decode(line)
-        events.append(RawEvent(record["topic"], 0, n, record["event"]["user_id"].encode(), msgspec.json.encode(record["event"])))
+        key = record["event"]["user_id"].encode()
+        events.append(RawEvent(topic_of[record["topic"]], placement.partition(key), n, key, msgspec.json.encode(record["event"])))
     out = Path(tempfile.mkdtemp(prefix="bench-streams-core-"))
-    f = settings.frequency
-    core = JoinCore(JoinSettings.from_config(settings.streams), {})
-    sink = BatchSink(out, "bench", FrequencyEstimator(f.buckets, f.hashes, f.alpha))
-    size = settings.streams.micro_batch_size
-    windows = 0
+    f, p = settings.frequency, settings.prerank
+    partitions = range(s.partitions)
+    join = PartitionedJoin(join_settings, {}, {k: None for k in partitions}, kinds)
+    encoder = RequestSharingEncoder()
+    sinks = {
+        k: BatchSink(
+            out,
+            "bench",
+            FrequencyEstimator(f.buckets, f.hashes, f.alpha),
+            partition=k,
+            encoder=encoder,
+            emitter=RankingSampleEmitter(p.category_feature, p.teacher_stage, join_settings.join_window_ms) if s.ranking_samples else None,
+        )
+        for k in partitions
+    }
+    assigned = {(topic, k) for topic in kinds for k in partitions}
+    size = s.micro_batch_size
+    windows = records = dead = 0
     now = int(time.time() * 1000)
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(events), size):
-        for window in core.process(events[i : i + size], now).closed:
-            sink.write(window)
-            windows += 1
-        core.finalize()
+        results = join.process(events[i : i + size], now, assigned, set())
+        closed = [(sinks[k], window) for k, result in results for window in result.closed]
+        write_windows(closed)  # as the worker does: a step's windows of every partition together
+        dead += sum(len(result.dead_letters) for _, result in results)
+        windows += len(closed)
+        records += sum(len(window.samples) for _, window in closed)
+        for core in join.cores.values():
+            core.finalize()
+            core.dirty.clear()  # the worker writes these to the changelog (not join + batching)
+            core.deleted.clear()
     rate = len(events) / (time.perf_counter() - start)
     per_cpu = len(events) / (time.process_time() - cpu)
     shutil.rmtree(out, ignore_errors=True)
-    return rate, per_cpu, windows
+    return rate, per_cpu, windows, {"records": records, "dead_letters": dead}
 
 
 def worker_env(settings) -> dict[str, str]:
@@ -231,7 +266,7 @@ def main() -> None:
         worker_log = open(data_dir / "worker.log", "wb")
         # py-spy samples the worker into collapsed stacks (one line per stack, then its sample count).
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        profiler = [spy, "record", "--rate", "50", "--format", "raw", "-o", args.profile, "--"] if args.profile else []
+        profiler = [spy, "record", "--rate", os.environ.get("BENCH_SPY_RATE", "50"), "--format", "raw", "-o", args.profile, "--"] if args.profile else []
         worker = subprocess.Popen(
             profiler + [sys.executable, "-m", "freshtower.app.cli", "--log-level", "info", "streams"],
             env=worker_env(settings),
@@ -282,9 +317,14 @@ def main() -> None:
             f"open requests at the end {done['open_requests']:,}"
         )
         print(f"worker per CPU-second (all its threads; less sensitive to the machine's other load): {per_cpu:,.0f} events")
-        rate, per_cpu, windows = core_rate(log, settings)
-        per_second = f"{rate:,.0f} events/s, {per_cpu:,.0f} per CPU-second"
-        print(f"join + batching without Kafka (same events, one process): {per_second}, {windows} windows")
+        rate, core_per_cpu, files, counts = core_rate(log, settings)
+        per_second = f"{rate:,.0f} events/s, {core_per_cpu:,.0f} per CPU-second"
+        print(
+            f"join + batching without Kafka (same events and partitions, one process): {per_second}, {files} batch files, "
+            f"{counts['records']:,} records, {counts['dead_letters']:,} dead letters (worker: {records:,} records, "
+            f"{done['dead_letters']:,} dead letters)"
+        )
+        print(f"worker / join + batching without Kafka: {events / seconds / rate:.2f} (per CPU-second {per_cpu / core_per_cpu:.2f})")
         print(f"load average at end: {os.getloadavg()[0]:.2f}; busy now: {busy_processes()}")
     finally:
         if broker is not None:

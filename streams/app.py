@@ -57,7 +57,7 @@ from freshtower.streams.join import JoinSettings, StepResult
 from freshtower.streams.metrics import StreamMetrics
 from freshtower.streams.partitions import PartitionedJoin
 from freshtower.streams.ranking_samples import RankingSampleEmitter
-from freshtower.streams.sink import BatchSink, written_windows
+from freshtower.streams.sink import BatchSink, write_windows, written_windows
 from freshtower.streams.topics import input_topics
 
 from freshtower.core.batches import RequestSharingEncoder
@@ -343,20 +343,21 @@ class StreamProcessor:
             for letter in result.dead_letters:
                 pending.append(await self.dead_letters.send(key=letter.key, value=encode_dead_letter(letter, keep_bytes)))
         pending += await self._write_changelog()
-        for partition, result in results:
-            if result.closed_to_ms is None:
-                continue
+        closing = [(partition, result) for partition, result in results if result.closed_to_ms is not None]
+        # Every partition's windows closed now, written together (one pair of
+        # directory fsyncs for them all), each durable before it is announced.
+        windows = [(self.sinks[partition], window) for partition, result in closing for window in result.closed]
+        for (_, window), announcement in zip(windows, write_windows(windows)):
+            pending.append(await self.announcements.send(key=announcement["window_start"].encode(), value=_json_bytes(announcement)))
+            log.debug(
+                "wrote batch %s: %d records (%d clicked), %d late",
+                announcement["path"],
+                len(window.samples),
+                announcement["positives"],
+                window.late_records,
+            )
+        for partition, result in closing:
             sink = self.sinks[partition]
-            for window in result.closed:
-                announcement = sink.write(window)  # durable before it is announced
-                pending.append(await self.announcements.send(key=announcement["window_start"].encode(), value=_json_bytes(announcement)))
-                log.debug(
-                    "wrote batch %s: %d records (%d clicked), %d late",
-                    announcement["path"],
-                    len(window.samples),
-                    announcement["positives"],
-                    window.late_records,
-                )
             sink.remove_stale(result.closed_from_ms, result.closed_to_ms)
             sink.closed_through(result.closed_to_ms)  # after its batches: never ahead of them
             self.pending.add(partition)

@@ -29,7 +29,7 @@ SNAPSHOT_SUFFIX = ".freq.npz"
 
 def snapshot_bytes(estimator: FrequencyEstimator) -> bytes:
     """The estimator's state, touched cells only, as ``.npz`` bytes."""
-    rows, columns = np.nonzero(estimator.sightings)
+    rows, columns = estimator.touched_cells()  # np.nonzero(sightings), kept by the estimator (a scan is ~25 ms)
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -64,6 +64,7 @@ def load_snapshot(path: Path | str) -> FrequencyEstimator:
         estimator.last_step[rows, columns] = data["last_step"]
         estimator.gap[rows, columns] = data["gap"]
         estimator.sightings[rows, columns] = data["sightings"]
+        estimator.arrays_changed()
     return estimator
 
 

@@ -25,7 +25,16 @@ from freshtower.streams.ranking_samples import RankingSampleEmitter
 from freshtower.core.batches.ranking import read_statistics_rows, write_ranking_samples, write_statistics_rows
 from freshtower.core.eventtime import HOUR_MS
 
-from freshtower.core.batches import RequestSharingEncoder, batch_stem, list_batches, window_stem, write_batch, write_closed_through
+from freshtower.core.batches import (
+    BatchRef,
+    RequestSharingEncoder,
+    batch_stem,
+    list_batches,
+    publish_batches,
+    window_stem,
+    write_batch,
+    write_closed_through,
+)
 from freshtower.core.frequency import FrequencyEstimator
 
 log = logging.getLogger(__name__)
@@ -106,13 +115,20 @@ class BatchSink:
 
     def write(self, window: ClosedWindow) -> dict:
         """Write one closed window; return its announcement."""
+        return write_windows([(self, window)])[0]
+
+    def _stage(self, window: ClosedWindow) -> BatchRef:
+        """Everything of one window's batch but its manifest: the frequency
+        update and snapshot, ranking samples, statistics rows and the batch
+        file (each fsynced and renamed; the directory fsync and the manifest
+        are ``publish_batches``')."""
         day, stem = batch_stem(window.start_ms, self.part)
         directory = self.batches_dir / day
         directory.mkdir(parents=True, exist_ok=True)
         batch_file = f"{stem}.tfrecord"
         self.estimator.update(window.clicked_item_ids)
         frequency_file = snapshot_name(batch_file)
-        save_snapshot(self.estimator, directory / frequency_file, sync_directory=False)  # write_batch syncs the directory
+        save_snapshot(self.estimator, directory / frequency_file, sync_directory=False)  # publish_batches syncs the directory
         extras = {"writer": self.writer_id, "frequency_state": frequency_file, "frequency_step": self.estimator.step}
         if self.partition is not None:
             extras["partition"] = self.partition
@@ -125,7 +141,7 @@ class BatchSink:
             ):
                 if entry is not None:
                     extras[key] = entry
-        ref = write_batch(
+        return write_batch(
             self.batches_dir,
             window.start_ms,
             window.end_ms,
@@ -134,15 +150,20 @@ class BatchSink:
             extras=extras,
             encode=self.encoder,
             part=self.part,
+            publish=False,
         )
-        self.stale_windows.discard(window.start_ms)
-        self.progress = SinkProgress(window.start_ms, self.estimator.step)
+
+    def _written(self, ref: BatchRef) -> dict:
+        """After ``ref`` is published: remember it; return its announcement."""
         m = ref.manifest
+        day = ref.manifest_path.parent.name
+        self.stale_windows.discard(m.window_start_ms)
+        self.progress = SinkProgress(m.window_start_ms, m.extras["frequency_step"])
         announcement = {
             "path": f"{day}/{m.file}",
             "manifest": f"{day}/{ref.manifest_path.name}",
-            "frequency_state": f"{day}/{frequency_file}",
-            "frequency_step": self.estimator.step,
+            "frequency_state": f"{day}/{m.extras['frequency_state']}",
+            "frequency_step": m.extras["frequency_step"],
             "window_start_ms": m.window_start_ms,
             "window_end_ms": m.window_end_ms,
             "window_start": datetime.fromtimestamp(m.window_start_ms / 1000, tz=timezone.utc).isoformat(),
@@ -183,6 +204,19 @@ class BatchSink:
                 log.warning("removed stale batch %s/%s: its window closed empty after a restart", day, stem)
         self.stale_windows.difference_update(removed)
         return removed
+
+
+def write_windows(windows: list[tuple[BatchSink, ClosedWindow]]) -> list[dict]:
+    """Write closed windows, each by its sink (several sinks: the worker's
+    partitions), in order; return their announcements. Every file of every
+    batch is fsynced and renamed first, then ``publish_batches`` writes the
+    manifests between two fsyncs of each day directory: two directory
+    fsyncs for a window's batches of all partitions, not two per batch, and
+    still no manifest durable before the files it names. A sink's windows
+    must come in their order (its frequency estimator sees them so)."""
+    staged = [(sink, sink._stage(window)) for sink, window in windows]
+    publish_batches([ref for _, ref in staged])
+    return [sink._written(ref) for sink, ref in staged]
 
 
 def written_windows(batches_dir: Path, from_ms: int | None) -> dict[str, set[int]]:

@@ -56,6 +56,7 @@ from freshtower.core.batches.layout import (
     batch_stem,
     list_batches,
     load_manifest,
+    publish_batches,
     read_closed_through,
     window_stem,
     write_batch,
@@ -66,6 +67,6 @@ from freshtower.core.batches.schema import FORMAT_VERSION, BatchFormatError, Fea
 __all__ = [
     "FORMAT_VERSION", "BatchFormatError", "BatchManifest", "BatchRef", "FeatureSpec", "RequestSharingEncoder", "Sample",
     "SampleColumns", "batch_stem", "decode_records", "empty_columns", "encode_sample", "frame_record", "iter_batches",
-    "iter_record_payloads", "list_batches", "load_manifest", "masked_crc32c", "read_batch", "read_closed_through", "record_frames",
-    "window_stem", "write_batch", "write_closed_through",
+    "iter_record_payloads", "list_batches", "load_manifest", "masked_crc32c", "publish_batches", "read_batch", "read_closed_through",
+    "record_frames", "window_stem", "write_batch", "write_closed_through",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 from freshtower.core.batches.encode import encode_sample
 from freshtower.core.batches.framing import frame_record
 from freshtower.core.batches.schema import FORMAT_VERSION, BatchFormatError, Sample
-from freshtower.core.storage import atomic_write_bytes, sha256_bytes
+from freshtower.core.storage import atomic_write_bytes, fsync_dir, sha256_bytes, writing
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,7 @@ def write_batch(
     extras: Mapping | None = None,
     encode=encode_sample,
     part: str | None = None,
+    publish: bool = True,
 ) -> BatchRef:
     """Write one window's samples as a batch file plus manifest, atomically.
 
@@ -149,6 +150,11 @@ def write_batch(
     Clicked samples go first, in event-time order, then the shown ones.
     ``encode`` turns a sample into Example bytes (``encode_sample``, or a
     ``RequestSharingEncoder`` in the streams worker).
+
+    ``publish`` False writes the data file only (durable once its directory
+    is synced) and leaves the manifest to ``publish_batches``, which does
+    it for several batches with one pair of directory fsyncs; until then
+    the batch is incomplete, as after a crash.
     """
     samples = list(samples)
     positives = sorted((s for s in samples if s.label == 1), key=lambda s: (s.event_time_ms, s.request_id, s.item_id))
@@ -177,10 +183,31 @@ def write_batch(
         late_records=late_records,
         extras=dict(extras or {}),
     )
-    atomic_write_bytes(directory / manifest.file, data)
-    manifest_path = directory / f"{stem}.json"
-    atomic_write_bytes(manifest_path, json.dumps(manifest.to_json(), sort_keys=True).encode())
-    return BatchRef(manifest_path, manifest)
+    atomic_write_bytes(directory / manifest.file, data, sync_directory=False)  # publish_batches syncs the directory
+    ref = BatchRef(directory / f"{stem}.json", manifest)
+    if publish:
+        publish_batches([ref])
+    return ref
+
+
+def publish_batches(refs: Iterable[BatchRef]) -> None:
+    """Make batches whose data files are written (``write_batch(...,
+    publish=False)``) complete: one fsync of each of their directories makes
+    the data files' renames durable (and those of any file written beside
+    them), then each manifest is written (fsync + rename), then a second
+    fsync of each directory makes the manifests durable. A manifest is
+    therefore never durable before its data file, and a window's batches of
+    every partition cost two directory fsyncs, not two each."""
+    refs = list(refs)
+    directories = sorted({ref.manifest_path.parent for ref in refs})
+    for directory in directories:
+        with writing(directory):
+            fsync_dir(directory)
+    for ref in refs:
+        atomic_write_bytes(ref.manifest_path, json.dumps(ref.manifest.to_json(), sort_keys=True).encode(), sync_directory=False)
+    for directory in directories:
+        with writing(directory):
+            fsync_dir(directory)
 
 
 def load_manifest(manifest_path: Path | str) -> BatchRef:
