@@ -15,14 +15,11 @@ are left out (another model's space).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from freshtower.publisher.prerank_release import PRERANK_NOTE
-from freshtower.publisher.releases import Release
 
 from freshtower.core.contracts import PrerankRows
 from freshtower.core.contracts.online_checkpoint import OnlineCheckpoint
@@ -38,13 +35,6 @@ class PrerankRowsPart:
     rows: np.ndarray  # (n, id_dim) float32
     event_time_ms: np.ndarray  # (n,) int64
     summary: PrerankRows
-
-
-def served_preranker(full: Release | None) -> str | None:
-    """The pre-ranker version a full release carries (None: none)."""
-    if full is None or PRERANK_NOTE not in full.manifest.files:
-        return None
-    return json.loads(full.file(PRERANK_NOTE).read_text())["model_version"]
 
 
 def prerank_rows(model_version: str | None, checkpoints: Iterable[OnlineCheckpoint]) -> PrerankRowsPart | None:

@@ -58,7 +58,7 @@ from freshtower.publisher.due import EmbeddingsReleaseDue, embeddings_release_du
 from freshtower.publisher.embedding_topic import EmbeddingTopic
 from freshtower.publisher.prerank_release import PRERANK_NOTE, write_prerank_files
 from freshtower.publisher.prerank_rows import (
-    PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS, PrerankRowsPart, prerank_rows, served_preranker,
+    PRERANK_ROW_EVENT_TIME, PRERANK_USER_IDS, PRERANK_USER_ROWS, PrerankRowsPart, prerank_rows,
 )
 from freshtower.publisher.statistics_feed import STATISTICS_FILE, StatisticsFeed, StatisticsSnapshots, statistics_bytes
 from freshtower.publisher.new_items import FrozenItemTower, NewItemVectors, new_catalogue_items
@@ -267,6 +267,16 @@ def taken_rows(active: Release, due: EmbeddingsReleaseDue) -> TakenRows:
     if not ids:
         return TakenRows([], np.zeros((0, 0), np.float32), np.zeros(0, np.int64), steps, read, resync)
     return TakenRows(ids, np.concatenate(vectors), np.concatenate(times), steps, read, resync)
+
+
+def _served_statistics_as_of(chain: list[Release], full_note: dict | None) -> int | None:
+    """The time of the newest statistics snapshot in a chain (None: none):
+    an embeddings release carries a newer one or none."""
+    for link in reversed(chain[1:]):
+        as_of = getattr(link.manifest, "statistics_as_of_ms", None)
+        if as_of is not None:
+            return as_of
+    return None if full_note is None else full_note.get("statistics_as_of_ms")
 
 
 @dataclass(frozen=True)
@@ -536,7 +546,11 @@ class Publisher:
         """What an embeddings release carries beside the retrieval rows,
         checked (raises ReleaseRefused)."""
         new_items = self._new_item_vectors(active, due) if self.config.new_item_vectors else None
-        preranker = served_preranker(self._chain_root(active))
+        chain = self._chain(active)
+        note = None  # the chain's full release's pre-ranker note, read once
+        if chain and PRERANK_NOTE in chain[0].manifest.files:
+            note = json.loads(chain[0].file(PRERANK_NOTE).read_text())
+        preranker = None if note is None else note["model_version"]
         prerank = None
         if self.settings.prerank.online_user_rows:
             prerank = prerank_rows(preranker, [t.checkpoint for _, t in sorted(due.taken.items())])
@@ -547,25 +561,10 @@ class Publisher:
         statistics = None
         if preranker is not None and self.settings.prerank.embeddings_statistics:
             try:
-                statistics = self.statistics.snapshot(newer_than_ms=self._served_statistics_as_of(active))
+                statistics = self.statistics.snapshot(newer_than_ms=_served_statistics_as_of(chain, note))
             except (BatchFormatError, OSError, ValueError) as error:  # the rows still go out; serving keeps the statistics it has
                 log.warning("embeddings release without statistics: %s", error)
         return DeltaExtras(new_items, prerank, statistics)
-
-    def _served_statistics_as_of(self, active: Release) -> int | None:
-        """The time of the newest statistics snapshot in ``active``'s chain
-        (None: none): a release carries a newer one or none."""
-        try:
-            chain = self.store.chain(active.version)
-        except ReleaseError:
-            return None
-        for link in reversed(chain[1:]):
-            as_of = getattr(link.manifest, "statistics_as_of_ms", None)
-            if as_of is not None:
-                return as_of
-        if PRERANK_NOTE not in chain[0].manifest.files:
-            return None
-        return json.loads(chain[0].file(PRERANK_NOTE).read_text()).get("statistics_as_of_ms")
 
     def _write_delta(self, staging: Path, taken: TakenRows, extras: DeltaExtras) -> dict[str, int]:
         self._write(staging, "user_embeddings.npy", lambda h: np.save(h, taken.vectors))
@@ -689,14 +688,19 @@ class Publisher:
         log.info("published %s release %s (%d user rows) in %.2f s", kind, version, rows, seconds)
         return PublishOutcome(kind, "published", "active" if activate else "sealed, not activated", release.version, rows, seconds)
 
-    def _chain_root(self, release: Release | None) -> Release | None:
+    def _chain(self, release: Release | None) -> list[Release]:
+        """``release``'s chain, its full release first ([]: none, or broken)."""
         if release is None:
-            return None
+            return []
         try:
-            return self.store.chain(release.version)[0]
+            return self.store.chain(release.version)
         except ReleaseError as error:
             log.warning("active release %s has a broken chain: %s", release.version, error)
-            return None
+            return []
+
+    def _chain_root(self, release: Release | None) -> Release | None:
+        chain = self._chain(release)
+        return chain[0] if chain else None
 
     # --- the user-embeddings topic ---------------------------------------------------
 

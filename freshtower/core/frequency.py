@@ -96,7 +96,7 @@ class FrequencyEstimator:
             fingerprints = fingerprint_strings(item_ids)
         steps = np.arange(self.step + 1, self.step + n + 1, dtype=np.int64)
         keep = 1.0 - self.alpha
-        touched = []
+        fresh = []  # flat indices of cells seen for the first time
         for h, bucket in enumerate(self._buckets(fingerprints)):
             order = np.argsort(bucket, kind="stable")  # stable: steps stay increasing per bucket
             b = bucket[order]
@@ -116,13 +116,15 @@ class FrequencyEstimator:
             weights = keep ** (sizes[group] - 1 - rank)
             contribution = np.bincount(group, weights=self.alpha * weights * gaps, minlength=len(starts))
             cells = b[starts]
+            fresh.append(cells[self.sightings[h, cells] == 0] + h * self.buckets)
             # A fresh cell's gap is 0, so its extra decay step is harmless.
             self.gap[h, cells] = keep ** sizes * self.gap[h, cells] + contribution
             self.last_step[h, cells] = t[starts + sizes - 1]
             self.sightings[h, cells] += sizes
-            touched.append(cells + h * self.buckets)
         if self._touched is not None:
-            self._touched = np.union1d(self._touched, np.concatenate(touched))
+            new = np.sort(np.concatenate(fresh))  # distinct: unique cells per row, rows offset apart
+            if len(new):  # merged into the sorted list: no re-sort of what was touched before
+                self._touched = np.insert(self._touched, np.searchsorted(self._touched, new), new)
         self.step += n
 
     def touched_cells(self) -> tuple[np.ndarray, np.ndarray]:
