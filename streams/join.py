@@ -30,7 +30,8 @@ Rules (see docs/streams.md):
   (``streams/watermark.py``: a high quantile of its recent events, which a
   minority of out-of-order events cannot move).
 - An event more than ``max_future`` ahead of its topic partition's stream
-  is dead-lettered (``future_timestamp``, "ahead of the stream"); an
+  (beyond its bulk and beyond its pace, ``streams/watermark.py``) is
+  dead-lettered (``future_timestamp``, "ahead of the stream"); an
   impression or rank log more than ``max_lateness`` behind the watermark
   is dead-lettered (``behind_watermark``): its clicks may have expired as
   orphans already, and joining it would write their items as not clicked.
@@ -292,7 +293,7 @@ class JoinCore:
             try:
                 if self.placement is not None and self.placement.partition(message.key) != message.partition:
                     raise InvalidEvent("wrong_partitioner", self.placement.reason(message.key, message.partition))
-                if event.ts > bounds[source]:
+                if event.ts > bounds[source] and event.ts > clocks[source].pace_bound(now_ms, s.max_future_ms):
                     self._reject_future(event.ts, clocks[source], bounds[source], now_ms)
                 if copy:  # its request was written out already: a copy, whatever partition, however late
                     counters["duplicates." + kind] += 1
@@ -373,7 +374,11 @@ class JoinCore:
         if ts > now_ms + self.settings.max_future_ms:
             where = f"ahead of the wall clock {now_ms}"
         else:
-            where = f"ahead of the stream: the bulk of its topic partition's recent events is at {clock.bulk_ms}, bound {bound}"
+            pace = clock.pace_bound(now_ms, self.settings.max_future_ms)
+            where = (
+                f"ahead of the stream: the bulk of its topic partition's recent events is at {clock.bulk_ms}, bound {bound}; "
+                f"past their pace too (bound {pace})"
+            )
         raise InvalidEvent(
             "future_timestamp",
             f"ts {ts} is {where} (streams.max_future_seconds = {self.settings.max_future_ms / 1000:,.0f} s)",

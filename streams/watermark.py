@@ -24,7 +24,15 @@ topic partition's clock here is a high quantile of its recent events:
   never ahead (a live event after a quiet spell); one more than
   ``max_future`` after the wall clock always is. On replayed history the
   clock is far ahead of the events, and only the stream decides.
-  Refused events never enter the sample. With fewer than
+  An event past that bound is still in the stream if it is within
+  ``max_future`` plus ``PACE_GAPS`` (20) mean gaps of the recent sample
+  after the sample's latest event: replayed history or a backlog read
+  after an outage puts hours of a quiet partition into one micro-batch,
+  and the sparse tail of the batch (the night after a busy evening) lies
+  beyond ``bulk + spread`` although each of its events follows the one
+  before it. The sample grows event by event through the batch, so this
+  allowance walks along the stream while a jump far beyond its pace does
+  not. Refused events never enter the sample. With fewer than
   ``1 / (1 - quantile)`` events to go on (10 at the defaults; a restart
   empties the sample) only the wall-clock bound applies.
 
@@ -37,6 +45,10 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
+
+# Mean gaps of a partition's recent events that its next event may follow
+# the latest of them by, beyond ``max_future`` (``SourceClock.pace_bound``).
+PACE_GAPS = 20
 
 
 class SourceClock:
@@ -87,6 +99,25 @@ class SourceClock:
         if stream_bound >= now_ms - max_future_ms:  # reaches the live zone around the clock
             return live_bound
         return stream_bound
+
+    def pace_bound(self, now_ms: int, max_future_ms: int) -> int:
+        """The latest event time that still follows the recent sample at
+        its own pace: its latest event plus ``max_future_ms`` plus
+        ``PACE_GAPS`` mean gaps between its events; never past the
+        wall-clock bound. Ask it of an event past ``ahead_bound``.
+
+        >>> clock = SourceClock(quantile=0.9, sample=4)
+        >>> for ts in [0, 600, 1200, 1800]:
+        ...     clock.add(ts)
+        >>> clock.pace_bound(now_ms=10**9, max_future_ms=100)  # 1800 + 100 + 20 * 600
+        13900
+        """
+        live_bound = now_ms + max_future_ms
+        values = self._sorted
+        if len(values) < 2:
+            return live_bound
+        mean_gap = (values[-1] - values[0]) // (len(values) - 1)
+        return min(live_bound, values[-1] + max_future_ms + PACE_GAPS * mean_gap)
 
     def add(self, ts: int) -> None:
         """An accepted event's time."""

@@ -129,7 +129,7 @@ def test_run_replays_two_days_through_every_part_to_its_summary(start_run):
     assert per_day[first_day] > 100 and per_day[second_day] > 100  # of 288 five-minute windows a day
     assert f"batches    {len(refs):,} of 300 s" in summary
     assert f"{sum(r.manifest.records for r in refs):,} records" in summary
-    assert "dead letters 0" in summary
+    assert "dead letters 0" in summary, summary
 
     # A full model for each day, warm-started, each in the summary with its recall.
     models = list_full_models(data / "models" / "full")

@@ -98,3 +98,71 @@ def test_a_log_with_ten_percent_displaced_joins_the_sorted_samples_minus_what_is
           f"{sum(written.values()):,} written, {lost:,} not written (their events dead-lettered); "
           f"late records {core.counters['late_records']:,}")
     assert lost <= 0.25 * len(expected)
+
+
+# The `freshtower run` test world: 200 users, 1,500 requests a day over 4
+# partitions, a day/night cycle with a ninth of the peak rate at night, so
+# a partition's events are up to an hour or two apart after midnight.
+SPARSE_WORLD = SimulatorConfig(users=200, items=100, requests_per_day=1500, seed=3)
+BATCH_SIZES = [1, 5, 20, 100, 500, 2000]
+
+
+def random_batches(events: list, seed: int) -> list[list]:
+    """``events`` cut into micro-batches of random sizes (a backlog read
+    as fast as the worker goes: a batch may hold a day of one partition)."""
+    rng = random.Random(seed)
+    batches, i = [], 0
+    while i < len(events):
+        size = rng.choice(BATCH_SIZES)
+        batches.append(events[i : i + size])
+        i += size
+    return batches
+
+
+def test_a_sparse_partition_read_in_big_batches_follows_its_pace_but_not_a_jump():
+    events = raw_events(Simulator(SPARSE_WORLD), [0, 1])
+    times: dict[tuple[str, int], list[int]] = {}
+    for e in events:
+        times.setdefault((e.topic, e.partition), []).append(msgspec.json.decode(e.value)["ts"])
+    past_bulk = past_both = 0
+    for seed in range(30):
+        for ts in times.values():
+            clock = SourceClock(quantile=0.9, sample=64)
+            for batch in random_batches(ts, seed):
+                bound = clock.ahead_bound(batch, now_ms=10**13, max_future_ms=3_600_000)
+                for t in batch:
+                    if t > bound:
+                        past_bulk += 1  # the sparse tail of a big batch: in order, yet past bulk + spread
+                        past_both += t > clock.pace_bound(10**13, 3_600_000)
+                    clock.add(t)
+                clock.settle()
+    assert past_bulk > 0  # the bulk bound alone refused events of a stream in order (the run test's dead letters)
+    assert past_both == 0
+    # A jump a day ahead of a quiet night's pace is still refused.
+    clock = SourceClock(quantile=0.9, sample=64)
+    night = [T0 + k * 1_200_000 for k in range(64)]  # 20 min apart
+    for t in night:
+        clock.add(t)
+    assert clock.pace_bound(10**13, 3_600_000) < night[-1] + 86_400_000
+    assert clock.pace_bound(10**13, 3_600_000) > night[-1] + 3_600_000 + 10 * 1_200_000
+
+
+# Batch cuts under which the bulk bound alone (no pace bound) dead-lettered
+# 2, 2, 2 and 19 events of this log in order as future_timestamp (4 of
+# seeds 0-39; none of the 40 do now).
+@pytest.mark.parametrize("seed", [29, 30, 34, 38])
+def test_a_sparse_log_in_order_read_in_random_batches_joins_every_sample_with_no_dead_letter(seed):
+    simulator = Simulator(SPARSE_WORLD)
+    events = raw_events(simulator, [0, 1])
+    core = JoinCore(JoinSettings(max_future_ms=3_600_000), {})
+    partitions = {(e.topic, e.partition) for e in events}
+    samples, dead = [], []
+    for batch in random_batches(events, seed):
+        result = core.process(batch, T0 + 10 * 86_400_000, partitions=partitions)
+        dead += result.dead_letters
+        samples += [s for w in result.closed for s in w.samples]
+        core.finalize()
+    result = core.advance(core.watermark_ms + 3 * 3_600_000)
+    samples += [s for w in result.closed for s in w.samples]
+    assert [(d.code, d.reason) for d in dead + result.dead_letters] == []
+    assert Counter(sample_key(s) for s in samples) == Counter(expected_samples(simulator, [0, 1]).keys())
