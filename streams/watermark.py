@@ -104,7 +104,8 @@ class SourceClock:
         """The latest event time that still follows the recent sample at
         its own pace: its latest event plus ``max_future_ms`` plus
         ``PACE_GAPS`` mean gaps between its events; never past the
-        wall-clock bound. Ask it of an event past ``ahead_bound``.
+        wall-clock bound; with an empty sample, no allowance (0). Ask it
+        of an event past ``ahead_bound``.
 
         >>> clock = SourceClock(quantile=0.9, sample=4)
         >>> for ts in [0, 600, 1200, 1800]:
@@ -112,12 +113,11 @@ class SourceClock:
         >>> clock.pace_bound(now_ms=10**9, max_future_ms=100)  # 1800 + 100 + 20 * 600
         13900
         """
-        live_bound = now_ms + max_future_ms
         values = self._sorted
-        if len(values) < 2:
-            return live_bound
-        mean_gap = (values[-1] - values[0]) // (len(values) - 1)
-        return min(live_bound, values[-1] + max_future_ms + PACE_GAPS * mean_gap)
+        if not values:
+            return 0  # no pace to follow yet (a new partition, a restart): no allowance
+        mean_gap = (values[-1] - values[0]) // (len(values) - 1) if len(values) > 1 else 0
+        return min(now_ms + max_future_ms, values[-1] + max_future_ms + PACE_GAPS * mean_gap)
 
     def add(self, ts: int) -> None:
         """An accepted event's time."""
