@@ -421,43 +421,14 @@ class Publisher:
         ``now_s``: wall time recorded as its creation time (default: now)."""
         started = time.perf_counter() if started is None else started
         active = self.store.active()
-        active_full = self._chain_root(active)
         try:
-            check_full_inputs(inputs)
-            active_recall = None if active_full is None else _holdout_recall(active_full.manifest)
-            metrics = inputs.model.metrics
-            baseline = gate_baseline(metrics, None if active_full is None else active_full.manifest.model.version, active_recall)
-            if metrics.get("clicks") != 0:  # no holdout clicks (a stream's last day): nothing to compare
-                check_recall_drop(
-                    inputs.holdout_recall, baseline.recall, self.config.max_recall_drop, clicks=metrics.get("clicks"),
-                    min_clicks=self.config.min_gate_clicks, against=baseline.against,
-                )  # fmt: skip
-            self.on_stage("index", f"{len(inputs.item_ids)} items")
-            queries = check_queries(inputs, self.config.index_check_queries, self.settings.training.seed)
-            choice = choose_index(inputs.item_vectors, queries, self.config, k=INDEX_CHECK_K, seed=self.settings.training.seed)
-            index, recall = choice.index, choice.recall
-            check_index_recall(recall, self.config.min_index_recall, INDEX_CHECK_K)
+            choice, queries, active_recall, baseline = self._check_full(inputs, self._chain_root(active))
         except ReleaseRefused as error:
             return self._refuse_full(inputs.model_version, str(error), started)
-
+        index = choice.index
         version = self.store.next_version("full")
         staging = self.store.staging_dir(version)
-        self._write(staging, "user_tower.pt", lambda h: torch.save(inputs.tower, h))
-        self._write(staging, "user_embeddings.npy", lambda h: np.save(h, inputs.user_table))
-        self._write(staging, "user_ids.json", lambda h: h.write(json.dumps(inputs.user_ids).encode()))
-        self._write(staging, "item_vectors.npy", lambda h: np.save(h, inputs.item_vectors))
-        self._write(staging, "item_ids.json", lambda h: h.write(json.dumps(inputs.item_ids).encode()))
-        self._write(staging, "index.faiss", index.save, by_path=True)
-        try:  # the pre-ranker rides along; a pre-ranker that cannot be read never stops the retrieval release
-            prerank = write_prerank_files(staging, self.settings, on_file=lambda name: self.on_stage("file", name), statistics=self.statistics)
-        except StorageError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise  # a full disk or a read-only store stops the release, not just its pre-ranker
-        except (ArtifactError, OSError, KeyError, ValueError) as error:
-            log.warning("full release without a pre-ranker: %s", error)
-            prerank = None
-        if prerank is not None:
-            log.info("full release carries pre-ranker %s", prerank["model_version"])
+        self._write_full_files(staging, inputs, index)
         manifest = FullReleaseManifest(
             version=version,
             parent=None if active is None else active.version,
@@ -483,6 +454,47 @@ class Publisher:
             files={},  # listed by the store when it seals
         )
         return self._seal_and_activate(staging, manifest, active, activate, len(inputs.user_ids), started)
+
+    def _check_full(self, inputs: FullReleaseInputs, active_full):
+        """The full release's gates: its inputs, its holdout recall against
+        the baseline, and the index it chose. Returns (index choice, check
+        queries, the active release's holdout recall, the baseline); raises
+        ``ReleaseRefused``."""
+        check_full_inputs(inputs)
+        active_recall = None if active_full is None else _holdout_recall(active_full.manifest)
+        metrics = inputs.model.metrics
+        baseline = gate_baseline(metrics, None if active_full is None else active_full.manifest.model.version, active_recall)
+        if metrics.get("clicks") != 0:  # no holdout clicks (a stream's last day): nothing to compare
+            check_recall_drop(
+                inputs.holdout_recall, baseline.recall, self.config.max_recall_drop, clicks=metrics.get("clicks"),
+                min_clicks=self.config.min_gate_clicks, against=baseline.against,
+            )  # fmt: skip
+        self.on_stage("index", f"{len(inputs.item_ids)} items")
+        queries = check_queries(inputs, self.config.index_check_queries, self.settings.training.seed)
+        choice = choose_index(inputs.item_vectors, queries, self.config, k=INDEX_CHECK_K, seed=self.settings.training.seed)
+        check_index_recall(choice.recall, self.config.min_index_recall, INDEX_CHECK_K)
+        return choice, queries, active_recall, baseline
+
+    def _write_full_files(self, staging: Path, inputs: FullReleaseInputs, index) -> None:
+        """The release's files into ``staging``, the pre-ranker's with them
+        when it can be read (one that cannot never stops the retrieval
+        release; a full disk or a read-only store does)."""
+        self._write(staging, "user_tower.pt", lambda h: torch.save(inputs.tower, h))
+        self._write(staging, "user_embeddings.npy", lambda h: np.save(h, inputs.user_table))
+        self._write(staging, "user_ids.json", lambda h: h.write(json.dumps(inputs.user_ids).encode()))
+        self._write(staging, "item_vectors.npy", lambda h: np.save(h, inputs.item_vectors))
+        self._write(staging, "item_ids.json", lambda h: h.write(json.dumps(inputs.item_ids).encode()))
+        self._write(staging, "index.faiss", index.save, by_path=True)
+        try:
+            prerank = write_prerank_files(staging, self.settings, on_file=lambda name: self.on_stage("file", name), statistics=self.statistics)
+        except StorageError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except (ArtifactError, OSError, KeyError, ValueError) as error:
+            log.warning("full release without a pre-ranker: %s", error)
+            prerank = None
+        if prerank is not None:
+            log.info("full release carries pre-ranker %s", prerank["model_version"])
 
     def _refuse_full(self, model_version: str, reason: str, started: float) -> PublishOutcome:
         self.refused_models[model_version] = reason

@@ -169,58 +169,22 @@ def train_full(
     main = rank == 0
     if not main:
         progress = None
-    learner = Learner(model, training, estimator, trainable="all", seed=seed + rank, distillation=settings.distillation)
-    learner.collective = collective
-    learner.update_frequencies = False  # pass 1 follows the day in time order
-    if parent is not None:
-        _restore_optimizer_state(learner, saved_optimizer, training.accumulator_decay)
+    learner = _start_learner(settings, model, estimator, saved_optimizer if parent is not None else None, seed + rank, collective)
     holdout_start_ms, holdout_end_ms, holdout_refs = holdout_batches(settings.batches_dir, day, training.holdout_seconds)
     holdout, parent_metrics = _holdout(settings, spec, model, parent, holdout_refs) if main else (None, None)
     today = date.fromisoformat(day).toordinal() - date(1970, 1, 1).toordinal()
     expired = _expire(learner, today, settings.vocabulary.expiry_days)
 
-    train_refs = refs  # every click of the day
-    total_positives = sum(r.manifest.positives for r in train_refs)
-    shards = training.shuffle_shards or max(1, math.ceil(total_positives / training.shuffle_shard_records))
-    rng = np.random.default_rng(seed)  # the same on every worker: same shard assignment
-    mine = [s for s in range(shards) if s % world == rank]
-    scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-pid{os.getpid()}-", dir=_scratch_root(settings)))
-    try:
-        shard_sizes, newest_click_ms = _scatter_in_time_order(
-            learner, estimator, train_refs, spec, rng, shards, mine, scratch, progress, settings.prerank.category_feature
-        )
-        samples, losses_seen, train_seconds = _learn_shuffled(
-            learner, day, spec, rng, shard_sizes, mine, scratch, collective, total_positives, progress
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    samples, losses_seen, train_seconds, newest_click_ms = _train_day(learner, estimator, settings, day, refs, spec, seed, collective, progress)
     if collective:
-        samples = int(collective.all_reduce_sum(samples))
         # The workers applied the same updates, so their replicas must be
         # bit-identical; if not, the run is wrong and nothing is written.
         collective.check_identical(model.parameters(), f"full training of {day}")
     if not main:
         return None
 
-    model.eval()
-    if not len(holdout):
-        log.warning("full model %s: no holdout clicks in the next day's first %.0f s (not written yet?)", day, training.holdout_seconds)
-    metrics = evaluate(model, holdout, settings.evaluation.ks, IndexSettings.from_publisher(settings.publisher))
-    if parent_metrics is not None and "exact" in parent_metrics:
-        metrics["parent"] = {"version": parent.version, "exact": parent_metrics["exact"]}
-    metrics.update(
-        {
-            "train_samples": samples,
-            "train_seconds": train_seconds,
-            "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
-            "mean_loss": float(np.mean(losses_seen)) if losses_seen else None,
-            "final_loss": float(np.mean(losses_seen[-20:])) if losses_seen else None,
-            "expired": expired,
-            "workers": world,
-            "users": model.user_ids.admitted,
-            "items": len(model.catalogue),
-        }
-    )
+    metrics = _evaluate_day(settings, day, model, holdout, parent, parent_metrics)
+    metrics.update(_training_figures(model, samples, train_seconds, losses_seen, expired, world))
     record = TrainingRecord(
         parent=parent.version if parent else None,
         from_scratch=parent is None,
@@ -230,11 +194,71 @@ def train_full(
         holdout_start_ms=holdout_start_ms,  # the next day's first holdout_seconds
         holdout_end_ms=holdout_end_ms,
         metrics=metrics,
-        lineage=_lineage(settings, train_refs, holdout_refs),
+        lineage=_lineage(settings, refs, holdout_refs),
         config=settings.as_record(),
     )
     ref = save_full_model(models_dir, day, model, estimator, _optimizer_state(learner), record)
     return FullTrainingResult(ref, samples, train_seconds, metrics)
+
+
+def _start_learner(settings: Settings, model, estimator, saved_optimizer, seed: int, collective) -> Learner:
+    """The day's learner over every parameter; ``saved_optimizer``: the
+    parent's optimiser state to continue from (None: a fresh start)."""
+    learner = Learner(model, settings.training, estimator, trainable="all", seed=seed, distillation=settings.distillation)
+    learner.collective = collective
+    learner.update_frequencies = False  # pass 1 follows the day in time order
+    if saved_optimizer is not None:
+        _restore_optimizer_state(learner, saved_optimizer, settings.training.accumulator_decay)
+    return learner
+
+
+def _evaluate_day(settings: Settings, day: str, model, holdout, parent, parent_metrics) -> dict:
+    """Recall on the next day's first holdout_seconds, beside the parent's."""
+    model.eval()
+    if not len(holdout):
+        log.warning("full model %s: no holdout clicks in the next day's first %.0f s (not written yet?)", day, settings.training.holdout_seconds)
+    metrics = evaluate(model, holdout, settings.evaluation.ks, IndexSettings.from_publisher(settings.publisher))
+    if parent_metrics is not None and "exact" in parent_metrics:
+        metrics["parent"] = {"version": parent.version, "exact": parent_metrics["exact"]}
+    return metrics
+
+
+def _train_day(learner: Learner, estimator, settings: Settings, day: str, refs, spec, seed: int, collective, progress):
+    """The day's two passes over every click (``refs``): scatter in time
+    order into shuffle shards (this worker's share of them), then learn them
+    shuffled. Returns (samples over all workers, losses, seconds, newest
+    click's event time)."""
+    training = settings.training
+    rank, world = (collective.rank, collective.world) if collective else (0, 1)
+    total_positives = sum(r.manifest.positives for r in refs)
+    shards = training.shuffle_shards or max(1, math.ceil(total_positives / training.shuffle_shard_records))
+    rng = np.random.default_rng(seed)  # the same on every worker: same shard assignment
+    mine = [s for s in range(shards) if s % world == rank]
+    scratch = Path(tempfile.mkdtemp(prefix=f"full-{day}-{rank}-pid{os.getpid()}-", dir=_scratch_root(settings)))
+    try:
+        shard_sizes, newest_click_ms = _scatter_in_time_order(
+            learner, estimator, refs, spec, rng, shards, mine, scratch, progress, settings.prerank.category_feature
+        )
+        samples, losses_seen, train_seconds = _learn_shuffled(learner, day, spec, rng, shard_sizes, mine, scratch, collective, total_positives, progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if collective:
+        samples = int(collective.all_reduce_sum(samples))
+    return samples, losses_seen, train_seconds, newest_click_ms
+
+
+def _training_figures(model, samples: int, train_seconds: float, losses_seen: list, expired, workers: int) -> dict:
+    return {
+        "train_samples": samples,
+        "train_seconds": train_seconds,
+        "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
+        "mean_loss": float(np.mean(losses_seen)) if losses_seen else None,
+        "final_loss": float(np.mean(losses_seen[-20:])) if losses_seen else None,
+        "expired": expired,
+        "workers": workers,
+        "users": model.user_ids.admitted,
+        "items": len(model.catalogue),
+    }
 
 
 def _warm_start(settings: Settings, models_dir: Path, day: str, from_scratch: bool):
