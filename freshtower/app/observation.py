@@ -77,15 +77,12 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
     """The facts of the completion rule that matter once the replay has
     ended (``run_state.unfinished``); reads every batch manifest."""
     from freshtower.publisher.due import what_is_due
-    from freshtower.publisher.publish import online_checkpoints
     from freshtower.publisher.release_store import open_release_store
     from freshtower.publisher.releases import ReleaseError
     from freshtower.trainer.artifacts import full_models_dir, list_full_models, refusal, servable_full_model
     from freshtower.trainer.schedule import day_of, days_due, event_clock_ms
 
     from freshtower.core.batches import list_batches
-    from freshtower.core.contracts import ContractError
-    from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
 
     s = settings
     refs = list_batches(s.batches_dir)
@@ -99,17 +96,7 @@ def settled(settings: Settings, last_event_ms: int, service_url: str) -> Settled
         active = store.active()
     except ReleaseError:
         active = None
-    bases: set[str | None] = set()  # the full models the checkpoints follow (None: one being replaced)
-    windows, checkpoints = [], {}
-    for name, path in online_checkpoints(s.online_dir).items():
-        try:
-            checkpoint = read_online_checkpoint(path)
-        except ContractError:
-            bases.add(None)  # being replaced: look again next second
-            continue
-        bases.add(checkpoint.base_version)
-        windows.append(checkpoint.newest_window_ms)
-        checkpoints[name] = checkpoint
+    bases, windows, checkpoints = _online_checkpoints(s)
     # What the publisher would do now, by its own rule.
     publisher = what_is_due(
         model_version=None if servable is None else servable.version,
@@ -265,3 +252,25 @@ def _statistics_age(freshness: dict) -> str:
     behind = f", {(newest - as_of) / 1000:,.0f} event-time s before the newest click learnt" if newest else ""
     when = datetime.fromtimestamp(as_of / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     return f"statistics as of {when}{behind}"
+
+
+def _online_checkpoints(settings: Settings):
+    """(base versions, newest windows, checkpoints by trainer name) of the
+    online trainers' checkpoints now; a base of None: one being replaced."""
+    from freshtower.publisher.publish import online_checkpoints
+
+    from freshtower.core.contracts import ContractError
+    from freshtower.core.contracts.online_checkpoint import read_online_checkpoint
+
+    bases: set[str | None] = set()  # the full models the checkpoints follow
+    windows, checkpoints = [], {}
+    for name, path in online_checkpoints(settings.online_dir).items():
+        try:
+            checkpoint = read_online_checkpoint(path)
+        except ContractError:
+            bases.add(None)  # being replaced: look again next second
+            continue
+        bases.add(checkpoint.base_version)
+        windows.append(checkpoint.newest_window_ms)
+        checkpoints[name] = checkpoint
+    return bases, windows, checkpoints
