@@ -30,6 +30,10 @@ embedded broker cannot run Faust's exactly-once mode):
    that covers all events processed before the close, and after the
    progress record saying so is on the broker, so a replay can never
    re-create them and a restart never rewrites a window without them.
+4. Their event IDs, which deduplicate copies for a day after
+   (``streams/dedup.py``), are on the broker (table ``join-written-ids``)
+   before the requests' tombstones are sent, so a restarted worker or the
+   partition's next owner still recognises a copy.
 
 Scale-out: each input partition number is joined on its own
 (``streams/partitions.py``), with its progress record in that partition of
@@ -96,11 +100,12 @@ class StreamProcessor:
     letters, changelog writes, batch files and announcements out, each
     input partition with its own progress record, lineage and sink."""
 
-    def __init__(self, settings: Settings, app: faust.App, requests, progress, dead_letters, announcements):
+    def __init__(self, settings: Settings, app: faust.App, requests, progress, dead_letters, announcements, written_ids):
         self.settings = settings
         self.app = app
         self.requests = requests
         self.progress = progress
+        self.written_ids = written_ids
         self.dead_letters = dead_letters
         self.announcements = announcements
         self.join_settings = JoinSettings.from_config(settings.streams)
@@ -168,6 +173,7 @@ class StreamProcessor:
         if previous is not None:
             self.join.counters.update(previous.counters)  # a rebalance: the figures go on
         self.lineages = {p: progress[p]["lineage"] for p in owned}
+        restored = self._restore_written_ids(set(owned))
         f = self.settings.frequency
         cuts = [core.open_from_ms for core in self.join.cores.values()]
         written = written_windows(self.settings.batches_dir, None if None in cuts else min(cuts, default=None))
@@ -189,12 +195,29 @@ class StreamProcessor:
         self.needs_rebuild = False
         self.recovered_open_requests = self.join.open_requests
         log.info(
-            "join state ready: partitions %s, %d open requests, open_from_ms=%s, watermark_ms=%s",
+            "join state ready: partitions %s, %d open requests, %d written-out event IDs remembered, open_from_ms=%s, watermark_ms=%s",
             owned,
             self.join.open_requests,
+            restored,
             {p: core.open_from_ms for p, core in self.join.cores.items()},
             {p: core.watermark_ms for p, core in self.join.cores.items()},
         )
+
+    def _restore_written_ids(self, owned: set[int]) -> int:
+        """Load the owned partitions' chunk records of written-out event IDs
+        into the join's memory of them; drop the others (another worker's
+        now; their changelog keeps them). Returns how many IDs it holds."""
+        store = self.written_ids.data
+        mapping = store.data if isinstance(getattr(store, "data", None), dict) else store
+        joined_ids = self.join.joined_ids
+        for key, value in list(mapping.items()):
+            if int(value["partition"]) in owned:
+                joined_ids.restore(key, value)
+            else:
+                del mapping[key]
+        if self.join.watermark_ms is not None:
+            joined_ids.expire(self.join.watermark_ms)  # the tombstones go out with the next changelog records
+        return len(joined_ids)
 
     def _new_emitter(self) -> RankingSampleEmitter | None:
         if not self.settings.streams.ranking_samples:
@@ -343,6 +366,7 @@ class StreamProcessor:
             for letter in result.dead_letters:
                 pending.append(await self.dead_letters.send(key=letter.key, value=encode_dead_letter(letter, keep_bytes)))
         pending += await self._write_changelog()
+        pending += await self._write_written_ids()
         closing = [(partition, result) for partition, result in results if result.closed_to_ms is not None]
         # Every partition's windows closed now, written together (one pair of
         # directory fsyncs for them all), each durable before it is announced.
@@ -393,6 +417,28 @@ class StreamProcessor:
                     if batch.append(timestamp=None, key=key, value=value) is None:
                         raise ValueError(f"join state of {key!r} does not fit a producer batch ({len(value or b''):,} bytes)")
             futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
+
+    async def _write_written_ids(self) -> list:
+        """New chunk records of written-out event IDs, and tombstones for
+        the expired ones, each in its partition of the ``join-written-ids``
+        changelog. Returns the delivery futures."""
+        joined_ids = self.join.joined_ids
+        records = [(p, key, value) for key, value in joined_ids.chunk_records() for p in [value["partition"]]]
+        records += [(p, key, None) for p, key in joined_ids.take_expired()]
+        if not records:
+            return []
+        topic = self.written_ids.changelog_topic.get_topic_name()
+        data = self.written_ids.data
+        futures = []
+        for partition, key, value in records:
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value  # what this worker would recover, so a rebuild in place reads it too
+            futures.append(
+                await self.app.producer.send(topic, orjson.dumps(key), None if value is None else orjson.dumps(value), partition, None, None)
+            )
         return futures
 
     async def _ack_delivered(self, wait: bool) -> None:
@@ -489,6 +535,9 @@ class StreamProcessor:
             core = self.join.cores[p]
             core.finalize()
             self.encoder.forget(core.deleted)  # their samples are all written
+        # Their event IDs are on the broker before the requests' tombstones:
+        # a crash in between leaves the requests open, never forgotten.
+        await asyncio.gather(*await self._write_written_ids())
         await asyncio.gather(*await self._write_changelog())
         self.pending -= ready
 
@@ -555,8 +604,9 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamProcessor]:
     # Keys and values are JSON (Faust's default codec, orjson underneath).
     requests = app.Table("join-requests", partitions=s.partitions, help="request_id -> join state")
     progress = app.Table("join-progress", partitions=s.partitions, help="the window cut and watermark")
+    written_ids = app.Table("join-written-ids", partitions=s.partitions, help="event IDs of written-out requests, in chunks (streams/dedup.py)")
 
-    processor = StreamProcessor(settings, app, requests, progress, dead_letters, announcements)
+    processor = StreamProcessor(settings, app, requests, progress, dead_letters, announcements, written_ids)
     requests.on_recover(processor.on_recovered)
 
     # Fetched batches of the input topics reach the agent whole (see

@@ -352,7 +352,7 @@ class JoinCore:
         for request_id in self._finalizable:
             state = self.requests.get(request_id)
             if state is not None and self._is_finalized(state):
-                self.joined_ids.add(_event_ids(request_id, state), state["impression"]["ts"])
+                self.joined_ids.add(_event_ids(request_id, state), state["impression"]["ts"], state["partition"])
                 del self.requests[request_id]
                 self.dirty.pop(request_id, None)
                 self.deleted[request_id] = state["partition"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, MutableMapping
 
+from freshtower.streams.dedup import JoinedIds
 from freshtower.streams.join import DEFAULT_KINDS, JoinCore, JoinSettings, StepResult
 
 TopicPartition = tuple[str, int]  # (topic, partition)
@@ -60,7 +61,9 @@ class PartitionedJoin:
             core.counters = self.counters
             # One memory of written-out event IDs for all of the worker's partitions:
             # a copy that arrives on another partition is recognised too.
-            joined_ids = core.joined_ids = joined_ids or core.joined_ids
+            # (``is None``, not ``or``: an empty memory is falsy, and each core kept its own.)
+            joined_ids = core.joined_ids = core.joined_ids if joined_ids is None else joined_ids
+        self.joined_ids = joined_ids if joined_ids is not None else JoinedIds(settings.dedup_horizon_ms)
 
     def process(self, messages, now_ms: int, assigned: set[TopicPartition], caught_up: set[TopicPartition]) -> list[tuple[int, StepResult]]:
         """A micro-batch of raw messages (any partitions, in arrival order),

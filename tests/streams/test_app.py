@@ -318,6 +318,36 @@ def test_two_workers_in_one_group_split_the_partitions_and_write_what_one_would(
     assert committed == ends
 
 
+def test_a_day_delivered_again_after_a_restart_counts_once(kafka_broker, tmp_path, small_day_log, worker_factory):
+    """Every request of the day left the join state and the worker stopped;
+    then the whole day comes again. The next worker knows the written-out
+    event IDs only from the ``join-written-ids`` changelog, and must count
+    every copy as a duplicate: nothing written again, nothing dead-lettered."""
+    path, counts, expected, last_ts = small_day_log
+    # Once idle, event time runs an hour a wall second here (idle_advance_rate), so a day's horizon
+    # would expire while the worker stops and the next one starts: a week's keeps the test about restarts.
+    settings = streams_settings(
+        kafka_broker.bootstrap, tmp_path / "data", window_seconds=SPLIT_WINDOW_SECONDS, dedup_horizon_seconds=7 * 86_400
+    )
+    replay(settings, path)
+    first = worker_factory(settings, "first")
+    first.wait_for(finished(last_ts, settings), 120, "every window written")
+    assert first.stop() == 0
+    before = {ref.manifest_path: ref.manifest.file for ref in list_batches(settings.batches_dir)}
+
+    replay(settings, path)  # the same day again, later in every partition
+    second = worker_factory(settings, "second")
+    total = sum(counts.values())
+    stats = second.wait_for(lambda s: s["events_in"] >= total and s["open_requests"] == 0, 120, "the day read again")
+    assert stats["events_in"] == total
+    assert stats["duplicates"] == total, stats["counters"]
+    assert stats["dead_letters"] == 0 and stats["records_out"] == 0, stats["counters"]
+    assert second.stop() == 0
+    assert {ref.manifest_path: ref.manifest.file for ref in list_batches(settings.batches_dir)} == before
+    keys = batch_keys(settings.batches_dir)
+    assert set(keys) == set(expected) and max(keys.values()) == 1
+
+
 def test_a_worker_joining_mid_stream_takes_over_partitions_with_their_join_state(kafka_broker, tmp_path, small_day_log, worker_factory):
     path, _, expected, last_ts = small_day_log
     settings = streams_settings(kafka_broker.bootstrap, tmp_path / "data", window_seconds=SPLIT_WINDOW_SECONDS)
