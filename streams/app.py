@@ -35,6 +35,13 @@ embedded broker cannot run Faust's exactly-once mode):
    before the requests' tombstones are sent, so a restarted worker or the
    partition's next owner still recognises a copy.
 
+Any producer's partitioner: an event on another partition than
+murmur2(user_id)'s (a librdkafka producer's CRC32 default) goes, as it
+arrived, to its input topic's repartition topic on murmur2's partition
+(``streams/topics.py``), acked only once it is there; the partition's owner
+reads it as one more source of that partition (so its watermark waits for
+the rerouted events too), and the join's dedup counts a copy once.
+
 Scale-out: each input partition number is joined on its own
 (``streams/partitions.py``), with its progress record in that partition of
 the ``join-progress`` changelog and its own batch files
@@ -62,7 +69,7 @@ from freshtower.streams.metrics import StreamMetrics
 from freshtower.streams.partitions import PartitionedJoin
 from freshtower.streams.ranking_samples import RankingSampleEmitter
 from freshtower.streams.sink import BatchSink, write_windows, written_windows
-from freshtower.streams.topics import input_topics
+from freshtower.streams.topics import repartition_topics, worker_topics
 
 from freshtower.core.batches import RequestSharingEncoder
 from freshtower.core.frequency import FrequencyEstimator
@@ -108,8 +115,9 @@ class StreamProcessor:
         self.written_ids = written_ids
         self.dead_letters = dead_letters
         self.announcements = announcements
-        self.join_settings = JoinSettings.from_config(settings.streams)
-        self.kinds = input_topics(settings)
+        self.repartition = repartition_topics(settings)  # input topic -> the topic its misplaced events go to
+        self.join_settings = JoinSettings.from_config(settings.streams, self.repartition)
+        self.kinds = worker_topics(settings)  # the inputs and their repartition topics, each a source of its partition
         self.input_topic_names = set(self.kinds)
         self.processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset processed
         self.metrics = StreamMetrics()
@@ -131,6 +139,8 @@ class StreamProcessor:
         self.last_batch_end = time.monotonic()
         self.last_idle_tick: float | None = None
         self._caught_up_since: dict = {}  # topic partition -> when it was first seen read to its end
+        self.repartition_sources = set(self.kinds) - set(self.repartition)  # the repartition topics
+        self.forwarded: dict = {}  # repartition topic partition -> delivery future of the newest copy sent there
         self.last_log = time.monotonic()
         self.busy_seconds = 0.0  # time spent in the agent (benchmarks: events_in / busy_seconds)
         self.micro_batches = 0
@@ -235,7 +245,7 @@ class StreamProcessor:
         for start in range(0, len(messages), size):
             await self._process(messages[start : start + size])
 
-    def _idle_sources(self, caught_up) -> set:
+    def _idle_sources(self, caught_up, assigned) -> set:
         """Topic partitions read to their end for ``idle_seconds`` (wall).
 
         Only these leave the watermark. The moment a partition catches up is
@@ -253,7 +263,25 @@ class StreamProcessor:
         for tp in caught_up:
             since.setdefault(tp, now)
         grace = self.settings.streams.idle_seconds
-        return {tp for tp, t in since.items() if now - t >= grace}
+        idle = {tp for tp, t in since.items() if now - t >= grace or tp[0] in self.repartition_sources}
+        return idle - self._awaiting_copies(assigned)
+
+    def _awaiting_copies(self, assigned) -> set:
+        """Repartition topic partitions this worker sent copies to and has
+        not read past yet. A repartition topic needs no idle grace (its
+        copies are sent by workers, which read their inputs first), but a
+        copy this worker sent may not be in the last fetch's end offset."""
+        awaiting = set()
+        for tp, future in list(self.forwarded.items()):
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                awaiting.add(tp)
+            elif self.processed.get(tp, 0) > future.result().offset:
+                del self.forwarded[tp]  # read back
+            elif tp in assigned:
+                awaiting.add(tp)
+            else:
+                del self.forwarded[tp]  # another worker's partition now
+        return awaiting
 
     async def _process(self, messages) -> None:
         async with self.lock:
@@ -267,7 +295,7 @@ class StreamProcessor:
             for m in messages:
                 processed[m.topic, m.partition] = m.offset + 1
             assigned, caught_up = self.app.consumer.input_partitions(self.input_topic_names, processed)
-            results = self.join.process(messages, _wall_ms(), assigned, self._idle_sources(caught_up))
+            results = self.join.process(messages, _wall_ms(), assigned, self._idle_sources(caught_up, assigned))
             # Acked = may be committed, so only once its changelog records,
             # dead letters and announcements are on the broker (a failed
             # delivery raises and stops the worker, unacked). The next
@@ -306,7 +334,7 @@ class StreamProcessor:
                 await self._commit_and_finalize()
                 # Sources idle only now (read to their end, quiet for idle_seconds) leave the watermark
                 # even after the last message: a topic with no events at all must not hold it at None.
-                await asyncio.gather(*await self._emit(self.join.settle(_wall_ms(), assigned, self._idle_sources(caught_up))))
+                await asyncio.gather(*await self._emit(self.join.settle(_wall_ms(), assigned, self._idle_sources(caught_up, assigned))))
                 if self.last_idle_tick is None:
                     self.last_idle_tick = now  # the idle clock starts now
                 elif s.idle_advance_rate > 0:
@@ -365,6 +393,11 @@ class StreamProcessor:
         for _, result in results:
             for letter in result.dead_letters:
                 pending.append(await self.dead_letters.send(key=letter.key, value=encode_dead_letter(letter, keep_bytes)))
+            for message, partition in result.rerouted:  # acked (committed) only once the copy is on the broker
+                again = self.repartition[message.topic]
+                future = await self.app.producer.send(again, message.key, message.value, partition, None, None)
+                pending.append(future)
+                self.forwarded[again, partition] = future  # the newest copy: that source is not idle until read past it
         pending += await self._write_changelog()
         pending += await self._write_written_ids()
         closing = [(partition, result) for partition, result in results if result.closed_to_ms is not None]
@@ -597,7 +630,8 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamProcessor]:
     )
     app.fetch_max_wait_ms = s.fetch_max_wait_ms  # the input fetch's longest wait (streams/faust_transport.py)
 
-    source = app.topic(t.impressions, t.clicks, t.rank_logs, key_serializer="raw", value_serializer="raw", partitions=s.partitions)
+    # The inputs and their repartition topics, co-partitioned (same partition count, same consumers).
+    source = app.topic(*worker_topics(settings), key_serializer="raw", value_serializer="raw", partitions=s.partitions)
     dead_letters = app.topic(t.dead_letters, key_serializer="raw", value_serializer="raw", partitions=1)
     announcements = app.topic(t.training_batches, key_serializer="raw", value_serializer="raw", partitions=1)
 
@@ -632,7 +666,12 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamProcessor]:
 
     @app.timer(interval=1.0, name="watermark-clock")
     async def watermark_clock():
-        await processor.on_tick()
+        try:  # the idle clock closes windows too (the first ones wait for idle sources): the same stop as the agent's
+            await processor.on_tick()
+        except Exception as error:
+            log.exception("join failed; stopping the worker")
+            await app.crash(error)
+            raise
 
     @app.page("/metrics")
     async def metrics(web, request):

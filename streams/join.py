@@ -45,6 +45,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from sys import intern
 from typing import Mapping, MutableMapping
 
@@ -69,14 +70,29 @@ class JoinSettings:
     max_lateness_ms: int | None = None  # None: half the join window
     dedup_horizon_ms: int = 86_400_000
     partitions: int | None = None  # input partition count: events not on murmur2(user_id)'s are dead-lettered; None: not checked
+    # (input topic, its repartition topic): events on the wrong partition of
+    # such an input are rerouted (the shell forwards them to the repartition
+    # topic), not dead-lettered. Events that arrive through a repartition
+    # topic are never rerouted again.
+    repartition: tuple[tuple[str, str], ...] = ()
+
+    @cached_property
+    def reroute_topics(self) -> frozenset[str]:
+        return frozenset(topic for topic, _ in self.repartition)
+
+    @cached_property
+    def repartition_of(self) -> dict[str, str]:
+        return dict(self.repartition)
 
     @property
     def effective_max_lateness_ms(self) -> int:
         return self.join_window_ms // 2 if self.max_lateness_ms is None else self.max_lateness_ms
 
     @classmethod
-    def from_config(cls, streams) -> "JoinSettings":
-        """From ``freshtower.core.settings.StreamsConfig`` (seconds -> ms)."""
+    def from_config(cls, streams, repartition: Mapping[str, str] | None = None) -> "JoinSettings":
+        """From ``freshtower.core.settings.StreamsConfig`` (seconds -> ms);
+        ``repartition``: input topic -> its repartition topic (used when
+        ``streams.repartition`` is on)."""
         if streams.window_seconds != int(streams.window_seconds):
             raise ValueError(
                 f"streams.window_seconds must be whole seconds (batch files are named by second), got {streams.window_seconds}"
@@ -98,6 +114,7 @@ class JoinSettings:
             max_lateness_ms=max_lateness_ms,
             dedup_horizon_ms=int(round(streams.dedup_horizon_seconds * 1000)),
             partitions=streams.partitions if streams.check_partitioner else None,
+            repartition=tuple(sorted((repartition or {}).items())) if streams.check_partitioner and streams.repartition else (),
             limits=Limits(
                 max_event_bytes=streams.max_event_bytes,
                 max_id_length=streams.max_id_length,
@@ -159,6 +176,9 @@ class StepResult:
     # [closed_from, closed_to) closed now, with or without records.
     closed_from_ms: int | None = None
     closed_to_ms: int | None = None
+    # (message, partition murmur2 gives): events that arrived on another
+    # partition, for the shell to forward through the repartition topic
+    rerouted: list[tuple[object, int]] = field(default_factory=list)
 
 
 class JoinCore:
@@ -211,9 +231,16 @@ class JoinCore:
         self._window_requests.clear()
         self._expiry.clear()
         self._finalizable.clear()
+        # The latest event time in the recovered state: every such event was read, so once every
+        # source is idle with nothing new to read (a restart after the last event), the watermark
+        # starts there instead of waiting for an event that may never come.
+        self.recovered_time_ms = None
         for request_id, state in self.requests.items():
             if state is None or (self.partition is not None and state["partition"] != self.partition):
                 continue
+            latest = _state_time(state)
+            if self.recovered_time_ms is None or latest > self.recovered_time_ms:
+                self.recovered_time_ms = latest
             if state["impression"] is None:
                 self._push_expiry(request_id, state)
                 continue
@@ -291,10 +318,19 @@ class JoinCore:
         for (message, kind, event), copy in zip(valid, written_out):
             source = (message.topic, message.partition)
             try:
-                if self.placement is not None and self.placement.partition(message.key) != message.partition:
-                    raise InvalidEvent("wrong_partitioner", self.placement.reason(message.key, message.partition))
-                if event.ts > bounds[source] and event.ts > clocks[source].pace_bound(now_ms, s.max_future_ms):
+                # "Ahead of the stream" is judged on the stream the event arrived on, so a rerouted
+                # event is judged before it leaves, not again on its (sparse) repartition topic.
+                forwarded = s.reroute_topics and message.topic not in s.reroute_topics
+                if not forwarded and event.ts > bounds[source] and event.ts > clocks[source].pace_bound(now_ms, s.max_future_ms):
                     self._reject_future(event.ts, clocks[source], bounds[source], now_ms)
+                if self.placement is not None and (target := self.placement.partition(message.key)) != message.partition:
+                    if message.topic in s.reroute_topics:
+                        result.rerouted.append((message, target))
+                        counters["rerouted." + kind] += 1
+                        seen[kind] -= 1  # counted in where it is joined
+                        clocks[source].add(event.ts)  # it tells how far this topic partition has been read
+                        continue
+                    raise InvalidEvent("wrong_partitioner", self.placement.reason(message.key, message.partition))
                 if copy:  # its request was written out already: a copy, whatever partition, however late
                     counters["duplicates." + kind] += 1
                     continue
@@ -325,6 +361,8 @@ class JoinCore:
         max over all: nothing is pending anywhere). Never moves back."""
         times = self.partition_time
         if not times:
+            if self.recovered_time_ms is not None and partitions and partitions <= idle and self.watermark_ms is None:
+                self.watermark_ms = self.recovered_time_ms
             return
         partitions = set(times) if partitions is None else partitions
         active = partitions - idle
@@ -709,6 +747,15 @@ def _event_ids(request_id: str, state: dict) -> list[str]:
     if state["rank"] is not None:
         ids += [f"{request_id}/{stage}" for stage in state["rank"]["stages"]]
     return ids
+
+
+def _state_time(state: dict) -> int:
+    """The latest event time a request's join state holds."""
+    times = [c[0] for c in state.get("clicks", {}).values()] + [p[2] for p in state.get("pending_clicks", ())]
+    for part in ("impression", "rank"):
+        if state.get(part) is not None:
+            times.append(state[part]["ts"])
+    return max(times, default=0)
 
 
 def _partition_mismatch(kind: str, event_id: str, request_id: str, state: dict, partition: int):

@@ -8,6 +8,7 @@ freshtower_streams_events_total{kind}   messages read, by stream
 freshtower_streams_records_total{label} samples written to batches (1 clicked, 0 shown)
 freshtower_streams_dead_letters_total   dead letters, by reason code
 freshtower_streams_duplicates_total     events that counted once already, by kind
+freshtower_streams_rerouted_total       events forwarded to murmur2's partition (repartition), by kind
 freshtower_streams_late_records_total   samples that went to a later window than their own
 freshtower_streams_joined_clicks_total  clicks joined to their impression
 freshtower_streams_batches_total        windows written
@@ -39,6 +40,9 @@ class StreamMetrics:
         self.records = PromCounter("freshtower_streams_records", "Samples written to batches, by label", ["label"], registry=r)
         self.dead_letters = PromCounter("freshtower_streams_dead_letters", "Dead-lettered events, by reason code", ["code"], registry=r)
         self.duplicates = PromCounter("freshtower_streams_duplicates", "Events that had counted once already", ["kind"], registry=r)
+        self.rerouted = PromCounter(
+            "freshtower_streams_rerouted", "Events on the wrong partition forwarded to murmur2's, by kind", ["kind"], registry=r
+        )
         self.late = PromCounter("freshtower_streams_late_records", "Samples sent to a later window than their own", registry=r)
         self.joined = PromCounter("freshtower_streams_joined_clicks", "Clicks joined to their impression", registry=r)
         self.batches = PromCounter("freshtower_streams_batches", "Windows written as batch files", registry=r)
@@ -74,6 +78,8 @@ class StreamMetrics:
                 self.dead_letters.labels(label).inc(delta)
             elif group == "duplicates":
                 self.duplicates.labels(label).inc(delta)
+            elif group == "rerouted":
+                self.rerouted.labels(label).inc(delta)
             elif name == "late_records":
                 self.late.inc(delta)
             elif name == "joined_clicks":
@@ -104,6 +110,7 @@ class StreamMetrics:
             "join_hit_rate": round(hit_rate, 4),
             "late_records": counters["late_records"],
             "duplicates": sum(v for k, v in counters.items() if k.startswith("duplicates.")),
+            "rerouted": sum(v for k, v in counters.items() if k.startswith("rerouted.")),
             "dead_letters": sum(v for k, v in counters.items() if k.startswith("dead_letters.")),
             "batches": counters["windows_closed"],
             "watermark_ms": watermark_ms,

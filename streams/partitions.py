@@ -18,6 +18,12 @@ those still being read, or, when every partition is idle, the largest. So
 a quiet partition neither holds its windows open forever nor runs ahead of
 data still to come on the others. A partition that has seen no event is
 left alone: it has nothing to close.
+
+Repartition topics (``JoinSettings.repartition``) are more sources of
+their partition. A micro-batch that sends copies to one (events a producer
+put on the wrong partition) keeps that source out of the idle set for the
+step, so its partition's watermark waits for the copies whichever core
+runs first.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Mapping, MutableMapping
 
 from freshtower.streams.dedup import JoinedIds
 from freshtower.streams.join import DEFAULT_KINDS, JoinCore, JoinSettings, StepResult
+from freshtower.streams.placement import Placement
 
 TopicPartition = tuple[str, int]  # (topic, partition)
 
@@ -64,6 +71,10 @@ class PartitionedJoin:
             # (``is None``, not ``or``: an empty memory is falsy, and each core kept its own.)
             joined_ids = core.joined_ids = core.joined_ids if joined_ids is None else joined_ids
         self.joined_ids = joined_ids if joined_ids is not None else JoinedIds(settings.dedup_horizon_ms)
+        self.placement = Placement(settings.partitions) if settings.partitions and settings.repartition else None
+        if self.placement is not None:
+            for core in self.cores.values():
+                core.placement = self.placement  # one cache of murmur2 placements for the worker
 
     def process(self, messages, now_ms: int, assigned: set[TopicPartition], caught_up: set[TopicPartition]) -> list[tuple[int, StepResult]]:
         """A micro-batch of raw messages (any partitions, in arrival order),
@@ -78,12 +89,28 @@ class PartitionedJoin:
             if batch is None:
                 batch = by_partition[message.partition] = []
             batch.append(message)
+        if self.placement is not None:
+            # A repartition topic partition about to receive copies from this batch is not idle, even
+            # if read to its end now: its partition's watermark must wait for them, whichever
+            # partition's core runs first.
+            caught_up = caught_up - self._incoming(messages)
         results = []
         for partition, batch in by_partition.items():
             own = {tp for tp in assigned if tp[1] == partition}
             results.append((partition, self.cores[partition].process(batch, now_ms, own, own & caught_up)))
         results += self._follow_frontier(assigned, caught_up)
         return results
+
+    def _incoming(self, messages) -> set[TopicPartition]:
+        """The repartition topic partitions that ``messages`` will send copies to."""
+        repartition_of = self.settings.repartition_of
+        partition_of = self.placement.partition
+        incoming = set()
+        for message in messages:
+            again = repartition_of.get(message.topic)
+            if again is not None and message.key is not None and (target := partition_of(message.key)) != message.partition:
+                incoming.add((again, target))
+        return incoming
 
     def _follow_frontier(self, assigned: set[TopicPartition], caught_up: set[TopicPartition]) -> list[tuple[int, StepResult]]:
         reading = {tp[1] for tp in assigned - caught_up}

@@ -8,12 +8,19 @@ clicks              user_id                  click JSON
 rank-logs           user_id                  rank-log JSON
 dead-letters        original key             envelope JSON (``streams/dead_letters.py``)
 training-batches    window start (ISO)       announcement JSON (``streams/sink.py``)
+<app_id>-<input>-   user_id                  the input event as it arrived, on the
+repartition                                  partition murmur2(user_id) gives
 =================== ======================== =====================================
 
 The three input topics must have the same partition count: producers key
 by user_id with the same (murmur2) partitioner, so a user's impression,
 clicks and rank logs land on the same partition number and the join state
-of a request lives in that partition of the changelog.
+of a request lives in that partition of the changelog. An event that a
+producer with another partitioner (librdkafka's CRC32 default) put on
+another partition is forwarded by the worker that reads it to the input
+topic's repartition topic, on murmur2's partition (``streams.repartition``),
+as Kafka Streams and Faust's ``group_by`` do; the worker reads those topics
+beside the inputs, as the same kinds of event.
 """
 
 from __future__ import annotations
@@ -33,6 +40,22 @@ def input_topics(settings: Settings) -> dict[str, str]:
     return {t.impressions: IMPRESSION, t.clicks: CLICK, t.rank_logs: RANK_LOG}
 
 
+def repartition_topics(settings: Settings) -> dict[str, str]:
+    """Input topic -> its repartition topic (none when
+    ``streams.repartition`` or ``streams.check_partitioner`` is off)."""
+    s = settings.streams
+    if not (s.repartition and s.check_partitioner):
+        return {}
+    return {topic: f"{s.app_id}-{topic}-repartition" for topic in input_topics(settings)}
+
+
+def worker_topics(settings: Settings) -> dict[str, str]:
+    """Every topic the worker joins -> its event kind: the inputs and
+    their repartition topics."""
+    kinds = input_topics(settings)
+    return {**kinds, **{again: kinds[topic] for topic, again in repartition_topics(settings).items()}}
+
+
 def ensure_topics(settings: Settings, timeout_ms: int = 10_000) -> list[str]:
     """Create the streams topics that do not exist yet; return the created ones."""
     from kafka import KafkaAdminClient
@@ -41,17 +64,16 @@ def ensure_topics(settings: Settings, timeout_ms: int = 10_000) -> list[str]:
 
     t = settings.topics
     partitions = settings.streams.partitions
+    joined = list(worker_topics(settings))  # the inputs and their repartition topics
     wanted = {
-        t.impressions: partitions,
-        t.clicks: partitions,
-        t.rank_logs: partitions,
+        **{name: partitions for name in joined},
         t.dead_letters: 1,
         t.training_batches: 1,  # one partition: announcements stay in window order
     }
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=timeout_ms, client_id="freshtower-topics")
     try:
         existing = set(admin.list_topics())
-        _check_partitions(settings, admin, [name for name in (t.impressions, t.clicks, t.rank_logs) if name in existing])
+        _check_partitions(settings, admin, [name for name in joined if name in existing])
         missing = [NewTopic(name, count, 1) for name, count in wanted.items() if name not in existing]
         created = []
         for topic in missing:
@@ -78,5 +100,5 @@ def _check_partitions(settings: Settings, admin, topics: list[str]) -> None:
     if wrong:
         raise RuntimeError(
             f"input topics {wrong} do not have streams.partitions = {settings.streams.partitions} partitions; "
-            f"set FRESHTOWER_STREAMS__PARTITIONS to their count (all three must be equal)"
+            f"set FRESHTOWER_STREAMS__PARTITIONS to their count (all must be equal)"
         )

@@ -230,7 +230,12 @@ class StreamsConfig(_Section):
     )
     watermark_sample: int = Field(64, ge=1, description="recent events per topic partition that the watermark quantile is taken over")
     check_partitioner: bool = Field(
-        True, description="dead-letter events not on the partition murmur2(user_id) gives (producers must use murmur2)"
+        True, description="events not on the partition murmur2(user_id) gives are rerouted (repartition) or dead-lettered"
+    )
+    repartition: bool = Field(
+        True,
+        description="reroute events on the wrong partition through '<app_id>-<topic>-repartition' to murmur2(user_id)'s "
+        "(any producer's partitioner); off: dead-letter them wrong_partitioner",
     )
     dedup_horizon_seconds: float = Field(
         86_400.0, ge=0, description="written-out event IDs are remembered this long (event time); older copies are dead-lettered too_late"

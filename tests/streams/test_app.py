@@ -223,7 +223,7 @@ def test_a_worker_killed_mid_stream_restarts_without_losing_or_duplicating_a_rec
     assert written_before and Counter(k[2] for k in keys) == Counter(k[2] for k in expected)
 
 
-def test_a_worker_that_cannot_write_its_batches_stops_with_the_reason_and_leaves_events_uncommitted(kafka_broker, tmp_path, worker_factory):
+def test_a_worker_that_cannot_write_its_batches_stops_with_the_reason_and_a_restart_loses_nothing(kafka_broker, tmp_path, worker_factory):
     simulator = Simulator(SimulatorConfig(users=50, items=30, requests_per_day=300, seed=13))
     path = tmp_path / "events.jsonl"
     simulator.write_events(path, [0])
@@ -238,6 +238,13 @@ def test_a_worker_that_cannot_write_its_batches_stops_with_the_reason_and_leaves
     t = settings.topics
     committed, ends = committed_and_end_offsets(settings.bootstrap_servers, settings.streams.app_id, [t.impressions, t.clicks, t.rank_logs])
     assert any((committed[tp] or 0) < ends[tp] for tp in ends)  # what could not be written is read again next time
+    # Once the directory can be written, a restarted worker writes every sample, once.
+    settings.batches_dir.unlink()
+    expected = expected_samples(simulator, [0])
+    again = worker_factory(settings, "again")
+    again.wait_for(finished(max(s.event_time_ms for s in expected.values()), settings), 180, "every window written")
+    assert batch_keys(settings.batches_dir) == {key: 1 for key in expected}
+    assert again.stop() == 0
 
 
 # --- scale-out: workers sharing one consumer group ---------------------------------
@@ -378,7 +385,7 @@ def test_a_worker_joining_mid_stream_takes_over_partitions_with_their_join_state
     assert stop_all([first, second]) == [0, 0]
 
 
-def test_events_from_a_librdkafka_producer_join_with_murmur2_or_are_dead_lettered_saying_what_to_set(kafka_broker, tmp_path, worker_factory):
+def test_events_from_a_librdkafka_producer_join_whichever_partitioner_it_uses(kafka_broker, tmp_path, worker_factory):
     import confluent_kafka
 
     simulator = Simulator(SimulatorConfig(users=200, items=100, topics=5, requests_per_day=600, seed=14))
@@ -423,15 +430,18 @@ def test_events_from_a_librdkafka_producer_join_with_murmur2_or_are_dead_lettere
     last_ts = max(s.event_time_ms for s in expected.values())
     worker.wait_for(finished(last_ts, settings), 180, "every window written")
 
+    # The CRC32 producer's clicks that landed on another partition than murmur2's went through the
+    # repartition topic (with streams.repartition off they were dead-lettered wrong_partitioner):
+    # every sample is the simulator's, once.
     letters = [decode_dead_letter(r.value) for r in read_topic(settings.bootstrap_servers, t.dead_letters)]
-    wrong = [d for d in letters if d["code"] == "wrong_partitioner"]
-    assert wrong and all("partitioner=murmur2_random" in d["reason"] for d in wrong)
-    wrong_users = {d["key"].decode() for d in wrong}
-    assert all(int(u[1:]) % 2 == 1 for u in wrong_users)  # only the CRC32 producer's clicks, and only where CRC32 differs
-    # Every click placed by murmur2 joined: its samples are as the simulator's.
-    written = batch_keys(settings.batches_dir)
-    for key in expected:
-        user = next(s.user_id for s in [expected[key]])
-        if int(user[1:]) % 2 == 0:
-            assert written[key] == 1, key
+    assert letters == []
+    from freshtower.streams.placement import Placement
+
+    placement = Placement(settings.streams.partitions)
+    again = read_topic(settings.bootstrap_servers, f"{settings.streams.app_id}-{t.clicks}-repartition")
+    moved = {r.key.decode() for r in again}
+    assert len(again) > 50 and all(int(u[1:]) % 2 == 1 for u in moved)  # only the CRC32 producer's clicks
+    assert all(r.partition == placement.partition(r.key) for r in again)
+    assert worker.stats()["counters"]["rerouted.click"] == len(again)
+    assert batch_keys(settings.batches_dir) == {key: 1 for key in expected}
     assert worker.stop() == 0

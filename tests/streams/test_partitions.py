@@ -137,3 +137,114 @@ def test_a_topic_without_any_event_stops_holding_the_watermark_once_idle_after_t
     assert join.watermark_ms == T0 + 1_000
     closed = [w for _, r in join.advance(3_600_000, NOW) for w in r.closed]  # the clock runs on: every window closes
     assert sorted((s.item_id, s.label) for w in closed for s in w.samples) == [("a", 1), ("b", 0), ("c", 0)]
+
+
+def _join_with_a_crc32_click_producer(events, reroute: bool):
+    """The world's events with impressions and rank logs placed by murmur2
+    and the clicks of odd users by CRC32 (librdkafka's default, as
+    ``raw_events`` placed them), joined by one worker that reads the inputs
+    and their repartition topics; what it reroutes is read back on the
+    next micro-batch. A source is caught up once nothing more is to come
+    on it (forwarded copies included)."""
+    from freshtower.streams.join import DEFAULT_KINDS, RawEvent
+    from freshtower.streams.placement import Placement
+
+    placement = Placement(PARTITIONS)
+    placed, misplaced = [], 0
+    for e in events:
+        target = placement.partition(e.key)
+        if e.topic == "clicks" and int(e.key[1:]) % 2 == 1:
+            misplaced += e.partition != target
+            placed.append(e)  # CRC32's partition
+        else:
+            placed.append(RawEvent(e.topic, target, e.offset, e.key, e.value))
+    settings = JoinSettings(partitions=PARTITIONS, repartition=tuple((t, f"{t}-repartition") for t in TOPICS) if reroute else ())
+    kinds = {**DEFAULT_KINDS, **{f"{t}-repartition": kind for t, kind in DEFAULT_KINDS.items()}}
+    join = PartitionedJoin(settings, {}, {p: None for p in range(PARTITIONS)}, kinds)
+    assigned = {(t, p) for t in kinds for p in range(PARTITIONS)}
+
+    def forwarded_source(e):
+        target = placement.partition(e.key)
+        return (f"{e.topic}-repartition", target) if e.partition != target and reroute else None
+
+    samples, dead, forwarded = [], [], []
+    start = 0
+    while start < len(placed) or forwarded:
+        batch, forwarded = forwarded + placed[start : start + 300], []
+        to_come = {(e.topic, e.partition) for e in batch} | {(e.topic, e.partition) for e in placed[start + 300 :]}
+        to_come |= {forwarded_source(e) for e in placed[start:]} - {None}
+        start += 300
+        for partition, result in join.process(batch, NOW, assigned, assigned - to_come):
+            dead += result.dead_letters
+            samples += [s for w in result.closed for s in w.samples]
+            forwarded += [RawEvent(f"{m.topic}-repartition", target, m.offset, m.key, m.value) for m, target in result.rerouted]
+            join.cores[partition].finalize()
+    for partition, result in join.advance(3_600_000, NOW):
+        samples += [s for w in result.closed for s in w.samples]
+    return join, samples, dead, misplaced
+
+
+def test_events_on_the_wrong_partition_are_rerouted_and_join_as_if_the_producer_had_used_murmur2(world):
+    events, expected = world
+    join, samples, dead, misplaced = _join_with_a_crc32_click_producer(events, reroute=True)
+    assert misplaced > 100
+    assert not dead, dead[:3]
+    assert_samples_match(samples, expected)
+    assert sum(v for k, v in join.counters.items() if k.startswith("rerouted.")) == join.counters["rerouted.click"] == misplaced
+    assert sum(v for k, v in join.counters.items() if k.startswith("events_in.")) == len(events)  # each counted once, where joined
+    # Without the repartition topic the same clicks are dead-lettered, saying what the producer must set.
+    join, samples, dead, misplaced = _join_with_a_crc32_click_producer(events, reroute=False)
+    assert len(dead) == misplaced and all(d.code == "wrong_partitioner" and "murmur2_random" in d.reason for d in dead)
+    assert sum(1 for s in samples if s.label == 1) < sum(1 for s in expected.values() if s.label == 1)
+
+
+def _user_on(partition: int, partitions: int = 2) -> str:
+    from freshtower.streams.placement import Placement
+
+    placement = Placement(partitions)
+    return next(u for u in (f"u{i}" for i in range(1000)) if placement.partition(u.encode()) == partition)
+
+
+def test_a_partition_waits_for_the_copies_a_batch_sends_to_it_even_if_its_repartition_topic_was_idle():
+    ev = Events()
+    settings = JoinSettings(window_ms=60_000, lateness_ms=10_000, join_window_ms=300_000, partitions=2,
+                            repartition=tuple((t, f"{t}-again") for t in TOPICS))
+    from freshtower.streams.join import DEFAULT_KINDS
+
+    kinds = {**DEFAULT_KINDS, **{f"{t}-again": k for t, k in DEFAULT_KINDS.items()}}
+    join = PartitionedJoin(settings, {}, {0: None, 1: None}, kinds)
+    assigned = {(t, p) for t in kinds for p in (0, 1)}
+    u0, u1 = _user_on(0), _user_on(1)
+    # Partition 1's user, its impression on 1; its click placed on partition 0 by another partitioner.
+    join.process([ev.impression(T0, request="r1", user=u1, partition=1)], NOW, assigned, assigned - {("impressions", 1)})
+    assert join.cores[1].watermark_ms == T0
+    # One batch: partition 0 an hour on, and partition 1's misplaced click. Everything is read to its
+    # end, yet partition 1's watermark must wait for the click's copy on clicks-again/1.
+    batch = [ev.impression(T0 + 3_600_000, request="r0", user=u0, partition=0), ev.click(T0 + 1_000, request="r1", user=u1, partition=0)]
+    results = join.process(batch, NOW, assigned, assigned)
+    assert [(m.topic, target) for p, r in results for m, target in r.rerouted] == [("clicks", 1)]
+    assert join.cores[1].watermark_ms == T0 and not any(r.closed for p, r in results if p == 1)
+    # The copy arrives: it joins, and only then do partition 1's windows close, with the click.
+    copy = ev.click(T0 + 1_000, request="r1", user=u1, partition=1)
+    copy = type(copy)("clicks-again", 1, 0, copy.key, copy.value)
+    results = join.process([copy], NOW, assigned, assigned)
+    closed = [s for p, r in results if p == 1 for w in r.closed for s in w.samples]
+    closed += [s for p, r in join.advance(3_600_000, NOW) if p == 1 for w in r.closed for s in w.samples]
+    assert sorted((s.item_id, s.label) for s in closed) == [("a", 1), ("b", 0), ("c", 0)]
+    assert join.counters["late_records"] == 0 and join.counters["rerouted.click"] == 1
+
+
+def test_a_worker_restarted_after_the_last_event_starts_its_watermark_at_the_recovered_state():
+    # Every event was read and is in the join state, but no window closed before the restart: with
+    # nothing new to read, the watermark starts at the state's latest event instead of waiting.
+    ev = Events()
+    settings = JoinSettings(window_ms=60_000, lateness_ms=10_000, join_window_ms=300_000)
+    requests: dict = {}
+    first = PartitionedJoin(settings, requests, {0: None})
+    first.process([ev.impression(T0, request="r0", user="u0"), ev.click(T0 + 2_000, request="r0", user="u0")], NOW, assigned_to(0), set())
+    assert first.watermark_ms is None  # its sources never went idle
+    again = PartitionedJoin(settings, requests, {0: None})
+    again.settle(NOW, assigned_to(0), assigned_to(0))
+    assert again.watermark_ms == T0 + 2_000
+    closed = [s for _, r in again.advance(3_600_000, NOW) for w in r.closed for s in w.samples]
+    assert sorted((s.item_id, s.label) for s in closed) == [("a", 1), ("b", 0), ("c", 0)]
