@@ -62,6 +62,7 @@ from pathlib import Path
 
 import faust
 import orjson
+from faust.types import TP
 from freshtower.streams.dead_letters import encode_dead_letter
 from freshtower.streams.faust_transport import Transport
 from freshtower.streams.join import JoinSettings, StepResult
@@ -76,6 +77,7 @@ from freshtower.core.frequency import FrequencyEstimator
 from freshtower.core.settings import Settings
 
 log = logging.getLogger("freshtower.streams")
+COMMIT_STALL_WARN_SECONDS = 20.0  # a closed window whose offsets stay uncommitted this long is logged
 
 
 class StreamsApp(faust.App):
@@ -142,6 +144,8 @@ class StreamProcessor:
         self.repartition_sources = set(self.kinds) - set(self.repartition)  # the repartition topics
         self.forwarded: dict = {}  # repartition topic partition -> delivery future of the newest copy sent there
         self.last_log = time.monotonic()
+        self.stuck_since: float | None = None  # since when a partition's windows closed but its commit lags (a warning)
+        self.last_stuck_warning = 0.0
         self.busy_seconds = 0.0  # time spent in the agent (benchmarks: events_in / busy_seconds)
         self.micro_batches = 0
         self.first_batch_at: float | None = None  # wall clock: start of the first batch, end of the last
@@ -547,7 +551,9 @@ class StreamProcessor:
         # A partition's progress is recorded only once the commit covers all
         # it processed; one revoked meanwhile (its commit discarded) belongs
         # to another worker now and is left to it.
-        ready = self.pending - consumer.uncommitted_partitions(self.input_topic_names, self.processed)
+        behind = consumer.uncommitted_partitions(self.input_topic_names, self.processed)
+        ready = self.pending - behind
+        self._warn_if_stuck(behind)
         if not ready:
             return
         # The progress must be durable before any deletion is: a restart that
@@ -573,6 +579,33 @@ class StreamProcessor:
         await asyncio.gather(*await self._write_written_ids())
         await asyncio.gather(*await self._write_changelog())
         self.pending -= ready
+
+    def _warn_if_stuck(self, behind: set[int]) -> None:
+        """Partitions whose windows closed but whose offsets have not been
+        committed for ``commit_stall_warn_seconds``: a warning naming what
+        the commit waits on (the join cannot finalize them meanwhile)."""
+        stuck = self.pending & behind
+        now = time.monotonic()
+        if not stuck:
+            self.stuck_since = None
+            return
+        if self.stuck_since is None:
+            self.stuck_since = now
+        if now - self.stuck_since < COMMIT_STALL_WARN_SECONDS or now - self.last_stuck_warning < COMMIT_STALL_WARN_SECONDS:
+            return
+        self.last_stuck_warning = now
+        consumer = self.app.consumer
+        assigned = consumer.assignment()
+        state = {
+            f"{topic}-{partition}": {"processed": offset, "assigned": (topic, partition) in {(tp.topic, tp.partition) for tp in assigned},
+                                     **consumer.commit_state(TP(topic, partition))}
+            for (topic, partition), offset in sorted(self.processed.items())
+            if partition in stuck and topic in self.input_topic_names
+        }
+        log.warning(
+            "partitions %s: windows closed %.0f s ago but their offsets are not committed, so their requests stay open: %s",
+            sorted(stuck), now - self.stuck_since, state,
+        )
 
     async def _write_progress(self, records: dict[int, dict]) -> None:
         """Store each partition's progress record in that partition of the

@@ -153,6 +153,18 @@ class Consumer(faust_aiokafka.Consumer):
                 behind.add(tp.partition)
         return behind
 
+    def commit_state(self, tp: TP) -> dict:
+        """What Faust's commit of ``tp`` waits on (for a warning): its
+        committed offset, the lowest acked offsets and the known gaps."""
+        acked = sorted(self._acked.get(tp, ()))
+        return {
+            "committed": self._committed_offset.get(tp),
+            "acked": len(acked),
+            "lowest_acked": acked[:5],
+            "read": self._read_offset.get(tp),
+            "gaps": [(g.begin, g.end) for g in sorted(self._gap.get(tp) or ())][:5],
+        }
+
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised by the worker tests
         callback = self.callback
         getmany = self.getmany

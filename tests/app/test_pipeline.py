@@ -76,7 +76,16 @@ class RunProcess:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"run did not end within {timeout:.0f} s:\n{self.stderr[-3000:]}") from None
+            raise AssertionError(f"run did not end within {timeout:.0f} s:\n{self.stderr[-3000:]}{self.part_warnings()}") from None
+
+    def part_warnings(self, lines: int = 12) -> str:
+        """Each part's last warnings and errors (a stalled run's why)."""
+        out = []
+        for path in sorted((self.data_dir / "logs").glob("*.log")):
+            found = [line for line in path.read_text(errors="replace").splitlines() if "WARNING" in line or "ERROR" in line]
+            if found:
+                out.append(f"\n--- {path.name} (last warnings and errors) ---\n" + "\n".join(line[:1500] for line in found[-lines:]))
+        return "".join(out)
 
     def kill(self) -> None:
         """Test cleanup: nothing of this run may outlive the test."""
