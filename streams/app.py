@@ -582,7 +582,7 @@ class StreamProcessor:
 
     def _warn_if_stuck(self, behind: set[int]) -> None:
         """Partitions whose windows closed but whose offsets have not been
-        committed for ``commit_stall_warn_seconds``: a warning naming what
+        committed for ``COMMIT_STALL_WARN_SECONDS``: a warning naming what
         the commit waits on (the join cannot finalize them meanwhile)."""
         stuck = self.pending & behind
         now = time.monotonic()
